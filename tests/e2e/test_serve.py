@@ -1,0 +1,64 @@
+"""The real `vllm serve --kv-cache-backend seqkv` answering the OpenAI API (slow: ~1 min)."""
+
+import re
+
+import openai
+import pytest
+
+from tests.e2e.server import VllmServer
+from vllm_seqkv.integration.backend import ACTIVE_MARKER
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "vllm.log"
+    srv = VllmServer(tiny_model_dir, ["--served-model-name", "tiny", "--max-model-len", "512",
+                                      "--kv-cache-memory-bytes", str(64 << 20),
+                                      "--kv-cache-backend", "seqkv"], log)
+    with srv:
+        yield srv
+    assert srv.proc.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+
+
+def test_completion(client):
+    out = client.completions.create(model="tiny", prompt="The Python standard library",
+                                    max_tokens=16, temperature=0)
+    assert out.choices[0].text.strip()
+    assert out.usage.completion_tokens == 16
+
+
+def test_chat_and_streaming_chat(client):
+    messages = [{"role": "user", "content": "What is a list?"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12,
+                                         temperature=0)
+    text = out.choices[0].message.content
+    assert text
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12,
+                                            temperature=0, stream=True)
+    chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len([c for c in chunks if c]) > 1
+    assert "".join(chunks) == text
+
+
+def test_plugin_active_in_engine_process_not_only_api_server(server, client):
+    client.completions.create(model="tiny", prompt="x", max_tokens=1)
+    pids = {int(p) for p in re.findall(re.escape(ACTIVE_MARKER) + r" in pid (\d+)", server.log())}
+    assert pids, "seqkv backend never announced itself in the engine"
+    assert server.proc.pid not in pids, "active only in the API server process"
+
+
+def test_stops_cleanly_on_sigint(tiny_model_dir, tmp_path):
+    srv = VllmServer(tiny_model_dir, ["--max-model-len", "256", "--kv-cache-memory-bytes",
+                                      str(32 << 20), "--kv-cache-backend", "seqkv"],
+                     tmp_path / "vllm.log")
+    with srv:
+        pass
+    assert srv.proc.returncode == 0, srv.log()[-3000:]
+    assert "Traceback" not in srv.log()

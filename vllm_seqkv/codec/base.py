@@ -1,0 +1,126 @@
+"""What every KV codec is: an encode/decode pair over one cached tensor stream.
+
+The model of the data (predictors, transforms) lives in each codec; packing lives in
+:mod:`vllm_seqkv.codec.packing`. A codec never imports vLLM or CUDA.
+
+Shapes: a stream is ``[num_tokens, num_kv_heads, head_dim]`` (K or V of one layer);
+``num_tokens`` must be a multiple of ``block_size`` (tokens coded together).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+class CodecInputError(ValueError):
+    """Bad shape, dtype, head size or non-finite values given to a codec."""
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A coded stream: named fields (codes, scales, ...) plus the decoded shape.
+
+    NOTE: ``nbytes`` counts every field; it is the figure all bits/element claims rest on.
+    """
+
+    fields: dict[str, torch.Tensor]
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.fields.values())
+
+    def to_bytes(self) -> bytes:
+        return b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in self.fields.values())
+
+
+class TensorCodec(ABC):
+    """Lossy code for one stream. Subclasses set ``block_size`` and implement the pair."""
+
+    block_size: int = 1
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> Packed: ...
+
+    @abstractmethod
+    def decode(self, packed: Packed) -> torch.Tensor: ...
+
+    @abstractmethod
+    def bits_per_element(self, num_kv_heads: int, head_dim: int) -> float:
+        """Analytic all-in bits per element; tests check it equals the packed size."""
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x)).to(x.dtype)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 3:
+            raise CodecInputError(
+                f"{type(self).__name__}: expected [num_tokens, num_kv_heads, head_dim], "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise CodecInputError(f"{type(self).__name__}: expected a float tensor, got {x.dtype}")
+        if x.shape[0] % self.block_size:
+            raise CodecInputError(
+                f"{type(self).__name__}: num_tokens {x.shape[0]} is not a multiple of "
+                f"block_size {self.block_size}"
+            )
+        if not torch.isfinite(x).all():
+            raise CodecInputError(
+                f"{type(self).__name__}: K/V contain NaN or inf; refusing to code them "
+                "(a non-finite value would spread through shared scales)"
+            )
+
+
+@dataclass
+class KVCodec:
+    """A named pair of stream codecs per layer plus the exact-precision windows around them.
+
+    Windows (all counted in :meth:`bits_per_element`):
+    - ``block_exact``: tokens of the current, partially filled block stay exact until the
+      block fills (block codecs, as the vLLM backend stores them);
+    - ``exact_recent``: the most recent tokens stay exact (KIVI's residual window);
+    - ``sink_tokens``: the first tokens of a sequence stay exact.
+    """
+
+    name: str
+    key: TensorCodec
+    value: TensorCodec
+    block_exact: bool = False
+    exact_recent: int = 0
+    sink_tokens: int = 0
+    exact_bits: int = 16
+    per_layer: dict[int, tuple[TensorCodec, TensorCodec]] = field(default_factory=dict)
+
+    def codecs_for_layer(self, layer: int) -> tuple[TensorCodec, TensorCodec]:
+        return self.per_layer.get(layer, (self.key, self.value))
+
+    @property
+    def block_size(self) -> int:
+        return max(self.key.block_size, self.value.block_size)
+
+    def exact_window_start(self, position: int) -> int:
+        """First cached position that token ``position`` reads exactly (others are coded)."""
+        start = position - self.exact_recent
+        if self.block_exact:
+            start = min(start, position - position % self.block_size)
+        return max(start, 0)
+
+    def bits_per_element(self, num_kv_heads: int, head_dim: int, context: int,
+                         num_layers: int = 1) -> float:
+        """All-in bits per cached element over a ``context``-token cache, averaged over layers.
+
+        Exact windows cost ``exact_bits`` per element over their (average) length.
+        """
+        total = 0.0
+        for layer in range(num_layers):
+            key, value = self.codecs_for_layer(layer)
+            coded = (key.bits_per_element(num_kv_heads, head_dim)
+                     + value.bits_per_element(num_kv_heads, head_dim)) / 2
+            exact = min(context, self.sink_tokens + self.exact_recent
+                        + (self.block_size / 2 if self.block_exact else 0))
+            total += (coded * (context - exact) + self.exact_bits * exact) / context
+        return total / num_layers

