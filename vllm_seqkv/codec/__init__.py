@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from vllm_seqkv.codec.base import CodecInputError, KVCodec, Packed, TensorCodec
 
-__all__ = ["CodecInputError", "KVCodec", "Packed", "TensorCodec", "codec_names", "make_codec"]
+if TYPE_CHECKING:
+    from vllm_seqkv.codec.calibration import Calibration
 
-
-def _factories() -> dict[str, Callable[[], KVCodec]]:
-    from vllm_seqkv.codec.baselines import BASELINES
-    from vllm_seqkv.codec.presets import PRESETS
-
-    return {**BASELINES, **PRESETS}
+__all__ = ["CodecInputError", "KVCodec", "Packed", "TensorCodec", "codec_names", "make_codec", "needs_calibration"]
 
 
 def codec_names() -> list[str]:
-    return list(_factories())
+    from vllm_seqkv.codec.baselines import BASELINES
+    from vllm_seqkv.codec.presets import PRESETS
+
+    return [*BASELINES, *PRESETS]
 
 
-def make_codec(name: str) -> KVCodec:
-    factories = _factories()
-    if name not in factories:
-        raise KeyError(f"unknown codec {name!r}; known: {', '.join(factories)}")
-    return factories[name]()
+def needs_calibration(name: str) -> bool:
+    from vllm_seqkv.codec.presets import PRESETS
+
+    return name in PRESETS and not name.endswith("-none")
+
+
+def make_codec(name: str, calibration: "Calibration | None" = None) -> KVCodec:
+    """Baselines take no calibration; seqkv presets take the model's (see calibrate.py)."""
+    from vllm_seqkv.codec.baselines import BASELINES
+    from vllm_seqkv.codec.presets import PRESETS
+
+    if name in BASELINES:
+        return BASELINES[name]()
+    if name in PRESETS:
+        return PRESETS[name](calibration)
+    raise KeyError(f"unknown codec {name!r}; known: {', '.join(codec_names())}")

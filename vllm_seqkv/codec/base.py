@@ -124,3 +124,57 @@ class KVCodec:
                         + (self.block_size / 2 if self.block_exact else 0))
             total += (coded * (context - exact) + self.exact_bits * exact) / context
         return total / num_layers
+
+
+class SlotLayout:
+    """Byte layout of one token-head slot for per-token codecs (``block_size == 1``).
+
+    vLLM pages are ``[num_blocks, num_kv_heads, block_size, slot_bytes]``; a slot holds the
+    fields of one token-head concatenated in ``Packed.fields`` order (K fields, then V).
+    """
+
+    def __init__(self, key: TensorCodec, value: TensorCodec, num_kv_heads: int, head_dim: int):
+        if key.block_size != 1 or value.block_size != 1:
+            raise CodecInputError("slot layouts need per-token codecs (block_size 1)")
+        probe = torch.zeros(1, num_kv_heads, head_dim)
+        self.key, self.value = key, value
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self._fields = [self._field_specs(key.encode(probe)),
+                        self._field_specs(value.encode(probe))]
+        self.key_bytes = sum(n for _, _, n, _ in self._fields[0])
+        self.slot_bytes = self.key_bytes + sum(n for _, _, n, _ in self._fields[1])
+
+    def _field_specs(self, packed: Packed):
+        """(name, dtype, bytes per slot, trailing shape or None for flat token-major fields)."""
+        specs = []
+        for name, t in packed.fields.items():
+            nbytes = t.numel() * t.element_size()
+            if nbytes % self.num_kv_heads:
+                raise CodecInputError(f"field {name!r} does not split into whole bytes per head")
+            shaped = t.dim() >= 2 and tuple(t.shape[:2]) == (1, self.num_kv_heads)
+            specs.append((name, t.dtype, nbytes // self.num_kv_heads,
+                          tuple(t.shape[2:]) if shaped else None))
+        return specs
+
+    def encode(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``[T, H, D]`` K and V -> ``uint8 [T, H, slot_bytes]``."""
+        parts = []
+        for codec, x in ((self.key, key), (self.value, value)):
+            for t in codec.encode(x).fields.values():
+                parts.append(t.contiguous().view(torch.uint8).reshape(x.shape[0], x.shape[1], -1))
+        return torch.cat(parts, dim=-1)
+
+    def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``uint8 [T, H, slot_bytes]`` -> K, V as float32 ``[T, H, D]``."""
+        tokens, heads = slots.shape[:2]
+        out, start = [], 0
+        for codec, specs in ((self.key, self._fields[0]), (self.value, self._fields[1])):
+            fields = {}
+            for name, dtype, nbytes, trailing in specs:
+                raw = slots[..., start:start + nbytes].contiguous()
+                typed = raw.view(dtype)
+                fields[name] = typed.reshape(-1) if trailing is None else typed.reshape(
+                    tokens, heads, *trailing)
+                start += nbytes
+            out.append(codec.decode(Packed(fields, (tokens, heads, self.head_dim))).float())
+        return out[0], out[1]

@@ -1,37 +1,160 @@
-"""The seqkv attention backend that vLLM loads in place of its own when seqkv is selected."""
+"""The seqkv attention backend: vLLM pages hold compressed K/V slots, attention reads them back.
+
+Page layout (per layer, viewed as bytes): ``[num_blocks, num_kv_heads, block_size, slot_bytes]``
+where a slot is one token-head coded by the preset (:class:`vllm_seqkv.codec.base.SlotLayout`).
+The spec's ``state_content_bytes`` is ``slot_bytes``, so vLLM's own block count grows by
+``2 * head_dim * 2 / slot_bytes`` (bf16 K+V per token-head over the slot).
+
+NOTE: what attention reads, for prefill, chunked prefill and decode alike: every cached
+position through encode→decode, except the query's own position, which is exact (its K/V
+are in hand). This is the rule the ruler (``vllm_seqkv.bench``) measures.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
-from vllm_seqkv.config import from_additional_config
+import torch
+
 from vllm_seqkv.integration.compat import (
+    AttentionImpl,
+    AttentionType,
     CPUAttentionBackend,
-    CPUAttentionBackendImpl,
-    get_current_vllm_config,
+    extract_layer_index,
     init_logger,
 )
+from vllm_seqkv.integration.engine_codec import EngineCodec, active_engine_codec, start_engine_codec
 
 logger = init_logger("vllm.seqkv")
 ACTIVE_MARKER = "seqkv: attention backend active"
 
 
-class SeqKVAttentionImpl(CPUAttentionBackendImpl):
-    _announced_pids: set[int] = set()
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        pid = os.getpid()
-        if pid not in SeqKVAttentionImpl._announced_pids:
-            SeqKVAttentionImpl._announced_pids.add(pid)
-            config = from_additional_config(get_current_vllm_config().additional_config)
-            logger.info(
-                "%s in pid %d (preset %s); KV pages: stock vLLM layout (uncompressed)",
-                ACTIVE_MARKER, pid, config.preset,
-            )
-
-
 class SeqKVAttentionBackend(CPUAttentionBackend):
+    supported_kv_cache_dtypes = ["auto"]
+
     @staticmethod
     def get_impl_cls():
         return SeqKVAttentionImpl
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec):
+        engine = active_engine_codec()
+        return replace(spec, state_content_bytes=engine.slot_bytes)
+
+
+class SeqKVAttentionImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes, sliding_window, kv_cache_dtype: str, logits_soft_cap=None,
+                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name=None,
+                 sinks=None) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding-window attention": sliding_window is not None,
+            "logit soft-capping": bool(logits_soft_cap),
+            "attention sinks": sinks is not None,
+            "KV sharing across layers": kv_sharing_target_layer_name is not None,
+            f"attention type {attn_type!r}": attn_type != AttentionType.DECODER,
+            f"kv_cache_dtype {kv_cache_dtype!r} (seqkv needs 'auto')": kv_cache_dtype != "auto",
+        }
+        refused = [feature for feature, present in unsupported.items() if present]
+        if refused:
+            raise NotImplementedError(
+                "--kv-cache-backend seqkv does not support this model: it uses "
+                + ", ".join(refused) + ". Serve it with --kv-cache-backend auto."
+            )
+        self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
+        self.scale = float(scale)
+        self.engine: EngineCodec = start_engine_codec(num_kv_heads, head_size)
+        self.kv_sharing_target_layer_name = None
+        pid = os.getpid()
+        if self.engine.announce(pid):
+            logger.info(
+                "%s in pid %d (preset %s): compressed pages of %d bytes per token-head slot "
+                "(%.2f bits/element all-in, %.2fx fewer bytes than %s)",
+                ACTIVE_MARKER, pid, self.engine.preset, self.engine.slot_bytes,
+                self.engine.bits_per_element, self.engine.ratio_vs_bf16, "bf16",
+            )
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Code the new tokens' K/V ``[T, H, D]`` into their slots (slot -1 = padding)."""
+        num = slot_mapping.shape[0]
+        valid = slot_mapping >= 0
+        if not bool(valid.any()):
+            return
+        slots = slot_mapping[valid].long()
+        pages = _byte_pages(kv_cache)
+        block_size = pages.shape[2]
+        layout = self.engine.layout(_layer_index(layer))
+        coded = layout.encode(key[:num][valid].float(), value[:num][valid].float())
+        pages[slots // block_size, :, slots % block_size] = coded
+        self.engine.stats.record_write(int(slots.numel()))
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata, output: torch.Tensor,
+                output_scale=None, output_block_scale=None) -> torch.Tensor:
+        """query ``[T, Hq, D]``, key/value ``[T, H, D]``, output ``[T, Hq, D]``."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("seqkv: fused output quantization is not supported")
+        if attn_metadata is None:
+            return output
+        pages = _byte_pages(kv_cache)
+        layout = self.engine.layout(_layer_index(layer))
+        starts = attn_metadata.query_start_loc.tolist()
+        seq_lens = attn_metadata.seq_lens.tolist()
+        block_size = pages.shape[2]
+        for i, seq_len in enumerate(seq_lens):
+            q0, q1 = starts[i], starts[i + 1]
+            if q1 == q0:
+                continue
+            num_blocks = -(-seq_len // block_size)
+            blocks = attn_metadata.block_table[i, :num_blocks].long()
+            slots = pages[blocks].transpose(1, 2).reshape(-1, pages.shape[1], pages.shape[3])
+            cached_k, cached_v = layout.decode(slots[:seq_len])
+            out = attend(query[q0:q1].float(), cached_k, cached_v, key[q0:q1].float(),
+                         value[q0:q1].float(), self.scale)
+            output[q0:q1].copy_(out.view(output[q0:q1].shape))
+        return output
+
+
+def attend(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
+           own_k: torch.Tensor, own_v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of the last ``Q`` positions of a sequence over its decoded cache.
+
+    query ``[Q, Hq, D]``; cached_k/v ``[S, H, D]`` (decoded, S >= Q); own_k/v ``[Q, H, D]``
+    (exact K/V of the query positions, used on the diagonal). Returns ``[Q, Hq, D]``.
+    """
+    q_len, num_heads, _ = query.shape
+    seq_len, num_kv_heads, _ = cached_k.shape
+    group = num_heads // num_kv_heads
+    k = cached_k.repeat_interleave(group, dim=1)  # [S, Hq, D]
+    v = cached_v.repeat_interleave(group, dim=1)
+    own_k = own_k.repeat_interleave(group, dim=1)  # [Q, Hq, D]
+    own_v = own_v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,shd->hqs", query, k) * scale  # [Hq, Q, S]
+    positions = torch.arange(seq_len - q_len, seq_len)
+    rows = torch.arange(q_len)
+    scores[:, rows, positions] = torch.einsum("qhd,qhd->hq", query, own_k) * scale
+    future = torch.arange(seq_len)[None, :] > positions[:, None]  # [Q, S]
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+    out = torch.einsum("hqs,shd->qhd", probs, v)
+    own_weight = probs[:, rows, positions].transpose(0, 1).unsqueeze(-1)  # [Q, Hq, 1]
+    return out + own_weight * (own_v - v[positions])
+
+
+def _byte_pages(kv_cache: torch.Tensor) -> torch.Tensor:
+    """vLLM's layer view ``[num_blocks, H, block_size, C]`` (any dtype) as uint8 slots."""
+    return kv_cache.view(torch.uint8) if kv_cache.dtype != torch.uint8 else kv_cache
+
+
+def _layer_index(layer) -> int:
+    return extract_layer_index(layer.layer_name)

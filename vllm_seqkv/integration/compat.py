@@ -12,13 +12,18 @@ from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.engine.arg_utils import EngineArgs
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.attention import Attention
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms import current_platform
+from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.attention.selector import _cached_get_attn_backend
 
 __all__ = [
     "Attention",
+    "AttentionImpl",
+    "AttentionType",
+    "extract_layer_index",
     "AttentionBackendEnum",
     "CPUAttentionBackend",
     "CPUAttentionBackendImpl",

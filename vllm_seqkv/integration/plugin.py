@@ -14,7 +14,7 @@ import functools
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 
 BACKEND_CLASS = "vllm_seqkv.integration.backend.SeqKVAttentionBackend"
-STATUS = "KV pages: stock vLLM layout (uncompressed) until the compressed backend lands"
+STATUS = "KV pages hold compressed per-token slots (see the worker log for bits/element)"
 _registered = False
 
 
