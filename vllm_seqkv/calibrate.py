@@ -35,7 +35,7 @@ def load_for_model(model_dir: Path) -> Calibration:
     return Calibration.load(path)
 
 
-def calibrate(model_dir: Path, text: str, tokens: int = 16384, window: int = 512,
+def calibrate(model_dir: Path, text: str, tokens: int = 8192, window: int = 512,
               weighted: bool = True) -> Calibration:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,7 +94,7 @@ def calibrate(model_dir: Path, text: str, tokens: int = 16384, window: int = 512
                            value_sensitivity, weighted=weighted)
 
 
-def ensure(model_dir: Path, tokens: int = 16384) -> Path:
+def ensure(model_dir: Path, tokens: int = 8192) -> Path:
     path = default_path(model_dir)
     if path.exists():
         try:
@@ -110,7 +110,7 @@ def ensure(model_dir: Path, tokens: int = 16384) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vllm_seqkv.calibrate", description=__doc__)
     parser.add_argument("model", type=Path)
-    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args(argv)
     print(ensure(args.model, args.tokens))
 
