@@ -1,0 +1,118 @@
+"""``python -m vllm_seqkv.bench {quality,entropy}`` (console script ``seqkv-bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QUICK_CONTEXT = 128
+QUICK_TOKENS = 1024
+DEFAULT_CONTEXT = 2048
+DEFAULT_TOKENS = 8192
+DEFAULT_CALIB_TOKENS = 8192
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="local HF checkpoint folder (default: SmolLM2-135M fixture)")
+    parser.add_argument("--text", type=Path, help="evaluation text (default: held-out test split)")
+    parser.add_argument("--calib-text", type=Path, help="calibration text (default: train split)")
+    parser.add_argument("--context", type=int, help=f"tokens per window (default {DEFAULT_CONTEXT})")
+    parser.add_argument("--tokens", type=int, help=f"evaluated tokens in all (default {DEFAULT_TOKENS})")
+    parser.add_argument("--calib-tokens", type=int, help=f"calibration tokens (default {DEFAULT_CALIB_TOKENS})")
+    parser.add_argument("--json", type=Path, help="JSON output")
+    parser.add_argument("--markdown", type=Path, help="BENCHMARKS.md to update (default: BENCHMARKS.md; "
+                        "with --quick: none)")
+    parser.add_argument("--no-markdown", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tiny model, context {QUICK_CONTEXT}, {QUICK_TOKENS} tokens, outputs in a temp folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seqkv-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    quality = sub.add_parser("quality", help="perplexity / KL / attention error of every codec")
+    _common(quality)
+    quality.add_argument("--codecs", help="comma-separated codec names (default: all baselines and presets)")
+    quality.add_argument("--plot", type=Path, help="Pareto plot PNG")
+    entropy = sub.add_parser("entropy", help="residual entropy per predictor vs the paper's bound")
+    _common(entropy)
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill defaults; ``--quick`` switches model, sizes and output folder."""
+    from vllm_seqkv import fixtures
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    out_dir = Path(tempfile.gettempdir()) / "seqkv-bench-quick" if args.quick else Path("benchmarks")
+    args.model = args.model or (fixtures.tiny_model_dir() if args.quick else fixtures.smollm2_dir())
+    args.text = args.text or fixtures.corpus_path("test")
+    args.calib_text = args.calib_text or fixtures.corpus_path("train")
+    if args.calib_text.resolve() == args.text.resolve():
+        raise SystemExit("--calib-text must differ from --text (calibration never sees the evaluation text)")
+    args.context = args.context or (QUICK_CONTEXT if args.quick else DEFAULT_CONTEXT)
+    args.tokens = args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
+    args.calib_tokens = args.calib_tokens or (4 * QUICK_CONTEXT if args.quick else DEFAULT_CALIB_TOKENS)
+    args.json = args.json or out_dir / f"{args.command}.json"
+    if getattr(args, "plot", None) is None and args.command == "quality":
+        args.plot = out_dir / "quality.png"
+    if args.no_markdown or (args.quick and args.markdown is None):
+        args.markdown = None
+    else:
+        args.markdown = args.markdown or Path("BENCHMARKS.md")
+    return args
+
+
+def run_quality(args: argparse.Namespace, command: str) -> None:
+    from vllm_seqkv.bench import report
+    from vllm_seqkv.bench.quality import QualitySettings, evaluate
+    from vllm_seqkv.codec import codec_names
+
+    names = [n.strip() for n in args.codecs.split(",")] if args.codecs else codec_names()
+    settings = QualitySettings(model_dir=args.model, text=args.text, calib_text=args.calib_text,
+                               context=args.context, tokens=args.tokens, codecs=names,
+                               calib_tokens=args.calib_tokens, command=command)
+    start = time.time()
+    records = evaluate(settings)
+    seconds = time.time() - start
+    report.write_json(args.json, records)
+    first = records[0]
+    report.pareto_plot(records, args.plot, f"{first['model']}, ctx {first['context']}, {first['tokens']} tokens "
+                       f"of {Path(first['text']).name}: Δppl vs bits (all-in)")
+    if args.markdown:
+        report.replace_section(args.markdown, report.QUALITY_SECTION, report.quality_markdown(records, seconds))
+    print(report.quality_table(records))
+    print(f"wrote {args.json}, {args.plot}" + (f", {args.markdown}" if args.markdown else ""))
+
+
+def run_entropy(args: argparse.Namespace, command: str) -> None:
+    from vllm_seqkv.bench import report
+    from vllm_seqkv.bench.entropy import EntropySettings, entropy_markdown, measure
+
+    settings = EntropySettings(model_dir=args.model, text=args.text, calib_text=args.calib_text,
+                               context=args.context, tokens=args.tokens, calib_tokens=args.calib_tokens,
+                               command=command)
+    result = measure(settings)
+    report.write_json(args.json, result)
+    markdown = entropy_markdown(result)
+    if args.markdown:
+        report.replace_section(args.markdown, report.ENTROPY_SECTION, markdown)
+    print(markdown)
+    print(f"wrote {args.json}" + (f", {args.markdown}" if args.markdown else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _resolve(build_parser().parse_args(argv))
+    command = shlex.join(["python", "-m", "vllm_seqkv.bench", *argv])
+    {"quality": run_quality, "entropy": run_entropy}[args.command](args, command)
+
+
+if __name__ == "__main__":
+    main()

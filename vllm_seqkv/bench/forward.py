@@ -1,0 +1,75 @@
+"""One teacher-forced window through :class:`LlamaForward`, optionally with a coded cache.
+
+With a codec, every layer ``l`` codes its K (post-RoPE, as cached) and V with
+``codec.codecs_for_layer(l)`` (encode -> decode over the whole window; block codecs see
+aligned blocks from position 0) and attention reads them with the decode-path semantics of
+:mod:`vllm_seqkv.bench.attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_seqkv.bench.attention import QUERY_CHUNK, attention, check_causal, coded_read_mask
+from vllm_seqkv.bench.model import LayerKV, LlamaForward, rope_tables
+from vllm_seqkv.codec.base import KVCodec
+
+
+@dataclass
+class WindowResult:
+    """``log_probs [T, vocab]`` (log-softmax of the logits), optional per-layer K/V, and per
+    layer the squared attention-output error and squared exact-output norm (coded runs; over
+    the last ``QUERY_CHUNK`` queries of the window, the longest contexts, where the coded
+    output is compared with the exact-cache output for the same queries)."""
+
+    log_probs: torch.Tensor
+    kv: list[LayerKV] = field(default_factory=list)
+    attn_err_sq: list[float] = field(default_factory=list)
+    attn_ref_sq: list[float] = field(default_factory=list)
+
+
+@torch.inference_mode()
+def run_window(model: LlamaForward, tokens: torch.Tensor, codec: KVCodec | None = None,
+               collect_kv: bool = False, measure_attention: bool = False) -> WindowResult:
+    """Forward ``tokens [T]`` (positions ``0..T-1``) and return :class:`WindowResult`."""
+    length = tokens.numel()
+    model.check_context(length)
+    cfg = model.config
+    cos, sin = rope_tables(torch.arange(length), cfg.head_dim, cfg.rope_theta)
+    mask = None
+    if codec is not None:
+        check_causal(codec, length)
+        mask = coded_read_mask(codec, length)
+    h = model.embed[tokens]
+    result = WindowResult(log_probs=torch.empty(0))
+    for layer in range(cfg.num_layers):
+        q, kv = model.qkv(layer, h, cos, sin)
+        if collect_kv:
+            result.kv.append(kv)
+        if codec is None:
+            out = attention(q, kv.key, kv.value)
+        else:
+            key_codec, value_codec = codec.codecs_for_layer(layer)
+            coded_key = _roundtrip(key_codec, kv.key)
+            coded_value = _roundtrip(value_codec, kv.value)
+            rows = min(QUERY_CHUNK, length) if measure_attention else 0
+            got = attention(q, kv.key, kv.value, coded_key, coded_value, mask, codec.sink_tokens, rows)
+            out = got[0] if measure_attention else got
+            if measure_attention:
+                result.attn_err_sq.append(float((out[-rows:] - got[1]).pow(2).sum()))
+                result.attn_ref_sq.append(float(got[1].pow(2).sum()))
+        h = model.finish_layer(layer, h, out)
+    result.log_probs = torch.log_softmax(model.logits(h), dim=-1)
+    return result
+
+
+def _roundtrip(codec, stream: torch.Tensor) -> torch.Tensor:
+    """Encode -> decode ``stream [T, H_kv, D]``; the tail that does not fill a block stays
+    exact (only ever read exactly, see :func:`check_causal`)."""
+    usable = stream.shape[0] - stream.shape[0] % codec.block_size
+    decoded = stream.clone()
+    if usable:
+        decoded[:usable] = codec.decode(codec.encode(stream[:usable].contiguous())).float()
+    return decoded
