@@ -161,26 +161,33 @@ class KiviValueCodec(TensorCodec):
 
 
 @lru_cache(maxsize=None)
-def lloyd_max_codebook(dim: int, bits: int, iterations: int = 300) -> torch.Tensor:
+def lloyd_max_codebook(dim: int, bits: int, iterations: int = 1000) -> torch.Tensor:
     """Lloyd-Max (MSE-optimal scalar) codebook ``[2**bits]`` for one coordinate of a random unit vector.
 
     A coordinate of a uniform point on the sphere in ``dim`` dimensions has density
     proportional to ``(1 - t**2) ** ((dim - 3) / 2)`` on ``[-1, 1]`` (a shifted Beta; close to
-    ``N(0, 1/dim)``). Solved numerically on a fine grid, deterministic.
+    ``N(0, 1/dim)``). Solved numerically on a fine grid (cumulative mass and first moment, so
+    one Lloyd iteration costs ``O(2**bits)``), deterministic and exactly symmetric.
     """
-    grid = torch.linspace(-1, 1, 200_001, dtype=torch.float64)[1:-1]
+    grid = torch.linspace(-1, 1, 2_000_001, dtype=torch.float64)[1:-1]
     density = (1 - grid**2).clamp_min(0) ** ((dim - 3) / 2)
-    density /= density.sum()
-    cdf = density.cumsum(0)
+    zero = torch.zeros(1, dtype=torch.float64)
+    cum_mass = torch.cat([zero, density.cumsum(0)])
+    cum_moment = torch.cat([zero, (density * grid).cumsum(0)])
     levels = 1 << bits
-    centers = torch.stack([grid[torch.searchsorted(cdf, (i + 0.5) / levels).clamp(max=grid.numel() - 1)]
-                           for i in range(levels)])
+    quantiles = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
+    centers = grid[torch.searchsorted(cum_mass[1:] / cum_mass[-1], quantiles).clamp(max=grid.numel() - 1)]
+    ends = torch.tensor([grid.numel()])
     for _ in range(iterations):
-        cells = torch.bucketize(grid, (centers[1:] + centers[:-1]) / 2)
-        mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, cells, density)
-        moment = torch.zeros(levels, dtype=torch.float64).index_add_(0, cells, density * grid)
-        centers = torch.where(mass > 0, moment / mass.clamp_min(1e-300), centers)
-    return centers.float()
+        cuts = torch.searchsorted(grid, (centers[1:] + centers[:-1]) / 2)
+        bounds = torch.cat([ends * 0, cuts, ends])
+        mass = cum_mass[bounds[1:]] - cum_mass[bounds[:-1]]
+        moment = cum_moment[bounds[1:]] - cum_moment[bounds[:-1]]
+        updated = torch.where(mass > 0, moment / mass.clamp_min(1e-300), centers)
+        if torch.equal(updated, centers):
+            break
+        centers = updated
+    return ((centers - centers.flip(0)) / 2).float()  # the density is even: exact symmetry
 
 
 class TurboCodec(TensorCodec):

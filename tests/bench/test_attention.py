@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from vllm_seqkv.bench.attention import attention, check_causal, coded_read_mask
+from vllm_seqkv.codec import make_codec
+from vllm_seqkv.codec.base import KVCodec
+from vllm_seqkv.codec.baselines import Bf16Codec, KiviKeyCodec, KiviValueCodec
+
+LENGTH, HEADS, KV_HEADS, DIM = 70, 4, 2, 8
+
+
+def brute_force(codec, q, k, v, ck, cv):
+    """One token at a time, exactly as a decode step reads its cache."""
+    out = torch.empty_like(q)
+    group = HEADS // KV_HEADS
+    for t in range(LENGTH):
+        start = codec.exact_window_start(t)
+        coded = [codec.sink_tokens <= j < start and j < t for j in range(t + 1)]
+        for h in range(HEADS):
+            g = h // group
+            keys = torch.stack([ck[j, g] if coded[j] else k[j, g] for j in range(t + 1)])
+            vals = torch.stack([cv[j, g] if coded[j] else v[j, g] for j in range(t + 1)])
+            out[t, h] = (keys @ q[t, h] / DIM**0.5).softmax(-1) @ vals
+    return out
+
+
+class Block16(Bf16Codec):
+    block_size = 16
+
+
+@pytest.mark.parametrize("windows", [{}, {"exact_recent": 9}, {"sink_tokens": 3, "exact_recent": 5},
+                                     {"block_exact": True}])
+def test_vectorised_attention_equals_token_by_token_decode(windows, monkeypatch):
+    import vllm_seqkv.bench.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "QUERY_CHUNK", 32)  # several chunks, a ragged last one
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(LENGTH, HEADS, DIM, generator=gen)
+    k, v, ck, cv = (torch.randn(LENGTH, KV_HEADS, DIM, generator=gen) for _ in range(4))
+    codec = KVCodec("probe", Block16(), Block16(), **windows)
+    mask = coded_read_mask(codec, LENGTH)
+    out, exact_tail = attention(q, k, v, ck, cv, mask, codec.sink_tokens, exact_rows=20)
+    assert torch.allclose(out, brute_force(codec, q, k, v, ck, cv), atol=1e-5)
+    assert torch.allclose(exact_tail, attention(q, k, v)[-20:], atol=1e-6)
+
+
+def test_block_codec_without_window_is_refused():
+    no_window = KVCodec("kivi-no-window", KiviKeyCodec(2), KiviValueCodec(2))
+    with pytest.raises(ValueError, match="partially filled"):
+        check_causal(no_window, 128)
+    check_causal(make_codec("kivi-2"), 128)
+    check_causal(make_codec("fp8-e4m3"), 128)

@@ -1,0 +1,31 @@
+import torch
+
+from vllm_seqkv.bench.forward import run_window
+from vllm_seqkv.bench.model import LlamaForward
+from vllm_seqkv.codec import make_codec
+
+
+def test_forward_matches_transformers(tiny_model_dir):
+    from transformers import LlamaForCausalLM
+
+    tokens = torch.randint(0, 4096, (96,), generator=torch.Generator().manual_seed(0))
+    hf = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(hf(tokens[None]).logits[0], dim=-1)
+    got = run_window(LlamaForward(tiny_model_dir), tokens).log_probs
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_coded_run_changes_only_what_the_codec_touches(tiny_model_dir):
+    model = LlamaForward(tiny_model_dir)
+    tokens = torch.randint(0, 4096, (64,), generator=torch.Generator().manual_seed(1))
+    exact = run_window(model, tokens, collect_kv=True)
+    # the first token reads only itself (exact), so its prediction cannot move
+    coarse = run_window(model, tokens, make_codec("turbo-2"), measure_attention=True)
+    assert torch.allclose(coarse.log_probs[0], exact.log_probs[0], atol=1e-5)
+    assert (coarse.log_probs[1:] - exact.log_probs[1:]).abs().max() > 1e-3
+    assert len(coarse.attn_err_sq) == model.config.num_layers
+    assert all(e > 0 for e in coarse.attn_err_sq)
+    assert len(exact.kv) == model.config.num_layers
+    assert exact.kv[0].key.shape == (64, model.config.num_kv_heads, model.config.head_dim)
