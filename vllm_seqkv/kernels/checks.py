@@ -1,0 +1,39 @@
+"""Argument checks shared by the kernel wrappers: clear errors instead of wrong memory reads."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_seqkv.kernels.params import LayerKernelParams
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class KernelArgumentError(ValueError):
+    """A kernel was given a tensor of the wrong shape, dtype, layout or device."""
+
+
+def expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise KernelArgumentError(message)
+
+
+def check_tensor(name: str, t: torch.Tensor, shape: tuple, dtypes: tuple, device: torch.device,
+                 inner_contiguous: bool = True) -> None:
+    """``shape`` entries of None match any size."""
+    expect(isinstance(t, torch.Tensor), f"{name}: expected a tensor, got {type(t).__name__}")
+    expect(t.dim() == len(shape) and all(s is None or s == a for s, a in zip(shape, t.shape)),
+           f"{name}: expected shape {tuple('*' if s is None else s for s in shape)}, got {tuple(t.shape)}")
+    expect(t.dtype in dtypes, f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    expect(t.device == device, f"{name}: on {t.device}, expected {device} (all kernel inputs on one device)")
+    if inner_contiguous and t.dim():
+        expect(t.stride(-1) == 1 or t.shape[-1] == 1, f"{name}: last dimension must be contiguous, strides {t.stride()}")
+
+
+def check_pages(pages: torch.Tensor, params: LayerKernelParams) -> None:
+    """``pages`` uint8 ``[num_blocks, num_kv_heads, block_size, slot_bytes]``."""
+    check_tensor("pages", pages, (None, params.num_kv_heads, None, params.slot_bytes),
+                 (torch.uint8,), pages.device)
+    expect(params.device == pages.device,
+           f"layer params on {params.device} but pages on {pages.device}: call params.to(device)")

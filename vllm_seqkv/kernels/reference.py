@@ -1,0 +1,58 @@
+"""Pure-torch references: the codec's own code (SlotLayout) plus torch SDPA, run on CPU.
+
+These are what the kernels are tested against and what runs when no GPU is present. They
+are the backend's algorithm (``vllm_seqkv.integration.backend``) without its vLLM imports:
+decode attention of one query equals ``attend`` with the cache's last position replaced by
+the exact own K/V (tests check this against ``attend`` where vLLM is installed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vllm_seqkv.codec.base import SlotLayout
+
+
+def write_slots_reference(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+                          pages: torch.Tensor, layout: SlotLayout) -> None:
+    """Code ``key``/``value`` ``[T, H, D]`` into ``pages[slot // bs, :, slot % bs]`` (slot -1 = skip)."""
+    valid = slot_mapping >= 0
+    if not bool(valid.any()):
+        return
+    slots = slot_mapping[valid].long()
+    coded = layout.encode(key[valid].float().cpu(), value[valid].float().cpu())
+    block_size = pages.shape[2]
+    pages[slots // block_size, :, slots % block_size] = coded.to(pages.device)
+
+
+def reconstruct_blocks_reference(pages: torch.Tensor, block_ids: torch.Tensor,
+                                 layout: SlotLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode whole pages: ``block_ids [M]`` -> K, V float32 ``[M * bs, H, D]`` in token order."""
+    heads, slot_bytes = pages.shape[1], pages.shape[3]
+    slots = pages[block_ids.long()].transpose(1, 2).reshape(-1, heads, slot_bytes)
+    key, value = layout.decode(slots.cpu())
+    return key.to(pages.device), value.to(pages.device)
+
+
+def paged_decode_attention_reference(query: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
+                                     pages: torch.Tensor, block_table: torch.Tensor,
+                                     seq_lens: torch.Tensor, layout: SlotLayout,
+                                     scale: float) -> torch.Tensor:
+    """query ``[B, Hq, D]``, own_k/v ``[B, H, D]`` -> ``[B, Hq, D]`` (query's dtype).
+
+    Sequence ``i`` attends to its decoded cache positions ``[0, seq_lens[i] - 1)`` and to
+    its exact own K/V at position ``seq_lens[i] - 1``.
+    """
+    block_size = pages.shape[2]
+    out = torch.empty_like(query)
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        blocks = block_table[i, : -(-seq_len // block_size)]
+        key, value = reconstruct_blocks_reference(pages, blocks, layout)
+        key = torch.cat([key[: seq_len - 1], own_k[i : i + 1].float()])  # [L, H, D]
+        value = torch.cat([value[: seq_len - 1], own_v[i : i + 1].float()])
+        attended = F.scaled_dot_product_attention(
+            query[i].float()[:, None], key.transpose(0, 1), value.transpose(0, 1),
+            scale=scale, enable_gqa=True)  # [Hq, 1, D]
+        out[i] = attended[:, 0].to(query.dtype)
+    return out
