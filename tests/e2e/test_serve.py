@@ -62,3 +62,29 @@ def test_stops_cleanly_on_sigint(tiny_model_dir, tmp_path):
         pass
     assert srv.proc.returncode == 0, srv.log()[-3000:]
     assert "Traceback" not in srv.log()
+
+
+def test_metrics_exported_next_to_vllms(server, client):
+    import urllib.request
+
+    client.completions.create(model="tiny", prompt="x", max_tokens=1)
+    text = urllib.request.urlopen(server.base_url + "/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        for name in ("seqkv_bits_per_element", "seqkv_compression_ratio", "seqkv_kv_cache_tokens"):
+            if line.startswith(name + "{"):
+                values[name] = float(line.rsplit(" ", 1)[1])
+    assert "vllm:num_requests_running" in text
+    assert 2.0 < values["seqkv_bits_per_element"] < 4.0
+    assert values["seqkv_compression_ratio"] > 4.5
+    assert values["seqkv_kv_cache_tokens"] > 0
+
+
+def test_concurrent_requests(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"Section {i}: the module" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda p: client.completions.create(
+            model="tiny", prompt=p, max_tokens=12, temperature=0), prompts))
+    assert all(o.usage.completion_tokens == 12 for o in outs)

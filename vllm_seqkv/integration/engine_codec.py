@@ -25,6 +25,12 @@ class CodecStats:
             self.tokens_written += num_slots
 
 
+def build_codec(config: SeqKVConfig, model_dir: Path, num_kv_heads: int,
+                head_dim: int) -> SlotLayout:
+    """The layer-0 slot layout of ``config.preset`` for this model (all layers share its size)."""
+    return EngineCodec(config, str(model_dir), num_kv_heads, head_dim).layout(0)
+
+
 class EngineCodec:
     def __init__(self, config: SeqKVConfig, model_dir: str, num_kv_heads: int, head_dim: int):
         self.config = config

@@ -14,7 +14,7 @@ import functools
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 
 BACKEND_CLASS = "vllm_seqkv.integration.backend.SeqKVAttentionBackend"
-STATUS = "KV pages hold compressed per-token slots (see the worker log for bits/element)"
+STATUS = "vLLM pages hold the compressed slots (pure-torch attention path on CPU)"
 _registered = False
 
 
@@ -36,17 +36,40 @@ def _validate_at_engine_config(compat) -> None:
     if getattr(original, "_seqkv_hook", False):
         return
 
+    from vllm_seqkv.integration import metrics
+
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         config = from_additional_config(self.additional_config)
+        vllm_config = original(self, *args, **kwargs)
         if config.enabled:
+            from vllm_seqkv.integration.support import check_model_supported
+
+            check_model_supported(vllm_config.model_config)
+            figures = cache_figures(config, vllm_config.model_config)
+            metrics.export(figures, vllm_config.cache_config)
             logger().info(
-                "seqkv: KV-cache backend selected (preset %s); %s", config.preset, STATUS
+                "seqkv: KV-cache backend selected (preset %s): %.2f bits/element all-in, "
+                "%.2fx the tokens of a bf16 cache in the same memory; %s",
+                config.preset, figures.bits_per_element, figures.ratio_vs_bf16, STATUS,
             )
-        return original(self, *args, **kwargs)
+        return vllm_config
 
     create_engine_config._seqkv_hook = True
     compat.EngineArgs.create_engine_config = create_engine_config
+
+
+def cache_figures(config: SeqKVConfig, model_config):
+    from pathlib import Path
+
+    from vllm_seqkv.integration.engine_codec import build_codec
+    from vllm_seqkv.integration.metrics import CacheFigures
+
+    heads = model_config.get_total_num_kv_heads()
+    head_dim = model_config.get_head_size()
+    layout = build_codec(config, Path(model_config.model), heads, head_dim)
+    return CacheFigures(config.preset, layout.slot_bytes, head_dim, heads,
+                        model_config.get_total_num_hidden_layers())
 
 
 def logger():

@@ -1,0 +1,46 @@
+"""Models the seqkv backend cannot store are refused before any engine starts, by feature."""
+
+import json
+import shutil
+
+import pytest
+
+from vllm_seqkv.integration.support import UnsupportedModelError
+
+
+def variant(tiny_model_dir, tmp_path, **overrides):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(overrides)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def engine_config(model_dir, backend="seqkv"):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_seqkv.integration.plugin import register
+
+    register()
+    args = EngineArgs(model=str(model_dir), max_model_len=256, kv_cache_memory_bytes=32 << 20,
+                      additional_config={"kv_cache_backend": backend})
+    return args.create_engine_config()
+
+
+@pytest.mark.parametrize("overrides, feature", [
+    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 64},
+     "sliding-window attention"),
+    ({"head_dim": 48, "hidden_size": 192}, "head size 48"),
+])
+def test_unsupported_model_is_refused_naming_the_feature(tiny_model_dir, tmp_path, overrides,
+                                                         feature):
+    model = variant(tiny_model_dir, tmp_path, **overrides)
+    with pytest.raises(UnsupportedModelError, match=feature) as err:
+        engine_config(model)
+    assert "--kv-cache-backend auto" in str(err.value)
+    engine_config(model, backend="auto")  # the stock cache still takes it
+
+
+def test_supported_model_passes(tiny_model_dir):
+    assert engine_config(tiny_model_dir).additional_config["kv_cache_backend"] == "seqkv"

@@ -1,0 +1,58 @@
+"""Prometheus gauges next to vLLM's own (``/metrics`` of ``vllm serve``).
+
+Registered in the front-end process, which serves ``/metrics``; values are read at scrape
+time from the engine config (vLLM copies the engine's block count back into it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import REGISTRY, Gauge
+
+
+@dataclass(frozen=True)
+class CacheFigures:
+    """Static figures of the active preset for this model."""
+
+    preset: str
+    slot_bytes: int
+    head_dim: int
+    num_kv_heads: int
+    num_layers: int
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8 * self.slot_bytes / (2 * self.head_dim)
+
+    @property
+    def ratio_vs_bf16(self) -> float:
+        return 2 * 2 * self.head_dim / self.slot_bytes
+
+    def bytes_per_token(self) -> int:
+        return self.slot_bytes * self.num_kv_heads * self.num_layers
+
+
+_GAUGES = {
+    "seqkv_bits_per_element": "All-in bits per cached K/V element of the seqkv pages",
+    "seqkv_compression_ratio": "Bytes of a bf16 KV cache per byte of the seqkv cache",
+    "seqkv_kv_cache_tokens": "KV tokens the seqkv cache holds (vLLM blocks x block size)",
+    "seqkv_kv_cache_bytes": "Bytes of compressed KV pages allocated by the engine",
+}
+_registered: dict[str, Gauge] = {}
+
+
+def export(figures: CacheFigures, cache_config) -> None:
+    def tokens() -> float:
+        return float((cache_config.num_gpu_blocks or 0) * cache_config.block_size)
+
+    values = {
+        "seqkv_bits_per_element": lambda: figures.bits_per_element,
+        "seqkv_compression_ratio": lambda: figures.ratio_vs_bf16,
+        "seqkv_kv_cache_tokens": tokens,
+        "seqkv_kv_cache_bytes": lambda: tokens() * figures.bytes_per_token(),
+    }
+    for name, doc in _GAUGES.items():
+        if name not in _registered:
+            _registered[name] = Gauge(name, doc, ["preset"], registry=REGISTRY)
+        _registered[name].labels(preset=figures.preset).set_function(values[name])

@@ -1,0 +1,36 @@
+"""Which models seqkv can serve; everything else is refused up front, naming the feature."""
+
+from __future__ import annotations
+
+from vllm_seqkv.codec.hadamard import is_power_of_two
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def unsupported_features(model_config) -> list[str]:
+    """Model features the seqkv backend cannot store compressed (empty = supported)."""
+    checks = {
+        "multi-head latent attention (MLA)": lambda: model_config.use_mla,
+        "hybrid attention/state-space layers (Mamba/linear attention)":
+            lambda: model_config.is_hybrid,
+        "an attention-free architecture": lambda: model_config.is_attention_free,
+        "an encoder-decoder architecture": lambda: model_config.is_encoder_decoder,
+        "sliding-window attention": lambda: model_config.get_sliding_window() is not None,
+        "multimodal inputs": lambda: model_config.is_multimodal_model,
+    }
+    found = [name for name, present in checks.items() if present()]
+    head_size = model_config.get_head_size()
+    if not is_power_of_two(head_size):
+        found.append(f"head size {head_size} (the rotation code needs a power of two)")
+    return found
+
+
+def check_model_supported(model_config) -> None:
+    found = unsupported_features(model_config)
+    if found:
+        raise UnsupportedModelError(
+            f"--kv-cache-backend seqkv does not support {model_config.model}: it uses "
+            + "; ".join(found) + ". Serve it with --kv-cache-backend auto."
+        )
