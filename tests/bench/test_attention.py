@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vllm_seqkv.bench.attention import attention, check_causal, coded_read_mask
+from vllm_seqkv.bench.attention import attention, check_causal, read_starts
 from vllm_seqkv.codec import make_codec
 from vllm_seqkv.codec.base import KVCodec
 from vllm_seqkv.codec.baselines import Bf16Codec, KiviKeyCodec, KiviValueCodec
@@ -29,7 +29,7 @@ class Block16(Bf16Codec):
 
 
 @pytest.mark.parametrize("windows", [{}, {"exact_recent": 9}, {"sink_tokens": 3, "exact_recent": 5},
-                                     {"block_exact": True}])
+                                     {"block_exact": True}, {"sink_tokens": 40}, {"sink_tokens": 4, "block_exact": True}])
 def test_vectorised_attention_equals_token_by_token_decode(windows, monkeypatch):
     import vllm_seqkv.bench.attention as attention_module
 
@@ -38,8 +38,7 @@ def test_vectorised_attention_equals_token_by_token_decode(windows, monkeypatch)
     q = torch.randn(LENGTH, HEADS, DIM, generator=gen)
     k, v, ck, cv = (torch.randn(LENGTH, KV_HEADS, DIM, generator=gen) for _ in range(4))
     codec = KVCodec("probe", Block16(), Block16(), **windows)
-    mask = coded_read_mask(codec, LENGTH)
-    out, exact_tail = attention(q, k, v, ck, cv, mask, codec.sink_tokens, exact_rows=20)
+    out, exact_tail = attention(q, k, v, ck, cv, read_starts(codec, LENGTH), codec.sink_tokens, exact_rows=20)
     assert torch.allclose(out, brute_force(codec, q, k, v, ck, cv), atol=1e-5)
     assert torch.allclose(exact_tail, attention(q, k, v)[-20:], atol=1e-6)
 

@@ -21,13 +21,16 @@ from vllm_seqkv.codec.base import KVCodec
 QUERY_CHUNK = 256
 
 
+def read_starts(codec: KVCodec, length: int) -> torch.Tensor:
+    """``[T]`` long: token ``t`` reads positions ``sink_tokens <= j < starts[t]`` coded, the rest
+    exactly (``starts[t] <= t``: its own K/V is always exact)."""
+    return torch.tensor([min(codec.exact_window_start(t), t) for t in range(length)])
+
+
 def coded_read_mask(codec: KVCodec, length: int) -> torch.Tensor:
     """``[T, T]`` bool: ``mask[t, j]`` is True where token ``t`` reads position ``j`` coded."""
-    starts = torch.tensor([codec.exact_window_start(t) for t in range(length)])
     cols = torch.arange(length)
-    mask = (cols[None, :] < starts[:, None]) & (cols[None, :] >= codec.sink_tokens)
-    mask &= cols[None, :] < torch.arange(length)[:, None]
-    return mask
+    return (cols[None, :] < read_starts(codec, length)[:, None]) & (cols[None, :] >= codec.sink_tokens)
 
 
 def check_causal(codec: KVCodec, length: int) -> None:
@@ -54,60 +57,68 @@ def _group_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.view(length, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)
 
 
-def _causal_mask(scores: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Set ``scores [..., t, r1]`` of future positions (``j > row``) to ``-inf``."""
-    causal = torch.arange(rows.stop)[None, :] <= torch.arange(rows.start, rows.stop)[:, None]
-    return scores.masked_fill(~causal, float("-inf"))
+def _mask_future_(scores: torch.Tensor, rows: slice, first_col: int) -> None:
+    """In place: ``scores [..., t, n]`` holds columns ``first_col..first_col+n-1`` of query rows
+    ``rows``; set the future ones (``j > row``) to ``-inf``."""
+    cols = torch.arange(first_col, first_col + scores.shape[-1])
+    future = cols[None, :] > torch.arange(rows.start, rows.stop)[:, None]
+    scores.masked_fill_(future, float("-inf"))
 
 
-def _causal_scores(qc: torch.Tensor, key_t: torch.Tensor, rows: slice, scale: float) -> torch.Tensor:
-    """``qc [H_kv, g, t, D]`` x ``key_t [H_kv, D, r1]`` -> masked scores ``[H_kv, g, t, r1]``."""
-    return _causal_mask(torch.matmul(qc, key_t[:, None]) * scale, rows)
+def _exact_chunk(qc: torch.Tensor, key_t: torch.Tensor, val: torch.Tensor, rows: slice, scale: float) -> torch.Tensor:
+    """Exact causal attention of query rows ``rows``: ``qc [H_kv, g, t, D]`` -> ``[H_kv, g, t, D]``."""
+    scores = torch.matmul(qc * scale, key_t[:, None, :, : rows.stop])
+    _mask_future_(scores[..., rows.start :], rows, rows.start)
+    return torch.matmul(scores.softmax(-1), val[:, None, : rows.stop])
 
 
 def attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               coded_key: torch.Tensor | None = None, coded_value: torch.Tensor | None = None,
-              coded_mask: torch.Tensor | None = None, sink_tokens: int = 0,
-              exact_rows: int = 0):
+              starts: torch.Tensor | None = None, sink_tokens: int = 0, exact_rows: int = 0):
     """Causal GQA attention for one sequence starting at position 0.
 
-    Shapes: ``q [T, H, D]``; ``key, value, coded_key, coded_value [T, H_kv, D]``;
-    ``coded_mask [T, T]`` bool from :func:`coded_read_mask`, or None (all exact).
-    Returns ``out [T, H, D]``; with ``exact_rows > 0`` also the fully exact output of the last
-    ``exact_rows`` queries, ``[exact_rows, H, D]`` (to measure the attention-output error).
+    Shapes: ``q [T, H, D]``; ``key, value, coded_key, coded_value [T, H_kv, D]``; ``starts
+    [T]`` from :func:`read_starts`, or None (all exact). Token ``t`` reads ``j`` coded iff
+    ``sink_tokens <= j < starts[t]``. Returns ``out [T, H, D]``; with ``exact_rows > 0`` also
+    the fully exact output of the last ``exact_rows`` queries, ``[exact_rows, H, D]``.
     """
     length, heads, dim = q.shape
     kv_heads = key.shape[1]
     scale = dim ** -0.5
     qg = _group_queries(q, kv_heads)
     key_t, val = key.permute(1, 2, 0), value.permute(1, 0, 2)  # [H_kv, D, T], [H_kv, T, D]
-    coded = coded_mask is not None and bool(coded_mask.any())
+    coded = starts is not None and bool((starts > sink_tokens).any())
     if coded:
         ckey_t, cval = coded_key.permute(1, 2, 0), coded_value.permute(1, 0, 2)
-        val_fix = val - cval
+        val_fix = val - cval  # exact = coded + fix
     outs = []
-    for start in range(0, length, QUERY_CHUNK):
-        rows = slice(start, min(start + QUERY_CHUNK, length))
-        qc = qg[:, :, rows]
+    for first in range(0, length, QUERY_CHUNK):
+        rows = slice(first, min(first + QUERY_CHUNK, length))
+        qc = qg[:, :, rows] * scale  # scaled once: scores = (q / sqrt(D)) . k
         if not coded:
-            probs = _causal_scores(qc, key_t[..., : rows.stop], rows, scale).softmax(-1)
-            outs.append(torch.matmul(probs, val[:, None, : rows.stop]))
+            outs.append(_exact_chunk(qc, key_t, val, rows, 1.0))
             continue
-        mask = coded_mask[rows, : rows.stop]  # [t, r1]
-        band_lo = int((~mask[:, sink_tokens:]).float().argmax(-1).min()) + sink_tokens
-        exact_cols = torch.cat([torch.arange(min(sink_tokens, band_lo)), torch.arange(band_lo, rows.stop)])
-        scores = torch.matmul(qc, ckey_t[:, None, :, : rows.stop]) * scale
-        exact_scores = torch.matmul(qc, key_t[:, None, :, exact_cols]) * scale
-        col_mask = mask[:, exact_cols]
-        scores[..., exact_cols] = torch.where(col_mask, scores[..., exact_cols], exact_scores)
-        probs = _causal_mask(scores, rows).softmax(-1)
+        # columns [0, sink) exact; [sink, lo) coded for every row; [lo, r1) mixed (the band,
+        # where the sink rule is applied again)
+        lo = int(starts[rows].min())
+        sink = min(sink_tokens, lo)
+        scores = torch.matmul(qc, ckey_t[:, None, :, : rows.stop])
+        if sink:
+            scores[..., :sink] = torch.matmul(qc, key_t[:, None, :, :sink])
+        band = scores[..., lo:]
+        cols = torch.arange(lo, rows.stop)
+        band_coded = (cols[None, :] < starts[rows][:, None]) & (cols[None, :] >= sink_tokens)  # [t, n]
+        band.copy_(torch.where(band_coded, band, torch.matmul(qc, key_t[:, None, :, lo : rows.stop])))
+        _mask_future_(band, rows, lo)
+        probs = scores.softmax(-1)
         out = torch.matmul(probs, cval[:, None, : rows.stop])
-        out += torch.matmul(probs[..., exact_cols] * ~col_mask, val_fix[:, None, exact_cols])
+        out += torch.matmul(probs[..., lo:] * ~band_coded, val_fix[:, None, lo : rows.stop])
+        if sink:
+            out += torch.matmul(probs[..., :sink], val_fix[:, None, :sink])
         outs.append(out)
     out = torch.cat(outs, dim=2).permute(2, 0, 1, 3).reshape(length, heads, dim)
     if exact_rows <= 0:
         return out
     rows = slice(length - exact_rows, length)
-    probs = _causal_scores(qg[:, :, rows], key_t, rows, scale).softmax(-1)
-    exact = torch.matmul(probs, val[:, None]).permute(2, 0, 1, 3).reshape(exact_rows, heads, dim)
-    return out, exact
+    exact = _exact_chunk(qg[:, :, rows], key_t, val, rows, scale)
+    return out, exact.permute(2, 0, 1, 3).reshape(exact_rows, heads, dim)

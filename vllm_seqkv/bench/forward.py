@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_seqkv.bench.attention import QUERY_CHUNK, attention, check_causal, coded_read_mask
+from vllm_seqkv.bench.attention import QUERY_CHUNK, attention, check_causal, read_starts
 from vllm_seqkv.bench.model import LayerKV, LlamaForward, rope_tables
 from vllm_seqkv.codec.base import KVCodec
 
@@ -38,10 +38,10 @@ def run_window(model: LlamaForward, tokens: torch.Tensor, codec: KVCodec | None 
     model.check_context(length)
     cfg = model.config
     cos, sin = rope_tables(torch.arange(length), cfg.head_dim, cfg.rope_theta)
-    mask = None
+    starts = None
     if codec is not None:
         check_causal(codec, length)
-        mask = coded_read_mask(codec, length)
+        starts = read_starts(codec, length)
     h = model.embed[tokens]
     result = WindowResult(log_probs=torch.empty(0))
     for layer in range(cfg.num_layers):
@@ -55,7 +55,7 @@ def run_window(model: LlamaForward, tokens: torch.Tensor, codec: KVCodec | None 
             coded_key = _roundtrip(key_codec, kv.key)
             coded_value = _roundtrip(value_codec, kv.value)
             rows = min(QUERY_CHUNK, length) if measure_attention else 0
-            got = attention(q, kv.key, kv.value, coded_key, coded_value, mask, codec.sink_tokens, rows)
+            got = attention(q, kv.key, kv.value, coded_key, coded_value, starts, codec.sink_tokens, rows)
             out = got[0] if measure_attention else got
             if measure_attention:
                 result.attn_err_sq.append(float((out[-rows:] - got[1]).pow(2).sum()))

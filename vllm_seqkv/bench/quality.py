@@ -6,7 +6,9 @@ layer's attention reading its cached past through the codec (decode-path semanti
 :mod:`vllm_seqkv.bench.attention`: coded before ``exact_window_start(t)`` except sinks, exact
 inside the window, own K/V always exact). Reported per codec:
 
-- ``ppl`` / ``delta_ppl_pct`` versus ``ppl_ref``, with a paired standard error over windows;
+- ``ppl`` / ``delta_ppl_pct`` versus ``ppl_ref``, with a paired standard error over
+  256-token chunks (``delta_ppl_se_pct``; chunks of one window share context, so it is a
+  rough figure);
 - ``kl``: mean KL(p_exact || p_codec) of the next-token distributions, nats/token;
 - ``attn_rel_err``: per layer ``||o_coded - o_exact|| / ||o_exact||`` of the attention output
   (before o_proj) for the same queries, over the last 256 queries of each window;
@@ -33,6 +35,8 @@ from vllm_seqkv.bench.model import LlamaForward
 from vllm_seqkv.codec import make_codec
 from vllm_seqkv.codec.base import KVCodec
 
+SE_CHUNK = 256  # tokens per chunk for the paired standard error of Δppl
+
 
 @dataclass
 class QualitySettings:
@@ -44,19 +48,20 @@ class QualitySettings:
     codecs: list[str]
     calib_tokens: int
     command: str
+    windows: int = 0  # filled by evaluate()
 
 
 @dataclass
 class CodecTally:
     """Running sums for one codec over windows."""
 
-    window_nll: list[float] = field(default_factory=list)  # mean NLL per window (nats)
+    chunk_nll: list[float] = field(default_factory=list)  # mean NLL per SE_CHUNK tokens (nats)
     kl_sum: float = 0.0
     err_sq: list[float] = field(default_factory=list)
     ref_sq: list[float] = field(default_factory=list)
 
-    def add(self, nll: float, kl_sum: float, err_sq: list[float], ref_sq: list[float]) -> None:
-        self.window_nll.append(nll)
+    def add(self, nll: list[float], kl_sum: float, err_sq: list[float], ref_sq: list[float]) -> None:
+        self.chunk_nll += nll
         self.kl_sum += kl_sum
         self.err_sq = [a + b for a, b in zip(self.err_sq, err_sq)] if self.err_sq else list(err_sq)
         self.ref_sq = [a + b for a, b in zip(self.ref_sq, ref_sq)] if self.ref_sq else list(ref_sq)
@@ -94,20 +99,21 @@ def evaluate(settings: QualitySettings) -> list[dict]:
     model = LlamaForward(settings.model_dir)
     codecs, calibration = load_codecs(settings)
     evaluation = windows(settings.model_dir, settings.text, settings.context, settings.tokens)
-    ref_nll: list[float] = []
+    settings.windows = len(evaluation)
+    ref_nll: list[float] = []  # per SE_CHUNK-token chunk
     tallies = {name: CodecTally() for name in codecs}
     bar = tqdm(total=len(evaluation) * (len(codecs) + 1), desc="ruler", unit="run")
     for window in evaluation:
         inputs, targets = window[:-1], window[1:]
         bar.set_postfix_str("exact")
         ref = run_window(model, inputs).log_probs
-        ref_nll.append(float(-ref.gather(1, targets[:, None]).mean()))
+        ref_nll += chunk_nll(ref, targets)
         ref_probs = ref.exp()
         bar.update()
         for name, codec in codecs.items():
             bar.set_postfix_str(name)
             got = run_window(model, inputs, codec, measure_attention=True)
-            nll = float(-got.log_probs.gather(1, targets[:, None]).mean())
+            nll = chunk_nll(got.log_probs, targets)
             kl_sum = float((ref_probs * (ref - got.log_probs)).sum())
             tallies[name].add(nll, kl_sum, got.attn_err_sq, got.attn_ref_sq)
             bar.update()
@@ -118,17 +124,25 @@ def evaluate(settings: QualitySettings) -> list[dict]:
     return records
 
 
+def chunk_nll(log_probs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """Mean next-token NLL (nats) of each ``SE_CHUNK``-token chunk: ``log_probs [T, V]``,
+    ``targets [T]``; ``T`` must be a multiple of the chunk (equal weights)."""
+    nll = -log_probs.gather(1, targets[:, None])[:, 0]
+    size = math.gcd(SE_CHUNK, nll.numel())
+    return [float(part.mean()) for part in nll.split(size)]
+
+
 def _record(name: str, codec: KVCodec, tally: CodecTally, ref_nll: list[float], model: LlamaForward,
             settings: QualitySettings) -> dict:
     cfg = model.config
     bits = codec.bits_per_element(cfg.num_kv_heads, cfg.head_dim, settings.context, cfg.num_layers)
-    diffs = torch.tensor(tally.window_nll) - torch.tensor(ref_nll)
+    diffs = torch.tensor(tally.chunk_nll) - torch.tensor(ref_nll)
     mean_diff = float(diffs.mean())
     se = float(diffs.std() / math.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
     ppl_ref = math.exp(sum(ref_nll) / len(ref_nll))
-    ppl = math.exp(sum(tally.window_nll) / len(tally.window_nll))
+    ppl = math.exp(sum(tally.chunk_nll) / len(tally.chunk_nll))
     attn = [math.sqrt(e / r) if r > 0 else 0.0 for e, r in zip(tally.err_sq, tally.ref_sq)]
-    evaluated = len(ref_nll) * settings.context
+    evaluated = settings.windows * settings.context
     return {
         "codec": name,
         "bits_per_element": bits,
@@ -142,7 +156,7 @@ def _record(name: str, codec: KVCodec, tally: CodecTally, ref_nll: list[float], 
         "attn_rel_err_mean": sum(attn) / len(attn),
         "attn_rel_err": attn,
         "tokens": evaluated,
-        "windows": len(ref_nll),
+        "windows": settings.windows,
         "model": cfg.name,
         "text": str(settings.text),
         "context": settings.context,

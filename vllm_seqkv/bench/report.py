@@ -78,7 +78,7 @@ def quality_markdown(records: list[dict], seconds: float) -> str:
         "norms, exact windows over the context). KL is KL(exact || coded) of the next-token "
         "distribution; attn rel err is ||o_coded - o_exact|| / ||o_exact|| of the attention output "
         "(mean over layers, last 256 queries of each window). ± is a paired standard error over "
-        "windows. Raw figures: `benchmarks/quality.json`; plot: `benchmarks/quality.png`.\n\n"
+        "256-token chunks. Raw figures: `benchmarks/quality.json`; plot: `benchmarks/quality.png`.\n\n"
         + quality_table(records)
     )
 
