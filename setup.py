@@ -29,7 +29,8 @@ def cuda_extensions():
     ext = CUDAExtension(
         name="vllm_seqkv._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"],
+                            "nvcc": ["-O3", "-std=c++20", "-diag-suppress", "20013,20015,3189"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

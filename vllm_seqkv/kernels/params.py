@@ -12,7 +12,7 @@ little-endian bit stream) and ``codes_b`` (last ``D/2``, ``bits_b`` bits). A str
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -52,7 +52,10 @@ class StreamParams:
 
 @dataclass(frozen=True)
 class LayerKernelParams:
-    """Both streams of a layer plus the shared ``hadamard`` matrix (float32 ``[D, D]``, +-1)."""
+    """Both streams of a layer plus the shared ``hadamard`` matrix (float32 ``[D, D]``, +-1).
+
+    ``layout`` is the codec's SlotLayout the constants came from (the torch reference uses it).
+    """
 
     num_kv_heads: int
     head_dim: int
@@ -60,6 +63,7 @@ class LayerKernelParams:
     key: StreamParams
     value: StreamParams
     hadamard: torch.Tensor
+    layout: SlotLayout | None = field(default=None, compare=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -117,5 +121,5 @@ def layer_params(layout: SlotLayout, device: torch.device | str | None = None) -
             f"slot layout mismatch: kernels expect {key.nbytes}+{value.nbytes} bytes, "
             f"layout has {layout.key_bytes}+{layout.slot_bytes - layout.key_bytes}"
         )
-    params = LayerKernelParams(heads, dim, layout.slot_bytes, key, value, hadamard_matrix(dim))
+    params = LayerKernelParams(heads, dim, layout.slot_bytes, key, value, hadamard_matrix(dim), layout)
     return params.to(device) if device is not None else params
