@@ -23,6 +23,9 @@ import sys
 from pathlib import Path
 
 from vllm_seqkv import fixtures
+from vllm_seqkv.bench.report import machine, replace_section
+
+SECTION = "## Capacity and quality through vLLM"
 
 GREEDY_PROMPTS = 12
 GREEDY_TOKENS = 32
@@ -79,6 +82,30 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(fractions) / len(fractions)
 
 
+def markdown(records: list[dict]) -> str:
+    rows = [
+        "| date | model | preset | KV budget | tokens auto | tokens seqkv | ratio | ppl auto "
+        "| ppl seqkv | Δppl | greedy agreement | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in records:
+        rows.append(
+            f"| {r['date']} | {r['model']} | {r['preset']} | {r['kv_cache_memory_bytes'] >> 20} MiB "
+            f"| {r['tokens_auto']:,} | {r['tokens_seqkv']:,} | {r['ratio']:.2f}x "
+            f"| {r['ppl_auto']:.3f} | {r['ppl_seqkv']:.3f} | {r['delta_ppl_pct']:+.1f} % "
+            f"| {r['greedy_agreement']:.2f} | `{r['command']}` |"
+        )
+    return (
+        "Real vLLM engine (CPU build 0.32), same `kv_cache_memory_bytes` for both backends; "
+        "tokens = vLLM's own KV capacity (its `KV cache size: N tokens` line); perplexity from "
+        "prompt log-probabilities over held-out windows of `context` tokens (the serving code "
+        "path); greedy agreement = mean fraction of a 32-token greedy continuation that matches "
+        "the `auto` run before the first divergence. Model weights and compute in bf16. "
+        f"Machine: {machine().split(', torch')[0]}.\n\n"
+        + "\n".join(rows) + "\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m vllm_seqkv.bench.vllm_path")
     parser.add_argument("--model", type=Path, default=None)
@@ -88,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=256 << 20)
     parser.add_argument("--preset", default=None)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/vllm_capacity.json"))
+    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -121,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
         records.append(record)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=2) + "\n")
+        if args.markdown:
+            replace_section(args.markdown, SECTION, markdown(records))
     print(json.dumps(record, indent=2))
     return record
 
