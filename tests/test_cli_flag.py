@@ -24,10 +24,10 @@ def test_flag_reaches_additional_config(tiny_model_dir):
     register()
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
     args = parser.parse_args(["--model", model, "--kv-cache-backend", "seqkv",
-                              "--additional-config", json.dumps({"seqkv": {"sink_tokens": 2}})])
+                              "--additional-config", json.dumps({"seqkv": {"preset": "seqkv-4"}})])
     engine_args = AsyncEngineArgs.from_cli_args(args)
     assert engine_args.additional_config["kv_cache_backend"] == "seqkv"
-    assert engine_args.additional_config["seqkv"] == {"sink_tokens": 2}
+    assert engine_args.additional_config["seqkv"] == {"preset": "seqkv-4"}
     default = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", model]))
     assert "kv_cache_backend" not in (default.additional_config or {})
 
@@ -42,7 +42,7 @@ def test_bogus_choice_is_one_line_error_before_engine(tmp_path):
 
 @pytest.mark.parametrize(
     "options, needle",
-    [({"key_bits": 1}, "option 'key_bits'"), ({"bogus_option": 1}, "unknown option 'bogus_option'")],
+    [({"preset": "seqkv-99"}, "option 'preset'"), ({"bogus_option": 1}, "unknown option 'bogus_option'")],
 )
 def test_bad_config_is_one_line_error_before_engine(tiny_model_dir, options, needle):
     out = run_vllm("serve", str(tiny_model_dir), "--kv-cache-backend", "seqkv",

@@ -11,18 +11,16 @@ def test_defaults_are_auto_and_frozen():
 
 
 def test_backend_from_top_level_key_and_options():
-    config = from_additional_config({"kv_cache_backend": "seqkv", "seqkv": {"sink_tokens": 4}})
-    assert config.enabled and config.sink_tokens == 4
+    config = from_additional_config({"kv_cache_backend": "seqkv", "seqkv": {"preset": "seqkv-4"}})
+    assert config.enabled and config.preset == "seqkv-4"
 
 
 @pytest.mark.parametrize(
     "options, needle",
     [
         ({"kv_cache_backend": "bogus"}, "option 'kv_cache_backend'"),
-        ({"key_bits": 1}, "option 'key_bits'"),
-        ({"key_bits": "three"}, "option 'key_bits'"),
-        ({"sink_tokens": -1}, "option 'sink_tokens'"),
-        ({"log_stats_interval_s": 0}, "option 'log_stats_interval_s'"),
+        ({"preset": 3}, "option 'preset'"),
+        ({"calibration": 7}, "option 'calibration'"),
         ({"presett": "seqkv-3"}, "unknown option 'presett'"),
         ({"preset": "seqkv-99"}, "option 'preset'"),
     ],

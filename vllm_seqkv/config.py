@@ -31,10 +31,9 @@ class SeqKVConfig(BaseModel):
 
     kv_cache_backend: Literal["auto", "seqkv"] = "auto"
     preset: str = Field(default="seqkv-3", description="named codec preset")
-    key_bits: int | None = Field(default=None, ge=2, le=8)
-    value_bits: int | None = Field(default=None, ge=2, le=8)
-    sink_tokens: int = Field(default=0, ge=0, le=1024)
-    log_stats_interval_s: float = Field(default=10.0, gt=0)
+    calibration: str | None = Field(
+        default=None, description="calibration file; default: the one `python -m "
+        "vllm_seqkv.calibrate MODEL` wrote for this model")
 
     @field_validator("preset")
     @classmethod

@@ -9,6 +9,7 @@ from pathlib import Path
 from vllm_seqkv.calibrate import load_for_model
 from vllm_seqkv.codec import make_codec, needs_calibration
 from vllm_seqkv.codec.base import KVCodec, SlotLayout
+from vllm_seqkv.codec.calibration import Calibration
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 from vllm_seqkv.integration.compat import get_current_vllm_config
 
@@ -37,7 +38,10 @@ class EngineCodec:
         self.preset = config.preset
         self.model_dir = model_dir
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        calibration = load_for_model(Path(model_dir)) if needs_calibration(config.preset) else None
+        calibration = None
+        if needs_calibration(config.preset):
+            calibration = (Calibration.load(Path(config.calibration)) if config.calibration
+                           else load_for_model(Path(model_dir)))
         self.codec: KVCodec = make_codec(config.preset, calibration)
         self._layouts: dict[int, SlotLayout] = {}
         self.slot_bytes = self.layout(0).slot_bytes
