@@ -74,7 +74,7 @@ def write_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tens
                 pages: torch.Tensor, params: LayerKernelParams) -> None:
     kind = implementation(pages.device)
     if kind == "triton":
-        from vllm_seqkv.kernels.write_slots import write_slots_triton
+        from vllm_seqkv.kernels.write_kernel import write_slots_triton
         return write_slots_triton(key, value, slot_mapping, pages, params)
     if kind == "cuda":
         from vllm_seqkv.kernels.cuda_ops import write_slots_cuda

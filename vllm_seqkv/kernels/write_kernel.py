@@ -81,16 +81,21 @@ def write_slots_kernel(unit_k_ptr, norm_k_ptr, unit_v_ptr, norm_v_ptr, slot_mapp
                      V_BITS_A, V_BITS_B, V_NORM, V_OFF_A, V_OFF_B)
 
 
-def write_slots_triton(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
-                       pages: torch.Tensor, params: LayerKernelParams) -> None:
-    """key/value ``[T, H, D]`` (any float dtype), slot_mapping int ``[T]`` (-1 = skip),
-    pages uint8 ``[N, H, bs, S]`` written in place."""
+def check_write_args(key, value, slot_mapping, pages, params: LayerKernelParams) -> None:
     check_pages(pages, params)
     heads, dim = params.num_kv_heads, params.head_dim
     check_tensor("key", key, (None, heads, dim), FLOAT_DTYPES, pages.device, inner_contiguous=False)
     tokens = key.shape[0]
     check_tensor("value", value, (tokens, heads, dim), FLOAT_DTYPES, pages.device, inner_contiguous=False)
     check_tensor("slot_mapping", slot_mapping, (tokens,), INDEX_DTYPES, pages.device)
+
+
+def write_slots_triton(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+                       pages: torch.Tensor, params: LayerKernelParams) -> None:
+    """key/value ``[T, H, D]`` (any float dtype), slot_mapping int ``[T]`` (-1 = skip),
+    pages uint8 ``[N, H, bs, S]`` written in place."""
+    check_write_args(key, value, slot_mapping, pages, params)
+    tokens, heads, dim = key.shape
     if tokens == 0:
         return
     unit_k, norm_k = rotate_stream(key, params.key)

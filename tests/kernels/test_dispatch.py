@@ -1,0 +1,62 @@
+"""Implementation choice, the public API on CPU, and the reference against the backend's attend."""
+
+import logging
+
+import pytest
+import torch
+
+from tests.kernels.helpers import build_cache
+from vllm_seqkv import kernels
+from vllm_seqkv.kernels.reference import paged_decode_attention_reference, write_slots_reference
+
+
+def test_cpu_tensors_use_the_torch_reference(monkeypatch, caplog):
+    monkeypatch.delenv("SEQKV_KERNELS", raising=False)
+    kernels._announced.clear()
+    with caplog.at_level(logging.INFO, logger="vllm.seqkv.kernels"):
+        assert kernels.implementation(torch.device("cpu")) == "torch"
+    assert "torch implementation on cpu" in caplog.text
+
+
+def test_env_override_and_bad_value(monkeypatch):
+    monkeypatch.setenv("SEQKV_KERNELS", "triton")
+    assert kernels.implementation(torch.device("cpu")) == "triton"
+    monkeypatch.setenv("SEQKV_KERNELS", "fast")
+    with pytest.raises(ValueError, match="SEQKV_KERNELS"):
+        kernels.implementation(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("choice", ["torch", "triton"])
+def test_public_api_agrees_across_implementations(choice, monkeypatch):
+    monkeypatch.setenv("SEQKV_KERNELS", choice)
+    cache = build_cache([3, 18], heads=1, dim=32, block_size=16, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    query, own = torch.randn(2, 2, 32, generator=gen), torch.randn(2, 1, 32, generator=gen)
+    out = kernels.paged_decode_attention(query, own, own, cache.pages, cache.block_table,
+                                         cache.seq_lens, cache.params, 0.2)
+    ref = paged_decode_attention_reference(query, own, own, cache.pages, cache.block_table,
+                                           cache.seq_lens, cache.layout, 0.2)
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+    k, _ = kernels.reconstruct_blocks(cache.pages, cache.block_table[1], cache.params)
+    assert k.shape == (32, 1, 32)
+    pages, expected = cache.pages.clone(), cache.pages.clone()
+    kernels.write_slots(own, own, torch.tensor([0, -1]), pages, cache.params)
+    write_slots_reference(own, own, torch.tensor([0, -1]), expected, cache.layout)
+    assert torch.equal(pages, expected)
+
+
+def test_reference_equals_backend_attend():
+    """The kernels' reference is the backend's rule: decoded cache + exact own position."""
+    backend = pytest.importorskip("vllm_seqkv.integration.backend", reason="needs vLLM")
+    cache = build_cache([1, 21], heads=2, dim=32, block_size=16, device="cpu")
+    gen = torch.Generator().manual_seed(1)
+    query = torch.randn(2, 6, 32, generator=gen)
+    own_k, own_v = torch.randn(2, 2, 32, generator=gen), torch.randn(2, 2, 32, generator=gen)
+    ref = paged_decode_attention_reference(query, own_k, own_v, cache.pages, cache.block_table,
+                                           cache.seq_lens, cache.layout, 0.3)
+    for i, length in enumerate(cache.seq_lens.tolist()):
+        blocks = cache.block_table[i, : -(-length // 16)].long()
+        slots = cache.pages[blocks].transpose(1, 2).reshape(-1, 2, cache.pages.shape[3])[:length]
+        k, v = cache.layout.decode(slots)
+        expected = backend.attend(query[i:i + 1], k, v, own_k[i:i + 1], own_v[i:i + 1], 0.3)
+        torch.testing.assert_close(ref[i], expected[0], atol=1e-5, rtol=1e-5)
