@@ -1,0 +1,43 @@
+"""Real hot-code bytes for cold-tier tests and the bench: run a model, code its K/V.
+
+``model_blocks(model_dir, ids, block_size)`` runs transformers (fp32, CPU) over ``ids``, takes
+the post-RoPE K/V of every layer from the cache, codes them with the seqkv hot codec through
+:class:`~vllm_seqkv.codec.base.SlotLayout` and returns one ``bytes`` per block of
+``block_size`` tokens laid out ``[layer, token, head, slot_bytes]`` (what a connector would
+hand to ``save``), plus the columns (``heads * slot_bytes``) and the K+V elements per block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def model_blocks(model_dir: Path, ids: list[int], block_size: int = 16,
+                 codec: str = "seqkv-3") -> tuple[list[bytes], int, int]:
+    from transformers import AutoModelForCausalLM
+
+    from vllm_seqkv.calibrate import load_for_model
+    from vllm_seqkv.codec import make_codec
+    from vllm_seqkv.codec.base import SlotLayout
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    kv = make_codec(codec, load_for_model(model_dir))
+    n = len(ids) // block_size * block_size
+    with torch.inference_mode():
+        cache = model(input_ids=torch.tensor([ids[:n]]), use_cache=True).past_key_values
+    per_layer = []
+    for layer, lc in enumerate(cache.layers):
+        k = lc.keys[0].transpose(0, 1).contiguous()  # [T, H, D]
+        v = lc.values[0].transpose(0, 1).contiguous()
+        kc, vc = kv.codecs_for_layer(layer)
+        lay = SlotLayout(kc, vc, k.shape[1], k.shape[2])
+        per_layer.append(lay.encode(k, v).numpy())
+    slots = np.stack(per_layer)  # [L, T, H, S]
+    L, _, H, S = slots.shape
+    D = cache.layers[0].keys.shape[-1]
+    blocks = [np.ascontiguousarray(slots[:, i:i + block_size]).tobytes()
+              for i in range(0, n, block_size)]
+    return blocks, H * S, L * block_size * H * D * 2

@@ -1,0 +1,186 @@
+"""Tier API a KV connector calls: ``save(block_hash, bytes) -> bool``, ``load(block_hash) -> bytes | None``.
+
+Every tier stores framed blobs (:mod:`vllm_seqkv.plt.blob`) of the entropy-coded bytes.
+Contract: ``load`` never returns bytes other than those saved under that key - any
+corruption, truncation, foreign blob or backend failure is a miss (``None``) with a warning,
+never an exception to the caller. ``save`` returns False (and warns) when it could not store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from typing import Callable
+
+from vllm_seqkv.plt import blob as _blob
+from vllm_seqkv.plt.entropy import RawCodec
+
+log = logging.getLogger("vllm_seqkv.plt")
+
+
+class Tier(ABC):
+    """A keyed blob store with a byte capacity and in-tier eviction.
+
+    ``priority(key)`` (optional, set by the placement policy) orders in-tier eviction:
+    lowest first; default is least-recently-used.
+    """
+
+    name = "tier"
+
+    def __init__(self, codec=None, capacity_bytes: int | None = None):
+        self.codec = codec or RawCodec()
+        self.capacity_bytes = capacity_bytes
+        self.priority: Callable[[bytes], float] | None = None
+        self._sizes: OrderedDict[bytes, int] = OrderedDict()  # key -> stored bytes, LRU order
+        self._raw: dict[bytes, int] = {}
+        self.stats = {"saves": 0, "loads": 0, "hits": 0, "misses": 0, "errors": 0,
+                      "evictions": 0, "load_s": 0.0, "save_s": 0.0}
+
+    # ---- backend ---------------------------------------------------------------------------
+    @abstractmethod
+    def _put(self, k: bytes, blob: bytes) -> None: ...
+
+    @abstractmethod
+    def _get(self, k: bytes) -> bytes | None: ...
+
+    @abstractmethod
+    def _del(self, k: bytes) -> None: ...
+
+    # ---- public API ------------------------------------------------------------------------
+    def encode(self, key, data: bytes) -> bytes:
+        return _blob.pack(key, self.codec.codec_id, self.codec.tag, data,
+                          self.codec.encode(data))
+
+    def decode(self, key, blob: bytes) -> bytes:
+        raw_len, payload, digest = _blob.unpack(blob, key, self.codec.codec_id, self.codec.tag)
+        return _blob.check_raw(self.codec.decode(payload, raw_len), raw_len, digest)
+
+    def save(self, key, data: bytes) -> bool:
+        t0 = time.perf_counter()
+        k = _blob.key_bytes(key)
+        try:
+            blob = self.encode(k, bytes(data))
+        except Exception as e:  # a codec that cannot take these bytes
+            log.warning("%s: cannot encode block %s: %s", self.name, k.hex()[:16], e)
+            self.stats["errors"] += 1
+            return False
+        if self.capacity_bytes is not None and len(blob) > self.capacity_bytes:
+            return False
+        self._make_room(len(blob), exclude=k)
+        ok = self._store(k, blob)
+        if ok:
+            self._sizes[k] = len(blob)
+            self._sizes.move_to_end(k)
+            self._raw[k] = len(data)
+            self.stats["saves"] += 1
+        self.stats["save_s"] += time.perf_counter() - t0
+        return ok
+
+    def _store(self, k: bytes, blob: bytes) -> bool:
+        try:
+            self._put(k, blob)
+            return True
+        except Exception as e:
+            log.warning("%s: save of %s failed: %s", self.name, k.hex()[:16], e)
+            self.stats["errors"] += 1
+            return False
+
+    def load(self, key) -> bytes | None:
+        t0 = time.perf_counter()
+        k = _blob.key_bytes(key)
+        self.stats["loads"] += 1
+        try:
+            blob = self._get(k)
+        except Exception as e:
+            log.warning("%s: load of %s failed (%s); treating as a miss", self.name, k.hex()[:16], e)
+            self.stats["errors"] += 1
+            blob = None
+        out = None
+        if blob is not None:
+            try:
+                out = self.decode(k, blob)
+            except Exception as e:
+                log.warning("%s: block %s is corrupt (%s); dropping it, recompute",
+                            self.name, k.hex()[:16], e)
+                self.stats["errors"] += 1
+                self.delete(k)
+        if out is None:
+            self.stats["misses"] += 1
+        else:
+            self.stats["hits"] += 1
+            if k in self._sizes:
+                self._sizes.move_to_end(k)
+        self.stats["load_s"] += time.perf_counter() - t0
+        return out
+
+    def delete(self, key) -> None:
+        k = _blob.key_bytes(key)
+        self._sizes.pop(k, None)
+        self._raw.pop(k, None)
+        try:
+            self._del(k)
+        except Exception as e:
+            log.warning("%s: delete of %s failed: %s", self.name, k.hex()[:16], e)
+
+    def __contains__(self, key) -> bool:
+        return _blob.key_bytes(key) in self._sizes
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._sizes.values())
+
+    @property
+    def raw_nbytes(self) -> int:
+        return sum(self._raw.values())
+
+    # ---- eviction --------------------------------------------------------------------------
+    def victim(self, exclude: bytes | None = None) -> bytes | None:
+        keys = [k for k in self._sizes if k != exclude]
+        if not keys:
+            return None
+        if self.priority is None:
+            return keys[0]
+        return min(keys, key=self.priority)
+
+    def evict_one(self, exclude: bytes | None = None) -> bytes | None:
+        k = self.victim(exclude)
+        if k is not None:
+            self.delete(k)
+            self.stats["evictions"] += 1
+        return k
+
+    def _make_room(self, need: int, exclude: bytes | None = None) -> None:
+        if self.capacity_bytes is None:
+            return
+        have = self.nbytes - self._sizes.get(exclude, 0)
+        while have + need > self.capacity_bytes:
+            k = self.victim(exclude)
+            if k is None:
+                break
+            have -= self._sizes.get(k, 0)
+            self.delete(k)
+            self.stats["evictions"] += 1
+
+
+class MemoryTier(Tier):
+    """CPU-RAM tier: entropy-coded blobs in a dict."""
+
+    name = "cpu"
+
+    def __init__(self, codec=None, capacity_bytes: int | None = None):
+        super().__init__(codec, capacity_bytes)
+        self._data: dict[bytes, bytes] = {}
+
+    def _put(self, k, blob):
+        self._data[k] = blob
+
+    def _get(self, k):
+        return self._data.get(k)
+
+    def _del(self, k):
+        self._data.pop(k, None)
