@@ -5,10 +5,12 @@ import json
 from vllm_seqkv.kernels import bench_gpu
 
 
-def test_layout_is_the_seqkv3_bit_budget():
+def test_layout_is_the_preset_bit_budget():
+    from vllm_seqkv.codec import make_codec
+
     layout = bench_gpu.build_layout()
-    # K: 2 + 64*4/8 + 64*3/8 = 58 bytes, V: 2 + 16 + 16 = 34 bytes per token-head
-    assert layout.slot_bytes == 92
+    bits = make_codec(bench_gpu.PRESET).bits_per_element(bench_gpu.KV_HEADS, bench_gpu.HEAD_DIM, 1 << 20)
+    assert abs(8 * layout.slot_bytes / (2 * bench_gpu.HEAD_DIM) - bits) < 0.05
 
 
 def test_plan_skips_cases_that_do_not_fit():

@@ -27,7 +27,7 @@ HBM_PEAK_BYTES_PER_S = 4.8e12  # H200 HBM3e
 KV_HEADS, Q_HEADS, HEAD_DIM, BLOCK_SIZE = 8, 32, 128, 16
 CONTEXTS = (1024, 4096, 32768, 131072)
 BATCHES = (1, 16, 64)
-PRESET = "seqkv-3-none"  # seqkv-3 bit layout (K 4/3, V 2/2); predictor constants cost nothing per key
+PRESET = "seqkv-3-none"  # the seqkv-3 bit split without calibration (predictor constants add no bytes per key)
 MEMORY_HEADROOM = 0.7
 
 
