@@ -18,6 +18,9 @@ if [ ! -f "$SEQKV_VENV/.complete" ]; then
   "$py" "$SEQKV_ROOT/scripts/vllm_metadata_shim.py"
   "$py" -m pip install -q -r "$SEQKV_ROOT/requirements/dev.txt"
   touch "$SEQKV_VENV/.complete"
+  for stale in "$SEQKV_HOME"/venv-*; do  # venvs of older requirements
+    [ "$stale" = "$SEQKV_VENV" ] || rm -rf "$stale"
+  done
 fi
 # Editable, no deps: vllm is satisfied by the CPU build + shim, never pulled from PyPI here.
 if ! "$py" -c "import vllm_seqkv, sys; sys.exit(0 if vllm_seqkv.__file__.startswith('$SEQKV_ROOT/') else 1)" 2>/dev/null; then

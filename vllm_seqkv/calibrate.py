@@ -1,7 +1,7 @@
 """`python -m vllm_seqkv.calibrate MODEL_DIR`: fit the predictive codec's calibration.
 
 Runs the model (transformers, fp32, CPU) over calibration text (default: the train split,
-never the test split), collects post-RoPE K, V and Q moments per layer/head/channel and the
+never the test split), collects pre-RoPE K and Q and V moments per layer/head/channel and the
 ``o_proj`` column norms, and writes a checksummed file to :func:`default_path`.
 The vLLM backend and the ruler both load it from there.
 """
@@ -55,14 +55,14 @@ def calibrate(model_dir: Path, text: str, tokens: int = 8192, window: int = 512,
     state = {"layer": 0}
 
     def capture_rope(q, k, *args, **kwargs):
-        q_out, k_out = original_rope(q, k, *args, **kwargs)
+        # Keys are coded pre-RoPE (KVCodec.pre_rope_keys): q, k here are [1, heads, T, D]
+        # before rotation. q_pre·e_pre == q_post·e_post, so E[q_pre²] weighs key errors.
         layer = state["layer"]
-        # q_out: [1, heads, T, D] -> mean of q² over the query heads of each KV head
-        q_sq = q_out[0].transpose(0, 1).reshape(-1, kv_heads, group, head_dim).pow(2).mean(2)
+        q_sq = q[0].transpose(0, 1).reshape(-1, kv_heads, group, head_dim).pow(2).mean(2)
         queries.add(layer, q_sq)
-        keys.add(layer, k_out[0].transpose(0, 1))
+        keys.add(layer, k[0].transpose(0, 1))
         state["layer"] = layer + 1
-        return q_out, k_out
+        return original_rope(q, k, *args, **kwargs)
 
     def capture_value(layer):
         def hook(_module, _inputs, out):

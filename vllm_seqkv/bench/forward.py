@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_seqkv.bench.attention import QUERY_CHUNK, attention, check_causal, read_starts
-from vllm_seqkv.bench.model import LayerKV, LlamaForward, rope_tables
+from vllm_seqkv.bench.model import LayerKV, LlamaForward, apply_rope, rope_tables
 from vllm_seqkv.codec.base import KVCodec
 
 
@@ -52,7 +52,10 @@ def run_window(model: LlamaForward, tokens: torch.Tensor, codec: KVCodec | None 
             out = attention(q, kv.key, kv.value)
         else:
             key_codec, value_codec = codec.codecs_for_layer(layer)
-            coded_key = _roundtrip(key_codec, kv.key)
+            if codec.pre_rope_keys:
+                coded_key = apply_rope(_roundtrip(key_codec, kv.key_pre), cos, sin)
+            else:
+                coded_key = _roundtrip(key_codec, kv.key)
             coded_value = _roundtrip(value_codec, kv.value)
             rows = min(QUERY_CHUNK, length) if measure_attention else 0
             got = attention(q, kv.key, kv.value, coded_key, coded_value, starts, codec.sink_tokens, rows)

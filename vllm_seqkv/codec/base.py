@@ -84,6 +84,9 @@ class KVCodec:
       block fills (block codecs, as the vLLM backend stores them);
     - ``exact_recent``: the most recent tokens stay exact (KIVI's residual window);
     - ``sink_tokens``: the first tokens of a sequence stay exact.
+
+    ``pre_rope_keys``: keys are coded in the pre-RoPE frame (callers un-rotate them by
+    position before ``encode`` and rotate them back after ``decode``).
     """
 
     name: str
@@ -93,6 +96,7 @@ class KVCodec:
     exact_recent: int = 0
     sink_tokens: int = 0
     exact_bits: int = 16
+    pre_rope_keys: bool = False
     per_layer: dict[int, tuple[TensorCodec, TensorCodec]] = field(default_factory=dict)
 
     def codecs_for_layer(self, layer: int) -> tuple[TensorCodec, TensorCodec]:

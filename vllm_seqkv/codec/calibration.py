@@ -22,7 +22,7 @@ import torch
 
 from vllm_seqkv.codec.predictive import ChannelPredictor
 
-FORMAT = "seqkv-calibration/1"
+FORMAT = "seqkv-calibration/2"  # /2: key statistics in the pre-RoPE frame
 _TENSORS = ("k_mean", "k_weight", "v_mean", "v_weight")
 
 

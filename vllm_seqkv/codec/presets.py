@@ -6,8 +6,13 @@ than for values (keys are the bottleneck on our model, see CALIBRATION.md). Ever
 per-token (``block_size`` 1), so vLLM writes each token's slot as it arrives and no exact
 staging buffer is needed; bits/element = mean of key and value bits (codes + fp16 norm).
 
+The first token of every sequence (the attention sink) stays exact (``sink_tokens``; its
+16 bits per element are counted over the context). Keys are coded in the pre-RoPE frame, where their per-channel offset is fixed (post-RoPE it
+turns with the position, and a post-RoPE mean predictor measured worse than none).
 Ablations keep the same bits with a weaker predictor: ``-mean`` (channel means, no error
-weighting) and ``-none`` (no predictor: plain rotation code at the preset's split).
+weighting) and ``-none`` (no predictor, post-RoPE: plain rotation code at the preset's split),
+``-nosink``, and ``-k4v2`` (the same 3 bits spent 3.5 on keys / 2 on values: worse, values
+at 2 bits cost more than keys at 3 once keys are predicted).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class Preset:
     key_split: tuple[int, int]
     value_split: tuple[int, int]
     predictor: Predictor = "calibrated"
+    sink_tokens: int = 1
 
     def build(self, calibration: Calibration | None) -> KVCodec:
         if self.predictor != "none" and calibration is None:
@@ -37,7 +43,8 @@ class Preset:
                 "(python -m vllm_seqkv.calibrate MODEL_DIR)"
             )
         codec = KVCodec(name=self.name, key=TurboCodec(self.key_split),
-                        value=TurboCodec(self.value_split))
+                        value=TurboCodec(self.value_split),
+                        pre_rope_keys=self.predictor != "none", sink_tokens=self.sink_tokens)
         if self.predictor == "none":
             return codec
         for layer in range(calibration.num_layers):
@@ -52,12 +59,15 @@ class Preset:
 
 _MAIN = [
     Preset("seqkv-2.5", (3, 2), (2, 2)),
-    Preset("seqkv-3", (4, 3), (2, 2)),
+    Preset("seqkv-3", (3, 3), (3, 2)),
     Preset("seqkv-3.5", (4, 4), (3, 2)),
     Preset("seqkv-4", (4, 4), (4, 3)),
 ]
-_ABLATIONS = [Preset(f"{p.name}-{mode}", p.key_split, p.value_split, mode)
-              for p in _MAIN if p.name == "seqkv-3" for mode in ("mean", "none")]
+_ABLATIONS = [
+    *(Preset(f"seqkv-3-{mode}", (3, 3), (3, 2), mode, sink_tokens=0) for mode in ("mean", "none")),
+    Preset("seqkv-3-nosink", (3, 3), (3, 2), sink_tokens=0),
+    Preset("seqkv-3-k4v2", (4, 3), (2, 2)),
+]
 
 PRESETS: dict[str, Callable[[Calibration | None], KVCodec]] = {
     p.name: p.build for p in _MAIN + _ABLATIONS

@@ -19,6 +19,7 @@ import torch
 
 from vllm_seqkv.integration.compat import (
     AttentionImpl,
+    get_forward_context,
     AttentionType,
     CPUAttentionBackend,
     extract_layer_index,
@@ -92,11 +93,16 @@ class SeqKVAttentionImpl(AttentionImpl):
         if not bool(valid.any()):
             return
         slots = slot_mapping[valid].long()
+        positions = token_positions(layer_metadata(layer))[:num][valid]
         pages = _byte_pages(kv_cache)
         block_size = pages.shape[2]
-        layout = self.engine.layout(_layer_index(layer))
-        coded = layout.encode(key[:num][valid].float(), value[:num][valid].float())
-        pages[slots // block_size, :, slots % block_size] = coded
+        layer_index = _layer_index(layer)
+        key, value = key[:num][valid].float(), value[:num][valid].float()
+        coded = self.engine.layout(layer_index).encode(self.engine.to_code_frame(key, positions),
+                                                       value)
+        blocks, offsets = slots // block_size, slots % block_size
+        pages[blocks, :, offsets] = coded
+        self.engine.sinks.record(layer_index, blocks, offsets, positions, key, value)
         self.engine.stats.record_write(int(slots.numel()))
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -108,7 +114,8 @@ class SeqKVAttentionImpl(AttentionImpl):
         if attn_metadata is None:
             return output
         pages = _byte_pages(kv_cache)
-        layout = self.engine.layout(_layer_index(layer))
+        layer_index = _layer_index(layer)
+        layout = self.engine.layout(layer_index)
         starts = attn_metadata.query_start_loc.tolist()
         seq_lens = attn_metadata.seq_lens.tolist()
         block_size = pages.shape[2]
@@ -120,10 +127,27 @@ class SeqKVAttentionImpl(AttentionImpl):
             blocks = attn_metadata.block_table[i, :num_blocks].long()
             slots = pages[blocks].transpose(1, 2).reshape(-1, pages.shape[1], pages.shape[3])
             cached_k, cached_v = layout.decode(slots[:seq_len])
+            cached_k = self.engine.from_code_frame(cached_k, torch.arange(seq_len))
+            self.engine.sinks.restore(layer_index, int(blocks[0]), cached_k, cached_v)
             out = attend(query[q0:q1].float(), cached_k, cached_v, key[q0:q1].float(),
                          value[q0:q1].float(), self.scale)
             output[q0:q1].copy_(out.view(output[q0:q1].shape))
         return output
+
+
+def layer_metadata(layer):
+    """This layer's attention metadata from vLLM's forward context."""
+    metadata = get_forward_context().attn_metadata
+    return metadata[layer.layer_name] if isinstance(metadata, dict) else metadata
+
+
+def token_positions(metadata) -> torch.Tensor:
+    """Position in its sequence of every scheduled token ``[num_tokens]`` (query order)."""
+    starts = metadata.query_start_loc.long()
+    query_lens = starts[1:] - starts[:-1]
+    first = metadata.seq_lens.long() - query_lens
+    request = torch.repeat_interleave(torch.arange(query_lens.numel()), query_lens)
+    return first[request] + torch.arange(int(starts[-1])) - starts[:-1][request]
 
 
 def attend(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,

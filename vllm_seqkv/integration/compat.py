@@ -10,6 +10,7 @@ from __future__ import annotations
 import vllm
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.engine.arg_utils import EngineArgs
+from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.attention import Attention
 from vllm.model_executor.models.utils import extract_layer_index
@@ -24,6 +25,7 @@ __all__ = [
     "AttentionImpl",
     "AttentionType",
     "extract_layer_index",
+    "get_forward_context",
     "AttentionBackendEnum",
     "CPUAttentionBackend",
     "CPUAttentionBackendImpl",

@@ -6,10 +6,13 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from vllm_seqkv.calibrate import load_for_model
 from vllm_seqkv.codec import make_codec, needs_calibration
 from vllm_seqkv.codec.base import KVCodec, SlotLayout
 from vllm_seqkv.codec.calibration import Calibration
+from vllm_seqkv.codec.rope import apply_rope, rope_tables, unapply_rope
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 from vllm_seqkv.integration.compat import get_current_vllm_config
 
@@ -26,14 +29,48 @@ class CodecStats:
             self.tokens_written += num_slots
 
 
-def build_codec(config: SeqKVConfig, model_dir: Path, num_kv_heads: int,
-                head_dim: int) -> SlotLayout:
-    """The layer-0 slot layout of ``config.preset`` for this model (all layers share its size)."""
-    return EngineCodec(config, str(model_dir), num_kv_heads, head_dim).layout(0)
+def build_codec(config: SeqKVConfig, model_config) -> EngineCodec:
+    """The codec ``config.preset`` gives for a vLLM ``ModelConfig``."""
+    return EngineCodec(config, model_config.model, model_config.get_total_num_kv_heads(),
+                       model_config.get_head_size(), rope_theta(model_config.hf_config))
+
+
+class SinkTable:
+    """Exact K/V of the first ``sink_tokens`` positions of each sequence, by (layer, block).
+
+    NOTE: an entry is valid only while its block holds the start of a sequence: a write at
+    offset ``o < sink_tokens`` with position ``!= o`` means the block was reused for a later
+    part of some sequence, and drops the entry. Size: at most one entry per block and layer
+    (``sink_tokens x H x D`` K and V each), outside vLLM's KV budget; the bits/element figures
+    count these tokens at 16 bits.
+    """
+
+    def __init__(self, sink_tokens: int):
+        self.sink_tokens = sink_tokens
+        self._exact: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def record(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor,
+               positions: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """blocks/offsets/positions ``[T]``, key/value ``[T, H, D]`` (exact, post-RoPE)."""
+        touched = (offsets < self.sink_tokens).nonzero().flatten().tolist()
+        for i in touched:
+            entry_key, offset = (layer, int(blocks[i])), int(offsets[i])
+            if int(positions[i]) != offset:
+                self._exact.pop(entry_key, None)
+            else:
+                self._exact.setdefault(entry_key, {})[offset] = (key[i].clone(), value[i].clone())
+
+    def restore(self, layer: int, first_block: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Overwrite the decoded sink rows of ``key``/``value [S, H, D]`` with the exact ones."""
+        entry = self._exact.get((layer, first_block), {})
+        for offset in range(min(self.sink_tokens, key.shape[0])):
+            if offset in entry:
+                key[offset], value[offset] = entry[offset]
 
 
 class EngineCodec:
-    def __init__(self, config: SeqKVConfig, model_dir: str, num_kv_heads: int, head_dim: int):
+    def __init__(self, config: SeqKVConfig, model_dir: str, num_kv_heads: int, head_dim: int,
+                 rope_theta: float | None = None):
         self.config = config
         self.preset = config.preset
         self.model_dir = model_dir
@@ -46,6 +83,10 @@ class EngineCodec:
         self._layouts: dict[int, SlotLayout] = {}
         self.slot_bytes = self.layout(0).slot_bytes
         self.stats = CodecStats()
+        self.sinks = SinkTable(self.codec.sink_tokens)
+        if self.codec.pre_rope_keys and rope_theta is None:
+            raise ValueError(f"preset {self.preset} codes keys pre-RoPE: needs the model's rope_theta")
+        self.rope_theta = rope_theta
         self._announced: set[int] = set()
 
     def layout(self, layer: int) -> SlotLayout:
@@ -53,6 +94,17 @@ class EngineCodec:
             key, value = self.codec.codecs_for_layer(layer)
             self._layouts[layer] = SlotLayout(key, value, self.num_kv_heads, self.head_dim)
         return self._layouts[layer]
+
+    def to_code_frame(self, key: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE keys ``[T, H, D]`` at ``positions [T]`` -> the frame the codec codes."""
+        if not self.codec.pre_rope_keys:
+            return key
+        return unapply_rope(key, *rope_tables(positions, self.head_dim, self.rope_theta))
+
+    def from_code_frame(self, key: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if not self.codec.pre_rope_keys:
+            return key
+        return apply_rope(key, *rope_tables(positions, self.head_dim, self.rope_theta))
 
     @property
     def bits_per_element(self) -> float:
@@ -80,8 +132,15 @@ def start_engine_codec(num_kv_heads: int, head_dim: int) -> EngineCodec:
     key = (config, model_dir, num_kv_heads, head_dim)
     if _active is None or (_active.config, _active.model_dir, _active.num_kv_heads,
                            _active.head_dim) != key:
-        _active = EngineCodec(config, model_dir, num_kv_heads, head_dim)
+        _active = EngineCodec(config, model_dir, num_kv_heads, head_dim,
+                              rope_theta(vllm_config.model_config.hf_config))
     return _active
+
+
+def rope_theta(hf_config) -> float | None:
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    theta = getattr(hf_config, "rope_theta", None) or rope.get("rope_theta")
+    return float(theta) if theta is not None else None
 
 
 def active_engine_codec() -> EngineCodec:

@@ -60,15 +60,11 @@ def _validate_at_engine_config(compat) -> None:
 
 
 def cache_figures(config: SeqKVConfig, model_config):
-    from pathlib import Path
-
     from vllm_seqkv.integration.engine_codec import build_codec
     from vllm_seqkv.integration.metrics import CacheFigures
 
-    heads = model_config.get_total_num_kv_heads()
-    head_dim = model_config.get_head_size()
-    layout = build_codec(config, Path(model_config.model), heads, head_dim)
-    return CacheFigures(config.preset, layout.slot_bytes, head_dim, heads,
+    codec = build_codec(config, model_config)
+    return CacheFigures(config.preset, codec.slot_bytes, codec.head_dim, codec.num_kv_heads,
                         model_config.get_total_num_hidden_layers())
 
 

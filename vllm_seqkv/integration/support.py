@@ -21,6 +21,13 @@ def unsupported_features(model_config) -> list[str]:
         "multimodal inputs": lambda: model_config.is_multimodal_model,
     }
     found = [name for name, present in checks.items() if present()]
+    hf_config = model_config.hf_config
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        found.append(f"RoPE type {rope_type!r} (keys are coded pre-RoPE with default RoPE)")
+    if rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)) != 1.0:
+        found.append("partial rotary embeddings")
     head_size = model_config.get_head_size()
     if not is_power_of_two(head_size):
         found.append(f"head size {head_size} (the rotation code needs a power of two)")
