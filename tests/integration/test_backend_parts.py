@@ -1,0 +1,33 @@
+"""Pieces of the backend that need no engine: token positions and the exact sink table."""
+
+from types import SimpleNamespace
+
+import torch
+
+from vllm_seqkv.integration.backend import token_positions
+from vllm_seqkv.integration.engine_codec import SinkTable
+
+
+def test_positions_of_a_mixed_batch():
+    # request 0: decode at position 9; request 1: prefill of 3 tokens; request 2: chunk 5..6
+    metadata = SimpleNamespace(query_start_loc=torch.tensor([0, 1, 4, 6]),
+                               seq_lens=torch.tensor([10, 3, 7]))
+    assert token_positions(metadata).tolist() == [9, 0, 1, 2, 5, 6]
+
+
+def test_sink_table_restores_only_sequence_starts():
+    table = SinkTable(sink_tokens=1)
+    key, value = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    blocks, offsets = torch.tensor([7, 7, 8]), torch.tensor([0, 1, 0])
+    table.record(0, blocks, offsets, torch.tensor([0, 1, 32]), key, value)
+    k, v = torch.zeros(2, 2, 4), torch.zeros(2, 2, 4)
+    table.restore(0, 7, k, v)
+    torch.testing.assert_close(k[0], key[0])
+    assert k[1].abs().sum() == 0
+    k8 = torch.zeros(1, 2, 4)
+    table.restore(0, 8, k8, torch.zeros(1, 2, 4))  # block 8 starts at position 32: no sink
+    assert k8.abs().sum() == 0
+    table.record(0, torch.tensor([7]), torch.tensor([0]), torch.tensor([64]), key[:1], value[:1])
+    k7 = torch.zeros(1, 2, 4)
+    table.restore(0, 7, k7, torch.zeros(1, 2, 4))  # block 7 reused mid-sequence: entry dropped
+    assert k7.abs().sum() == 0
