@@ -8,10 +8,11 @@ What is measured here, on the evaluation text with the exact fp32 forward:
 
 - streams ``K`` pre-RoPE, ``K`` post-RoPE (as a paged cache stores it) and ``V``, each
   ``[windows, positions, layers, kv heads, head_dim]``;
-- one fixed uniform step per channel for all predictors, so symbols are comparable: the
-  step of a 3-bit per-channel uniform quantizer of the raw stream (``range / 7`` over the
-  calibration text). The reconstruction error is then about the same for every predictor
-  (reported as ``recon_rel_mse``);
+- one fixed uniform step per channel for all predictors, so symbols are comparable. Two
+  rules (:data:`STEP_RULES`): the main one matches the error of the ruler's turbo-3 codec
+  (``sigma_c * sqrt(12 m)``), the other is the step of a 3-bit per-channel uniform quantizer
+  of the raw stream (``range / 7``), both from the calibration text. The reconstruction error
+  is then about the same for every predictor (reported as ``recon_rel_mse``);
 - per predictor (:mod:`vllm_seqkv.bench.predictors`): the empirical entropy of the residual
   symbols, one histogram per (layer, kv head, channel), in bits/element (side information
   such as int8 anchors included) and in bits per token position (summed over layers x kv
@@ -41,7 +42,15 @@ from vllm_seqkv.codec.baselines import TurboCodec
 PAPER_CLAIM_BITS_PER_TOKEN = (3.3, 4.3)  # the paper's bound at perplexity 10-20 (its claim, not ours)
 TURBOQUANT_BITS_PER_COMPONENT = 3.0  # the per-vector limit the paper compares against
 TURBO_REFERENCE_BITS = 3  # the ruler's turbo-3 codec, run on the same streams for its fidelity
-STEP_BITS = 3  # the step is that of a STEP_BITS-bit per-channel uniform quantizer of the raw stream
+STEP_BITS = 3  # RANGE_RULE: the step of a STEP_BITS-bit per-channel uniform quantizer of the raw stream
+MAIN_RULE = "turbo-3 error"
+RANGE_RULE = "3-bit range"
+STEP_RULES = {
+    MAIN_RULE: "per-channel uniform step sigma_c * sqrt(12 m), m = the turbo-3 codec's relative MSE on "
+               "the same calibration stream (the error level of TurboQuant at 3 bits)",
+    RANGE_RULE: f"per-channel uniform step (max - min) / {(1 << STEP_BITS) - 1} of the raw calibration stream "
+                f"(a {STEP_BITS}-bit per-channel uniform quantizer)",
+}
 STREAMS = ("K pre-RoPE", "K post-RoPE", "V")
 
 
@@ -121,12 +130,35 @@ def layer0_token_check(streams: dict[str, torch.Tensor], ids: torch.Tensor) -> d
     return out
 
 
-def _steps(calib: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def relative_mse(x: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """``sum_c E[(x - x_hat)^2] / sum_c Var(x)`` over channels ``c``; inputs ``[W, T, L, H, D]``."""
+    err = (x - reconstruction).pow(2).reshape(-1, *x.shape[2:]).mean(0).sum()
+    return float(err / x.reshape(-1, *x.shape[2:]).var(0).sum())
+
+
+def turbo_roundtrip(x: torch.Tensor, codec: TurboCodec) -> torch.Tensor:
+    """The turbo codec on every (token, layer) vector of ``x [W, T, L, H, D]``."""
+    return codec.roundtrip(x.reshape(-1, *x.shape[3:])).view(x.shape)
+
+
+def range_steps(calib: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Step of a ``STEP_BITS``-bit per-channel uniform quantizer of the raw calibration stream: ``[L, H, D]``."""
     levels = (1 << STEP_BITS) - 1
     steps = {}
     for name, x in calib.items():
         flat = x.reshape(-1, *x.shape[2:])
         steps[name] = ((flat.amax(0) - flat.amin(0)) / levels).clamp_min(1e-6)
+    return steps
+
+
+def turbo_matched_steps(calib: dict[str, torch.Tensor], codec: TurboCodec) -> dict[str, torch.Tensor]:
+    """Per-channel steps ``sigma_c * sqrt(12 m)`` with ``m`` the turbo codec's relative MSE on the
+    same calibration stream: a uniform quantizer at TurboQuant's error level (``[L, H, D]``)."""
+    steps = {}
+    for name, x in calib.items():
+        mse = relative_mse(x, turbo_roundtrip(x, codec))
+        sigma = x.reshape(-1, *x.shape[2:]).std(0)
+        steps[name] = (sigma * math.sqrt(12 * mse)).clamp_min(1e-6)
     return steps
 
 
@@ -158,22 +190,16 @@ def _cross_layer_rows(streams, calib, steps, layer0_exact: bool) -> tuple[list[d
     return rows, totals
 
 
-def measure(settings: EntropySettings) -> dict:
-    model = LlamaForward(settings.model_dir)
-    cfg = model.config
-    calib, _, _ = collect(model, windows(settings.model_dir, settings.calib_text, settings.context,
-                                         settings.calib_tokens), "calibration")
-    streams, ids, nll = collect(model, windows(settings.model_dir, settings.text, settings.context,
-                                               settings.tokens), "evaluation")
-    steps = _steps(calib)
+def evaluate_predictors(streams, calib, steps) -> tuple[list[dict], dict[str, dict[str, float]]]:
+    """Every predictor on every stream at the given steps: table rows and per-predictor totals
+    (bits per token position, K + V, for pre- and post-RoPE keys)."""
     rows, totals = [], {}
 
     def add(name, stream, res):
         row = summarize(name, stream, streams[stream], res)
         rows.append(row)
-        key_variant = stream if stream != "V" else None
         for variant in ("K pre-RoPE", "K post-RoPE"):
-            if key_variant in (None, variant):
+            if stream in ("V", variant):
                 totals.setdefault(name, {}).setdefault(variant, 0.0)
                 totals[name][variant] += row["bits_per_token_position"]
 
@@ -189,15 +215,25 @@ def measure(settings: EntropySettings) -> dict:
         extra_rows, extra_totals = _cross_layer_rows(streams, calib, steps, layer0_exact)
         rows += extra_rows
         totals[extra_rows[0]["predictor"]] = extra_totals
+    return rows, totals
+
+
+def measure(settings: EntropySettings) -> dict:
+    model = LlamaForward(settings.model_dir)
+    cfg = model.config
+    calib, _, _ = collect(model, windows(settings.model_dir, settings.calib_text, settings.context,
+                                         settings.calib_tokens), "calibration")
+    streams, ids, nll = collect(model, windows(settings.model_dir, settings.text, settings.context,
+                                               settings.tokens), "evaluation")
     turbo = TurboCodec((TURBO_REFERENCE_BITS, TURBO_REFERENCE_BITS))
-    turbo_mse = {}
-    for stream in ("K post-RoPE", "V"):
-        x = streams[stream].reshape(-1, *streams[stream].shape[3:])  # [W*T*L, H, D]
-        err = (turbo.roundtrip(x) - x).view(streams[stream].shape).pow(2)
-        variance = streams[stream].reshape(-1, *streams[stream].shape[2:]).var(0).sum()
-        turbo_mse[stream] = float(err.reshape(-1, *err.shape[2:]).mean(0).sum() / variance)
+    rules = {MAIN_RULE: turbo_matched_steps(calib, turbo), RANGE_RULE: range_steps(calib)}
+    by_rule = {}
+    for rule, steps in tqdm(rules.items(), desc="predictors", unit="step rule"):
+        rows, totals = evaluate_predictors(streams, calib, steps)
+        by_rule[rule] = {"description": STEP_RULES[rule], "predictors": rows,
+                         "totals_bits_per_token_position": totals}
+    turbo_mse = {name: relative_mse(x, turbo_roundtrip(x, turbo)) for name, x in streams.items()}
     elements = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-    cross_entropy = nll / math.log(2)
     return {
         "model": cfg.name,
         "text": str(settings.text),
@@ -207,18 +243,18 @@ def measure(settings: EntropySettings) -> dict:
         "calib_tokens": int(calib["V"].shape[0] * calib["V"].shape[1]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "command": settings.command,
-        "step_rule": f"per-channel uniform step = (max - min) / {(1 << STEP_BITS) - 1} of the raw stream "
-                     "over the calibration text",
+        "step_rule": STEP_RULES[MAIN_RULE],
         "elements_per_token_position": elements,
-        "cross_entropy_bits_per_token": cross_entropy,
+        "cross_entropy_bits_per_token": nll / math.log(2),
         "ppl": math.exp(nll),
         "paper_claim_bits_per_token": list(PAPER_CLAIM_BITS_PER_TOKEN),
         "turboquant_bits_per_token_position": TURBOQUANT_BITS_PER_COMPONENT * elements,
         "turboquant_reference": {"codec": f"turbo-{TURBO_REFERENCE_BITS}", "recon_rel_mse": turbo_mse,
                                  "bits_per_element": turbo.bits_per_element(cfg.num_kv_heads, cfg.head_dim)},
         "layer0_token_check": layer0_token_check(streams, ids),
-        "predictors": rows,
-        "totals_bits_per_token_position": totals,
+        "predictors": by_rule[MAIN_RULE]["predictors"],
+        "totals_bits_per_token_position": by_rule[MAIN_RULE]["totals_bits_per_token_position"],
+        "step_rules": by_rule,
     }
 
 

@@ -98,12 +98,20 @@ def pareto_plot(records: list[dict], path: Path, title: str) -> None:
         if delta < best:
             front.append((bits, delta))
             best = delta
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=3)
-    for bits, delta, name in points:
-        ax.annotate(name, (bits, delta), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:orange",
-            alpha=0.7, label="Pareto front")
+    fig, ax = plt.subplots(figsize=(11, 6))
+    ours = [p for p in points if p[2].startswith("seqkv")]
+    peers = [p for p in points if not p[2].startswith("seqkv")]
+    for group, color, label in ((peers, "tab:blue", "baselines"), (ours, "tab:red", "seqkv presets")):
+        if group:
+            ax.scatter([p[0] for p in group], [p[1] for p in group], color=color, zorder=3, label=label)
+    # points are numbered (labels of close points would overlap); the key lists the numbers
+    key = []
+    for number, (bits, delta, name) in enumerate(points, start=1):
+        ax.annotate(str(number), (bits, delta), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        key.append(f"{number:>2} {name}: {bits:.2f} b, {delta:+.1f} %")
+    ax.text(1.02, 1.0, "\n".join(key), transform=ax.transAxes, va="top", fontsize=7, family="monospace")
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:gray",
+            alpha=0.6, label="Pareto front")
     ax.set_yscale("symlog", linthresh=0.1)
     ax.set_xlabel("bits per KV element (all-in)")
     ax.set_ylabel("Δ perplexity vs exact cache (%)")
