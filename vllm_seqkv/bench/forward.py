@@ -1,8 +1,8 @@
 """One teacher-forced window through :class:`LlamaForward`, optionally with a coded cache.
 
-With a codec, every layer ``l`` codes its K (post-RoPE, as cached) and V with
-``codec.codecs_for_layer(l)`` (encode -> decode over the whole window; block codecs see
-aligned blocks from position 0) and attention reads them with the decode-path semantics of
+With a codec, every layer ``l`` codes its K (post-RoPE, as cached; pre-RoPE and rotated
+back after decoding when ``codec.pre_rope_keys``) and V with ``codec.codecs_for_layer(l)``
+(encode -> decode over the whole window; block codecs see aligned blocks from position 0) and attention reads them with the decode-path semantics of
 :mod:`vllm_seqkv.bench.attention`.
 """
 

@@ -15,6 +15,7 @@ from vllm_seqkv.codec.calibration import Calibration
 from vllm_seqkv.codec.rope import apply_rope, rope_tables, unapply_rope
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 from vllm_seqkv.integration.compat import get_current_vllm_config
+from vllm_seqkv.integration.metrics import slot_bits_per_element, slot_ratio_vs_bf16
 
 
 @dataclass
@@ -108,11 +109,11 @@ class EngineCodec:
 
     @property
     def bits_per_element(self) -> float:
-        return 8 * self.slot_bytes / (2 * self.head_dim)
+        return slot_bits_per_element(self.slot_bytes, self.head_dim)
 
     @property
     def ratio_vs_bf16(self) -> float:
-        return 2 * 2 * self.head_dim / self.slot_bytes
+        return slot_ratio_vs_bf16(self.slot_bytes, self.head_dim)
 
     def announce(self, pid: int) -> bool:
         first = pid not in self._announced

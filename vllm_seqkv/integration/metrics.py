@@ -11,6 +11,15 @@ from dataclasses import dataclass
 from prometheus_client import REGISTRY, Gauge
 
 
+def slot_bits_per_element(slot_bytes: int, head_dim: int) -> float:
+    """A slot codes one token-head's K and V: ``2 * head_dim`` elements."""
+    return 8 * slot_bytes / (2 * head_dim)
+
+
+def slot_ratio_vs_bf16(slot_bytes: int, head_dim: int) -> float:
+    return 16 / slot_bits_per_element(slot_bytes, head_dim)
+
+
 @dataclass(frozen=True)
 class CacheFigures:
     """Static figures of the active preset for this model."""
@@ -23,11 +32,11 @@ class CacheFigures:
 
     @property
     def bits_per_element(self) -> float:
-        return 8 * self.slot_bytes / (2 * self.head_dim)
+        return slot_bits_per_element(self.slot_bytes, self.head_dim)
 
     @property
     def ratio_vs_bf16(self) -> float:
-        return 2 * 2 * self.head_dim / self.slot_bytes
+        return slot_ratio_vs_bf16(self.slot_bytes, self.head_dim)
 
     def bytes_per_token(self) -> int:
         return self.slot_bytes * self.num_kv_heads * self.num_layers

@@ -25,13 +25,14 @@ def register() -> None:
     from vllm_seqkv.integration import cli, compat
 
     cli.install()
-    _validate_at_engine_config(compat)
+    _hook_engine_config(compat)
     _hook_attention_constructor(compat)
     _registered = True
 
 
-def _validate_at_engine_config(compat) -> None:
-    """Validate the options once, in the front-end process, before any engine starts."""
+def _hook_engine_config(compat) -> None:
+    """In the front-end, before any engine starts: validate options, refuse unsupported
+    models, export the cache figures as metrics."""
     original = compat.EngineArgs.create_engine_config
     if getattr(original, "_seqkv_hook", False):
         return
@@ -49,7 +50,7 @@ def _validate_at_engine_config(compat) -> None:
             figures = cache_figures(config, vllm_config.model_config)
             metrics.export(figures, vllm_config.cache_config)
             logger().info(
-                "seqkv: KV-cache backend selected (preset %s): %.2f bits/element all-in, "
+                "seqkv: KV-cache backend selected (preset %s): %.2f bits/element in the pages, "
                 "%.2fx the tokens of a bf16 cache in the same memory; %s",
                 config.preset, figures.bits_per_element, figures.ratio_vs_bf16, STATUS,
             )
