@@ -6,8 +6,10 @@ The spec's ``state_content_bytes`` is ``slot_bytes``, so vLLM's own block count 
 ``2 * head_dim * 2 / slot_bytes`` (bf16 K+V per token-head over the slot).
 
 NOTE: what attention reads, for prefill, chunked prefill and decode alike: every cached
-position through encode→decode, except the query's own position, which is exact (its K/V
-are in hand). This is the rule the ruler (``vllm_seqkv.bench``) measures.
+position through encode→decode, except the query's own position (its K/V are in hand) and
+the preset's sink tokens (kept exact in :class:`~.engine_codec.SinkTable`). This is the rule
+the ruler (``vllm_seqkv.bench``) measures. Keys of pre-RoPE presets are un-rotated by their
+position before encoding and rotated back after decoding.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import torch
 
 from vllm_seqkv.integration.compat import (
     AttentionImpl,
-    get_forward_context,
     AttentionType,
     CPUAttentionBackend,
     extract_layer_index,
+    get_forward_context,
     init_logger,
 )
 from vllm_seqkv.integration.engine_codec import EngineCodec, active_engine_codec, start_engine_codec
