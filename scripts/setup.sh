@@ -6,17 +6,19 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 py="$SEQKV_VENV/bin/python"
 log() { printf '[seqkv-setup] %s\n' "$*" >&2; }
+# pip warns once per package about the machine's empty extra indexes; keep real errors only.
+pip_q() { "$py" -m pip -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 if [ ! -f "$SEQKV_VENV/.complete" ]; then
   log "creating venv $SEQKV_VENV (first run: ~3 minutes, ~4 GB)"
   rm -rf "$SEQKV_VENV"
   python3 -m venv "$SEQKV_VENV"
-  "$py" -m pip install -q --upgrade pip
-  "$py" -m pip install -q -r "$SEQKV_ROOT/requirements/cpu.txt"
+  pip_q install --upgrade pip
+  pip_q install -r "$SEQKV_ROOT/requirements/cpu.txt"
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers imports.
-  "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+  pip_q uninstall -y torchvision torchaudio torchcodec || true
   "$py" "$SEQKV_ROOT/scripts/vllm_metadata_shim.py"
-  "$py" -m pip install -q -r "$SEQKV_ROOT/requirements/dev.txt"
+  pip_q install -r "$SEQKV_ROOT/requirements/dev.txt"
   touch "$SEQKV_VENV/.complete"
   for stale in "$SEQKV_HOME"/venv-*; do  # venvs of older requirements
     [ "$stale" = "$SEQKV_VENV" ] || rm -rf "$stale"
@@ -25,7 +27,7 @@ fi
 # Editable, no deps: vllm is satisfied by the CPU build + shim, never pulled from PyPI here.
 if ! "$py" -c "import vllm_seqkv, sys; sys.exit(0 if vllm_seqkv.__file__.startswith('$SEQKV_ROOT/') else 1)" 2>/dev/null; then
   log "installing vllm-seqkv (editable) into the venv"
-  "$py" -m pip install -q --no-deps --no-build-isolation -e "$SEQKV_ROOT"
+  pip_q install --no-deps --no-build-isolation -e "$SEQKV_ROOT"
 fi
 ln -sfn "$SEQKV_VENV" "$SEQKV_ROOT/.venv"
 "$py" -m vllm_seqkv.fixtures all
