@@ -25,7 +25,8 @@ if [ ! -f "$SEQKV_VENV/.complete" ]; then
   done
 fi
 # Editable, no deps: vllm is satisfied by the CPU build + shim, never pulled from PyPI here.
-if ! "$py" -c "import vllm_seqkv, sys; sys.exit(0 if vllm_seqkv.__file__.startswith('$SEQKV_ROOT/') else 1)" 2>/dev/null; then
+# NOTE: checked from / so that a checkout in the current directory cannot pass for an install.
+if ! (cd / && "$py" -c "import vllm_seqkv, sys; sys.exit(0 if vllm_seqkv.__file__.startswith('$SEQKV_ROOT/') else 1)") 2>/dev/null; then
   log "installing vllm-seqkv (editable) into the venv"
   pip_q install --no-deps --no-build-isolation -e "$SEQKV_ROOT"
 fi
