@@ -28,6 +28,7 @@ from vllm_seqkv.integration.compat import (
     init_logger,
 )
 from vllm_seqkv.integration.engine_codec import EngineCodec, active_engine_codec, start_engine_codec
+from vllm_seqkv.integration.metrics import slot_bits_per_element, slot_ratio_vs_bf16
 
 logger = init_logger("vllm.seqkv")
 ACTIVE_MARKER = "seqkv: attention backend active"
@@ -84,7 +85,8 @@ class SeqKVAttentionImpl(AttentionImpl):
                 "%s in pid %d (preset %s): compressed pages of %d bytes per token-head slot "
                 "(%.2f bits/element all-in, %.2fx fewer bytes than %s)",
                 ACTIVE_MARKER, pid, self.engine.preset, self.engine.slot_bytes,
-                self.engine.bits_per_element, self.engine.ratio_vs_bf16, "bf16",
+                slot_bits_per_element(self.engine.slot_bytes, self.engine.head_dim),
+                slot_ratio_vs_bf16(self.engine.slot_bytes, self.engine.head_dim), "bf16",
             )
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
@@ -105,7 +107,6 @@ class SeqKVAttentionImpl(AttentionImpl):
         blocks, offsets = slots // block_size, slots % block_size
         pages[blocks, :, offsets] = coded
         self.engine.sinks.record(layer_index, blocks, offsets, positions, key, value)
-        self.engine.stats.record_write(int(slots.numel()))
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata, output: torch.Tensor,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,19 +13,6 @@ from vllm_seqkv.codec.calibration import Calibration
 from vllm_seqkv.codec.rope import apply_rope, rope_tables, unapply_rope
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 from vllm_seqkv.integration.compat import get_current_vllm_config
-from vllm_seqkv.integration.metrics import slot_bits_per_element, slot_ratio_vs_bf16
-
-
-@dataclass
-class CodecStats:
-    """Counters exported as metrics (written slots; bytes follow from the layout)."""
-
-    tokens_written: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def record_write(self, num_slots: int) -> None:
-        with self._lock:
-            self.tokens_written += num_slots
 
 
 def build_codec(config: SeqKVConfig, model_config) -> EngineCodec:
@@ -83,7 +68,6 @@ class EngineCodec:
         self.codec: KVCodec = make_codec(config.preset, calibration)
         self._layouts: dict[int, SlotLayout] = {}
         self.slot_bytes = self.layout(0).slot_bytes
-        self.stats = CodecStats()
         self.sinks = SinkTable(self.codec.sink_tokens)
         if self.codec.pre_rope_keys and rope_theta is None:
             raise ValueError(f"preset {self.preset} codes keys pre-RoPE: needs the model's rope_theta")
@@ -106,14 +90,6 @@ class EngineCodec:
         if not self.codec.pre_rope_keys:
             return key
         return apply_rope(key, *rope_tables(positions, self.head_dim, self.rope_theta))
-
-    @property
-    def bits_per_element(self) -> float:
-        return slot_bits_per_element(self.slot_bytes, self.head_dim)
-
-    @property
-    def ratio_vs_bf16(self) -> float:
-        return slot_ratio_vs_bf16(self.slot_bytes, self.head_dim)
 
     def announce(self, pid: int) -> bool:
         first = pid not in self._announced
