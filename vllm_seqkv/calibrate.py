@@ -1,8 +1,9 @@
 """`python -m vllm_seqkv.calibrate MODEL_DIR`: fit the predictive codec's calibration.
 
 Runs the model (transformers, fp32, CPU) over calibration text (default: the train split,
-never the test split), collects pre-RoPE K and Q and V moments per layer/head/channel and the
-``o_proj`` column norms, and writes a checksummed file to :func:`default_path`.
+never the test split), captures pre-RoPE K, V and query second moments per layer and head
+plus ``o_proj``, fits the preset (``--preset``, default seqkv-3) and writes a checksummed
+file to :func:`default_path` (~1-3 minutes on 2 cores for SmolLM2-135M).
 The vLLM backend and the ruler both load it from there.
 """
 
@@ -16,27 +17,45 @@ from pathlib import Path
 import torch
 
 from vllm_seqkv import fixtures
-from vllm_seqkv.codec.calibration import Calibration, CalibrationError, ChannelMoments
+from vllm_seqkv.codec.calibration import Calibration, CalibrationError, Capture, TransformCalibration
 
 
-def default_path(model_dir: Path) -> Path:
+DEFAULT_PRESET = "seqkv-3"
+DEFAULT_TOKENS = 8192
+
+
+def default_path(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
+    """Where the calibration of ``preset`` for ``model_dir`` lives (rotation presets share one)."""
+    from vllm_seqkv.codec.presets import PRESETS
+
+    kind = preset if PRESETS[preset].calibration_kind == "transform" else "channel"
     model_dir = Path(model_dir).resolve()
     key = hashlib.sha256(str(model_dir).encode())
     key.update((model_dir / "config.json").read_bytes())
-    return fixtures.home() / "calibration" / f"{model_dir.name}-{key.hexdigest()[:12]}.safetensors"
+    return fixtures.home() / "calibration" / f"{model_dir.name}-{key.hexdigest()[:12]}-{kind}.safetensors"
 
 
-def load_for_model(model_dir: Path) -> Calibration:
-    path = default_path(model_dir)
-    if not path.exists():
-        raise CalibrationError(
-            f"no seqkv calibration for {model_dir}: run `python -m vllm_seqkv.calibrate {model_dir}`"
-        )
+def load(path: Path, preset: str):
+    """The calibration file of ``preset`` at ``path`` (raises :class:`CalibrationError`)."""
+    from vllm_seqkv.codec.presets import PRESETS
+
+    if PRESETS[preset].calibration_kind == "transform":
+        return TransformCalibration.load(path, preset)
     return Calibration.load(path)
 
 
-def calibrate(model_dir: Path, text: str, tokens: int = 8192, window: int = 512,
-              weighted: bool = True) -> Calibration:
+def load_for_model(model_dir: Path, preset: str = DEFAULT_PRESET):
+    path = default_path(model_dir, preset)
+    if not path.exists():
+        raise CalibrationError(
+            f"no seqkv calibration of preset {preset} for {model_dir}: run "
+            f"`python -m vllm_seqkv.calibrate {model_dir} --preset {preset}`"
+        )
+    return load(path, preset)
+
+
+def capture(model_dir: Path, text: str, tokens: int = DEFAULT_TOKENS, window: int = 512) -> Capture:
+    """Pre-RoPE K, V and query statistics of the model over ``tokens`` of ``text``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -46,27 +65,26 @@ def calibrate(model_dir: Path, text: str, tokens: int = 8192, window: int = 512,
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     group = heads // kv_heads
-    keys = ChannelMoments.zeros(len(layers), kv_heads, head_dim)
-    values = ChannelMoments.zeros(len(layers), kv_heads, head_dim)
-    queries = ChannelMoments.zeros(len(layers), kv_heads, head_dim)
+    keys = [[] for _ in layers]
+    values = [[] for _ in layers]
+    query_sq = torch.zeros(len(layers), kv_heads, head_dim, dtype=torch.float64)
 
     attn_module = sys.modules[type(layers[0].self_attn).__module__]
     original_rope = attn_module.apply_rotary_pos_emb
     state = {"layer": 0}
 
     def capture_rope(q, k, *args, **kwargs):
-        # Keys are coded pre-RoPE (KVCodec.pre_rope_keys): q, k here are [1, heads, T, D]
-        # before rotation. q_pre·e_pre == q_post·e_post, so E[q_pre²] weighs key errors.
+        # q, k here are [1, heads, T, D] before rotation (keys are coded pre-RoPE).
         layer = state["layer"]
-        q_sq = q[0].transpose(0, 1).reshape(-1, kv_heads, group, head_dim).pow(2).mean(2)
-        queries.add(layer, q_sq)
-        keys.add(layer, k[0].transpose(0, 1))
+        q_sq = q[0].transpose(0, 1).reshape(-1, kv_heads, group, head_dim).double().pow(2).mean(2)
+        query_sq[layer] += q_sq.sum(0)
+        keys[layer].append(k[0].transpose(0, 1).detach().clone())
         state["layer"] = layer + 1
         return original_rope(q, k, *args, **kwargs)
 
     def capture_value(layer):
         def hook(_module, _inputs, out):
-            values.add(layer, out[0].view(-1, kv_heads, head_dim))
+            values[layer].append(out[0].view(-1, kv_heads, head_dim).detach().clone())
         return hook
 
     handles = [layer.self_attn.v_proj.register_forward_hook(capture_value(i))
@@ -84,35 +102,49 @@ def calibrate(model_dir: Path, text: str, tokens: int = 8192, window: int = 512,
         for h in handles:
             h.remove()
 
-    key_sensitivity = queries.mean  # E[q²] averaged over the group's query heads
-    value_sensitivity = torch.stack([
-        layer.self_attn.o_proj.weight.detach().double().pow(2).sum(0)
-        .view(kv_heads, group, head_dim).sum(1)
-        for layer in layers
-    ])
-    return Calibration.fit(str(Path(model_dir).name), keys, values, key_sensitivity,
-                           value_sensitivity, weighted=weighted)
+    count = sum(k.shape[0] for k in keys[0])
+    value_metric = []
+    for layer in layers:
+        w = layer.self_attn.o_proj.weight.detach().double().view(-1, kv_heads, group, head_dim)
+        value_metric.append(torch.stack([
+            sum(w[:, h, j].T @ w[:, h, j] for j in range(group)) for h in range(kv_heads)]))
+    return Capture(str(Path(model_dir).name), [torch.cat(k) for k in keys],
+                   [torch.cat(v) for v in values], (query_sq / count).float(),
+                   torch.stack(value_metric).float())
 
 
-def ensure(model_dir: Path, tokens: int = 8192) -> Path:
-    path = default_path(model_dir)
+def calibrate(model_dir: Path, text: str, preset: str = DEFAULT_PRESET, tokens: int = DEFAULT_TOKENS,
+              captured: Capture | None = None):
+    """Fit ``preset``'s calibration for the model (reusing ``captured`` activations if given)."""
+    from vllm_seqkv.codec.presets import PRESETS
+
+    captured = captured or capture(model_dir, text, tokens)
+    return PRESETS[preset].fit(captured)
+
+
+def ensure(model_dir: Path, preset: str = DEFAULT_PRESET, tokens: int = DEFAULT_TOKENS) -> Path:
+    path = default_path(model_dir, preset)
     if path.exists():
         try:
-            Calibration.load(path)
+            load(path, preset)
             return path
         except CalibrationError:
             path.unlink()
     text = fixtures.corpus_path("train").read_text()
-    calibrate(model_dir, text, tokens=tokens).save(path)
+    calibrate(model_dir, text, preset, tokens=tokens).save(path)
     return path
 
 
 def main(argv: list[str] | None = None) -> None:
+    from vllm_seqkv.codec.presets import PRESETS
+
     parser = argparse.ArgumentParser(prog="python -m vllm_seqkv.calibrate", description=__doc__)
     parser.add_argument("model", type=Path)
-    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--preset", default=DEFAULT_PRESET,
+                        choices=[n for n, p in PRESETS.items() if p.calibration_kind != "none"])
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
     args = parser.parse_args(argv)
-    print(ensure(args.model, args.tokens))
+    print(ensure(args.model, args.preset, args.tokens))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import torch
 from vllm_seqkv.codec import codec_names, make_codec
 from vllm_seqkv.codec.base import CodecInputError
 from vllm_seqkv.codec.baselines import BASELINES, lloyd_max_codebook
+from tests.codec.synthetic import encode, synthetic_calibration
 
 HEADS, DIM, TOKENS, LAYERS = 3, 64, 64, 2
 
@@ -26,21 +27,12 @@ REL_MSE_BOUNDS = {
 }
 
 
-def synthetic_calibration(layers=LAYERS, heads=HEADS, dim=DIM):
-    from vllm_seqkv.codec.calibration import Calibration
+def build(name, dim=DIM):
+    from vllm_seqkv.codec import needs_calibration
 
-    gen = torch.Generator().manual_seed(0)
-    return Calibration(model="synthetic", tokens=1, k_mean=torch.randn(layers, heads, dim, generator=gen),
-                       k_weight=torch.rand(layers, heads, dim, generator=gen) + 0.5,
-                       v_mean=torch.randn(layers, heads, dim, generator=gen),
-                       v_weight=torch.rand(layers, heads, dim, generator=gen) + 0.5)
-
-
-def build(name):
-    from vllm_seqkv import codec as registry
-
-    needs = getattr(registry, "needs_calibration", lambda _: False)
-    return make_codec(name, synthetic_calibration()) if needs(name) else make_codec(name)
+    if needs_calibration(name):
+        return make_codec(name, synthetic_calibration(name, LAYERS, HEADS, dim))
+    return make_codec(name)
 
 
 def stream_codecs(name):
@@ -72,14 +64,11 @@ def test_roundtrip_error_within_paper_bounds(name):
 @pytest.mark.parametrize("name", codec_names())
 @pytest.mark.parametrize("dim", [32, 64])
 def test_bits_per_element_equals_packed_bytes(name, dim):
-    from vllm_seqkv import codec as registry
-
-    needs = getattr(registry, "needs_calibration", lambda _: False)
-    codec = make_codec(name, synthetic_calibration(dim=dim)) if needs(name) else make_codec(name)
+    codec = build(name, dim)
     x = gaussian(dim=dim)
     for layer in range(LAYERS):
         for stream in codec.codecs_for_layer(layer):
-            packed = stream.encode(x)
+            packed = encode(stream, x)
             assert 8 * packed.nbytes / x.numel() == pytest.approx(stream.bits_per_element(HEADS, dim), abs=1e-12)
 
 
@@ -87,7 +76,7 @@ def test_bits_per_element_equals_packed_bytes(name, dim):
 def test_same_input_gives_same_bytes(name):
     x = gaussian(seed=5)
     for label, stream in stream_codecs(name):
-        assert stream.encode(x.clone()).to_bytes() == stream.encode(x.clone()).to_bytes(), label
+        assert encode(stream, x.clone()).to_bytes() == encode(stream, x.clone()).to_bytes(), label
 
 
 @pytest.mark.parametrize("name", codec_names())
@@ -97,7 +86,7 @@ def test_non_finite_input_is_refused(name, bad):
     x[3, 1, 7] = bad
     for label, stream in stream_codecs(name):
         with pytest.raises(CodecInputError):
-            stream.encode(x)
+            encode(stream, x)
 
 
 def test_block_codecs_refuse_partial_blocks():

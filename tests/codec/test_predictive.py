@@ -88,12 +88,12 @@ def test_calibration_save_load_and_corruption(tmp_path):
 
 def test_presets_need_calibration_and_use_it_per_layer():
     with pytest.raises(ValueError, match="calibrate"):
-        make_codec("seqkv-3")
+        make_codec("seqkv-3-rot")
     cal = make_calibration()
-    codec = make_codec("seqkv-3", cal)
+    codec = make_codec("seqkv-3-rot", cal)
     k0, _ = codec.codecs_for_layer(0)
     k1, _ = codec.codecs_for_layer(1)
     assert not torch.equal(k0.predictor.mean, k1.predictor.mean)
-    assert make_codec("seqkv-3-none").bits_per_element(3, 64, 2048) == make_codec(
-        "seqkv-3-nosink", cal).bits_per_element(3, 64, 2048)
+    assert make_codec("seqkv-3-rot-none").bits_per_element(3, 64, 2048) < make_codec(
+        "seqkv-3-rot", cal).bits_per_element(3, 64, 2048)
     assert codec.pre_rope_keys and codec.sink_tokens == 1

@@ -1,4 +1,4 @@
-"""Shared builders: a seqkv-3 layer with a synthetic calibration, filled paged caches."""
+"""Shared builders: a seqkv-3-rot layer with a synthetic calibration, filled paged caches."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ TOLERANCES = {torch.float32: (2e-4, 2e-4), torch.bfloat16: (2e-2, 2e-2)}
 
 
 def seqkv3_layout(heads: int, dim: int, seed: int = 0) -> SlotLayout:
-    """The "seqkv-3" preset (K 4/3 bits, V 2/2 bits, calibrated predictor) for layer 0."""
+    """The "seqkv-3-rot" preset (K 4/3 bits, V 2/2 bits, calibrated predictor) for layer 0."""
     gen = torch.Generator().manual_seed(seed)
     moments = ChannelMoments.zeros(1, heads, dim)
     offset = torch.randn(heads, dim, generator=gen) * 3
     moments.add(0, offset + torch.randn(64, heads, dim, generator=gen))
     sens = torch.rand(1, heads, dim, generator=gen) + 0.1
     calibration = Calibration.fit("synthetic", moments, moments, sens, sens)
-    key, value = make_codec("seqkv-3", calibration).codecs_for_layer(0)
+    key, value = make_codec("seqkv-3-rot", calibration).codecs_for_layer(0)
     return SlotLayout(key, value, heads, dim)
 
 

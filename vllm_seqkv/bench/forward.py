@@ -2,6 +2,7 @@
 
 With a codec, every layer ``l`` codes its K (post-RoPE, as cached; pre-RoPE and rotated
 back after decoding when ``codec.pre_rope_keys``) and V with ``codec.codecs_for_layer(l)``
+(cross-layer codecs get the reconstruction of layer ``l - 1``, as the decoder has it)
 (encode -> decode over the whole window; block codecs see aligned blocks from position 0) and attention reads them with the decode-path semantics of
 :mod:`vllm_seqkv.bench.attention`.
 """
@@ -44,6 +45,7 @@ def run_window(model: LlamaForward, tokens: torch.Tensor, codec: KVCodec | None 
         starts = read_starts(codec, length)
     h = model.embed[tokens]
     result = WindowResult(log_probs=torch.empty(0))
+    previous = None  # the layer below's reconstruction, for cross-layer codecs
     for layer in range(cfg.num_layers):
         q, kv = model.qkv(layer, h, cos, sin)
         if collect_kv:
@@ -52,11 +54,10 @@ def run_window(model: LlamaForward, tokens: torch.Tensor, codec: KVCodec | None 
             out = attention(q, kv.key, kv.value)
         else:
             key_codec, value_codec = codec.codecs_for_layer(layer)
-            if codec.pre_rope_keys:
-                coded_key = apply_rope(_roundtrip(key_codec, kv.key_pre), cos, sin)
-            else:
-                coded_key = _roundtrip(key_codec, kv.key)
-            coded_value = _roundtrip(value_codec, kv.value)
+            framed_key = _roundtrip(key_codec, kv.key_pre if codec.pre_rope_keys else kv.key, previous)
+            coded_value = _roundtrip(value_codec, kv.value, previous)
+            coded_key = apply_rope(framed_key, cos, sin) if codec.pre_rope_keys else framed_key
+            previous = (framed_key, coded_value) if codec.cross_layer else None
             rows = min(QUERY_CHUNK, length) if measure_attention else 0
             got = attention(q, kv.key, kv.value, coded_key, coded_value, starts, codec.sink_tokens, rows)
             out = got[0] if measure_attention else got
@@ -68,11 +69,14 @@ def run_window(model: LlamaForward, tokens: torch.Tensor, codec: KVCodec | None 
     return result
 
 
-def _roundtrip(codec, stream: torch.Tensor) -> torch.Tensor:
+def _roundtrip(codec, stream: torch.Tensor, previous=None) -> torch.Tensor:
     """Encode -> decode ``stream [T, H_kv, D]``; the tail that does not fill a block stays
-    exact (only ever read exactly, see :func:`check_causal`)."""
+    exact (only ever read exactly, see :func:`check_causal`). ``previous``: the layer below's
+    reconstruction, for cross-layer codecs (per-token codecs only, so no tail)."""
     usable = stream.shape[0] - stream.shape[0] % codec.block_size
     decoded = stream.clone()
-    if usable:
+    if codec.takes_previous:
+        decoded[:] = codec.decode(codec.encode(stream, previous), previous).float()
+    elif usable:
         decoded[:usable] = codec.decode(codec.encode(stream[:usable].contiguous())).float()
     return decoded

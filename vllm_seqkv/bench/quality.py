@@ -67,31 +67,38 @@ class CodecTally:
         self.ref_sq = [a + b for a, b in zip(self.ref_sq, ref_sq)] if self.ref_sq else list(ref_sq)
 
 
-def load_codecs(settings: QualitySettings) -> tuple[dict[str, KVCodec], str]:
-    """Build the named codecs; seqkv presets get the model's calibration.
+def load_codecs(settings: QualitySettings) -> tuple[dict[str, KVCodec], dict[str, str]]:
+    """Build the named codecs; seqkv presets get the model's calibration for that preset.
 
-    With the default calibration text (the train split) the calibration file the vLLM backend
-    uses is loaded (fitted and used in memory if missing); with another ``calib_text`` it is
-    fitted afresh on that text. Returns the codecs and where the calibration came from.
+    With the default calibration text and size (the train split, ``calibrate.DEFAULT_TOKENS``)
+    the calibration files the vLLM backend uses are loaded (fitted and saved if missing);
+    otherwise each preset is fitted afresh in memory. Activations are captured once for all presets.
+    Returns the codecs and, per codec, where its calibration came from.
     """
-    from vllm_seqkv import codec as codec_registry
+    from vllm_seqkv import calibrate, fixtures
+    from vllm_seqkv.codec import needs_calibration
 
-    needs = getattr(codec_registry, "needs_calibration", lambda name: False)
-    calibration, source = None, "none"
-    if any(needs(name) for name in settings.codecs):
-        from vllm_seqkv import calibrate, fixtures
-
-        default_text = Path(settings.calib_text).resolve() == fixtures.corpus_path("train").resolve()
-        if default_text and calibrate.default_path(settings.model_dir).exists():
-            calibration = calibrate.load_for_model(settings.model_dir)
-            source = str(calibrate.default_path(settings.model_dir))
-        else:
-            text = Path(settings.calib_text).read_text()
-            calibration = calibrate.calibrate(settings.model_dir, text, tokens=settings.calib_tokens)
-            source = f"fitted on {settings.calib_tokens} tokens of {settings.calib_text}"
-    codecs = {name: (make_codec(name, calibration) if needs(name) else make_codec(name))
-              for name in settings.codecs}
-    return codecs, source
+    default_text = (Path(settings.calib_text).resolve() == fixtures.corpus_path("train").resolve()
+                    and settings.calib_tokens == calibrate.DEFAULT_TOKENS)
+    captured = None
+    codecs, sources = {}, {}
+    for name in settings.codecs:
+        calibration, sources[name] = None, "none"
+        if needs_calibration(name):
+            path = calibrate.default_path(settings.model_dir, name)
+            if default_text and path.exists():
+                calibration = calibrate.load(path, name)
+                sources[name] = str(path)
+            else:
+                if captured is None:
+                    captured = calibrate.capture(settings.model_dir, Path(settings.calib_text).read_text(),
+                                                 settings.calib_tokens)
+                calibration = calibrate.calibrate(settings.model_dir, "", name, captured=captured)
+                sources[name] = f"fitted on {settings.calib_tokens} tokens of {settings.calib_text}"
+                if default_text:
+                    calibration.save(path)
+        codecs[name] = make_codec(name, calibration)
+    return codecs, sources
 
 
 def evaluate(settings: QualitySettings) -> list[dict]:
@@ -120,7 +127,7 @@ def evaluate(settings: QualitySettings) -> list[dict]:
     bar.close()
     records = [_record(name, codecs[name], tallies[name], ref_nll, model, settings) for name in codecs]
     for record in records:
-        record["calibration"] = calibration
+        record["calibration"] = calibration[record["codec"]]
     return records
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from vllm_seqkv.codec.base import CodecInputError, KVCodec, Packed, TensorCodec
 
 if TYPE_CHECKING:
-    from vllm_seqkv.codec.calibration import Calibration
+    from vllm_seqkv.codec.calibration import Calibration, TransformCalibration
 
 __all__ = ["CodecInputError", "KVCodec", "Packed", "TensorCodec", "codec_names", "make_codec", "needs_calibration"]
 
@@ -22,10 +22,10 @@ def codec_names() -> list[str]:
 def needs_calibration(name: str) -> bool:
     from vllm_seqkv.codec.presets import PRESETS
 
-    return name in PRESETS and not name.endswith("-none")
+    return name in PRESETS and PRESETS[name].calibration_kind != "none"
 
 
-def make_codec(name: str, calibration: "Calibration | None" = None) -> KVCodec:
+def make_codec(name: str, calibration: "Calibration | TransformCalibration | None" = None) -> KVCodec:
     """Baselines take no calibration; seqkv presets take the model's (see calibrate.py)."""
     from vllm_seqkv.codec.baselines import BASELINES
     from vllm_seqkv.codec.presets import PRESETS
@@ -33,5 +33,5 @@ def make_codec(name: str, calibration: "Calibration | None" = None) -> KVCodec:
     if name in BASELINES:
         return BASELINES[name]()
     if name in PRESETS:
-        return PRESETS[name](calibration)
+        return PRESETS[name].build(calibration)
     raise KeyError(f"unknown codec {name!r}; known: {', '.join(codec_names())}")

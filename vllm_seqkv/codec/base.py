@@ -41,6 +41,7 @@ class TensorCodec(ABC):
     """Lossy code for one stream. Subclasses set ``block_size`` and implement the pair."""
 
     block_size: int = 1
+    takes_previous: bool = False  # encode/decode need previous= (cross-layer prediction)
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> Packed: ...
@@ -87,6 +88,9 @@ class KVCodec:
 
     ``pre_rope_keys``: keys are coded in the pre-RoPE frame (callers un-rotate them by
     position before ``encode`` and rotate them back after ``decode``).
+    ``cross_layer``: layer ``l``'s codecs take ``previous=`` (the reconstructed K, V of layer
+    ``l - 1``, keys in the coding frame) in ``encode``/``decode``
+    (:class:`~vllm_seqkv.codec.crosslayer.CrossLayerCodec`); callers go up the layers in order.
     """
 
     name: str
@@ -97,6 +101,7 @@ class KVCodec:
     sink_tokens: int = 0
     exact_bits: int = 16
     pre_rope_keys: bool = False
+    cross_layer: bool = False
     per_layer: dict[int, tuple[TensorCodec, TensorCodec]] = field(default_factory=dict)
 
     def codecs_for_layer(self, layer: int) -> tuple[TensorCodec, TensorCodec]:
@@ -143,8 +148,8 @@ class SlotLayout:
         probe = torch.zeros(1, num_kv_heads, head_dim)
         self.key, self.value = key, value
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self._fields = [self._field_specs(key.encode(probe)),
-                        self._field_specs(value.encode(probe))]
+        self._fields = [self._field_specs(_encode(key, probe, (probe, probe))),
+                        self._field_specs(_encode(value, probe, (probe, probe)))]
         self.key_bytes = sum(n for _, _, n, _ in self._fields[0])
         self.slot_bytes = self.key_bytes + sum(n for _, _, n, _ in self._fields[1])
 
@@ -160,15 +165,17 @@ class SlotLayout:
                           tuple(t.shape[2:]) if shaped else None))
         return specs
 
-    def encode(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """``[T, H, D]`` K and V -> ``uint8 [T, H, slot_bytes]``."""
+    def encode(self, key: torch.Tensor, value: torch.Tensor, previous=None) -> torch.Tensor:
+        """``[T, H, D]`` K and V -> ``uint8 [T, H, slot_bytes]``; ``previous``: the layer
+        below's reconstruction for cross-layer codecs (see :class:`KVCodec`)."""
         parts = []
         for codec, x in ((self.key, key), (self.value, value)):
-            for t in codec.encode(x).fields.values():
+            packed = _encode(codec, x, previous)
+            for t in packed.fields.values():
                 parts.append(t.contiguous().view(torch.uint8).reshape(x.shape[0], x.shape[1], -1))
         return torch.cat(parts, dim=-1)
 
-    def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, slots: torch.Tensor, previous=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``uint8 [T, H, slot_bytes]`` -> K, V as float32 ``[T, H, D]``."""
         tokens, heads = slots.shape[:2]
         out, start = [], 0
@@ -180,5 +187,11 @@ class SlotLayout:
                 fields[name] = typed.reshape(-1) if trailing is None else typed.reshape(
                     tokens, heads, *trailing)
                 start += nbytes
-            out.append(codec.decode(Packed(fields, (tokens, heads, self.head_dim))).float())
+            packed = Packed(fields, (tokens, heads, self.head_dim))
+            decoded = codec.decode(packed, previous) if codec.takes_previous else codec.decode(packed)
+            out.append(decoded.float())
         return out[0], out[1]
+
+
+def _encode(codec: TensorCodec, x: torch.Tensor, previous) -> Packed:
+    return codec.encode(x, previous) if codec.takes_previous else codec.encode(x)

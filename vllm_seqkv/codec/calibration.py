@@ -1,8 +1,15 @@
-"""Per-model calibration of the predictive codec: channel means and error weights.
+"""Per-model calibration of the seqkv codecs, fitted from the model's own activations.
 
-Fitted once per model from its own activations on calibration text (never the test split)
-and stored as a small, versioned, checksummed safetensors file.
+Fitted once per model from activations on calibration text (never the test split)
+(:class:`Capture`) and stored as versioned, checksummed safetensors files:
 
+- :class:`Calibration` (``seqkv-calibration/2``): channel means and error weights of the
+  rotation presets (``seqkv-*-rot``), shared by all of them;
+- :class:`TransformCalibration` (``seqkv-transform/1``): one per transform preset, the
+  closed-loop fit of :func:`fit_transform_calibration` (bases, quantizers, bit allocation
+  and cross-layer predictors depend on the preset's bit budget).
+
+Weights of the rotation presets:
 Weights: coding the residual ``r = (x - mean) * a`` with a rotation codec spreads the error
 evenly over channels in ``r``-space, so channel ``c`` of ``x`` gets error variance
 ``∝ 1 / a_c**2`` while the residual energy is ``Σ a_c**2 σ_c**2``. The error that matters is
@@ -20,7 +27,9 @@ from pathlib import Path
 
 import torch
 
+from vllm_seqkv.codec.crosslayer import CrossLayerCodec, LinearPredictor
 from vllm_seqkv.codec.predictive import ChannelPredictor
+from vllm_seqkv.codec.transform import Transform, TransformCodec, fit_transform
 
 FORMAT = "seqkv-calibration/2"  # /2: key statistics in the pre-RoPE frame
 _TENSORS = ("k_mean", "k_weight", "v_mean", "v_weight")
@@ -110,40 +119,177 @@ class Calibration:
         )
 
     def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {n: getattr(self, n).contiguous() for n in _TENSORS}
-        meta = {"format": FORMAT, "model": self.model, "tokens": str(self.tokens),
-                "sha256": _digest(tensors)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        save_checked(path, {n: getattr(self, n) for n in _TENSORS}, FORMAT,
+                     {"model": self.model, "tokens": str(self.tokens)})
 
     @classmethod
     def load(cls, path: Path) -> "Calibration":
-        from safetensors import safe_open
+        tensors, meta = load_checked(path, FORMAT)
+        missing = set(_TENSORS) - set(tensors)
+        if missing:
+            raise CalibrationError(f"{path}: missing tensors {sorted(missing)}")
+        return cls(model=meta["model"], tokens=int(meta["tokens"]),
+                   **{n: tensors[n] for n in _TENSORS})
 
-        path = Path(path)
-        if not path.exists():
-            raise CalibrationError(f"calibration file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {n: f.get_tensor(n) for n in _TENSORS}
-        except Exception as exc:  # safetensors raises several types for corrupt headers
-            raise CalibrationError(f"calibration file {path} is unreadable: {exc}") from None
-        if meta.get("format") != FORMAT:
-            raise CalibrationError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        if meta.get("sha256") != _digest(tensors):
-            raise CalibrationError(f"{path}: checksum mismatch (corrupt calibration file)")
-        return cls(model=meta["model"], tokens=int(meta["tokens"]), **tensors)
+
+@dataclass
+class Capture:
+    """Calibration activations of one model.
+
+    ``keys`` (pre-RoPE) and ``values``: per layer ``[N, H, D]``; ``query_sq [L, H, D]``: E[q²]
+    of the pre-RoPE queries averaged over each KV head's query group; ``value_metric
+    [L, H, D, D]``: ``Σ_g W_o^{(g)T} W_o^{(g)}`` over the group's query heads.
+    """
+
+    model: str
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    query_sq: torch.Tensor
+    value_metric: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    def key_metric(self, layer: int) -> torch.Tensor:
+        """``[H, D, D]`` diagonal: E[q²] averaged over each RoPE pair (i, i + D/2), since
+        relative rotations mix the two channels of a pair."""
+        e = self.query_sq[layer].double()
+        half = e.shape[-1] // 2
+        pair = (e[:, :half] + e[:, half:]) / 2
+        return torch.diag_embed(torch.cat([pair, pair], -1))
+
+    def channel_calibration(self) -> "Calibration":
+        heads, dim = self.keys[0].shape[1:]
+        keys = ChannelMoments.zeros(self.num_layers, heads, dim)
+        values = ChannelMoments.zeros(self.num_layers, heads, dim)
+        for layer in range(self.num_layers):
+            keys.add(layer, self.keys[layer])
+            values.add(layer, self.values[layer])
+        value_sensitivity = torch.diagonal(self.value_metric, dim1=-2, dim2=-1)
+        return Calibration.fit(self.model, keys, values, self.query_sq, value_sensitivity)
+
+
+TRANSFORM_FORMAT = "seqkv-transform/1"
+_STREAMS = ("k", "v")
+_FIELDS = ("mean", "basis", "bits", "levels", "pred_w", "pred_b")
+
+
+@dataclass
+class TransformCalibration:
+    """Fitted tensors of one transform preset: ``"{k,v}.{field}"`` stacked over layers
+    (``mean/bits [L, H, D]``, ``basis [L, H, D, D]``, ``levels [L, H, D, 256]``, ``pred_w
+    [L, 2HD, HD]``, ``pred_b [L, HD]``; the predictors of layer 0 are unused zeros)."""
+
+    model: str
+    preset: str
+    tokens: int
+    cross_layer: bool
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def num_layers(self) -> int:
+        return self.tensors["k.mean"].shape[0]
+
+    def codecs(self, layer: int) -> tuple[CrossLayerCodec, CrossLayerCodec]:
+        out = []
+        for stream in _STREAMS:
+            t = {f: self.tensors[f"{stream}.{f}"][layer] for f in _FIELDS}
+            transform = Transform(t["mean"], t["basis"], t["bits"].long(), t["levels"])
+            predictor = (LinearPredictor(t["pred_w"], t["pred_b"])
+                         if self.cross_layer and layer > 0 else None)
+            out.append(CrossLayerCodec(TransformCodec(transform), predictor))
+        return out[0], out[1]
+
+    def save(self, path: Path) -> None:
+        save_checked(path, self.tensors, TRANSFORM_FORMAT,
+                     {"model": self.model, "preset": self.preset, "tokens": str(self.tokens),
+                      "cross_layer": str(int(self.cross_layer))})
+
+    @classmethod
+    def load(cls, path: Path, preset: str | None = None) -> "TransformCalibration":
+        tensors, meta = load_checked(path, TRANSFORM_FORMAT)
+        missing = {f"{s}.{f}" for s in _STREAMS for f in _FIELDS} - set(tensors)
+        if missing:
+            raise CalibrationError(f"{path}: missing tensors {sorted(missing)}")
+        if preset is not None and meta.get("preset") != preset:
+            raise CalibrationError(f"{path} was fitted for preset {meta.get('preset')!r}, not {preset!r}")
+        return cls(meta["model"], meta["preset"], int(meta["tokens"]), meta["cross_layer"] == "1", tensors)
+
+
+def fit_transform_calibration(capture: Capture, preset: str, key_bits: float, value_bits: float,
+                              cross_layer: bool = True) -> TransformCalibration:
+    """Closed-loop fit, layer by layer: the predictor of layer ``l`` is fitted on the
+    reconstruction of layer ``l - 1`` by its own fitted codec (what the decoder will have),
+    and the transform of layer ``l`` on the residual of that prediction."""
+    stacks: dict[str, list[torch.Tensor]] = {f"{s}.{f}": [] for s in _STREAMS for f in _FIELDS}
+    previous = None
+    for layer in range(capture.num_layers):
+        recon = []
+        for stream, x, metric, bits in (
+                ("k", capture.keys[layer], capture.key_metric(layer), key_bits),
+                ("v", capture.values[layer], capture.value_metric[layer], value_bits)):
+            x = x.float()
+            heads, dim = x.shape[1:]
+            if cross_layer and previous is not None:
+                predictor = LinearPredictor.fit(previous, x)
+                prediction = predictor.predict(previous, heads, dim)
+            else:
+                predictor = LinearPredictor(torch.zeros(2 * heads * dim, heads * dim),
+                                            torch.zeros(heads * dim))
+                prediction = torch.zeros_like(x)
+            transform = fit_transform(x - prediction, metric, bits)
+            codec = TransformCodec(transform)
+            recon.append(codec.decode(codec.encode(x - prediction)) + prediction)
+            for name, value in (("mean", transform.mean), ("basis", transform.basis),
+                                ("bits", transform.bits.to(torch.int32)), ("levels", transform.levels),
+                                ("pred_w", predictor.weight), ("pred_b", predictor.bias)):
+                stacks[f"{stream}.{name}"].append(value)
+        previous = (recon[0], recon[1])
+    tensors = {name: torch.stack(parts) for name, parts in stacks.items()}
+    return TransformCalibration(capture.model, preset, capture.tokens, cross_layer, tensors)
+
+
+def save_checked(path: Path, tensors: dict[str, torch.Tensor], fmt: str, meta: dict[str, str]) -> None:
+    """Atomic write of a checksummed safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {n: t.contiguous() for n, t in tensors.items()}
+    meta = {**meta, "format": fmt, "sha256": _digest(tensors)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_checked(path: Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise CalibrationError(f"calibration file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {n: f.get_tensor(n) for n in f.keys()}
+    except Exception as exc:  # safetensors raises several types for corrupt headers
+        raise CalibrationError(f"calibration file {path} is unreadable: {exc}") from None
+    if meta.get("format") != fmt:
+        raise CalibrationError(f"{path}: format {meta.get('format')!r}, expected {fmt!r}")
+    if meta.get("sha256") != _digest(tensors):
+        raise CalibrationError(f"{path}: checksum mismatch (corrupt calibration file)")
+    return tensors, meta
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for name in _TENSORS:
+    for name in sorted(tensors):
         h.update(name.encode())
         h.update(json.dumps(list(tensors[name].shape)).encode())
-        h.update(tensors[name].float().contiguous().numpy().tobytes())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -1,74 +1,109 @@
 """Named seqkv codec presets: the hot-tier codec the vLLM backend stores pages with.
 
-A preset = a calibrated per-channel predictor (:mod:`.predictive`) whose residual is coded by
-a rotation + Lloyd-Max scalar code (:class:`~.baselines.TurboCodec`) with more bits for keys
-than for values (keys are the bottleneck on our model, see CALIBRATION.md). Every preset is
-per-token (``block_size`` 1), so vLLM writes each token's slot as it arrives and no exact
-staging buffer is needed; bits/element = mean of key and value bits (codes + fp16 norm).
+Main presets (``seqkv-2``, ``-2.5``, ``-3``, ``-4``; the number is bits per element in the
+pages, every field counted): keys in the pre-RoPE frame, each layer's K/V predicted from the
+reconstructed K/V of the layer below (:mod:`.crosslayer`), the residual coded by a calibrated
+transform coder (:mod:`.transform`: decorrelating basis in the attention-weighted space,
+per-component Lloyd-Max quantizers, bits by reverse water-filling). Values get one bit more
+than keys (``seqkv-3``: K 2.5 / V 3.5): once keys are predicted and weighted by the queries,
+value errors cost more. The first token of every sequence (the attention sink) stays exact
+(its 16 bits per element are counted over the context). Every preset is per-token
+(``block_size`` 1), so vLLM writes each token's slot as it arrives.
 
-The first token of every sequence (the attention sink) stays exact (``sink_tokens``; its
-16 bits per element are counted over the context). Keys are coded in the pre-RoPE frame, where their per-channel offset is fixed (post-RoPE it
-turns with the position, and a post-RoPE mean predictor measured worse than none).
-Ablations keep the same bits with a weaker predictor: ``-mean`` (channel means, no error
-weighting) and ``-none`` (no predictor, post-RoPE: plain rotation code at the preset's split),
-``-nosink``, and ``-k4v2`` (the same 3 bits spent 3.5 on keys / 2 on values: worse, values
-at 2 bits cost more than keys at 3 once keys are predicted).
+Ablations keep the bits and drop one idea each: ``seqkv-3-nox`` (no cross-layer prediction:
+every layer decodes on its own, what a fused GPU kernel reads), ``seqkv-3-kv3`` (K 3 / V 3),
+``seqkv-3-nosink``, and the first design, ``seqkv-3-rot`` (calibrated channel mean +
+sensitivity weights, random Hadamard rotation, Lloyd-Max codes with an fp16 norm per
+token-head) with ``seqkv-3-rot-none`` (the same rotation code without calibration).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 from vllm_seqkv.codec.base import KVCodec
 from vllm_seqkv.codec.baselines import TurboCodec
-from vllm_seqkv.codec.calibration import Calibration
+from vllm_seqkv.codec.calibration import (
+    Calibration,
+    Capture,
+    TransformCalibration,
+    fit_transform_calibration,
+)
 from vllm_seqkv.codec.predictive import ChannelPredictor, PredictiveCodec
 
-Predictor = Literal["calibrated", "mean", "none"]
+AnyCalibration = Calibration | TransformCalibration
 
 
 @dataclass(frozen=True)
-class Preset:
+class TransformPreset:
     name: str
-    key_split: tuple[int, int]
-    value_split: tuple[int, int]
-    predictor: Predictor = "calibrated"
+    key_bits: float
+    value_bits: float
+    cross_layer: bool = True
     sink_tokens: int = 1
+    calibration_kind: Literal["transform"] = "transform"
 
-    def build(self, calibration: Calibration | None) -> KVCodec:
-        if self.predictor != "none" and calibration is None:
+    def fit(self, capture: Capture) -> TransformCalibration:
+        return fit_transform_calibration(capture, self.name, self.key_bits, self.value_bits,
+                                         self.cross_layer)
+
+    def build(self, calibration: AnyCalibration | None) -> KVCodec:
+        if not isinstance(calibration, TransformCalibration) or calibration.preset != self.name:
             raise ValueError(
-                f"preset {self.name!r} needs the model's calibration "
-                "(python -m vllm_seqkv.calibrate MODEL_DIR)"
-            )
-        codec = KVCodec(name=self.name, key=TurboCodec(self.key_split),
-                        value=TurboCodec(self.value_split),
-                        pre_rope_keys=self.predictor != "none", sink_tokens=self.sink_tokens)
-        if self.predictor == "none":
-            return codec
+                f"preset {self.name!r} needs its own calibration for this model "
+                f"(python -m vllm_seqkv.calibrate MODEL_DIR --preset {self.name})")
+        codec = KVCodec(name=self.name, key=None, value=None, pre_rope_keys=True,
+                        sink_tokens=self.sink_tokens, cross_layer=self.cross_layer)
         for layer in range(calibration.num_layers):
-            k_pred, v_pred = calibration.key_predictor(layer), calibration.value_predictor(layer)
-            if self.predictor == "mean":
-                k_pred = ChannelPredictor(k_pred.mean, k_pred.weight.new_ones(k_pred.weight.shape))
-                v_pred = ChannelPredictor(v_pred.mean, v_pred.weight.new_ones(v_pred.weight.shape))
-            codec.per_layer[layer] = (PredictiveCodec(TurboCodec(self.key_split), k_pred),
-                                      PredictiveCodec(TurboCodec(self.value_split), v_pred))
+            codec.per_layer[layer] = calibration.codecs(layer)
+        codec.key, codec.value = codec.per_layer[0]
         return codec
 
 
+@dataclass(frozen=True)
+class RotationPreset:
+    name: str
+    key_split: tuple[int, int]
+    value_split: tuple[int, int]
+    calibrated: bool = True
+    sink_tokens: int = 1
+    calibration_kind: Literal["channel", "none"] = "channel"
+
+    def fit(self, capture: Capture) -> Calibration:
+        return capture.channel_calibration()
+
+    def build(self, calibration: AnyCalibration | None) -> KVCodec:
+        codec = KVCodec(name=self.name, key=TurboCodec(self.key_split),
+                        value=TurboCodec(self.value_split),
+                        pre_rope_keys=self.calibrated, sink_tokens=self.sink_tokens)
+        if not self.calibrated:
+            return codec
+        if not isinstance(calibration, Calibration):
+            raise ValueError(f"preset {self.name!r} needs the model's channel calibration "
+                             "(python -m vllm_seqkv.calibrate MODEL_DIR)")
+        for layer in range(calibration.num_layers):
+            codec.per_layer[layer] = (
+                PredictiveCodec(TurboCodec(self.key_split), calibration.key_predictor(layer)),
+                PredictiveCodec(TurboCodec(self.value_split), calibration.value_predictor(layer)))
+        return codec
+
+
+Preset = TransformPreset | RotationPreset
+
 _MAIN = [
-    Preset("seqkv-2.5", (3, 2), (2, 2)),
-    Preset("seqkv-3", (3, 3), (3, 2)),
-    Preset("seqkv-3.5", (4, 4), (3, 2)),
-    Preset("seqkv-4", (4, 4), (4, 3)),
+    TransformPreset("seqkv-2", 1.5, 2.5),
+    TransformPreset("seqkv-2.5", 2.0, 3.0),
+    TransformPreset("seqkv-3", 2.5, 3.5),
+    TransformPreset("seqkv-4", 3.5, 4.5),
 ]
 _ABLATIONS = [
-    *(Preset(f"seqkv-3-{mode}", (3, 3), (3, 2), mode, sink_tokens=0) for mode in ("mean", "none")),
-    Preset("seqkv-3-nosink", (3, 3), (3, 2), sink_tokens=0),
-    Preset("seqkv-3-k4v2", (4, 3), (2, 2)),
+    TransformPreset("seqkv-3-nox", 2.5, 3.5, cross_layer=False),
+    TransformPreset("seqkv-3-kv3", 3.0, 3.0),
+    TransformPreset("seqkv-3-nosink", 2.5, 3.5, sink_tokens=0),
+    RotationPreset("seqkv-3-rot", (3, 3), (3, 2)),
+    RotationPreset("seqkv-3-rot-none", (3, 3), (3, 2), calibrated=False, sink_tokens=0,
+                   calibration_kind="none"),
 ]
 
-PRESETS: dict[str, Callable[[Calibration | None], KVCodec]] = {
-    p.name: p.build for p in _MAIN + _ABLATIONS
-}
+PRESETS: dict[str, Preset] = {p.name: p for p in _MAIN + _ABLATIONS}

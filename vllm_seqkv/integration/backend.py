@@ -9,7 +9,9 @@ NOTE: what attention reads, for prefill, chunked prefill and decode alike: every
 position through encode→decode, except the query's own position (its K/V are in hand) and
 the preset's sink tokens (kept exact in :class:`~.engine_codec.SinkTable`). This is the rule
 the ruler (``vllm_seqkv.bench``) measures. Keys of pre-RoPE presets are un-rotated by their
-position before encoding and rotated back after decoding.
+position before encoding and rotated back after decoding. Cross-layer presets code layer
+``l`` against the reconstruction of layer ``l - 1`` for the same slots, which
+:class:`~.engine_codec.LayerChain` hands up from the layer that just ran.
 """
 
 from __future__ import annotations
@@ -101,11 +103,17 @@ class SeqKVAttentionImpl(AttentionImpl):
         pages = _byte_pages(kv_cache)
         block_size = pages.shape[2]
         layer_index = _layer_index(layer)
+        self.engine.chain.register(layer_index, pages)
         key, value = key[:num][valid].float(), value[:num][valid].float()
-        coded = self.engine.layout(layer_index).encode(self.engine.to_code_frame(key, positions),
-                                                       value)
         blocks, offsets = slots // block_size, slots % block_size
+        layout = self.engine.layout(layer_index)
+        write_key = ("write", slots.cpu().numpy().tobytes())
+        previous = self.engine.chain.below(layer_index, write_key,
+                                           lambda p: p[blocks, :, offsets])
+        coded = layout.encode(self.engine.to_code_frame(key, positions), value, previous)
         pages[blocks, :, offsets] = coded
+        if self.engine.codec.cross_layer:
+            self.engine.chain.keep(layer_index, write_key, layout.decode(coded, previous))
         self.engine.sinks.record(layer_index, blocks, offsets, positions, key, value)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -118,6 +126,7 @@ class SeqKVAttentionImpl(AttentionImpl):
             return output
         pages = _byte_pages(kv_cache)
         layer_index = _layer_index(layer)
+        self.engine.chain.register(layer_index, pages)
         layout = self.engine.layout(layer_index)
         starts = attn_metadata.query_start_loc.tolist()
         seq_lens = attn_metadata.seq_lens.tolist()
@@ -128,8 +137,15 @@ class SeqKVAttentionImpl(AttentionImpl):
                 continue
             num_blocks = -(-seq_len // block_size)
             blocks = attn_metadata.block_table[i, :num_blocks].long()
-            slots = pages[blocks].transpose(1, 2).reshape(-1, pages.shape[1], pages.shape[3])
-            cached_k, cached_v = layout.decode(slots[:seq_len])
+
+            def context_slots(p, blocks=blocks, seq_len=seq_len):
+                return p[blocks].transpose(1, 2).reshape(-1, p.shape[1], p.shape[3])[:seq_len]
+
+            read_key = ("read", tuple(blocks.tolist()), seq_len)
+            previous = self.engine.chain.below(layer_index, read_key, context_slots)
+            cached_k, cached_v = layout.decode(context_slots(pages), previous)
+            if self.engine.codec.cross_layer:
+                self.engine.chain.keep(layer_index, read_key, (cached_k, cached_v))
             cached_k = self.engine.from_code_frame(cached_k, torch.arange(seq_len))
             self.engine.sinks.restore(layer_index, int(blocks[0]), cached_k, cached_v)
             out = attend(query[q0:q1].float(), cached_k, cached_v, key[q0:q1].float(),

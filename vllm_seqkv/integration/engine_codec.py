@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 
-from vllm_seqkv.calibrate import load_for_model
+from vllm_seqkv.calibrate import load, load_for_model
 from vllm_seqkv.codec import make_codec, needs_calibration
 from vllm_seqkv.codec.base import KVCodec, SlotLayout
-from vllm_seqkv.codec.calibration import Calibration
 from vllm_seqkv.codec.rope import apply_rope, rope_tables, unapply_rope
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 from vllm_seqkv.integration.compat import get_current_vllm_config
@@ -54,6 +53,44 @@ class SinkTable:
                 key[offset], value[offset] = entry[offset]
 
 
+class LayerChain:
+    """Hands each layer's reconstruction to the layer above, for cross-layer presets.
+
+    NOTE: vLLM runs the layers of a forward pass in order, and layer ``l + 1`` writes (and
+    reads) exactly the slots layer ``l`` wrote (read): every layer shares the block table.
+    So the reconstruction layer ``l`` keeps under a key is what layer ``l + 1`` asks for
+    under the same key. When it is missing, the layers below are decoded again from their
+    pages, ``0 .. l - 1`` (slower, same result). Only the latest layer's entries are held.
+    """
+
+    def __init__(self, engine: "EngineCodec"):
+        self.engine = engine
+        self._pages: dict[int, torch.Tensor] = {}
+        self._kept: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def register(self, layer: int, pages: torch.Tensor) -> None:
+        """``pages``: the layer's cache as bytes ``[num_blocks, H, block_size, slot_bytes]``."""
+        self._pages[layer] = pages
+
+    def keep(self, layer: int, key: tuple, reconstruction: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._kept = {k: v for k, v in self._kept.items() if layer - 1 <= k[0] <= layer}
+        self._kept[(layer, key)] = reconstruction
+
+    def below(self, layer: int, key: tuple, gather) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Reconstruction of layer ``layer - 1`` for the slots ``gather(pages)`` selects."""
+        if not self.engine.codec.cross_layer or layer == 0:
+            return None
+        kept = self._kept.pop((layer - 1, key), None)
+        if kept is not None:
+            return kept
+        previous = None
+        for below in range(layer):
+            if below not in self._pages:
+                raise RuntimeError(f"seqkv: pages of layer {below} unknown; cannot predict layer {layer}")
+            previous = self.engine.layout(below).decode(gather(self._pages[below]), previous)
+        return previous
+
+
 class EngineCodec:
     def __init__(self, config: SeqKVConfig, model_dir: str, num_kv_heads: int, head_dim: int,
                  rope_theta: float | None = None):
@@ -63,12 +100,13 @@ class EngineCodec:
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         calibration = None
         if needs_calibration(config.preset):
-            calibration = (Calibration.load(Path(config.calibration)) if config.calibration
-                           else load_for_model(Path(model_dir)))
+            calibration = (load(Path(config.calibration), config.preset) if config.calibration
+                           else load_for_model(Path(model_dir), config.preset))
         self.codec: KVCodec = make_codec(config.preset, calibration)
         self._layouts: dict[int, SlotLayout] = {}
         self.slot_bytes = self.layout(0).slot_bytes
         self.sinks = SinkTable(self.codec.sink_tokens)
+        self.chain = LayerChain(self)
         if self.codec.pre_rope_keys and rope_theta is None:
             raise ValueError(f"preset {self.preset} codes keys pre-RoPE: needs the model's rope_theta")
         self.rope_theta = rope_theta

@@ -1,4 +1,4 @@
-"""GPU decode-attention benchmark: compressed pages (seqkv-3 format) vs a dense bf16 cache.
+"""GPU decode-attention benchmark: compressed pages (seqkv-3-rot format) vs a dense bf16 cache.
 
 Run on a GPU machine (scripts/gpu_check.sh does): ``python -m vllm_seqkv.kernels.bench_gpu``.
 Writes ``benchmarks/gpu_decode.json`` and prints a Markdown table. Importable without vLLM
@@ -27,7 +27,7 @@ HBM_PEAK_BYTES_PER_S = 4.8e12  # H200 HBM3e
 KV_HEADS, Q_HEADS, HEAD_DIM, BLOCK_SIZE = 8, 32, 128, 16
 CONTEXTS = (1024, 4096, 32768, 131072)
 BATCHES = (1, 16, 64)
-PRESET = "seqkv-3-none"  # the seqkv-3 bit split without calibration (predictor constants add no bytes per key)
+PRESET = "seqkv-3-rot-none"  # the seqkv-3 bit split without calibration (predictor constants add no bytes per key)
 MEMORY_HEADROOM = 0.7
 
 

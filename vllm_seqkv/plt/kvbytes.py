@@ -24,17 +24,24 @@ def model_blocks(model_dir: Path, ids: list[int], block_size: int = 16,
     from vllm_seqkv.codec.base import SlotLayout
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    kv = make_codec(codec, load_for_model(model_dir))
+    from vllm_seqkv.codec.rope import rope_tables, unapply_rope
+
+    kv = make_codec(codec, load_for_model(model_dir, codec))
     n = len(ids) // block_size * block_size
     with torch.inference_mode():
         cache = model(input_ids=torch.tensor([ids[:n]]), use_cache=True).past_key_values
-    per_layer = []
+    per_layer, previous = [], None
+    theta = float(getattr(model.config, "rope_theta", None) or 10000.0)
     for layer, lc in enumerate(cache.layers):
         k = lc.keys[0].transpose(0, 1).contiguous()  # [T, H, D]
         v = lc.values[0].transpose(0, 1).contiguous()
+        if kv.pre_rope_keys:
+            k = unapply_rope(k, *rope_tables(torch.arange(n), k.shape[-1], theta))
         kc, vc = kv.codecs_for_layer(layer)
         lay = SlotLayout(kc, vc, k.shape[1], k.shape[2])
-        per_layer.append(lay.encode(k, v).numpy())
+        slots = lay.encode(k, v, previous)
+        previous = lay.decode(slots, previous) if kv.cross_layer else None
+        per_layer.append(slots.numpy())
     slots = np.stack(per_layer)  # [L, T, H, S]
     L, _, H, S = slots.shape
     D = cache.layers[0].keys.shape[-1]

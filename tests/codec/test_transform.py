@@ -1,0 +1,139 @@
+import pytest
+import torch
+
+from vllm_seqkv.codec import make_codec
+from vllm_seqkv.codec.base import CodecInputError, SlotLayout
+from vllm_seqkv.codec.calibration import CalibrationError, TransformCalibration
+from vllm_seqkv.codec.crosslayer import CrossLayerCodec, LinearPredictor
+from vllm_seqkv.codec.transform import (
+    MAX_BITS,
+    Transform,
+    TransformCodec,
+    allocate_bits,
+    fit_transform,
+    lloyd_max,
+)
+from tests.codec.synthetic import synthetic_calibration, synthetic_capture
+
+
+def correlated(tokens=512, heads=2, dim=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(dim, dim, generator=gen)
+    scales = torch.logspace(1, -2, dim)
+    return (torch.randn(tokens, heads, dim, generator=gen) * scales) @ mix + 3.0
+
+
+def fitted(x, bits=3.0):
+    eye = torch.eye(x.shape[-1]).expand(x.shape[1], -1, -1)
+    return TransformCodec(fit_transform(x, eye, bits))
+
+
+@pytest.mark.parametrize("bits, centers", [(1, [0.7979]), (2, [0.4528, 1.5104])])
+def test_lloyd_max_on_gaussian_samples_matches_tables(bits, centers):
+    x = torch.randn(1, 200_000, generator=torch.Generator().manual_seed(0))
+    levels, mse = lloyd_max(x, bits)
+    positive = levels[0][levels[0] > 0].tolist()
+    assert positive == pytest.approx(centers, rel=0.02)
+    assert float(mse[0]) == pytest.approx({1: 0.3634, 2: 0.1175}[bits], rel=0.03)
+
+
+def test_water_filling_spends_bits_where_variance_is():
+    variance = torch.tensor([100.0, 10.0, 1.0, 0.001])
+    distortion = variance[:, None] * torch.tensor([4.0 ** -b for b in range(MAX_BITS + 1)])
+    bits = allocate_bits(distortion.double(), 8)
+    assert int(bits.sum()) == 8
+    assert bits.tolist() == sorted(bits.tolist(), reverse=True)
+    assert bits[-1] == 0 and bits[0] >= 3
+    with pytest.raises(CodecInputError, match="exceed"):
+        allocate_bits(distortion.double(), 4 * MAX_BITS + 1)
+
+
+def test_transform_beats_plain_quantization_of_correlated_data():
+    x = correlated()
+    codec = fitted(x)
+    err = ((codec.roundtrip(x) - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert err < 0.02
+    assert codec.bits_per_element(2, 32) == 3.0
+
+
+@pytest.mark.parametrize("dim, bits", [(32, 2.5), (64, 3.0), (128, 2.0)])
+def test_packed_bytes_equal_claimed_bits_and_slots_are_independent(dim, bits):
+    x = correlated(dim=dim)
+    codec = fitted(x, bits)
+    packed = codec.encode(x[:17])
+    assert 8 * packed.nbytes / x[:17].numel() == codec.bits_per_element(2, dim)
+    layout = SlotLayout(codec, codec, 2, dim)
+    slots = layout.encode(x[:17], x[:17])
+    torch.testing.assert_close(layout.decode(slots[5:6])[0], layout.decode(slots)[0][5:6])
+    assert codec.encode(x[:17].clone()).to_bytes() == packed.to_bytes()
+
+
+def test_transform_refuses_bad_input():
+    x = correlated()
+    codec = fitted(x)
+    bad = x.clone()
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(CodecInputError, match="NaN"):
+        codec.encode(bad)
+    with pytest.raises(CodecInputError, match="fitted for"):
+        codec.encode(torch.randn(4, 3, 32))
+    t = codec.transform
+    with pytest.raises(CodecInputError, match="whole number of bytes"):
+        Transform(t.mean, t.basis, t.bits.clone().index_put_((torch.tensor([0]), torch.tensor([0])),
+                                                             torch.tensor(9)), t.levels)
+
+
+def test_cross_layer_prediction_codes_less_error_at_equal_bits():
+    below = correlated(seed=1)
+    above = 0.9 * below + 0.1 * correlated(seed=2)
+    previous = (below, below * 0.0)
+    predictor = LinearPredictor.fit(previous, above)
+    residual = above - predictor.predict(previous, 2, 32)
+    crossed = CrossLayerCodec(fitted(residual, 2.0), predictor)
+    alone = CrossLayerCodec(fitted(above, 2.0), None)
+    assert crossed.takes_previous and not alone.takes_previous
+    err_crossed = ((crossed.decode(crossed.encode(above, previous), previous) - above) ** 2).sum()
+    err_alone = ((alone.decode(alone.encode(above)) - above) ** 2).sum()
+    assert err_crossed < 0.5 * err_alone
+    with pytest.raises(CodecInputError, match="previous="):
+        crossed.encode(above)
+
+
+def test_predictor_is_zero_when_the_layer_below_says_nothing():
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn(400, 2, 8, generator=gen)
+    predictor = LinearPredictor.fit((noise, noise), torch.randn(400, 2, 8, generator=gen))
+    assert not predictor.weight.any()
+
+
+def test_preset_calibration_save_load_and_corruption(tmp_path):
+    cal = synthetic_calibration("seqkv-3")
+    path = tmp_path / "cal.safetensors"
+    cal.save(path)
+    loaded = TransformCalibration.load(path, "seqkv-3")
+    assert loaded.cross_layer and loaded.num_layers == 2
+    torch.testing.assert_close(loaded.tensors["k.basis"], cal.tensors["k.basis"])
+    with pytest.raises(CalibrationError, match="fitted for preset"):
+        TransformCalibration.load(path, "seqkv-4")
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CalibrationError, match="checksum|unreadable"):
+        TransformCalibration.load(path)
+    with pytest.raises(ValueError, match="--preset seqkv-3"):
+        make_codec("seqkv-3", synthetic_calibration("seqkv-4"))
+
+
+def test_closed_loop_layers_decode_in_order_through_slots():
+    capture = synthetic_capture()
+    codec = make_codec("seqkv-3", synthetic_calibration("seqkv-3"))
+    assert codec.cross_layer and codec.pre_rope_keys
+    previous, errors = None, []
+    for layer in range(2):
+        layout = SlotLayout(*codec.codecs_for_layer(layer), 3, 64)
+        k, v = capture.keys[layer][:40], capture.values[layer][:40]
+        slots = layout.encode(k, v, previous)
+        assert slots.shape == (40, 3, layout.slot_bytes) and layout.slot_bytes == 3 * 64 * 2 // 8
+        previous = layout.decode(slots, previous)
+        errors.append(float(((previous[0] - k) ** 2).sum() / ((k - k.mean(0)) ** 2).sum()))
+    assert max(errors) < 0.1
