@@ -59,7 +59,7 @@ def capture(model_dir: Path, text: str, tokens: int = DEFAULT_TOKENS, window: in
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     cfg = model.config
     layers = model.model.layers
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads

@@ -61,7 +61,43 @@ def test_stops_cleanly_on_sigint(tiny_model_dir, tmp_path):
     with srv:
         pass
     assert srv.proc.returncode == 0, srv.log()[-3000:]
-    assert "Traceback" not in srv.log()
+    assert unexpected_tracebacks(srv.log()) == []
+
+
+SHUTDOWN_TRIGGERED = "[shutdown] API server: shutdown triggered"
+# vLLM 0.32's own shutdown race, with or without the plugin (measured: 1 of 5 `auto` stops):
+# AsyncLLM.shutdown tears the engine core down before cancelling output_handler, which may
+# then log EngineDeadError. Upstream: vllm-project/vllm#48745, fix in PR #49000 (open).
+UPSTREAM_SHUTDOWN_RACE = "AsyncLLM output_handler failed."
+
+
+def unexpected_tracebacks(log: str) -> list[str]:
+    """Tracebacks other than vLLM's known shutdown race: any before the shutdown began, any
+    through the plugin's code, any after it that is not the output_handler's EngineDeadError."""
+    before, _, after = log.partition(SHUTDOWN_TRIGGERED)
+    found = [f"before shutdown: {chunk[:300]}" for chunk in before.split("Traceback")[1:]]
+    lines = after.splitlines()
+    for i, line in enumerate(lines):
+        if "Traceback" not in line:
+            continue
+        block = "\n".join(lines[max(0, i - 1): i + 12])
+        known = (UPSTREAM_SHUTDOWN_RACE in lines[i - 1] and "EngineDeadError" in block
+                 and "vllm_seqkv" not in block)
+        if not known:
+            found.append(block)
+    return found
+
+
+def test_unexpected_tracebacks_tells_the_upstream_race_from_real_errors():
+    race = ("x\n" + SHUTDOWN_TRIGGERED + "\nERROR [async_llm.py:906] " + UPSTREAM_SHUTDOWN_RACE
+            + "\nERROR Traceback (most recent call last):\nERROR   File async_llm.py\n"
+              "ERROR vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.\n")
+    assert unexpected_tracebacks(race) == []
+    assert unexpected_tracebacks("Traceback (most recent call last):\n" + race)
+    ours = race.replace("File async_llm.py", "File vllm_seqkv/integration/backend.py")
+    assert unexpected_tracebacks(ours)
+    other = race.replace(UPSTREAM_SHUTDOWN_RACE, "Worker failed.")
+    assert unexpected_tracebacks(other)
 
 
 def test_metrics_exported_next_to_vllms(server, client):

@@ -31,3 +31,32 @@ def test_sink_table_restores_only_sequence_starts():
     k7 = torch.zeros(1, 2, 4)
     table.restore(0, 7, k7, torch.zeros(1, 2, 4))  # block 7 reused mid-sequence: entry dropped
     assert k7.abs().sum() == 0
+
+
+def test_layer_chain_rebuilds_what_it_was_not_handed(tiny_model_dir):
+    from vllm_seqkv.config import SeqKVConfig
+    from vllm_seqkv.integration.engine_codec import EngineCodec
+
+    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv"), str(tiny_model_dir), 2, 32, 10000.0)
+    assert engine.codec.cross_layer
+    gen = torch.Generator().manual_seed(0)
+    blocks, offsets = torch.tensor([3, 3, 5]), torch.tensor([0, 1, 4])
+    pages = [torch.zeros(8, 2, 16, engine.slot_bytes, dtype=torch.uint8) for _ in range(3)]
+
+    def gather(p):
+        return p[blocks, :, offsets]
+
+    handed = []
+    for layer, page in enumerate(pages):
+        engine.chain.register(layer, page)
+        previous = engine.chain.below(layer, ("w",), gather)
+        layout = engine.layout(layer)
+        coded = layout.encode(torch.randn(3, 2, 32, generator=gen) * 2,
+                              torch.randn(3, 2, 32, generator=gen), previous)
+        page[blocks, :, offsets] = coded
+        handed.append(layout.decode(coded, previous))
+        engine.chain.keep(layer, ("w",), handed[-1])
+    # nothing kept for this key: layers 0 and 1 are decoded again from their pages
+    rebuilt = engine.chain.below(2, ("other",), gather)
+    torch.testing.assert_close(rebuilt[0], handed[1][0])
+    torch.testing.assert_close(rebuilt[1], handed[1][1])
