@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 KV_CACHE_BACKENDS = ("auto", "seqkv")
 BACKEND_KEY = "kv_cache_backend"
@@ -22,6 +22,31 @@ OPTIONS_KEY = "seqkv"
 
 class SeqKVConfigError(ValueError):
     """A bad plugin option; the message names the option and what is allowed."""
+
+
+class ColdTierConfig(BaseModel):
+    """Where blocks evicted from vLLM's pages go (``additional_config["seqkv"]["cold_tier"]``).
+
+    Turned into vLLM's ``kv_transfer_config`` (the seqkv KV connector) by the plugin.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["cpu", "disk", "redis"] = Field(
+        default="cpu", description="cpu: process RAM; disk: one file per block under `path`; "
+        "redis: a Redis/Valkey server at `url`")
+    capacity_bytes: int = Field(default=1 << 30, gt=0,
+                                description="bytes of coded blocks the tier holds (LRU beyond)")
+    path: str | None = Field(default=None, description="directory of the disk tier")
+    url: str = Field(default="redis://127.0.0.1:6379/0", description="server of the redis tier")
+    entropy_coding: bool = Field(default=True, description="entropy-code the hot-code bytes "
+                                 "(constriction ANS, lossless); false: store them raw")
+
+    @model_validator(mode="after")
+    def _disk_needs_path(self):
+        if self.kind == "disk" and not self.path:
+            raise ValueError("kind 'disk' needs a 'path' (a directory)")
+        return self
 
 
 class SeqKVConfig(BaseModel):
@@ -35,6 +60,10 @@ class SeqKVConfig(BaseModel):
         default=None, description="calibration file; default: the one `python -m "
         "vllm_seqkv.calibrate MODEL` wrote for this model")
 
+    cold_tier: ColdTierConfig | None = Field(
+        default=None, description="cold tier for blocks evicted from the pages (KV connector); "
+        "null: none")
+
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, name: str) -> str:
@@ -43,6 +72,12 @@ class SeqKVConfig(BaseModel):
         if name not in PRESETS:
             raise ValueError(f"unknown preset; choose from {', '.join(PRESETS) or '(none)'}")
         return name
+
+    @model_validator(mode="after")
+    def _cold_tier_needs_seqkv(self):
+        if self.cold_tier is not None and self.kv_cache_backend != "seqkv":
+            raise ValueError("cold_tier needs kv_cache_backend 'seqkv'")
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -74,7 +109,8 @@ def _one_line(exc: ValidationError) -> str:
     for err in exc.errors():
         option = ".".join(str(p) for p in err["loc"]) or "<config>"
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(sorted(SeqKVConfig.model_fields))
+            model = ColdTierConfig if err["loc"][:1] == ("cold_tier",) else SeqKVConfig
+            allowed = ", ".join(sorted(model.model_fields))
             problems.append(f"unknown option '{option}' (valid options: {allowed})")
         else:
             problems.append(f"option '{option}': {err['msg']} (got {err.get('input')!r})")

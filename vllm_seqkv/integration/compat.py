@@ -8,7 +8,14 @@ upgrade that moves one fails at import with a clear message instead of deep insi
 from __future__ import annotations
 
 import vllm
-from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.config import KVTransferConfig, VllmConfig, get_current_vllm_config
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
 from vllm.engine.arg_utils import EngineArgs
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
@@ -19,6 +26,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.attention.selector import _cached_get_attn_backend
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 __all__ = [
     "Attention",
@@ -30,6 +38,13 @@ __all__ = [
     "CPUAttentionBackend",
     "CPUAttentionBackendImpl",
     "EngineArgs",
+    "KVTransferConfig",
+    "KVConnectorFactory",
+    "KVConnectorBase_V1",
+    "KVConnectorMetadata",
+    "KVConnectorRole",
+    "KVConnectorWorkerMetadata",
+    "CacheHitSource",
     "VllmConfig",
     "get_current_vllm_config",
     "init_logger",

@@ -45,6 +45,19 @@ class SinkTable:
             else:
                 self._exact.setdefault(entry_key, {})[offset] = (key[i].clone(), value[i].clone())
 
+    def export(self, layer: int, block: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Copy of the exact rows of ``(layer, block)``: ``{offset: (key [H, D], value [H, D])}``
+        (empty if the block does not start a sequence). For a KV connector saving the block."""
+        return {o: (k.clone(), v.clone()) for o, (k, v) in self._exact.get((layer, block), {}).items()}
+
+    def import_(self, layer: int, block: int, entry: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Set the exact rows of ``(layer, block)`` to ``entry`` (what :meth:`export` gave for the
+        block's bytes), replacing what the block held before; empty -> no entry."""
+        if entry:
+            self._exact[(layer, block)] = {int(o): (k.clone(), v.clone()) for o, (k, v) in entry.items()}
+        else:
+            self._exact.pop((layer, block), None)
+
     def restore(self, layer: int, first_block: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Overwrite the decoded sink rows of ``key``/``value [S, H, D]`` with the exact ones."""
         entry = self._exact.get((layer, first_block), {})

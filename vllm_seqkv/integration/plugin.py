@@ -25,6 +25,9 @@ def register() -> None:
     from vllm_seqkv.integration import cli, compat
 
     cli.install()
+    from vllm_seqkv.integration import connector
+
+    connector.register()
     _hook_engine_config(compat)
     _hook_attention_constructor(compat)
     _registered = True
@@ -42,6 +45,8 @@ def _hook_engine_config(compat) -> None:
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         config = from_additional_config(self.additional_config)
+        if config.cold_tier is not None:
+            _select_cold_tier_connector(self)
         vllm_config = original(self, *args, **kwargs)
         if config.enabled:
             from vllm_seqkv.integration.support import check_model_supported
@@ -58,6 +63,20 @@ def _hook_engine_config(compat) -> None:
 
     create_engine_config._seqkv_hook = True
     compat.EngineArgs.create_engine_config = create_engine_config
+
+
+def _select_cold_tier_connector(engine_args) -> None:
+    """``cold_tier`` in the seqkv options -> vLLM's kv_transfer_config for our connector."""
+    from vllm_seqkv.config import SeqKVConfigError
+    from vllm_seqkv.integration.connector import CONNECTOR_NAME, kv_transfer_config_for
+
+    current = engine_args.kv_transfer_config
+    if current is not None and current.kv_connector != CONNECTOR_NAME:
+        raise SeqKVConfigError(
+            f"invalid seqkv config: option 'cold_tier' needs the {CONNECTOR_NAME} KV connector, "
+            f"but --kv-transfer-config selects {current.kv_connector!r}; drop one of them")
+    if current is None:
+        engine_args.kv_transfer_config = kv_transfer_config_for()
 
 
 def cache_figures(config: SeqKVConfig, model_config):

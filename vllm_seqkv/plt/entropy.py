@@ -6,6 +6,7 @@
   i.e. a full per-column byte distribution. Models start from a prior fitted offline on
   training blocks (:meth:`ColdCodec.fit`; uniform when absent) and adapt per chunk of rows
   (counts of the chunks already coded), so encoder and decoder see identical integer counts.
+  A block the model cannot shrink is stored as is (one mode byte), so coding never expands.
 * :class:`TokenCoder` - token ids range-coded under the model's own next-token distribution
   (transformers, fp32, CPU). Encoder and decoder run the same incremental forward (one token
   per step with the KV cache) so they see bit-identical probabilities on one machine; the
@@ -22,6 +23,7 @@ import constriction
 import numpy as np
 
 _CAT = constriction.stream.model.Categorical(perfect=False)
+_STORED, _CODED = b"\x00", b"\x01"  # first payload byte of a ColdCodec stream
 
 
 def _nibbles(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +46,7 @@ class ColdCodec:
                          else np.asarray(prior_lo, np.int64))
         if self.prior_hi.shape != (columns, 16) or self.prior_lo.shape != (columns, 16, 16):
             raise ValueError("prior shapes do not match columns")
-        h = hashlib.blake2b(digest_size=8)
+        h = hashlib.blake2b(digest_size=8, person=b"coldcodec-v2")
         for a in (np.int64(columns), np.int64(chunk_rows), np.int64(increment),
                   self.prior_hi, self.prior_lo):
             h.update(np.ascontiguousarray(a).tobytes())
@@ -105,9 +107,19 @@ class ColdCodec:
         if syms:
             enc.encode_reverse(np.concatenate(syms).astype(np.int32), _CAT,
                                np.concatenate(probs).astype(np.float64))
-        return enc.get_compressed().astype("<u4").tobytes()
+        coded = enc.get_compressed().astype("<u4").tobytes()
+        if len(coded) >= len(data):  # incompressible (e.g. tightly packed codes): never expand
+            return _STORED + bytes(data)
+        return _CODED + coded
 
     def decode(self, payload: bytes, raw_len: int) -> bytes:
+        mode, payload = payload[:1], payload[1:]
+        if mode == _STORED:
+            if len(payload) != raw_len:
+                raise ValueError("stored payload length mismatch")
+            return bytes(payload)
+        if mode != _CODED:
+            raise ValueError("unknown cold-codec payload mode")
         rows = self._rows(raw_len)
         dec = constriction.stream.stack.AnsCoder(np.frombuffer(payload, "<u4").astype(np.uint32))
         cols = np.arange(self.columns)
@@ -218,3 +230,36 @@ class TokenCoder:
             tok_lp = np.concatenate([[-math.log(self.vocab)],
                                      lp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()])
         return float(-tok_lp.mean() / math.log(2)), tok_lp
+
+
+class SplitCodec:
+    """The first ``head_len`` bytes through ``head`` (e.g. :class:`ColdCodec`), the rest raw.
+
+    For blobs that carry a small side record after the page bytes (the connector appends the
+    exact sink K/V of a block). Payload: ``u64 coded head length | coded head | tail``. The
+    blob layer checks the digest of the whole decoded record.
+    """
+
+    codec_id = 3
+
+    def __init__(self, head, head_len: int):
+        self.head = head
+        self.head_len = int(head_len)
+        h = hashlib.blake2b(digest_size=8)
+        h.update(bytes([head.codec_id]) + head.tag + self.head_len.to_bytes(8, "little"))
+        self.tag = h.digest()
+
+    def encode(self, data: bytes) -> bytes:
+        if len(data) < self.head_len:
+            raise ValueError(f"{len(data)} bytes < head of {self.head_len}")
+        coded = self.head.encode(bytes(data[:self.head_len]))
+        return len(coded).to_bytes(8, "little") + coded + bytes(data[self.head_len:])
+
+    def decode(self, payload: bytes, raw_len: int) -> bytes:
+        n = int.from_bytes(payload[:8], "little")
+        if raw_len < self.head_len or 8 + n > len(payload):
+            raise ValueError("split payload shorter than its header says")
+        tail = payload[8 + n:]
+        if self.head_len + len(tail) != raw_len:
+            raise ValueError("split payload length mismatch")
+        return self.head.decode(payload[8:8 + n], self.head_len) + bytes(tail)

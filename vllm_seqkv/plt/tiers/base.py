@@ -37,6 +37,7 @@ class Tier(ABC):
         self._raw: dict[bytes, int] = {}
         self.stats = {"saves": 0, "loads": 0, "hits": 0, "misses": 0, "errors": 0,
                       "evictions": 0, "load_s": 0.0, "save_s": 0.0}
+        self._dropped: list[bytes] = []  # keys no longer held (evicted, corrupt, deleted)
 
     # ---- backend ---------------------------------------------------------------------------
     @abstractmethod
@@ -117,12 +118,29 @@ class Tier(ABC):
 
     def delete(self, key) -> None:
         k = _blob.key_bytes(key)
+        if k in self._sizes:
+            self._dropped.append(k)
         self._sizes.pop(k, None)
         self._raw.pop(k, None)
         try:
             self._del(k)
         except Exception as e:
             log.warning("%s: delete of %s failed: %s", self.name, k.hex()[:16], e)
+
+    def touch(self, key) -> None:
+        """Mark ``key`` most recently used (LRU order), without loading it."""
+        k = _blob.key_bytes(key)
+        if k in self._sizes:
+            self._sizes.move_to_end(k)
+
+    def stored_bytes(self, key) -> int | None:
+        """Bytes held for ``key`` (the framed blob), or None if not held."""
+        return self._sizes.get(_blob.key_bytes(key))
+
+    def take_dropped(self) -> list[bytes]:
+        """Keys dropped since the last call (evicted, found corrupt or deleted); clears."""
+        out, self._dropped = self._dropped, []
+        return out
 
     def __contains__(self, key) -> bool:
         return _blob.key_bytes(key) in self._sizes

@@ -1,0 +1,447 @@
+"""Cold tier for vLLM's prefix cache: a KV connector that keeps blocks beyond the pages.
+
+What it does. When a request finishes, every full block of it that the cold tier does not hold
+yet is copied out of vLLM's pages (the seqkv hot code, as bytes) plus the block's exact sink
+rows (:class:`~.engine_codec.SinkTable`), entropy-coded losslessly (``ColdCodec``:
+constriction ANS), framed with checksums (:mod:`vllm_seqkv.plt.blob`) and stored in a
+:mod:`vllm_seqkv.plt.tiers` tier (CPU RAM, local disk with atomic writes, or Redis). vLLM's
+prefix cache keeps the pages until it needs them for other requests (its LRU eviction).
+When a request arrives, vLLM first takes its own prefix-cache hit; the connector reports
+the blocks after that which the cold tier holds, and copies them back into the pages
+before the forward (a synchronous load). The tokens restored this way count in the
+request's ``num_cached_tokens``.
+
+Keys. A block is stored under ``blake2b(namespace | vLLM block hash)``: vLLM's hash chains
+the parent hash, the block's tokens and the request's extra keys - among them
+``cache_salt`` - so tenants with different salts never see each other's blocks; the
+namespace folds in the model path, preset, calibration and block size, so a shared disk or
+Redis tier never hands one model's blocks to another.
+
+Faults. A blob that is missing, corrupt or truncated (checksum), or a tier that fails
+(disk error, Redis down) is a miss with a warning: the worker reports the block ids it
+could not load (``get_block_ids_with_load_errors``) and vLLM recomputes from the first of
+them (``kv_load_failure_policy: recompute``, set by :func:`kv_transfer_config_for`). A save
+that fails leaves the block uncached. Disk full: the disk tier evicts its own blocks and
+retries once.
+
+Where the work runs. Scheduler side: an index of the keys the worker reported stored
+(plus, for disk and Redis, the tier itself: blocks another engine stored), the load and
+save plans. Worker side: the tier and the byte copies. Saves run in ``wait_for_save`` of
+the step after a request finishes (its blocks are held until then: ``request_finished``
+returns True), loads in ``start_load_kv`` before the forward.
+
+Restore cost (CPU): decode of the ANS stream (~7 us per row of ``heads x slot_bytes``
+bytes, pure numpy + constriction) plus a copy into the pages; see BENCHMARKS.md for the
+measured ratio versus recompute through vLLM.
+
+Limits: one worker (tensor/pipeline parallel size 1), one KV-cache group, the seqkv
+attention backend (pages of uint8 slots), ``hash_block_size == block_size``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm_seqkv.config import ColdTierConfig, SeqKVConfig, from_additional_config
+from vllm_seqkv.integration.compat import (
+    CacheHitSource,
+    KVConnectorBase_V1,
+    KVConnectorFactory,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+    KVTransferConfig,
+    extract_layer_index,
+    init_logger,
+)
+
+logger = init_logger("vllm.seqkv.connector")
+
+CONNECTOR_NAME = "SeqKVColdTierConnector"
+MODULE_PATH = __name__
+
+
+# ---- configuration ------------------------------------------------------------------------
+def kv_transfer_config_for() -> KVTransferConfig:
+    """vLLM's ``kv_transfer_config`` selecting this connector (options stay in the seqkv config)."""
+    return KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_connector_module_path=MODULE_PATH,
+                            kv_role="kv_both", kv_load_failure_policy="recompute")
+
+
+def register() -> None:
+    """Make ``{"kv_connector": "SeqKVColdTierConnector"}`` resolvable without a module path."""
+    if CONNECTOR_NAME not in KVConnectorFactory._registry:
+        KVConnectorFactory.register_connector(CONNECTOR_NAME, MODULE_PATH, "SeqKVColdTierConnector")
+
+
+def namespace(vllm_config, config: SeqKVConfig) -> bytes:
+    """What a block key depends on besides vLLM's block hash."""
+    mc = vllm_config.model_config
+    ident = "|".join(str(x) for x in (
+        "seqkv-cold-1", mc.model, getattr(mc, "revision", None), config.preset, config.calibration,
+        vllm_config.cache_config.block_size, mc.get_total_num_hidden_layers(),
+        mc.get_total_num_kv_heads(), mc.get_head_size()))
+    return hashlib.blake2b(ident.encode(), digest_size=16).digest()
+
+
+def block_key(ns: bytes, block_hash: bytes) -> bytes:
+    return hashlib.blake2b(ns + bytes(block_hash), digest_size=20).digest()
+
+
+def make_tier(cold: ColdTierConfig, codec):
+    from vllm_seqkv.plt.tiers import DiskTier, MemoryTier, RedisTier
+
+    if cold.kind == "cpu":
+        return MemoryTier(codec, cold.capacity_bytes)
+    if cold.kind == "disk":
+        return DiskTier(cold.path, codec, cold.capacity_bytes)
+    return RedisTier(cold.url, codec, cold.capacity_bytes)
+
+
+# ---- worker side: pages <-> blobs ---------------------------------------------------------
+_SINK_HEAD = struct.Struct("<HH")  # layer, offset
+
+
+class BlockStore:
+    """Copies whole blocks between vLLM's pages and a tier.
+
+    ``pages``: one uint8 tensor ``[num_blocks, H, block_size, slot_bytes]`` per layer, in
+    layer order. A block's record: the page bytes laid out ``[layer, token, head, slot]``
+    (rows of ``H x slot_bytes`` bytes, the layout ``ColdCodec`` models per column), then its
+    exact sink rows (``u32 count``, then per entry ``u16 layer, u16 offset, K, V`` as float32
+    ``[H, D]``).
+    """
+
+    def __init__(self, tier, pages: list[torch.Tensor], sinks=None, head_dim: int | None = None):
+        self.tier = tier
+        self.pages = pages
+        self.sinks = sinks
+        self.head_dim = head_dim
+        _, self.heads, self.block_size, self.slot_bytes = pages[0].shape
+        self.page_bytes = len(pages) * self.heads * self.block_size * self.slot_bytes
+
+    @staticmethod
+    def codec_for(layers: int, heads: int, block_size: int, slot_bytes: int, entropy: bool = True):
+        from vllm_seqkv.plt.entropy import ColdCodec, RawCodec, SplitCodec
+
+        if not entropy:
+            return RawCodec()
+        return SplitCodec(ColdCodec(columns=heads * slot_bytes), layers * heads * block_size * slot_bytes)
+
+    # -- record <-> pages --
+    def read(self, block: int) -> bytes:
+        stacked = torch.stack([p[block] for p in self.pages])  # [L, H, bs, S]
+        out = stacked.permute(0, 2, 1, 3).contiguous().numpy().tobytes()
+        return out + self._export_sinks(block)
+
+    def write(self, block: int, record: bytes) -> None:
+        if len(record) < self.page_bytes:
+            raise ValueError(f"record of {len(record)} bytes < {self.page_bytes} page bytes")
+        L, H, bs, S = len(self.pages), self.heads, self.block_size, self.slot_bytes
+        arr = np.frombuffer(record, np.uint8, count=self.page_bytes).reshape(L, bs, H, S)
+        sinks = self._parse_sinks(record[self.page_bytes:])  # parse first: all or nothing
+        for layer, p in enumerate(self.pages):
+            p[block].copy_(torch.from_numpy(arr[layer].transpose(1, 0, 2).copy()))
+        if self.sinks is not None:
+            for layer in range(L):
+                self.sinks.import_(layer, block, sinks.get(layer, {}))
+
+    def _export_sinks(self, block: int) -> bytes:
+        if self.sinks is None:
+            return struct.pack("<I", 0)
+        parts, count = [], 0
+        for layer in range(len(self.pages)):
+            for offset, (k, v) in sorted(self.sinks.export(layer, block).items()):
+                parts.append(_SINK_HEAD.pack(layer, offset) + k.float().contiguous().numpy().tobytes()
+                             + v.float().contiguous().numpy().tobytes())
+                count += 1
+        return struct.pack("<I", count) + b"".join(parts)
+
+    def _parse_sinks(self, tail: bytes) -> dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        if len(tail) < 4:
+            raise ValueError("record has no sink section")
+        (count,) = struct.unpack_from("<I", tail)
+        out: dict[int, dict] = {}
+        if count == 0:
+            return out
+        if self.head_dim is None:
+            raise ValueError("record carries sink rows but the head size is unknown")
+        n = self.heads * self.head_dim
+        size = _SINK_HEAD.size + 8 * n
+        if len(tail) != 4 + count * size:
+            raise ValueError("sink section length mismatch")
+        for i in range(count):
+            at = 4 + i * size
+            layer, offset = _SINK_HEAD.unpack_from(tail, at)
+            vals = np.frombuffer(tail, np.float32, count=2 * n, offset=at + _SINK_HEAD.size)
+            k = torch.from_numpy(vals[:n].copy()).view(self.heads, self.head_dim)
+            v = torch.from_numpy(vals[n:].copy()).view(self.heads, self.head_dim)
+            out.setdefault(layer, {})[offset] = (k, v)
+        return out
+
+    # -- tier --
+    def save(self, key: bytes, block: int) -> bool:
+        return self.tier.save(key, self.read(block))
+
+    def load(self, key: bytes, block: int) -> bool:
+        record = self.tier.load(key)
+        if record is None:
+            return False
+        try:
+            self.write(block, record)
+        except Exception as e:  # a verified blob of another shape: refuse, recompute
+            logger.warning("seqkv cold tier: block %s does not fit the pages (%s); recomputing",
+                           key.hex()[:16], e)
+            self.tier.delete(key)
+            return False
+        return True
+
+
+# ---- metadata -----------------------------------------------------------------------------
+@dataclass
+class BlockJob:
+    req_id: str
+    block_ids: list[int]
+    keys: list[bytes]
+    first_token: int = 0  # token index of the first block (for log lines)
+
+
+@dataclass
+class ColdTierMetadata(KVConnectorMetadata):
+    saves: list[BlockJob] = field(default_factory=list)
+    loads: list[BlockJob] = field(default_factory=list)
+
+
+@dataclass
+class ColdTierWorkerMetadata(KVConnectorWorkerMetadata):
+    """Keys whose state changed this step: bytes held, or None (not held any more)."""
+
+    held: dict[bytes, int | None] = field(default_factory=dict)
+
+    def aggregate(self, other: "ColdTierWorkerMetadata") -> "ColdTierWorkerMetadata":
+        return ColdTierWorkerMetadata({**self.held, **other.held})
+
+
+# ---- the connector ------------------------------------------------------------------------
+class SeqKVColdTierConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self.config = from_additional_config(vllm_config.additional_config)
+        if self.config.cold_tier is None or not self.config.enabled:
+            raise ValueError("SeqKVColdTierConnector needs --kv-cache-backend seqkv and a "
+                             "'cold_tier' in additional_config['seqkv']")
+        self.cold = self.config.cold_tier
+        par = vllm_config.parallel_config
+        if par.tensor_parallel_size * par.pipeline_parallel_size != 1:
+            raise NotImplementedError("seqkv cold tier: tensor/pipeline parallel size must be 1")
+        cache = vllm_config.cache_config
+        self.block_size = cache.block_size
+        hbs = getattr(cache, "hash_block_size", None)
+        if hbs not in (None, self.block_size):
+            raise NotImplementedError(f"seqkv cold tier: hash_block_size {hbs} != block_size "
+                                      f"{self.block_size}")
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            raise ValueError("seqkv cold tier: set kv_load_failure_policy 'recompute' in "
+                             "--kv-transfer-config (a corrupt blob must be recomputed)")
+        self.ns = namespace(vllm_config, self.config)
+        self._cache_hit_source = {"cpu": CacheHitSource.HOST, "disk": CacheHitSource.DISK}.get(
+            self.cold.kind, CacheHitSource.EXTERNAL_UNSPECIFIED)
+        # scheduler side
+        self._held: dict[bytes, int] = {}
+        self._saving: set[bytes] = set()
+        self._lookup_start: dict[str, int] = {}
+        self._saves: list[BlockJob] = []
+        self._loads: list[BlockJob] = []
+        self._probe = None
+        if role == KVConnectorRole.SCHEDULER and self.cold.kind == "redis":
+            from vllm_seqkv.plt.tiers import RedisTier  # shared across nodes: ask the server
+
+            self._probe = RedisTier(self.cold.url)
+        # worker side
+        self.store: BlockStore | None = None
+        self._done_sending: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._changed: set[bytes] = set()
+        self._inventory_sent = False
+        self.stats = {"saved_blocks": 0, "save_failures": 0, "loaded_blocks": 0,
+                      "load_failures": 0, "save_s": 0.0, "load_s": 0.0}
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped save is a later miss
+
+    # ==== scheduler side ====
+    def _key(self, block_hash) -> bytes:
+        return block_key(self.ns, block_hash)
+
+    def _has(self, key: bytes) -> bool:
+        if key in self._held:
+            return True
+        if self._probe is not None and key in self._probe:
+            return True
+        if self.cold.kind == "disk":
+            from pathlib import Path
+
+            return (Path(self.cold.path) / f"{key.hex()}.blob").exists()
+        return False
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        bs = self.block_size
+        start = num_computed_tokens // bs
+        limit = min((request.num_tokens - 1) // bs, len(request.block_hashes))
+        n = 0
+        for i in range(start, limit):
+            if not self._has(self._key(request.block_hashes[i])):
+                break
+            n += 1
+        self._lookup_start[request.request_id] = start
+        return n * bs, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
+        if num_external_tokens <= 0:
+            return
+        start = self._lookup_start.pop(request.request_id, None)
+        if start is None:
+            return
+        n = num_external_tokens // self.block_size
+        ids = blocks.get_block_ids()[0][start:start + n]
+        keys = [self._key(h) for h in request.block_hashes[start:start + n]]
+        self._loads.append(BlockJob(request.request_id, list(ids), keys, start * self.block_size))
+
+    def build_connector_meta(self, scheduler_output) -> ColdTierMetadata:
+        meta = ColdTierMetadata(self._saves, self._loads)
+        self._saves, self._loads = [], []
+        return meta
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._lookup_start.pop(request.request_id, None)
+        n = min(len(request.block_hashes), len(block_ids), request.num_computed_tokens // self.block_size)
+        ids, keys = [], []
+        for i in range(n):
+            k = self._key(request.block_hashes[i])
+            if k in self._held or k in self._saving:
+                continue
+            ids.append(block_ids[i])
+            keys.append(k)
+        if not keys:
+            return False, None
+        self._saving.update(keys)
+        self._saves.append(BlockJob(request.request_id, ids, keys))
+        return True, None  # hold the blocks until the worker has copied them
+
+    def update_connector_output(self, connector_output) -> None:
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if not isinstance(meta, ColdTierWorkerMetadata):
+            return
+        for k, n in meta.held.items():
+            self._saving.discard(k)
+            if n is None:
+                self._held.pop(k, None)
+            else:
+                self._held[k] = n
+
+    # ==== worker side ====
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        from vllm_seqkv.integration.engine_codec import active_engine_codec
+
+        layers = sorted(kv_caches, key=extract_layer_index)
+        pages = [t.view(torch.uint8) if t.dtype != torch.uint8 else t for t in
+                 (kv_caches[name] for name in layers)]
+        if any(p.dim() != 4 for p in pages):
+            raise NotImplementedError("seqkv cold tier needs the seqkv attention backend's pages "
+                                      "[num_blocks, heads, block_size, slot_bytes]")
+        engine = active_engine_codec()
+        _, heads, bs, slot = pages[0].shape
+        codec = BlockStore.codec_for(len(pages), heads, bs, slot, self.cold.entropy_coding)
+        tier = make_tier(self.cold, codec)
+        self.store = BlockStore(tier, pages, engine.sinks, engine.head_dim)
+        logger.info("seqkv cold tier: %s tier%s, %d bytes, %d layers x %d heads x %d tokens x %d "
+                    "slot bytes per block (%d raw bytes), entropy coding %s", self.cold.kind,
+                    f" at {self.cold.path}" if self.cold.path else "", self.cold.capacity_bytes,
+                    len(pages), heads, bs, slot, self.store.page_bytes,
+                    "on" if self.cold.entropy_coding else "off")
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, ColdTierMetadata) or not meta.loads or self.store is None:
+            return
+        for job in meta.loads:
+            t0 = time.perf_counter()
+            done = 0
+            for j, (block, key) in enumerate(zip(job.block_ids, job.keys)):
+                self._changed.add(key)
+                if not self.store.load(key, block):
+                    self._load_errors.update(job.block_ids[j:])
+                    self.stats["load_failures"] += 1
+                    logger.warning(
+                        "seqkv cold tier: block %d of request %s missing or corrupt; vLLM "
+                        "recomputes from token %d", j, job.req_id,
+                        job.first_token + j * self.block_size)
+                    break
+                done += 1
+            for key in reversed(job.keys[:done]):  # the prefix root is the most recent: LRU
+                self.store.tier.touch(key)      # evicts the deepest blocks first
+            dt = time.perf_counter() - t0
+            self.stats["loaded_blocks"] += done
+            self.stats["load_s"] += dt
+            logger.info("seqkv cold tier: restored %d blocks (%d tokens) of request %s in %.1f ms",
+                        done, done * self.block_size, job.req_id, dt * 1e3)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        return
+
+    def wait_for_save(self):
+        meta = self._connector_metadata
+        if not isinstance(meta, ColdTierMetadata) or self.store is None:
+            return
+        for job in meta.saves:
+            t0 = time.perf_counter()
+            for block, key in zip(job.block_ids, job.keys):
+                self._changed.add(key)
+                if self.store.save(key, block):
+                    self.stats["saved_blocks"] += 1
+                else:
+                    self.stats["save_failures"] += 1
+            for key in reversed(job.keys):
+                self.store.tier.touch(key)
+            self.stats["save_s"] += time.perf_counter() - t0
+            self._done_sending.add(job.req_id)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        done, self._done_sending = self._done_sending, set()
+        return (done or None), None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+    def build_connector_worker_meta(self) -> ColdTierWorkerMetadata | None:
+        if self.store is None:
+            return None
+        tier = self.store.tier
+        changed = self._changed | set(tier.take_dropped())
+        if not self._inventory_sent:  # blocks a previous engine left on disk
+            changed |= set(tier._sizes)
+            self._inventory_sent = True
+        self._changed = set()
+        if not changed:
+            return None
+        return ColdTierWorkerMetadata({k: tier.stored_bytes(k) for k in changed})
+
+    def shutdown(self):
+        if self.store is not None:
+            s = dict(self.stats)
+            s.update({"tier_" + k: v for k, v in self.store.tier.stats.items()})
+            logger.info("seqkv cold tier at shutdown: %s", s)
