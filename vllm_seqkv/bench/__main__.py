@@ -14,7 +14,7 @@ QUICK_CONTEXT = 128
 QUICK_TOKENS = 1024
 DEFAULT_CONTEXT = 2048
 DEFAULT_TOKENS = 4096
-DEFAULT_CALIB_TOKENS = 8192
+DEFAULT_CALIB_TOKENS = 24576  # = vllm_seqkv.calibrate.DEFAULT_TOKENS (its files are reused)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
