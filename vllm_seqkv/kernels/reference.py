@@ -56,3 +56,42 @@ def paged_decode_attention_reference(query: torch.Tensor, own_k: torch.Tensor, o
             scale=scale, enable_gqa=True)  # [Hq, 1, D]
         out[i] = attended[:, 0].to(query.dtype)
     return out
+
+
+def reconstruct_transform_reference(pages: torch.Tensor, block_ids: torch.Tensor, layout: SlotLayout,
+                                    previous=None, rope_theta: float | None = None,
+                                    block_positions: torch.Tensor | None = None):
+    """The codec's own decode of whole pages of a transform layer: ``block_ids [M]`` (-1: zeros)
+    -> K, V float32 ``[M * bs, H, D]``; ``previous``: the layer below's reconstruction of the
+    same rows (coding frame); with ``rope_theta`` keys are RoPE-rotated at
+    ``block_positions[m] + slot`` (:func:`vllm_seqkv.codec.rope.apply_rope`)."""
+    from vllm_seqkv.codec.rope import apply_rope, rope_tables
+
+    heads, block_size, slot_bytes = pages.shape[1], pages.shape[2], pages.shape[3]
+    ids = block_ids.long().cpu()
+    valid = (ids >= 0).repeat_interleave(block_size)
+    slots = pages.cpu()[ids.clamp(min=0)].transpose(1, 2).reshape(-1, heads, slot_bytes)
+    if previous is not None:
+        previous = tuple(p.float().cpu() for p in previous)
+    key, value = layout.decode(slots, previous)
+    if rope_theta is not None:
+        positions = (block_positions.long().cpu()[:, None] + torch.arange(block_size)).reshape(-1)
+        key = apply_rope(key, *rope_tables(positions, layout.head_dim, rope_theta))
+    key[~valid] = 0
+    value[~valid] = 0
+    return key.to(pages.device), value.to(pages.device)
+
+
+def write_transform_reference(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+                              pages: torch.Tensor, layout: SlotLayout, previous=None) -> None:
+    """:func:`write_slots_reference` with ``previous`` (the layer below's reconstruction of the
+    same tokens, coding frame) for cross-layer layers; keys in the coding frame (pre-RoPE)."""
+    valid = (slot_mapping >= 0).cpu()
+    if not bool(valid.any()):
+        return
+    slots = slot_mapping.cpu()[valid].long()
+    if previous is not None:
+        previous = tuple(p.float().cpu()[valid] for p in previous)
+    coded = layout.encode(key.cpu()[valid].float(), value.cpu()[valid].float(), previous)
+    block_size = pages.shape[2]
+    pages[slots // block_size, :, slots % block_size] = coded.to(pages.device)

@@ -1,0 +1,168 @@
+"""Per-layer constants the transform-format kernels need, read off a transform SlotLayout.
+
+Slot format of the transform presets (``seqkv-2/2.5/3/4``, ``seqkv-3-nox``; see
+:mod:`vllm_seqkv.codec.transform` and :mod:`vllm_seqkv.codec.crosslayer`): a token-head slot
+is ``[K bitstream | V bitstream]``; each stream is ``sum(bits[h])`` bits, little-endian within a
+byte. Components are stored in descending-width order (stable), each component's
+``bits[h, c]`` bits contiguous, least significant plane first. So component ``c``'s code is
+
+    code = (stream >> start[h, c]) & (2**bits[h, c] - 1)       (at most 2 bytes wide: bits <= 8)
+
+and ``start`` is read off the codec's own ``_comp``/``_plane`` tables (checked here, so a
+codec change that breaks the assumption fails loudly instead of decoding garbage). A stream
+decodes as ``levels[h, c, code] @ inverse[h] + mean[h] (+ prev @ pred_w + pred_b)``.
+Nothing here depends on vLLM or Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+from vllm_seqkv.codec.base import CodecInputError, SlotLayout, TensorCodec
+from vllm_seqkv.codec.crosslayer import CrossLayerCodec
+from vllm_seqkv.codec.transform import MAX_BITS, TransformCodec
+
+LEVELS = 1 << MAX_BITS  # 256 entries per component in ``levels`` / ``cuts``
+
+
+@dataclass(frozen=True)
+class TransformStreamParams:
+    """One stream (K or V) of one layer; all tensors contiguous.
+
+    ``mean [H, D]``, ``basis [H, D, D]`` (encode: ``z = (x - mean) @ basis``), ``inverse
+    [H, D, D]`` (the codec's own float32 inverse), ``levels [H, D, 256]``, ``cuts [H, D, 256]``
+    (decision thresholds ``(levels[i] + levels[i+1]) / 2`` computed as the codec does, padded
+    with +inf from index ``2**bits - 1`` on), ``start``/``nbits`` int32 ``[H, D]`` (bit offset
+    and width of each component in the stream), ``pred_w [2HD, HD]``/``pred_b [HD]`` float32
+    (zeros when the stream has no cross-layer predictor, ``has_pred`` False), ``offset``: byte
+    offset of the stream in the slot, ``nbytes``: its size.
+    """
+
+    mean: torch.Tensor
+    basis: torch.Tensor
+    inverse: torch.Tensor
+    levels: torch.Tensor
+    cuts: torch.Tensor
+    start: torch.Tensor
+    nbits: torch.Tensor
+    pred_w: torch.Tensor
+    pred_b: torch.Tensor
+    has_pred: bool
+    offset: int
+    nbytes: int
+
+    def to(self, device) -> "TransformStreamParams":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+@dataclass(frozen=True)
+class TransformLayerParams:
+    """Both streams of one layer of a transform preset (+ the SlotLayout they came from)."""
+
+    num_kv_heads: int
+    head_dim: int
+    slot_bytes: int
+    key: TransformStreamParams
+    value: TransformStreamParams
+    layout: SlotLayout | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.key.mean.device
+
+    @property
+    def cross_layer(self) -> bool:
+        """True when decoding this layer needs the previous layer's reconstruction."""
+        return self.key.has_pred or self.value.has_pred
+
+    def to(self, device) -> "TransformLayerParams":
+        return replace(self, key=self.key.to(device), value=self.value.to(device))
+
+
+def is_transform_layout(layout: SlotLayout) -> bool:
+    return all(_split(c, strict=False) is not None for c in (layout.key, layout.value))
+
+
+def _split(codec: TensorCodec, strict: bool = True):
+    if isinstance(codec, CrossLayerCodec) and isinstance(codec.inner, TransformCodec):
+        return codec.inner, codec.predictor
+    if isinstance(codec, TransformCodec):
+        return codec, None
+    if strict:
+        raise CodecInputError(f"transform kernels read TransformCodec slots (optionally cross-layer); "
+                              f"got {type(codec).__name__}")
+    return None
+
+
+def bit_starts(codec: TransformCodec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``start``, ``nbits`` int32 ``[H, D]`` from the codec's bit-plane order (checked)."""
+    bits = codec.transform.bits.long()
+    heads, dim = bits.shape
+    start = torch.zeros(heads, dim, dtype=torch.int32)
+    comp, plane = codec._comp, codec._plane  # [H, B]: the codec's own (component, plane) order
+    for h in range(heads):
+        first = {}
+        for p, (c, j) in enumerate(zip(comp[h].tolist(), plane[h].tolist())):
+            first.setdefault(c, p)
+            if p != first[c] + j:
+                raise CodecInputError("transform slot: a component's bit planes are not contiguous "
+                                      "LSB-first (codec bit order changed?)")
+        for c, p in first.items():
+            start[h, c] = p
+    return start, bits.to(torch.int32)
+
+
+def _stream(codec: TensorCodec, heads: int, dim: int, offset: int) -> TransformStreamParams:
+    inner, predictor = _split(codec)
+    t = inner.transform
+    if tuple(t.mean.shape) != (heads, dim):
+        raise CodecInputError(f"transform fitted for [{t.mean.shape[0]}, {t.mean.shape[1]}] heads x dim, "
+                              f"layout is [{heads}, {dim}]")
+    if dim % 32:
+        raise CodecInputError(f"transform kernels need head_dim a multiple of 32, got {dim}")
+    start, nbits = bit_starts(inner)
+    levels = t.levels.float().contiguous()
+    cuts = torch.full((heads, dim, LEVELS), float("inf"))
+    for b in range(1, MAX_BITS + 1):
+        mask = t.bits == b
+        if bool(mask.any()):
+            lv = t.levels[mask][:, : 1 << b]
+            cuts[mask, : (1 << b) - 1] = (lv[:, 1:] + lv[:, :-1]) / 2  # the codec's own formula
+    if predictor is None:
+        pred_w, pred_b = torch.zeros(1, 1), torch.zeros(1)
+    else:
+        pred_w, pred_b = predictor.weight.float().contiguous(), predictor.bias.float().contiguous()
+        if tuple(pred_w.shape) != (2 * heads * dim, heads * dim) or tuple(pred_b.shape) != (heads * dim,):
+            raise CodecInputError(f"cross-layer predictor is {tuple(pred_w.shape)}, expected "
+                                  f"({2 * heads * dim}, {heads * dim})")
+    return TransformStreamParams(
+        mean=t.mean.float().contiguous(), basis=t.basis.float().contiguous(),
+        inverse=inner._inverse.float().contiguous(), levels=levels, cuts=cuts.contiguous(),
+        start=start, nbits=nbits, pred_w=pred_w, pred_b=pred_b, has_pred=predictor is not None,
+        offset=offset, nbytes=t.bits_per_vector // 8)
+
+
+def transform_layer_params(layout: SlotLayout, device=None) -> TransformLayerParams:
+    """Kernel constants of one transform layer's :class:`SlotLayout` (build once per layer)."""
+    heads, dim = layout.num_kv_heads, layout.head_dim
+    key = _stream(layout.key, heads, dim, 0)
+    value = _stream(layout.value, heads, dim, key.nbytes)
+    if key.nbytes != layout.key_bytes or key.nbytes + value.nbytes != layout.slot_bytes:
+        raise CodecInputError(f"slot layout mismatch: kernels expect {key.nbytes}+{value.nbytes} bytes, "
+                              f"layout has {layout.key_bytes}+{layout.slot_bytes - layout.key_bytes}")
+    params = TransformLayerParams(heads, dim, layout.slot_bytes, key, value, layout)
+    return params.to(device) if device is not None else params
+
+
+def rope_cache(max_positions: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """float32 ``[max_positions, head_dim]``: cos of the ``D/2`` frequencies, then their sin,
+    with exactly the values of :func:`vllm_seqkv.codec.rope.rope_tables` (float64 angles)."""
+    from vllm_seqkv.codec.rope import rope_tables
+
+    cos, sin = rope_tables(torch.arange(max_positions), head_dim, theta)
+    half = head_dim // 2
+    table = torch.cat([cos[:, :half], sin[:, :half]], -1).contiguous()
+    return table.to(device) if device is not None else table
