@@ -19,6 +19,8 @@ if not ON_GPU:
     try:
         import vllm_seqkv.kernels.decode_attention  # noqa: F401  (decorated as interpreted)
         import vllm_seqkv.kernels.reconstruct  # noqa: F401
+        import vllm_seqkv.kernels.transform_reconstruct  # noqa: F401
+        import vllm_seqkv.kernels.transform_write  # noqa: F401
         import vllm_seqkv.kernels.write_kernel  # noqa: F401
     finally:
         if _previous is None:

@@ -1,19 +1,32 @@
 """Decode-time kernels over compressed KV pages, with a pure-torch fallback.
 
-Backend-facing API (all take the layer's :class:`LayerKernelParams`, built once per layer
-with :func:`layer_params` from the engine's SlotLayout and moved to the cache's device):
+Two slot formats, told apart by the layer's params (build them with :func:`layer_params`
+from the engine's SlotLayout, once per layer, on the cache's device):
 
-- ``write_slots(key [T,H,D], value [T,H,D], slot_mapping int [T], pages uint8 [N,H,bs,S], params)``
-  codes new tokens into their slots in place (slot -1 = padding);
+- rotation format (``seqkv-3-rot``, ``-rot-none``): :class:`LayerKernelParams`; Triton and
+  CUDA (``csrc/``) kernels, including a fused paged decode attention;
+- transform format (``seqkv-2/2.5/3/4``, ``seqkv-3-nox``): :class:`TransformLayerParams`;
+  Triton kernels for writing and reconstructing pages (:mod:`.transform_reconstruct` has the
+  decode cost); decode attention is "reconstruct + torch SDPA" (no fused kernel, no CUDA op).
+
+Backend-facing API (``previous``: the layer below's reconstruction of the same rows in the
+coding frame, needed by cross-layer transform layers; ``rope``: a
+:func:`~vllm_seqkv.kernels.transform_params.rope_cache` table to return keys RoPE-rotated,
+transform format only):
+
+- ``write_slots(key [T,H,D], value [T,H,D], slot_mapping int [T], pages uint8 [N,H,bs,S],
+  params, previous=None)`` codes new tokens into their slots in place (slot -1 = padding);
 - ``paged_decode_attention(query [B,Hq,D], own_k [B,H,D], own_v [B,H,D], pages, block_table
-  int [B,max_blocks], seq_lens int [B], params, scale) -> [B,Hq,D]``: one query per sequence;
-  the last position (``seq_lens - 1``) is read exactly from own_k/own_v;
-- ``reconstruct_blocks(pages, block_ids int [M], params) -> (K, V)`` float32 ``[M*bs, H, D]``
-  for prefill.
+  int [B,max_blocks], seq_lens int [B], params, scale, rope=None, previous=None) -> [B,Hq,D]``:
+  one query per sequence; the last position (``seq_lens - 1``) is read exactly from
+  own_k/own_v (transform format: ``previous`` is ``[B, max_blocks * bs, H, D]``);
+- ``reconstruct_blocks(pages, block_ids int [M], params, previous=None, rope=None,
+  block_positions=None) -> (K, V)`` float32 ``[M*bs, H, D]`` for prefill.
 
 Implementation choice (``SEQKV_KERNELS`` = ``auto`` | ``triton`` | ``cuda`` | ``torch``):
 ``auto`` uses Triton on CUDA tensors and the torch reference on CPU tensors; on a GPU without
-Triton it falls back to the reference with a warning. The choice is logged once per device.
+Triton it falls back to the reference with a warning. ``cuda`` on the transform format (no
+CUDA op) runs Triton, with a warning. The choice is logged once per device.
 """
 
 from __future__ import annotations
@@ -24,10 +37,18 @@ import os
 import torch
 
 from vllm_seqkv.kernels.checks import KernelArgumentError
-from vllm_seqkv.kernels.params import LayerKernelParams, StreamParams, layer_params
+from vllm_seqkv.kernels.params import LayerKernelParams, StreamParams
+from vllm_seqkv.kernels.params import layer_params as rotation_layer_params
+from vllm_seqkv.kernels.transform_params import (
+    TransformLayerParams,
+    is_transform_layout,
+    rope_cache,
+    transform_layer_params,
+)
 
-__all__ = ["KernelArgumentError", "LayerKernelParams", "StreamParams", "implementation",
-           "layer_params", "paged_decode_attention", "reconstruct_blocks", "write_slots"]
+__all__ = ["KernelArgumentError", "LayerKernelParams", "StreamParams", "TransformLayerParams",
+           "implementation", "layer_params", "paged_decode_attention", "reconstruct_blocks",
+           "rope_cache", "write_slots"]
 
 logger = logging.getLogger("vllm.seqkv.kernels")
 CHOICES = ("auto", "triton", "cuda", "torch")
@@ -64,14 +85,52 @@ def implementation(device: torch.device) -> str:
     return chosen
 
 
-def _layout(params: LayerKernelParams):
+def layer_params(layout, device=None) -> LayerKernelParams | TransformLayerParams:
+    """Kernel constants of one layer's SlotLayout, for whichever format it codes."""
+    if is_transform_layout(layout):
+        return transform_layer_params(layout, device)
+    return rotation_layer_params(layout, device)
+
+
+def _layout(params):
     if params.layout is None:
         raise KernelArgumentError("params carry no SlotLayout: build them with layer_params(layout)")
     return params.layout
 
 
+def _transform_kind(device: torch.device) -> str:
+    kind = implementation(device)
+    if kind == "cuda":
+        if ("cuda-transform", str(device)) not in _announced:
+            _announced.add(("cuda-transform", str(device)))
+            logger.warning("seqkv kernels: no CUDA op for the transform format; using Triton on %s", device)
+        return "triton"
+    return kind
+
+
+def _needs_previous(params: TransformLayerParams, previous) -> None:
+    if params.cross_layer and previous is None:
+        raise KernelArgumentError("this layer is predicted from the layer below (cross-layer preset): "
+                                  "pass previous=(K, V), the layer below's reconstruction of the same "
+                                  "rows in the coding frame")
+
+
+def _rotation_only(rope, previous) -> None:
+    if rope is not None or previous is not None:
+        raise KernelArgumentError("rope/previous apply to the transform format only "
+                                  "(rotation-format keys are read as cached)")
+
+
 def write_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
-                pages: torch.Tensor, params: LayerKernelParams) -> None:
+                pages: torch.Tensor, params, previous=None) -> None:
+    if isinstance(params, TransformLayerParams):
+        _needs_previous(params, previous)
+        if _transform_kind(pages.device) == "triton":
+            from vllm_seqkv.kernels.transform_write import write_transform_slots
+            return write_transform_slots(key, value, slot_mapping, pages, params, previous)
+        from vllm_seqkv.kernels.reference import write_transform_reference
+        return write_transform_reference(key, value, slot_mapping, pages, _layout(params), previous)
+    _rotation_only(None, previous)
     kind = implementation(pages.device)
     if kind == "triton":
         from vllm_seqkv.kernels.write_kernel import write_slots_triton
@@ -85,7 +144,18 @@ def write_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tens
 
 def paged_decode_attention(query: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
                            pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                           params: LayerKernelParams, scale: float) -> torch.Tensor:
+                           params, scale: float, rope: torch.Tensor | None = None,
+                           previous=None) -> torch.Tensor:
+    if isinstance(params, TransformLayerParams):
+        _needs_previous(params, previous)
+        if _transform_kind(pages.device) == "triton":
+            from vllm_seqkv.kernels.transform_reconstruct import transform_decode_attention
+            return transform_decode_attention(query, own_k, own_v, pages, block_table, seq_lens,
+                                              params, scale, rope=rope, previous=previous)
+        from vllm_seqkv.kernels.reference import transform_decode_attention_reference
+        return transform_decode_attention_reference(query, own_k, own_v, pages, block_table, seq_lens,
+                                                    _layout(params), scale, rope=rope, previous=previous)
+    _rotation_only(rope, previous)
     kind = implementation(pages.device)
     if kind == "triton":
         from vllm_seqkv.kernels.decode_attention import paged_decode_attention_triton
@@ -100,8 +170,17 @@ def paged_decode_attention(query: torch.Tensor, own_k: torch.Tensor, own_v: torc
                                             _layout(params), scale)
 
 
-def reconstruct_blocks(pages: torch.Tensor, block_ids: torch.Tensor,
-                       params: LayerKernelParams) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruct_blocks(pages: torch.Tensor, block_ids: torch.Tensor, params, previous=None,
+                       rope: torch.Tensor | None = None, block_positions: torch.Tensor | None = None):
+    if isinstance(params, TransformLayerParams):
+        _needs_previous(params, previous)
+        if _transform_kind(pages.device) == "triton":
+            from vllm_seqkv.kernels.transform_reconstruct import reconstruct_transform_blocks
+            return reconstruct_transform_blocks(pages, block_ids, params, previous, rope, block_positions)
+        from vllm_seqkv.kernels.reference import reconstruct_transform_reference
+        return reconstruct_transform_reference(pages, block_ids, _layout(params), previous, rope,
+                                               block_positions)
+    _rotation_only(rope, previous)
     kind = implementation(pages.device)
     if kind == "triton":
         from vllm_seqkv.kernels.reconstruct import reconstruct_blocks_triton

@@ -58,15 +58,25 @@ def paged_decode_attention_reference(query: torch.Tensor, own_k: torch.Tensor, o
     return out
 
 
+def rope_from_table(key: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """:func:`vllm_seqkv.codec.rope.apply_rope` with cos/sin read from a
+    :func:`~vllm_seqkv.kernels.transform_params.rope_cache` table (same values as rope_tables)."""
+    from vllm_seqkv.codec.rope import apply_rope
+
+    half = rope.shape[1] // 2
+    rows = rope.cpu()[positions.long().cpu()]
+    cos, sin = rows[:, :half], rows[:, half:]
+    return apply_rope(key, torch.cat([cos, cos], -1), torch.cat([sin, sin], -1))
+
+
 def reconstruct_transform_reference(pages: torch.Tensor, block_ids: torch.Tensor, layout: SlotLayout,
-                                    previous=None, rope_theta: float | None = None,
-                                    block_positions: torch.Tensor | None = None):
+                                    previous=None, rope: torch.Tensor | None = None,
+                                    block_positions: torch.Tensor | None = None,
+                                    keep_code_frame: bool = False):
     """The codec's own decode of whole pages of a transform layer: ``block_ids [M]`` (-1: zeros)
     -> K, V float32 ``[M * bs, H, D]``; ``previous``: the layer below's reconstruction of the
-    same rows (coding frame); with ``rope_theta`` keys are RoPE-rotated at
-    ``block_positions[m] + slot`` (:func:`vllm_seqkv.codec.rope.apply_rope`)."""
-    from vllm_seqkv.codec.rope import apply_rope, rope_tables
-
+    same rows (coding frame); with ``rope`` (a ``rope_cache`` table) keys are RoPE-rotated at
+    ``block_positions[m] + slot`` (and ``keep_code_frame`` also returns the pre-RoPE keys)."""
     heads, block_size, slot_bytes = pages.shape[1], pages.shape[2], pages.shape[3]
     ids = block_ids.long().cpu()
     valid = (ids >= 0).repeat_interleave(block_size)
@@ -74,12 +84,39 @@ def reconstruct_transform_reference(pages: torch.Tensor, block_ids: torch.Tensor
     if previous is not None:
         previous = tuple(p.float().cpu() for p in previous)
     key, value = layout.decode(slots, previous)
-    if rope_theta is not None:
-        positions = (block_positions.long().cpu()[:, None] + torch.arange(block_size)).reshape(-1)
-        key = apply_rope(key, *rope_tables(positions, layout.head_dim, rope_theta))
     key[~valid] = 0
     value[~valid] = 0
-    return key.to(pages.device), value.to(pages.device)
+    out = [key, value]
+    if rope is not None:
+        positions = (block_positions.long().cpu()[:, None] + torch.arange(block_size)).reshape(-1)
+        out[0] = rope_from_table(key, rope, positions) * valid[:, None, None]
+        if keep_code_frame:
+            out.append(key)
+    return tuple(t.to(pages.device) for t in out)
+
+
+def transform_decode_attention_reference(query: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
+                                         pages: torch.Tensor, block_table: torch.Tensor,
+                                         seq_lens: torch.Tensor, layout: SlotLayout, scale: float,
+                                         rope: torch.Tensor | None = None, previous=None) -> torch.Tensor:
+    """Per sequence: the codec's decode of positions ``[0, seq_len - 1)`` (keys RoPE-rotated
+    when ``rope`` is given) + exact own K/V at ``seq_len - 1``, then torch SDPA (fp32).
+    ``previous``: the layer below's coding-frame reconstruction ``[B, max_blocks * bs, H, D]``."""
+    block_size = pages.shape[2]
+    out = torch.empty_like(query)
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        count = -(-seq_len // block_size)
+        blocks = block_table[i, :count]
+        prev = None if previous is None else tuple(p[i, : count * block_size] for p in previous)
+        positions = torch.arange(count) * block_size
+        key, value = reconstruct_transform_reference(pages, blocks, layout, prev, rope, positions)[:2]
+        key = torch.cat([key[: seq_len - 1].cpu(), own_k[i : i + 1].float().cpu()])
+        value = torch.cat([value[: seq_len - 1].cpu(), own_v[i : i + 1].float().cpu()])
+        attended = F.scaled_dot_product_attention(
+            query[i].float().cpu()[:, None], key.transpose(0, 1), value.transpose(0, 1),
+            scale=scale, enable_gqa=True)  # [Hq, 1, D]
+        out[i] = attended[:, 0].to(query.dtype)
+    return out
 
 
 def write_transform_reference(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,

@@ -24,8 +24,8 @@ Decode cost, honestly (no GPU figure has been measured for this kernel yet):
   to the query side needs one ``D x D`` product per position (per query head, worse with
   GQA), no saving. Each key is therefore rebuilt in the model frame and rotated per position.
   Reconstruction costs ``D * D`` multiply-adds per token-head per stream (K and V: ``2 D^2``;
-  32k MAC for D = 128), which has to run on tensor cores (``tl.dot``; ``precision="tf32"`` or
-  ``"bf16"``: the fp32 ``"ieee"`` default is for exact tests and runs on CUDA cores), against
+  32k MAC for D = 128), which has to run on tensor cores (``tl.dot``; ``precision="tf32"``,
+  ``"bf16"`` or ``"fp16"``: the fp32 ``"ieee"`` default is for exact tests and runs on CUDA cores), against
   ``sum(bits) / 8`` bytes read per stream (20 B + 28 B at seqkv-3,
   D = 64). Decode is compute-bound, not bandwidth-bound as the issue's 70 % HBM target assumes.
 - Cross-layer presets (``seqkv-2/2.5/3/4``) add the prediction: ``W`` is dense ``[2HD, HD]``,
@@ -53,13 +53,18 @@ import triton.language as tl
 from vllm_seqkv.kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_pages, check_tensor, expect
 from vllm_seqkv.kernels.transform_params import LEVELS, TransformLayerParams
 
-PRECISIONS = {"ieee": 0, "tf32": 1, "bf16": 2}
+# fp32 (exact tests), tf32, bf16 / fp16 operands (tensor cores; fp32 accumulation). Triton's
+# CPU interpreter multiplies bf16 operands as raw uint16 bits, so "bf16" is only checked on a
+# GPU; "fp16" (3 more mantissa bits, range ample for K/V and the fitted bases) is checked on CPU.
+PRECISIONS = {"ieee": 0, "tf32": 1, "bf16": 2, "fp16": 3}
 
 
 @triton.jit
 def mma(a, b, PRECISION: tl.constexpr):
-    """``a @ b`` with float32 accumulation; PRECISION 0 = fp32 (ieee), 1 = tf32, 2 = bf16 inputs."""
-    if PRECISION == 2:
+    """``a @ b`` with float32 accumulation; PRECISION: 0 fp32 (ieee), 1 tf32, 2 bf16, 3 fp16 inputs."""
+    if PRECISION == 3:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+    elif PRECISION == 2:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
     elif PRECISION == 1:
         return tl.dot(a, b, input_precision="tf32")
