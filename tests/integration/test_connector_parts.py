@@ -81,7 +81,7 @@ def test_keys_depend_on_namespace_and_hash():
 
 def fake_connector(held):
     c = SeqKVColdTierConnector.__new__(SeqKVColdTierConnector)
-    c.block_size, c.ns, c._probe = BS, b"ns", None
+    c.block_size, c.ns, c._probe, c._probe_off_until = BS, b"ns", None, 0.0
     c.cold = SimpleNamespace(kind="cpu")
     c._held = {block_key(b"ns", h): 100 for h in held}
     c._saving, c._lookup_start, c._saves, c._loads = set(), {}, [], []
@@ -117,3 +117,24 @@ def test_finished_request_saves_only_blocks_not_held_and_holds_its_blocks():
     c.update_connector_output(SimpleNamespace(kv_connector_worker_meta=ColdTierWorkerMetadata(
         {job.keys[0]: 123, job.keys[1]: None})))
     assert job.keys[0] in c._held and job.keys[1] not in c._held and not c._saving
+
+
+def test_redis_down_is_a_miss_with_a_warning(caplog):
+    pytest.importorskip("redis")
+    import socket
+
+    from vllm_seqkv.plt.tiers import RedisTier
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    st = store(RedisTier(url, timeout_s=0.2))
+    with caplog.at_level("WARNING"):
+        assert not st.save(b"r" * 20, 0)  # worker: save fails, no exception
+        assert not st.load(b"r" * 20, 0)  # worker: load misses -> vLLM recomputes
+    assert "failed" in caplog.text
+    c = fake_connector([])
+    c._probe, c.cold = st.tier, SimpleNamespace(kind="redis", url=url)
+    r = request([b"h0", b"h1"], 2 * BS + 1)
+    assert c.get_num_new_matched_tokens(r, 0) == (0, False)  # scheduler: nothing to load
+    assert c._probe_off_until > 0  # and no probe (timeout) per request for a while

@@ -66,6 +66,7 @@ logger = init_logger("vllm.seqkv.connector")
 
 CONNECTOR_NAME = "SeqKVColdTierConnector"
 MODULE_PATH = __name__
+PROBE_BACKOFF_S = 10.0
 
 
 # ---- configuration ------------------------------------------------------------------------
@@ -262,6 +263,7 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         self._saves: list[BlockJob] = []
         self._loads: list[BlockJob] = []
         self._probe = None
+        self._probe_off_until = 0.0
         if role == KVConnectorRole.SCHEDULER and self.cold.kind == "redis":
             from vllm_seqkv.plt.tiers import RedisTier  # shared across nodes: ask the server
 
@@ -286,8 +288,15 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
     def _has(self, key: bytes) -> bool:
         if key in self._held:
             return True
-        if self._probe is not None and key in self._probe:
-            return True
+        if self._probe is not None and time.monotonic() >= self._probe_off_until:
+            try:
+                if self._probe.client.exists(self._probe.prefix + key):
+                    return True
+            except Exception as e:  # server down: serve by recompute, retry in a while
+                self._probe_off_until = time.monotonic() + PROBE_BACKOFF_S
+                logger.warning("seqkv cold tier: redis at %s unreachable (%s); requests are "
+                               "served by recompute, next try in %.0f s", self.cold.url, e,
+                               PROBE_BACKOFF_S)
         if self.cold.kind == "disk":
             from pathlib import Path
 

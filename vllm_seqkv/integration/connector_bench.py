@@ -1,0 +1,131 @@
+"""`python -m vllm_seqkv.integration.connector_bench`: cold-tier restore vs recompute, through vLLM.
+
+One engine (seqkv pages, a cold tier, a KV budget of a few dozen blocks), one process, CPU.
+For each of ``--prompts`` prompts P (``--tokens`` tokens from the held-out split):
+
+1. P runs once (``max_tokens=1``): time to first token with every block prefilled
+   (**recompute**); its blocks are saved to the cold tier when it finishes;
+2. other prompts run until P's blocks have left vLLM's prefix cache;
+3. P runs again: the connector restores its full blocks from the tier, vLLM prefills the
+   rest (**restore**); ``num_cached_tokens`` says how many tokens came from the tier.
+
+Reported: both times to first token, their ratio, the connector's own time to decode and
+copy the blocks (read from the worker), the recompute time of the same number of tokens
+(pro rata of step 1), the bytes the tier holds per element. Merged into benchmarks/plt.json
+under ``vllm_restore``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _worker_stats(self):
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    c = get_kv_transfer_group()
+    t = c.store.tier
+    return {**c.stats, "tier_bytes": t.nbytes, "tier_raw_bytes": t.raw_nbytes,
+            "tier_blocks": len(t), "page_bytes": c.store.page_bytes,
+            "heads": c.store.heads, "layers": len(c.store.pages)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["tiny", "smollm2"], default="smollm2")
+    ap.add_argument("--tier", choices=["cpu", "disk"], default="cpu")
+    ap.add_argument("--tokens", type=int, default=1100)
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--blocks", type=int, default=24, help="KV blocks of the engine")
+    ap.add_argument("--out", default="benchmarks/plt.json")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_seqkv import fixtures
+    from vllm_seqkv.config import SeqKVConfig
+    from vllm_seqkv.integration.engine_codec import EngineCodec, rope_theta
+
+    d = fixtures.tiny_model_dir() if args.model == "tiny" else fixtures.smollm2_dir()
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(d)
+    heads, hd = hf.num_key_value_heads, hf.hidden_size // hf.num_attention_heads
+    slot = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv"), str(d), heads, hd, rope_theta(hf)).slot_bytes
+    block_bytes = hf.num_hidden_layers * heads * 128 * slot
+    ids = AutoTokenizer.from_pretrained(d)(fixtures.corpus_path("test").read_text()[:400_000])["input_ids"]
+    tmp = tempfile.mkdtemp(prefix="seqkv-cold-")
+    cold = {"kind": args.tier, "capacity_bytes": 1 << 30}
+    if args.tier == "disk":
+        cold["path"] = tmp
+    llm = LLM(model=str(d), max_model_len=2048, seed=0, enforce_eager=True,
+              kv_cache_memory_bytes=args.blocks * block_bytes,
+              additional_config={"kv_cache_backend": "seqkv", "seqkv": {"cold_tier": cold}})
+    one = SamplingParams(max_tokens=1, temperature=0)
+
+    def ttft(prompt):
+        t0 = time.perf_counter()
+        out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], one, use_tqdm=False)[0]
+        return time.perf_counter() - t0, out.num_cached_tokens
+
+    n = args.tokens
+    ttft(ids[-n:])  # warm-up
+    flood_per = -(-n // 128)
+    rows = []
+    for i in range(args.prompts):
+        p = ids[i * 2 * n:i * 2 * n + n]
+        t_rec, cached0 = ttft(p)
+        before = llm.collective_rpc(_worker_stats)[0]
+        for j in range(args.blocks // flood_per + 2):  # cycle every block of the engine
+            start = (2 * args.prompts + i * 8 + j) * n
+            ttft(ids[start:start + n])
+        mid = llm.collective_rpc(_worker_stats)[0]
+        t_res, cached = ttft(p)
+        after = llm.collective_rpc(_worker_stats)[0]
+        load_s = after["load_s"] - mid["load_s"]
+        rows.append({"recompute_ttft_s": t_rec, "restore_ttft_s": t_res, "cached_tokens": cached,
+                     "cached_tokens_first_run": cached0, "connector_load_s": load_s,
+                     "recompute_s_of_restored_tokens": t_rec * cached / n,
+                     "saved_blocks_before": before["saved_blocks"]})
+        print(json.dumps(rows[-1]), flush=True)
+    stats = llm.collective_rpc(_worker_stats)[0]
+    llm.llm_engine.engine_core.shutdown()
+
+    def mean(k):
+        return sum(r[k] for r in rows) / len(rows)
+
+    elements = stats["tier_blocks"] * stats["layers"] * stats["heads"] * 128 * hd * 2
+    res = {
+        "model": d.name, "tier": args.tier, "prompt_tokens": n, "block_size": 128,
+        "prompts": len(rows), "runs": rows,
+        "cached_tokens": mean("cached_tokens"),
+        "recompute_ttft_s": mean("recompute_ttft_s"), "restore_ttft_s": mean("restore_ttft_s"),
+        "ttft_speedup": mean("recompute_ttft_s") / mean("restore_ttft_s"),
+        "connector_load_s_per_block": mean("connector_load_s") / (mean("cached_tokens") / 128),
+        "restore_speedup_vs_recompute": mean("recompute_s_of_restored_tokens") / mean("connector_load_s"),
+        "save_s_per_block": stats["save_s"] / max(stats["saved_blocks"], 1),
+        "tier_bits_per_element": stats["tier_bytes"] * 8 / elements if elements else None,
+        "hot_bits_per_element": stats["tier_raw_bytes"] * 8 / elements if elements else None,
+        "machine": f"{os.cpu_count()} CPUs",
+        "date": datetime.date.today().isoformat(),
+        "command": "python -m vllm_seqkv.integration.connector_bench " + " ".join(argv or sys.argv[1:]),
+    }
+    print(json.dumps(res, indent=2))
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.exists() else {}
+    data.setdefault("vllm_restore", {})[f"{args.model}/{args.tier}"] = res
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
