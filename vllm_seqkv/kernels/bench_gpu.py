@@ -1,8 +1,21 @@
-"""GPU decode-attention benchmark: compressed pages (seqkv-3-rot format) vs a dense bf16 cache.
+"""GPU decode-attention benchmark: compressed pages vs a dense bf16 cache.
 
 Run on a GPU machine (scripts/gpu_check.sh does): ``python -m vllm_seqkv.kernels.bench_gpu``.
 Writes ``benchmarks/gpu_decode.json`` and prints a Markdown table. Importable without vLLM
 and without a GPU (the planning and reporting helpers are tested on CPU).
+
+Rows (``kernel`` field):
+
+- ``rot-fused``: the fused paged decode attention of the first format (``seqkv-3-rot-none``);
+- ``transform-recon+sdpa``: the transform format (``seqkv-3`` bit budget, K 2.5 / V 3.5 bits):
+  :func:`~vllm_seqkv.kernels.transform_reconstruct.reconstruct_transform_blocks` (fp16
+  tensor-core dots, bf16 output, RoPE applied in the kernel) then torch SDPA over the
+  reconstruction; ``preset`` ``seqkv-3-nox`` (no cross-layer term) and ``seqkv-3`` (one
+  cross-layer layer, the previous layer's reconstruction given as a bf16 tensor, i.e. handed
+  up as LayerChain does; fewer cases: its prediction costs ``2 H D^2`` MACs per token-head).
+  ``latency_us_reconstruct`` is the kernel alone. The calibration is synthetic (random
+  orthogonal basis, Lloyd-Max-like levels, water-filled bits): time does not depend on the
+  values, correctness is checked on a small cache first (``check_transform_correctness``).
 
 Shape: a Llama-8B-like layer (8 KV heads, 32 query heads, head_dim 128), block size 16,
 one query token per sequence, every sequence at the same context. seqkv timing covers the
@@ -18,6 +31,7 @@ import argparse
 import datetime
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +43,9 @@ CONTEXTS = (1024, 4096, 32768, 131072)
 BATCHES = (1, 16, 64)
 PRESET = "seqkv-3-rot-none"  # the seqkv-3 bit split without calibration (predictor constants add no bytes per key)
 MEMORY_HEADROOM = 0.7
+TRANSFORM_BITS = (2.5, 3.5)  # seqkv-3's K / V bits per element
+CROSS_LAYER_CASES = ((1024, 1), (4096, 1), (4096, 16), (32768, 1), (32768, 16))
+ROPE_THETA = 500000.0
 
 
 @dataclass
@@ -40,6 +57,9 @@ class Result:
     speedup_vs_bf16: float | None
     bandwidth_frac: float | None
     latency_us_seqkv_cuda: float | None = None
+    kernel: str = "rot-fused"
+    preset: str = PRESET
+    latency_us_reconstruct: float | None = None
 
 
 def build_layout(heads: int = KV_HEADS, dim: int = HEAD_DIM):
@@ -70,22 +90,80 @@ def plan_cases(free_bytes: int, slot_bytes: int, contexts=CONTEXTS, batches=BATC
 
 
 def summarize(context: int, batch: int, seqkv_us: float | None, bf16_us: float | None,
-              compressed_bytes: int, cuda_us: float | None = None) -> Result:
+              compressed_bytes: int, cuda_us: float | None = None, kernel: str = "rot-fused",
+              preset: str = PRESET, reconstruct_us: float | None = None) -> Result:
     speedup = bf16_us / seqkv_us if seqkv_us and bf16_us else None
     frac = compressed_bytes / (seqkv_us * 1e-6) / HBM_PEAK_BYTES_PER_S if seqkv_us else None
-    return Result(context, batch, seqkv_us, bf16_us, speedup, frac, cuda_us)
+    return Result(context, batch, seqkv_us, bf16_us, speedup, frac, cuda_us, kernel, preset, reconstruct_us)
+
+
+def transform_case_bytes(context: int, batch: int, slot_bytes: int, cross_layer: bool,
+                         heads: int = KV_HEADS, dim: int = HEAD_DIM) -> int:
+    """Peak bytes of one transform case: pages + bf16 K/V reconstruction (+ the previous
+    layer's bf16 K/V when cross-layer); the dense baseline is allocated after they are freed."""
+    tokens = context * batch * heads
+    dense = tokens * dim * 2 * 2
+    return tokens * slot_bytes + dense * (2 if cross_layer else 1)
+
+
+def plan_transform_cases(free_bytes: int, slot_bytes: int, contexts=CONTEXTS, batches=BATCHES
+                         ) -> list[tuple[int, int, bool]]:
+    """(context, batch, cross_layer): every fitting case without the cross-layer term, and
+    the fitting ones of CROSS_LAYER_CASES with it."""
+    plan = []
+    for cross in (False, True):
+        for context in contexts:
+            for batch in batches:
+                if cross and (context, batch) not in CROSS_LAYER_CASES:
+                    continue
+                if transform_case_bytes(context, batch, slot_bytes, cross) <= MEMORY_HEADROOM * free_bytes:
+                    plan.append((context, batch, cross))
+    return plan
+
+
+def synthetic_transform_layouts(heads: int = KV_HEADS, dim: int = HEAD_DIM, bits=TRANSFORM_BITS,
+                                seed: int = 0):
+    """SlotLayouts of layers 0 (no prediction) and 1 (cross-layer) of a random transform
+    calibration with ``bits`` = (K, V) bits per element (the codec's own classes)."""
+    from vllm_seqkv.codec.base import SlotLayout
+    from vllm_seqkv.codec.crosslayer import CrossLayerCodec, LinearPredictor
+    from vllm_seqkv.codec.transform import MAX_BITS, Transform, TransformCodec, allocate_bits
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def stream(bits_per_element: float, predicted: bool):
+        variance = torch.logspace(1, -3, dim, dtype=torch.float64)
+        distortion = variance[:, None] * 4.0 ** -torch.arange(MAX_BITS + 1, dtype=torch.float64)
+        widths = allocate_bits(distortion, round(bits_per_element * dim / 8) * 8)
+        basis = torch.linalg.qr(torch.randn(heads, dim, dim, generator=gen))[0]
+        levels = torch.zeros(heads, dim, 1 << MAX_BITS)
+        for c in range(dim):
+            n = 1 << int(widths[c])
+            levels[:, c, :n] = torch.randn(heads, n, generator=gen).sort(-1).values * variance[c].sqrt().float()
+        transform = Transform(torch.randn(heads, dim, generator=gen), basis.contiguous(),
+                              widths.expand(heads, -1).clone(), levels)
+        predictor = None
+        if predicted:
+            predictor = LinearPredictor(torch.randn(2 * heads * dim, heads * dim, generator=gen)
+                                        / (2 * heads * dim) ** 0.5, torch.randn(heads * dim, generator=gen))
+        return CrossLayerCodec(TransformCodec(transform), predictor)
+
+    return [SlotLayout(stream(bits[0], layer == 1), stream(bits[1], layer == 1), heads, dim)
+            for layer in range(2)]
 
 
 def markdown_table(results: list[Result]) -> str:
     def fmt(x, spec):
         return "—" if x is None else format(x, spec)
 
-    lines = ["| context | batch | seqkv µs | seqkv CUDA-op µs | bf16 SDPA µs | speedup | HBM frac |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| context | batch | seqkv µs | seqkv CUDA-op µs | bf16 SDPA µs | speedup | HBM frac "
+             "| kernel | preset | reconstruct µs |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
     for r in results:
         lines.append(f"| {r.context} | {r.batch} | {fmt(r.latency_us_seqkv, '.1f')} | "
                      f"{fmt(r.latency_us_seqkv_cuda, '.1f')} | {fmt(r.latency_us_bf16, '.1f')} | "
-                     f"{fmt(r.speedup_vs_bf16, '.2f')} | {fmt(r.bandwidth_frac, '.2f')} |")
+                     f"{fmt(r.speedup_vs_bf16, '.2f')} | {fmt(r.bandwidth_frac, '.2f')} | "
+                     f"{r.kernel} | {r.preset} | {fmt(r.latency_us_reconstruct, '.1f')} |")
     return "\n".join(lines)
 
 
@@ -170,11 +248,138 @@ def check_correctness(params, layout, use_cuda_op: bool) -> None:
             raise AssertionError(f"{name} decode attention differs from the reference by {err}")
 
 
+def transform_inputs(context: int, batch: int, layouts, device, cross_layer: bool):
+    """Random pages, a shuffled block table, RoPE table and (cross-layer) a bf16 previous."""
+    from vllm_seqkv.kernels.transform_params import rope_cache, transform_layer_params
+    from vllm_seqkv.kernels.transform_reconstruct import table_block_ids
+
+    layout = layouts[1 if cross_layer else 0]
+    params = transform_layer_params(layout, device)
+    blocks = context // BLOCK_SIZE
+    pages = torch.randint(0, 256, (batch * blocks, layout.num_kv_heads, BLOCK_SIZE, layout.slot_bytes),
+                          dtype=torch.uint8, device=device)
+    table = torch.randperm(batch * blocks, device=device).to(torch.int32).view(batch, blocks)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    ids, positions = table_block_ids(table, seq_lens, BLOCK_SIZE)
+    previous = None
+    if cross_layer:
+        shape = (batch * context, layout.num_kv_heads, layout.head_dim)
+        previous = tuple(torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(2))
+    rope = rope_cache(context, layout.head_dim, ROPE_THETA, device)
+    return params, pages, ids, positions, previous, rope
+
+
+def bench_transform_case(context: int, batch: int, layouts, cross_layer: bool) -> Result:
+    from vllm_seqkv.kernels.transform_reconstruct import reconstruct_transform_blocks
+
+    device = torch.device("cuda")
+    params, pages, ids, positions, previous, rope = transform_inputs(context, batch, layouts, device,
+                                                                     cross_layer)
+    query = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    scale = HEAD_DIM ** -0.5
+
+    def reconstruct():
+        return reconstruct_transform_blocks(pages, ids, params, previous, rope, positions,
+                                            out_dtype=torch.bfloat16, precision="fp16")
+
+    def attend():
+        key, value = reconstruct()
+        k = key.view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        v = value.view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True)
+
+    recon_us = time_us(reconstruct)
+    seqkv_us = time_us(attend)
+    compressed = pages.numel()
+    del pages, previous
+    torch.cuda.empty_cache()
+    dense_k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    dense_v = torch.randn_like(dense_k)
+    bf16_us = time_us(lambda: torch.nn.functional.scaled_dot_product_attention(
+        query, dense_k, dense_v, scale=scale, enable_gqa=True))
+    del dense_k, dense_v
+    torch.cuda.empty_cache()
+    preset = "seqkv-3" if cross_layer else "seqkv-3-nox"
+    return summarize(context, batch, seqkv_us, bf16_us, compressed, kernel="transform-recon+sdpa",
+                     preset=preset, reconstruct_us=recon_us)
+
+
+def check_transform_correctness(layouts, device, heads: int = KV_HEADS, dim: int = HEAD_DIM,
+                                precisions=("ieee", "fp16", "bf16")) -> dict[str, float]:
+    """Kernel write + reconstruct (both layers, RoPE) and reconstruct+SDPA decode vs the codec's
+    torch code on a small cache; returns the max errors (raises past tolerance)."""
+    from vllm_seqkv.kernels.reference import (
+        reconstruct_transform_reference,
+        transform_decode_attention_reference,
+        write_transform_reference,
+    )
+    from vllm_seqkv.kernels.transform_params import rope_cache, transform_layer_params
+    from vllm_seqkv.kernels.transform_reconstruct import (
+        reconstruct_transform_blocks,
+        table_block_ids,
+        transform_decode_attention,
+    )
+    from vllm_seqkv.kernels.transform_write import write_transform_slots
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [1, 2 * BLOCK_SIZE + 5]
+    blocks = 3
+    table = torch.tensor([[4, -1, -1], [2, 0, 3]], dtype=torch.int32)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    slots = torch.cat([table[i, torch.arange(n) // BLOCK_SIZE].long() * BLOCK_SIZE + torch.arange(n) % BLOCK_SIZE
+                       for i, n in enumerate(lengths)])
+    rows = torch.cat([i * blocks * BLOCK_SIZE + torch.arange(n) for i, n in enumerate(lengths)])  # output rows
+    ids, positions = table_block_ids(table.clamp(min=0), seq_lens, BLOCK_SIZE)
+    rope = rope_cache(blocks * BLOCK_SIZE, dim, ROPE_THETA)
+    errors, previous, previous_dev = {}, None, None
+    for layer, layout in enumerate(layouts):
+        params = transform_layer_params(layout, device)
+        key, value = (torch.randn(len(slots), heads, dim, generator=gen) for _ in range(2))
+        expected = torch.zeros(5, heads, BLOCK_SIZE, layout.slot_bytes, dtype=torch.uint8)
+        pages = expected.to(device)
+        prev_rows = None if previous is None else tuple(p[rows] for p in previous)
+        write_transform_reference(key, value, slots, expected, layout, prev_rows)
+        write_transform_slots(key.to(device), value.to(device), slots.to(device), pages, params,
+                              None if prev_rows is None else tuple(p.to(device).contiguous() for p in prev_rows))
+        errors[f"layer{layer} write bytes differing"] = (pages.cpu() != expected).float().mean().item()
+        ref = reconstruct_transform_reference(expected, ids, layout, previous, rope, positions,
+                                              keep_code_frame=True)
+        for precision in precisions:
+            out = reconstruct_transform_blocks(expected.to(device), ids.to(device), params, previous_dev,
+                                               rope.to(device), positions.to(device), precision=precision,
+                                               keep_code_frame=True)
+            err = max((o.cpu() - r).abs().max().item() / (1 + r.abs().max().item()) for o, r in zip(out, ref))
+            errors[f"layer{layer} reconstruct {precision}"] = err
+        query = torch.randn(2, 2 * heads, dim, generator=gen)
+        own_k, own_v = (torch.randn(2, heads, dim, generator=gen) for _ in range(2))
+        prev_table = None if previous is None else tuple(p.view(2, blocks * BLOCK_SIZE, heads, dim) for p in previous)
+        att_ref = transform_decode_attention_reference(query, own_k, own_v, expected, table.clamp(min=0), seq_lens,
+                                                       layout, dim ** -0.5, rope, prev_table)
+        att = transform_decode_attention(query.to(device), own_k.to(device), own_v.to(device), expected.to(device),
+                                         table.clamp(min=0).to(device), seq_lens.to(device), params, dim ** -0.5,
+                                         rope.to(device), None if prev_table is None else
+                                         tuple(p.to(device) for p in prev_table))
+        errors[f"layer{layer} decode attention"] = (att.cpu() - att_ref).abs().max().item()
+        previous = (ref[2], ref[1])
+        previous_dev = tuple(p.to(device).contiguous() for p in previous)
+    limits = {"write bytes differing": 1e-3, "reconstruct ieee": 1e-4, "reconstruct tf32": 1e-2,
+              "reconstruct fp16": 2e-2, "reconstruct bf16": 5e-2, "decode attention": 1e-3}
+    for name, err in errors.items():
+        print(f"transform correctness {name}: {err:.2e}")
+        limit = next(v for k, v in limits.items() if name.endswith(k))
+        if not err <= limit:
+            raise AssertionError(f"transform kernels: {name} = {err} > {limit}")
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/gpu_decode.json")
     parser.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
     parser.add_argument("--batches", type=int, nargs="*", default=list(BATCHES))
+    parser.add_argument("--budget-s", type=float, default=230.0,
+                        help="start no new case after this many seconds (the rest are listed as skipped)")
+    parser.add_argument("--skip-rot", action="store_true", help="only the transform-format rows")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device; nothing measured", file=sys.stderr)
@@ -182,18 +387,33 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_seqkv.kernels import layer_params
     from vllm_seqkv.kernels.cuda_ops import load_cuda_ops
 
+    started = time.monotonic()
     layout = build_layout()
     params = layer_params(layout, "cuda")
     use_cuda_op = load_cuda_ops()
     check_correctness(params, layout, use_cuda_op)
+    layouts = synthetic_transform_layouts()
+    check_transform_correctness(layouts, torch.device("cuda"))
     free, _ = torch.cuda.mem_get_info()
-    cases = plan_cases(free, layout.slot_bytes, args.contexts, args.batches)
-    skipped = [(c, b) for c in args.contexts for b in args.batches if (c, b) not in cases]
+    cases = [] if args.skip_rot else [("rot", c, b, False) for c, b in
+                                      plan_cases(free, layout.slot_bytes, args.contexts, args.batches)]
+    cases += [("transform", c, b, x) for c, b, x in
+              plan_transform_cases(free, layouts[0].slot_bytes, args.contexts, args.batches)]
+    cases.sort(key=lambda case: (case[1] * case[2], case[1], case[0], case[3]))  # budget cuts the largest
+    planned = {(k, c, b, x) for k, c, b, x in cases}
+    skipped = [(k, c, b) for k in ("rot", "transform") for c in args.contexts for b in args.batches
+               if (k, c, b, False) not in planned and not (k == "rot" and args.skip_rot)]
     if skipped:
         print(f"skipped (do not fit in memory): {skipped}")
     results = []
-    for context, batch in cases:
-        results.append(bench_case(context, batch, layout, params, use_cuda_op))
+    for kind, context, batch, cross in cases:
+        if time.monotonic() - started > args.budget_s:
+            print(f"time budget spent: not run {kind} context {context} batch {batch} cross_layer {cross}")
+            continue
+        if kind == "rot":
+            results.append(bench_case(context, batch, layout, params, use_cuda_op))
+        else:
+            results.append(bench_transform_case(context, batch, layouts, cross))
         print(markdown_table(results[-1:]).splitlines()[-1], flush=True)
     command = "python -m vllm_seqkv.kernels.bench_gpu " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)

@@ -187,9 +187,8 @@ def _check_previous(previous, rows: int, params: TransformLayerParams, device):
     expect(isinstance(previous, (tuple, list)) and len(previous) == 2, "previous: expected a (key, value) pair")
     shape = (rows, params.num_kv_heads, params.head_dim)
     for name, t in zip(("previous key", "previous value"), previous):
-        check_tensor(name, t, shape, FLOAT_DTYPES, device)
-        expect(t.is_contiguous(), f"{name}: must be contiguous")
-    return previous
+        check_tensor(name, t, shape, FLOAT_DTYPES, device, inner_contiguous=False)
+    return tuple(t.contiguous() for t in previous)  # rows read with a fixed [H * D] stride
 
 
 def _tile(block_size: int) -> int:
