@@ -13,7 +13,7 @@ One launch, grid ``[ceil(T / TILE), H]``; for ``TILE`` tokens of one head and bo
 and stores the bytes at ``pages[slot // bs, h, slot % bs]`` (slot ``-1``: padding, skipped).
 Keys must be in the coding frame (pre-RoPE), as :meth:`SlotLayout.encode` takes them.
 Non-finite inputs are not refused here (that would cost a device sync per step; the codec's
-``encode`` refuses them): a NaN component codes as level 0, +inf as the top level.
+``encode`` refuses them): a component whose z is NaN codes as 0, one at ±inf as an extreme level.
 
 Exactness. Everything after ``z`` is integer and exact. ``z`` (and the prediction) are
 float32 dot products whose summation order differs from torch's ``einsum``/``matmul``, so a
