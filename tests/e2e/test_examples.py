@@ -18,3 +18,34 @@ def test_offline_shared_prefix(tiny_model_dir):
     assert int(re.search(r"KV capacity: ([\d,]+) tokens", out.stdout)[1].replace(",", "")) > 0
     cached = [int(m) for m in re.findall(r"cached prompt tokens: (\d+)/", out.stdout)]
     assert len(cached) == 3 and max(cached) > 0
+
+
+def test_capacity_gain(tiny_model_dir):
+    out = subprocess.run([sys.executable, str(EXAMPLES / "capacity_gain.py"), str(tiny_model_dir),
+                          "--kv-cache-memory-bytes", str(32 << 20)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    gain = float(re.search(r"capacity gain: ([\d.]+)x", out.stdout)[1])
+    assert gain > 4.5
+    auto_bits = float(re.search(r"auto : +[\d,]+ tokens, ([\d.]+) bits/element", out.stdout)[1])
+    seqkv_bits, slot_bits = map(float, re.search(
+        r"seqkv: +[\d,]+ tokens, ([\d.]+) bits/element \(([\d.]+) in the page slots\)", out.stdout).groups())
+    assert auto_bits == pytest.approx(16, rel=0.02)
+    assert seqkv_bits == pytest.approx(slot_bits, rel=0.05) and 2.0 < slot_bits < 4.0
+    assert gain == pytest.approx(auto_bits / seqkv_bits, rel=0.03)
+
+
+def test_openai_chat_against_the_server(tiny_model_dir, tmp_path):
+    from tests.e2e.server import VllmServer
+
+    args = ["--served-model-name", "tiny", "--max-model-len", "512",
+            "--kv-cache-memory-bytes", str(32 << 20), "--kv-cache-backend", "seqkv"]
+    with VllmServer(tiny_model_dir, args, tmp_path / "vllm.log") as server:
+        out = subprocess.run([sys.executable, str(EXAMPLES / "openai_chat.py"),
+                              "--base-url", server.base_url + "/v1", "--max-tokens", "16"],
+                             capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "model: tiny" in out.stdout
+    assert out.stdout.count("assistant:") == 2
+    prompt, completion = map(int, re.search(r"tokens: (\d+) prompt \+ (\d+) completion", out.stdout).groups())
+    assert prompt > 0 and 0 < completion <= 16
