@@ -10,7 +10,7 @@ import urllib.request
 import httpx
 import pytest
 
-from tests.e2e.server import VllmServer
+from vllm_seqkv.bench.server import VllmServer
 from vllm_seqkv.bench import load
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -107,10 +107,10 @@ def test_client_disconnect_mid_stream_frees_its_blocks(server):
                 chunks += line.startswith("data: {")
                 if chunks >= 5:
                     break
-            # the request holds blocks while it streams
-            text = metrics_text(server)
-            assert metric(server, "vllm:num_requests_running", text=text) == 1
-            assert metric(server, "vllm:kv_cache_usage_perc", text=text) > 0
+            # the request holds blocks while it streams (the gauges follow the engine's
+            # step outputs, so under a loaded CI machine they may lag the first chunks)
+            assert wait_for(lambda: running() == 1 and usage() > 0, timeout_s=20, step_s=0.2), \
+                f"streaming request not seen: running {running()}, usage {usage()}"
         # leaving the block closes the connection mid-stream
     assert wait_for(lambda: running() == 0 and usage() == 0, timeout_s=60), \
         f"blocks not freed after the disconnect: running {running()}, usage {usage()}"

@@ -5,7 +5,7 @@ import re
 import openai
 import pytest
 
-from tests.e2e.server import VllmServer
+from vllm_seqkv.bench.server import VllmServer
 from vllm_seqkv.integration.backend import ACTIVE_MARKER
 
 pytestmark = pytest.mark.e2e

@@ -28,13 +28,9 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
 import re
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +40,7 @@ from pathlib import Path
 
 from vllm_seqkv import fixtures
 from vllm_seqkv.bench.report import machine, replace_section, write_json
+from vllm_seqkv.bench.server import VllmServer
 
 SECTION = "## Serving under load"
 MODEL_NAME = "tiny"
@@ -64,63 +61,6 @@ FOLLOW_UPS = [
     "Why is that important?",
     "And what about errors?",
 ]
-
-
-# ---------------------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``vllm serve`` on 127.0.0.1 in its own process group; log to ``log_path``."""
-
-    def __init__(self, model: Path, args: list[str], log_path: Path, timeout_s: float = 300):
-        self.port = free_port()
-        self.log_path = Path(log_path)
-        self.timeout_s = timeout_s
-        vllm = Path(sys.executable).with_name("vllm")
-        self.cmd = [str(vllm), "serve", str(model), "--host", "127.0.0.1",
-                    "--port", str(self.port), *args]
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "Server":
-        env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
-        deadline = time.time() + self.timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; "
-                                   f"log: {self.log_path}")
-            try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                time.sleep(1)
-        self.__exit__()
-        raise TimeoutError(f"vllm serve not healthy after {self.timeout_s}s; log: {self.log_path}")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
 
 
 def scrape_metrics(base_url: str) -> dict[str, float]:
@@ -331,7 +271,7 @@ def server_args(backend: str, kv_bytes: int, max_model_len: int, max_num_seqs: i
 
 def run_backend(model: Path, backend: str, args, systems: list[str], log_dir: Path) -> dict:
     log = log_dir / f"vllm-{backend}.log"
-    with Server(model, server_args(backend, args.kv_cache_memory_bytes, args.max_model_len,
+    with VllmServer(model, server_args(backend, args.kv_cache_memory_bytes, args.max_model_len,
                                    args.max_num_seqs), log) as server:
         warm, _ = asyncio.run(run_sessions(server.base_url, 4, 1, args.max_tokens, systems,
                                            args.request_timeout, args.deadline))
