@@ -18,9 +18,11 @@ import torch
 
 from vllm_seqkv import fixtures
 from vllm_seqkv.codec.calibration import Calibration, CalibrationError, Capture, TransformCalibration
+from vllm_seqkv.codec.token_table import verify
 
 
 DEFAULT_PRESET = "seqkv-3"
+LAYER0_TOLERANCE = 1e-3  # fp32 forward of the same weights: only rounding differs
 DEFAULT_TOKENS = 24576  # validation split, seqkv-3: +1.07 % at 8192 tokens, +0.86 % at 24576
 
 
@@ -100,10 +102,17 @@ def capture(model_dir: Path, text: str, tokens: int = DEFAULT_TOKENS, window: in
                 chunk = torch.tensor(ids[start : start + window]).unsqueeze(0)
                 state["layer"] = 0
                 model(input_ids=chunk)
+        for h in handles:
+            h.remove()
+        handles = []
+        table = _layer0_table(model, attn_module, kv_heads, head_dim)
     finally:
         attn_module.apply_rotary_pos_emb = original_rope
         for h in handles:
             h.remove()
+    token_ids = torch.tensor(ids[: sum(k.shape[0] for k in keys[0])])
+    verified, check = verify(table, token_ids, torch.cat(keys[0]), torch.cat(values[0]),
+                             LAYER0_TOLERANCE)
 
     count = sum(k.shape[0] for k in keys[0])
     value_metric = []
@@ -113,7 +122,40 @@ def capture(model_dir: Path, text: str, tokens: int = DEFAULT_TOKENS, window: in
             sum(w[:, h, j].T @ w[:, h, j] for j in range(group)) for h in range(kv_heads)]))
     return Capture(str(Path(model_dir).name), [torch.cat(k) for k in keys],
                    [torch.cat(v) for v in values], (query_sq / count).float(),
-                   torch.stack(value_metric).float())
+                   torch.stack(value_metric).float(), token_ids,
+                   table if verified else None, check)
+
+
+class _Layer0Done(Exception):
+    pass
+
+
+def _layer0_table(model, attn_module, kv_heads: int, head_dim: int, chunk: int = 4096):
+    """Pre-RoPE K and V of layer 0 for every vocabulary id ``[vocab, H, D]``, by the
+    model's own forward on one-token sequences, stopped at layer 0's RoPE (V is computed
+    before it). NOTE: ``apply_rotary_pos_emb`` of the attention module is patched by the
+    caller's ``try``; this function replaces it and the caller restores the original."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    out_k, out_v = [], []
+    v_proj = model.model.layers[0].self_attn.v_proj
+
+    def stop_at_rope(q, k, *args, **kwargs):
+        out_k.append(k[:, :, 0].detach().clone())  # [B, H, D]
+        raise _Layer0Done
+
+    hook = v_proj.register_forward_hook(
+        lambda _m, _i, out: out_v.append(out[:, 0].view(-1, kv_heads, head_dim).detach().clone()))
+    attn_module.apply_rotary_pos_emb = stop_at_rope
+    try:
+        with torch.no_grad():
+            for start in range(0, vocab, chunk):
+                try:
+                    model(input_ids=torch.arange(start, min(start + chunk, vocab))[:, None])
+                except _Layer0Done:
+                    pass
+    finally:
+        hook.remove()
+    return torch.cat(out_k), torch.cat(out_v)
 
 
 def calibrate(model_dir: Path, text: str, preset: str = DEFAULT_PRESET, tokens: int = DEFAULT_TOKENS,

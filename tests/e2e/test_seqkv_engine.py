@@ -41,7 +41,8 @@ def test_capacity_grows_by_the_slot_ratio(seqkv_llm, auto_run, tiny_model_dir):
     from vllm_seqkv.codec.base import SlotLayout
 
     codec = make_codec("seqkv-3", load_for_model(tiny_model_dir))
-    slot_bytes = SlotLayout(codec.key, codec.value, num_kv_heads=2, head_dim=32).slot_bytes
+    slot_bytes = max(SlotLayout(*codec.codecs_for_layer(layer), num_kv_heads=2, head_dim=32).slot_bytes
+                     for layer in range(4))
     ratio = kv_tokens(seqkv_llm) / auto_run["tokens"]
     assert ratio == pytest.approx(2 * 2 * 32 / slot_bytes, rel=0.01)
     assert ratio > 4.5

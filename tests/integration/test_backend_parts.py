@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
+from vllm_seqkv.codec.token_table import TokenTableCodec
 from vllm_seqkv.integration.backend import token_positions
 from vllm_seqkv.integration.engine_codec import SinkTable
 
@@ -51,9 +52,14 @@ def test_layer_chain_rebuilds_what_it_was_not_handed(tiny_model_dir):
         engine.chain.register(layer, page)
         previous = engine.chain.below(layer, ("w",), gather)
         layout = engine.layout(layer)
-        coded = layout.encode(torch.randn(3, 2, 32, generator=gen) * 2,
-                              torch.randn(3, 2, 32, generator=gen), previous)
-        page[blocks, :, offsets] = coded
+        if layer == 0:  # the token table: layer 0's K/V are rows of it
+            assert isinstance(layout.key, TokenTableCodec)
+            ids = torch.randint(0, layout.key.table.shape[0], (3,), generator=gen)
+            key, value = layout.key.table[ids].float(), layout.value.table[ids].float()
+        else:
+            key, value = torch.randn(3, 2, 32, generator=gen) * 2, torch.randn(3, 2, 32, generator=gen)
+        coded = layout.encode(key, value, previous)
+        page[blocks, :, offsets, :layout.slot_bytes] = coded
         handed.append(layout.decode(coded, previous))
         engine.chain.keep(layer, ("w",), handed[-1])
     # nothing kept for this key: layers 0 and 1 are decoded again from their pages

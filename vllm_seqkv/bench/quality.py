@@ -22,6 +22,7 @@ the model's calibration, fitted on the calibration text (never the evaluation te
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +35,7 @@ from vllm_seqkv.bench.forward import run_window
 from vllm_seqkv.bench.model import LlamaForward
 from vllm_seqkv.codec import make_codec
 from vllm_seqkv.codec.base import KVCodec
+from vllm_seqkv.codec.calibration import CalibrationError
 
 SE_CHUNK = 256  # tokens per chunk for the paired standard error of Δppl
 
@@ -87,9 +89,12 @@ def load_codecs(settings: QualitySettings) -> tuple[dict[str, KVCodec], dict[str
         if needs_calibration(name):
             path = calibrate.default_path(settings.model_dir, name)
             if default_text and path.exists():
-                calibration = calibrate.load(path, name)
-                sources[name] = str(path)
-            else:
+                try:
+                    calibration = calibrate.load(path, name)
+                    sources[name] = str(path)
+                except CalibrationError as exc:  # an older format or a corrupt file: refit
+                    print(f"refitting: {exc}", file=sys.stderr)
+            if calibration is None:
                 if captured is None:
                     captured = calibrate.capture(settings.model_dir, Path(settings.calib_text).read_text(),
                                                  settings.calib_tokens)

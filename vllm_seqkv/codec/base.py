@@ -53,6 +53,10 @@ class TensorCodec(ABC):
     def bits_per_element(self, num_kv_heads: int, head_dim: int) -> float:
         """Analytic all-in bits per element; tests check it equals the packed size."""
 
+    def probe_input(self, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """One token ``[1, H, D]`` this codec accepts (layouts encode it to learn the fields)."""
+        return torch.zeros(1, num_kv_heads, head_dim)
+
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x)).to(x.dtype)
 
@@ -120,19 +124,22 @@ class KVCodec:
 
     def bits_per_element(self, num_kv_heads: int, head_dim: int, context: int,
                          num_layers: int = 1) -> float:
-        """All-in bits per cached element over a ``context``-token cache, averaged over layers.
+        """All-in bits per cached element over a ``context``-token cache, all layers.
 
+        NOTE: vLLM pages are uniform across layers, so every layer pays the largest layer's
+        coded bits (a layer whose code is smaller, such as a token table, pads its slot).
         Exact windows cost ``exact_bits`` per element over their (average) length.
         """
-        total = 0.0
-        for layer in range(num_layers):
-            key, value = self.codecs_for_layer(layer)
-            coded = (key.bits_per_element(num_kv_heads, head_dim)
-                     + value.bits_per_element(num_kv_heads, head_dim)) / 2
-            exact = min(context, self.sink_tokens + self.exact_recent
-                        + (self.block_size / 2 if self.block_exact else 0))
-            total += (coded * (context - exact) + self.exact_bits * exact) / context
-        return total / num_layers
+        coded = max(self.coded_bits_per_element(layer, num_kv_heads, head_dim)
+                    for layer in range(num_layers))
+        exact = min(context, self.sink_tokens + self.exact_recent
+                    + (self.block_size / 2 if self.block_exact else 0))
+        return (coded * (context - exact) + self.exact_bits * exact) / context
+
+    def coded_bits_per_element(self, layer: int, num_kv_heads: int, head_dim: int) -> float:
+        key, value = self.codecs_for_layer(layer)
+        return (key.bits_per_element(num_kv_heads, head_dim)
+                + value.bits_per_element(num_kv_heads, head_dim)) / 2
 
 
 class SlotLayout:
@@ -145,11 +152,12 @@ class SlotLayout:
     def __init__(self, key: TensorCodec, value: TensorCodec, num_kv_heads: int, head_dim: int):
         if key.block_size != 1 or value.block_size != 1:
             raise CodecInputError("slot layouts need per-token codecs (block_size 1)")
-        probe = torch.zeros(1, num_kv_heads, head_dim)
+        zeros = torch.zeros(1, num_kv_heads, head_dim)
         self.key, self.value = key, value
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self._fields = [self._field_specs(_encode(key, probe, (probe, probe))),
-                        self._field_specs(_encode(value, probe, (probe, probe)))]
+        self._fields = [
+            self._field_specs(_encode(codec, codec.probe_input(num_kv_heads, head_dim), (zeros, zeros)))
+            for codec in (key, value)]
         self.key_bytes = sum(n for _, _, n, _ in self._fields[0])
         self.slot_bytes = self.key_bytes + sum(n for _, _, n, _ in self._fields[1])
 

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 from vllm_seqkv.codec.crosslayer import CrossLayerCodec, LinearPredictor
+from vllm_seqkv.codec.base import TensorCodec
 from vllm_seqkv.codec.predictive import ChannelPredictor
+from vllm_seqkv.codec.token_table import TokenTableCodec, relative_error
 from vllm_seqkv.codec.transform import Transform, TransformCodec, fit_transform
 
 FORMAT = "seqkv-calibration/2"  # /2: key statistics in the pre-RoPE frame
@@ -139,6 +141,10 @@ class Capture:
     ``keys`` (pre-RoPE) and ``values``: per layer ``[N, H, D]``; ``query_sq [L, H, D]``: E[q²]
     of the pre-RoPE queries averaged over each KV head's query group; ``value_metric
     [L, H, D, D]``: ``Σ_g W_o^{(g)T} W_o^{(g)}`` over the group's query heads.
+    ``token_ids [N]``: the captured tokens; ``layer0_table``: pre-RoPE K and V of layer 0
+    per vocabulary id ``[vocab, H, D]``
+    (:mod:`.token_table`), only when verified on the captured text (``layer0_check`` says
+    what the verification found).
     """
 
     model: str
@@ -146,6 +152,9 @@ class Capture:
     values: list[torch.Tensor]
     query_sq: torch.Tensor
     value_metric: torch.Tensor
+    token_ids: torch.Tensor | None = None
+    layer0_table: tuple[torch.Tensor, torch.Tensor] | None = None
+    layer0_check: str = "not built"
 
     @property
     def tokens(self) -> int:
@@ -174,28 +183,38 @@ class Capture:
         return Calibration.fit(self.model, keys, values, self.query_sq, value_sensitivity)
 
 
-TRANSFORM_FORMAT = "seqkv-transform/1"
+TRANSFORM_FORMAT = "seqkv-transform/2"
 _STREAMS = ("k", "v")
 _FIELDS = ("mean", "basis", "bits", "levels", "pred_w", "pred_b")
+_LAYER0 = ("l0.k", "l0.v")
 
 
 @dataclass
 class TransformCalibration:
     """Fitted tensors of one transform preset: ``"{k,v}.{field}"`` stacked over layers
     (``mean/bits [L, H, D]``, ``basis [L, H, D, D]``, ``levels [L, H, D, 256]``, ``pred_w
-    [L, 2HD, HD]``, ``pred_b [L, HD]``; the predictors of layer 0 are unused zeros)."""
+    [L, 2HD, HD]``, ``pred_b [L, HD]``; the predictors of layer 0 are unused zeros), and
+    with ``layer0_tokens`` the token table of layer 0, ``l0.k`` / ``l0.v`` ``[vocab, H, D]``
+    bf16, which then codes layer 0 instead of its transform."""
 
     model: str
     preset: str
     tokens: int
     cross_layer: bool
     tensors: dict[str, torch.Tensor]
+    layer0_check: str = ""
 
     @property
     def num_layers(self) -> int:
         return self.tensors["k.mean"].shape[0]
 
-    def codecs(self, layer: int) -> tuple[CrossLayerCodec, CrossLayerCodec]:
+    @property
+    def layer0_tokens(self) -> bool:
+        return _LAYER0[0] in self.tensors
+
+    def codecs(self, layer: int) -> tuple[TensorCodec, TensorCodec]:
+        if layer == 0 and self.layer0_tokens:
+            return TokenTableCodec(self.tensors["l0.k"]), TokenTableCodec(self.tensors["l0.v"])
         out = []
         for stream in _STREAMS:
             t = {f: self.tensors[f"{stream}.{f}"][layer] for f in _FIELDS}
@@ -208,25 +227,35 @@ class TransformCalibration:
     def save(self, path: Path) -> None:
         save_checked(path, self.tensors, TRANSFORM_FORMAT,
                      {"model": self.model, "preset": self.preset, "tokens": str(self.tokens),
-                      "cross_layer": str(int(self.cross_layer))})
+                      "cross_layer": str(int(self.cross_layer)),
+                      "layer0_tokens": str(int(self.layer0_tokens)), "layer0_check": self.layer0_check})
 
     @classmethod
     def load(cls, path: Path, preset: str | None = None) -> "TransformCalibration":
         tensors, meta = load_checked(path, TRANSFORM_FORMAT)
         missing = {f"{s}.{f}" for s in _STREAMS for f in _FIELDS} - set(tensors)
+        if meta.get("layer0_tokens") == "1":
+            missing |= set(_LAYER0) - set(tensors)
         if missing:
             raise CalibrationError(f"{path}: missing tensors {sorted(missing)}")
         if preset is not None and meta.get("preset") != preset:
             raise CalibrationError(f"{path} was fitted for preset {meta.get('preset')!r}, not {preset!r}")
-        return cls(meta["model"], meta["preset"], int(meta["tokens"]), meta["cross_layer"] == "1", tensors)
+        return cls(meta["model"], meta["preset"], int(meta["tokens"]), meta["cross_layer"] == "1", tensors,
+                   meta.get("layer0_check", ""))
 
 
 def fit_transform_calibration(capture: Capture, preset: str, key_bits: float, value_bits: float,
-                              cross_layer: bool = True) -> TransformCalibration:
+                              cross_layer: bool = True, layer0_tokens: bool = True) -> TransformCalibration:
     """Closed-loop fit, layer by layer: the predictor of layer ``l`` is fitted on the
     reconstruction of layer ``l - 1`` by its own fitted codec (what the decoder will have),
-    and the transform of layer ``l`` on the residual of that prediction."""
+    and the transform of layer ``l`` on the residual of that prediction. With
+    ``layer0_tokens`` and a verified ``capture.layer0_table``, layer 0 is coded by its token
+    table (its reconstruction: the bf16 table rows; its transform is fitted but unused)."""
     stacks: dict[str, list[torch.Tensor]] = {f"{s}.{f}": [] for s in _STREAMS for f in _FIELDS}
+    table = capture.layer0_table if layer0_tokens else None
+    extra: dict[str, torch.Tensor] = {}
+    if table is not None:
+        extra = {name: t.to(torch.bfloat16).contiguous() for name, t in zip(_LAYER0, table)}
     previous = None
     for layer in range(capture.num_layers):
         recon = []
@@ -250,8 +279,11 @@ def fit_transform_calibration(capture: Capture, preset: str, key_bits: float, va
                                 ("pred_w", predictor.weight), ("pred_b", predictor.bias)):
                 stacks[f"{stream}.{name}"].append(value)
         previous = (recon[0], recon[1])
-    tensors = {name: torch.stack(parts) for name, parts in stacks.items()}
-    return TransformCalibration(capture.model, preset, capture.tokens, cross_layer, tensors)
+        if layer == 0 and table is not None:
+            previous = tuple(extra[n][capture.token_ids].float() for n in _LAYER0)
+    tensors = {name: torch.stack(parts) for name, parts in stacks.items()} | extra
+    return TransformCalibration(capture.model, preset, capture.tokens, cross_layer, tensors,
+                                capture.layer0_check if layer0_tokens else "not used by the preset")
 
 
 def save_checked(path: Path, tensors: dict[str, torch.Tensor], fmt: str, meta: dict[str, str]) -> None:

@@ -60,24 +60,32 @@ class LinearPredictor:
         x = torch.cat([key.reshape(n, -1), value.reshape(n, -1)], -1).double()
         y = target.reshape(n, -1).double()
         split = n - n // 5
+        train = _Moments(x[:split], y[:split])
         best, best_err = None, float((y[split:] - y[:split].mean(0)).pow(2).sum())
         for ridge in ridges:
-            weight, bias = _ridge(x[:split], y[:split], ridge)
+            weight, bias = train.solve(ridge)
             err = float((y[split:] - x[split:] @ weight - bias).pow(2).sum())
             if err < best_err:
                 best, best_err = ridge, err
         if best is None:
             return cls(torch.zeros(x.shape[1], y.shape[1]), torch.zeros(y.shape[1]))
-        weight, bias = _ridge(x, y, best)
+        weight, bias = _Moments(x, y).solve(best)
         return cls(weight.float(), bias.float())
 
 
-def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    a = x - x_mean
-    reg = ridge * a.pow(2).sum() / a.shape[1]
-    weight = torch.linalg.solve(a.T @ a + reg * torch.eye(a.shape[1], dtype=a.dtype), a.T @ (y - y_mean))
-    return weight, y_mean - x_mean @ weight
+class _Moments:
+    """Centred second moments of a regression, computed once for every ridge strength."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x_mean, self.y_mean = x.mean(0), y.mean(0)
+        a = x - self.x_mean
+        self.gram, self.cross = a.T @ a, a.T @ (y - self.y_mean)
+
+    def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        dim = self.gram.shape[0]
+        reg = ridge * torch.diagonal(self.gram).sum() / dim
+        weight = torch.linalg.solve(self.gram + reg * torch.eye(dim, dtype=self.gram.dtype), self.cross)
+        return weight, self.y_mean - self.x_mean @ weight
 
 
 class CrossLayerCodec(TensorCodec):

@@ -7,11 +7,15 @@ transform coder (:mod:`.transform`: decorrelating basis in the attention-weighte
 per-component Lloyd-Max quantizers, bits by reverse water-filling). Values get one bit more
 than keys (``seqkv-3``: K 2.5 / V 3.5; K 3 / V 3 and K 2 / V 4 measured no better on the
 validation split). The first token of every sequence (the attention sink) stays exact
-(its 16 bits per element are counted over the context). Every preset is per-token
+(its 16 bits per element are counted over the context). Layer 0 is stored as the token's
+row in a table of its K/V (:mod:`.token_table`), exact, when the calibration verified that
+the model's layer 0 depends on the token id alone; its slot is padded to the others'
+(pages are uniform), so it is counted at the same bits. Every preset is per-token
 (``block_size`` 1), so vLLM writes each token's slot as it arrives.
 
 Ablations keep the bits and drop one idea each: ``seqkv-3-nox`` (no cross-layer prediction:
-every layer decodes on its own, what a fused GPU kernel reads), ``seqkv-3-nosink`` (same
+every layer decodes on its own, what a fused GPU kernel reads), ``seqkv-3-nol0`` (layer 0
+transform-coded like the others instead of its token table), ``seqkv-3-nosink`` (same
 codes as ``seqkv-3``, first token not kept exact), and the first design, ``seqkv-3-rot`` (calibrated channel mean +
 sensitivity weights, random Hadamard rotation, Lloyd-Max codes with an fp16 norm per
 token-head) with ``seqkv-3-rot-none`` (the same rotation code without calibration).
@@ -41,6 +45,7 @@ class TransformPreset:
     key_bits: float
     value_bits: float
     cross_layer: bool = True
+    layer0_tokens: bool = True
     sink_tokens: int = 1
     fitted_as: str = ""  # another preset whose calibration this one uses (same codes)
     calibration_kind: Literal["transform"] = "transform"
@@ -51,7 +56,7 @@ class TransformPreset:
 
     def fit(self, capture: Capture) -> TransformCalibration:
         return fit_transform_calibration(capture, self.calibration_name, self.key_bits,
-                                         self.value_bits, self.cross_layer)
+                                         self.value_bits, self.cross_layer, self.layer0_tokens)
 
     def build(self, calibration: AnyCalibration | None) -> KVCodec:
         if not isinstance(calibration, TransformCalibration) or calibration.preset != self.calibration_name:
@@ -62,7 +67,7 @@ class TransformPreset:
                         sink_tokens=self.sink_tokens, cross_layer=self.cross_layer)
         for layer in range(calibration.num_layers):
             codec.per_layer[layer] = calibration.codecs(layer)
-        codec.key, codec.value = codec.per_layer[0]
+        codec.key, codec.value = codec.per_layer[calibration.num_layers - 1]
         return codec
 
 
@@ -104,6 +109,7 @@ _MAIN = [
 ]
 _ABLATIONS = [
     TransformPreset("seqkv-3-nox", 2.5, 3.5, cross_layer=False),
+    TransformPreset("seqkv-3-nol0", 2.5, 3.5, layer0_tokens=False),
     TransformPreset("seqkv-3-nosink", 2.5, 3.5, sink_tokens=0, fitted_as="seqkv-3"),
     RotationPreset("seqkv-3-rot", (3, 3), (3, 2)),
     RotationPreset("seqkv-3-rot-none", (3, 3), (3, 2), calibrated=False, sink_tokens=0,

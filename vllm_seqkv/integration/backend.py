@@ -111,7 +111,7 @@ class SeqKVAttentionImpl(AttentionImpl):
         previous = self.engine.chain.below(layer_index, write_key,
                                            lambda p: p[blocks, :, offsets])
         coded = layout.encode(self.engine.to_code_frame(key, positions), value, previous)
-        pages[blocks, :, offsets] = coded
+        pages[blocks, :, offsets, :layout.slot_bytes] = coded
         if self.engine.codec.cross_layer:
             self.engine.chain.keep(layer_index, write_key, layout.decode(coded, previous))
         self.engine.sinks.record(layer_index, blocks, offsets, positions, key, value)

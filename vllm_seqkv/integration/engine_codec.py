@@ -117,13 +117,18 @@ class EngineCodec:
                            else load_for_model(Path(model_dir), config.preset))
         self.codec: KVCodec = make_codec(config.preset, calibration)
         self._layouts: dict[int, SlotLayout] = {}
-        self.slot_bytes = self.layout(0).slot_bytes
+        # NOTE: one slot size for every layer (vLLM pages are uniform); smaller layouts
+        # (the layer-0 token table) use the first bytes of their slot.
+        self.slot_bytes = max(self.layout(layer).slot_bytes for layer in self.layers())
         self.sinks = SinkTable(self.codec.sink_tokens)
         self.chain = LayerChain(self)
         if self.codec.pre_rope_keys and rope_theta is None:
             raise ValueError(f"preset {self.preset} codes keys pre-RoPE: needs the model's rope_theta")
         self.rope_theta = rope_theta
         self._announced: set[int] = set()
+
+    def layers(self) -> range:
+        return range(max(self.codec.per_layer, default=0) + 1)
 
     def layout(self, layer: int) -> SlotLayout:
         if layer not in self._layouts:

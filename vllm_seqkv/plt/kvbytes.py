@@ -42,7 +42,8 @@ def model_blocks(model_dir: Path, ids: list[int], block_size: int = 16,
         slots = lay.encode(k, v, previous)
         previous = lay.decode(slots, previous) if kv.cross_layer else None
         per_layer.append(slots.numpy())
-    slots = np.stack(per_layer)  # [L, T, H, S]
+    width = max(p.shape[-1] for p in per_layer)  # pages are uniform: smaller slots padded
+    slots = np.stack([np.pad(p, ((0, 0), (0, 0), (0, width - p.shape[-1]))) for p in per_layer])  # [L, T, H, S]
     L, _, H, S = slots.shape
     D = cache.layers[0].keys.shape[-1]
     blocks = [np.ascontiguousarray(slots[:, i:i + block_size]).tobytes()
