@@ -6,6 +6,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 bash "$SEQKV_ROOT/scripts/setup.sh"
 model="$("$SEQKV_VENV/bin/python" -c 'from vllm_seqkv import fixtures; print(fixtures.smollm2_dir())')"
 port="${PORT:-8000}"
+# the default preset's calibration (fitted once, ~4 minutes on 2 cores; seconds when cached)
+"$SEQKV_VENV/bin/python" -m vllm_seqkv.calibrate "$model" >&2
 cat >&2 <<MSG
 [seqkv] serving $model at http://127.0.0.1:$port/v1  (model name: smollm2)
 [seqkv] try:  curl http://127.0.0.1:$port/v1/chat/completions -H 'Content-Type: application/json' \\

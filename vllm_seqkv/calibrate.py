@@ -176,7 +176,12 @@ def ensure(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
         except CalibrationError:
             path.unlink()
     text = fixtures.corpus_path("train").read_text()
-    calibrate(model_dir, text, preset).save(path)
+    print(f"[seqkv] fitting the {preset} calibration of {model_dir} on {DEFAULT_TOKENS} tokens "
+          "of the train split (once per model and preset)", file=sys.stderr)
+    calibration = calibrate(model_dir, text, preset)
+    if getattr(calibration, "layer0_check", ""):
+        print(f"[seqkv] {calibration.layer0_check}", file=sys.stderr)
+    calibration.save(path)
     return path
 
 

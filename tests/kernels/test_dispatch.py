@@ -61,3 +61,12 @@ def test_reference_equals_backend_attend():
         k, v = cache.layout.decode(slots)
         expected = backend.attend(query[i:i + 1], k, v, own_k[i:i + 1], own_v[i:i + 1], 0.3)
         torch.testing.assert_close(ref[i], expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_token_table_layer_has_no_kernel_params_and_says_so():
+    from vllm_seqkv.codec.base import SlotLayout
+    from vllm_seqkv.codec.token_table import TokenTableCodec
+
+    table = TokenTableCodec(torch.randn(10, 2, 32))
+    with pytest.raises(kernels.KernelArgumentError, match="token table"):
+        kernels.layer_params(SlotLayout(table, table, 2, 32))

@@ -9,6 +9,10 @@ from the engine's SlotLayout, once per layer, on the cache's device):
   Triton kernels for writing and reconstructing pages (:mod:`.transform_reconstruct` has the
   decode cost); decode attention is "reconstruct + torch SDPA" (no fused kernel, no CUDA op).
 
+Layer 0 of the transform presets is a token table (:mod:`vllm_seqkv.codec.token_table`):
+its slot is a row index, reconstructed by a table gather; it has no kernel params yet
+(``layer_params`` refuses it, naming the codec).
+
 Backend-facing API (``previous``: the layer below's reconstruction of the same rows in the
 coding frame, needed by cross-layer transform layers; ``rope``: a
 :func:`~vllm_seqkv.kernels.transform_params.rope_cache` table to return keys RoPE-rotated,
@@ -87,6 +91,10 @@ def implementation(device: torch.device) -> str:
 
 def layer_params(layout, device=None) -> LayerKernelParams | TransformLayerParams:
     """Kernel constants of one layer's SlotLayout, for whichever format it codes."""
+    from vllm_seqkv.codec.token_table import TokenTableCodec
+
+    if isinstance(layout.key, TokenTableCodec):
+        raise KernelArgumentError("layer 0 is a token table (a row gather): no kernel params for it yet")
     if is_transform_layout(layout):
         return transform_layer_params(layout, device)
     return rotation_layer_params(layout, device)
