@@ -102,13 +102,13 @@ def test_client_disconnect_mid_stream_frees_its_blocks(server):
     with httpx.Client(timeout=120) as client:
         with client.stream("POST", server.base_url + "/v1/completions", json=body) as resp:
             assert resp.status_code == 200
+            # NOTE: keep the line iterator referenced: breaking out of a `for` over it
+            # closes the generator, and httpx then closes the connection (a disconnect).
+            lines = resp.iter_lines()
             chunks = 0
-            for line in resp.iter_lines():
-                chunks += line.startswith("data: {")
-                if chunks >= 5:
-                    break
-            # the request holds blocks while it streams (the gauges follow the engine's
-            # step outputs, so under a loaded CI machine they may lag the first chunks)
+            while chunks < 5:
+                chunks += next(lines).startswith("data: {")
+            # the request holds blocks while it streams
             assert wait_for(lambda: running() == 1 and usage() > 0, timeout_s=20, step_s=0.2), \
                 f"streaming request not seen: running {running()}, usage {usage()}"
         # leaving the block closes the connection mid-stream
