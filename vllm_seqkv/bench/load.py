@@ -30,7 +30,6 @@ import datetime as dt
 import json
 import re
 import shlex
-import statistics
 import sys
 import tempfile
 import time

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from vllm_seqkv.codec.crosslayer import CrossLayerCodec, LinearPredictor
 from vllm_seqkv.codec.base import TensorCodec
+from vllm_seqkv.codec.crosslayer import CrossLayerCodec, LinearPredictor
 from vllm_seqkv.codec.predictive import ChannelPredictor
-from vllm_seqkv.codec.token_table import TokenTableCodec, relative_error
+from vllm_seqkv.codec.token_table import TokenTableCodec
 from vllm_seqkv.codec.transform import Transform, TransformCodec, fit_transform
 
 FORMAT = "seqkv-calibration/2"  # /2: key statistics in the pre-RoPE frame
@@ -142,9 +142,8 @@ class Capture:
     of the pre-RoPE queries averaged over each KV head's query group; ``value_metric
     [L, H, D, D]``: ``Σ_g W_o^{(g)T} W_o^{(g)}`` over the group's query heads.
     ``token_ids [N]``: the captured tokens; ``layer0_table``: pre-RoPE K and V of layer 0
-    per vocabulary id ``[vocab, H, D]``
-    (:mod:`.token_table`), only when verified on the captured text (``layer0_check`` says
-    what the verification found).
+    per vocabulary id ``[vocab, H, D]`` (:mod:`.token_table`), only when verified on the
+    captured text (``layer0_check`` says what the verification found).
     """
 
     model: str

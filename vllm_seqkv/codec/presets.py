@@ -34,7 +34,7 @@ from vllm_seqkv.codec.calibration import (
     TransformCalibration,
     fit_transform_calibration,
 )
-from vllm_seqkv.codec.predictive import ChannelPredictor, PredictiveCodec
+from vllm_seqkv.codec.predictive import PredictiveCodec
 
 AnyCalibration = Calibration | TransformCalibration
 

@@ -23,7 +23,6 @@ distortion of their arithmetic mean into that of their geometric mean.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
