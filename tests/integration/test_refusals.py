@@ -17,14 +17,14 @@ def variant(tiny_model_dir, tmp_path, **overrides):
     return folder
 
 
-def engine_config(model_dir, backend="seqkv"):
+def engine_config(model_dir, backend="seqkv", **engine_args):
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_seqkv.integration.plugin import register
 
     register()
     args = EngineArgs(model=str(model_dir), max_model_len=256, kv_cache_memory_bytes=32 << 20,
-                      additional_config={"kv_cache_backend": backend})
+                      additional_config={"kv_cache_backend": backend}, **engine_args)
     return args.create_engine_config()
 
 
@@ -44,3 +44,11 @@ def test_unsupported_model_is_refused_naming_the_feature(tiny_model_dir, tmp_pat
 
 def test_supported_model_passes(tiny_model_dir):
     assert engine_config(tiny_model_dir).additional_config["kv_cache_backend"] == "seqkv"
+
+
+@pytest.mark.parametrize("option, feature", [("enable_prompt_embeds", "prompt embeddings"),
+                                             ("enable_lora", "LoRA adapters")])
+def test_options_that_change_layer_0_are_refused(tiny_model_dir, option, feature):
+    with pytest.raises(UnsupportedModelError, match=feature):
+        engine_config(tiny_model_dir, **{option: True})
+    engine_config(tiny_model_dir, backend="auto", **{option: True})

@@ -51,7 +51,7 @@ def _hook_engine_config(compat) -> None:
         if config.enabled:
             from vllm_seqkv.integration.support import check_model_supported
 
-            check_model_supported(vllm_config.model_config)
+            check_model_supported(vllm_config.model_config, vllm_config)
             figures = cache_figures(config, vllm_config.model_config)
             metrics.export(figures, vllm_config.cache_config)
             logger().info(

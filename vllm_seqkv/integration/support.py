@@ -34,8 +34,23 @@ def unsupported_features(model_config) -> list[str]:
     return found
 
 
-def check_model_supported(model_config) -> None:
+def unsupported_engine_options(vllm_config) -> list[str]:
+    """Engine options that change layer 0's K/V away from the token's: the presets store
+    layer 0 as the token's row of a calibrated table, and the whole codec is calibrated on
+    the base weights."""
+    checks = {
+        "prompt embeddings (--enable-prompt-embeds; layer 0 is stored as token ids)":
+            lambda: vllm_config.model_config.enable_prompt_embeds,
+        "LoRA adapters (--enable-lora; the codec is calibrated on the base weights)":
+            lambda: vllm_config.lora_config is not None,
+    }
+    return [name for name, present in checks.items() if present()]
+
+
+def check_model_supported(model_config, vllm_config=None) -> None:
     found = unsupported_features(model_config)
+    if vllm_config is not None:
+        found += unsupported_engine_options(vllm_config)
     if found:
         raise UnsupportedModelError(
             f"--kv-cache-backend seqkv does not support {model_config.model}: it uses "
