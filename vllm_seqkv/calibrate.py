@@ -33,11 +33,30 @@ def default_path(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
 
     spec = PRESETS[preset]
     kind = spec.calibration_name if spec.calibration_kind == "transform" else "channel"
+    return fixtures.home() / "calibration" / f"{_model_key(model_dir)}-{kind}-{DEFAULT_TOKENS}t.safetensors"
+
+
+def _model_key(model_dir: Path) -> str:
     model_dir = Path(model_dir).resolve()
     key = hashlib.sha256(str(model_dir).encode())
     key.update((model_dir / "config.json").read_bytes())
-    name = f"{model_dir.name}-{key.hexdigest()[:12]}-{kind}-{DEFAULT_TOKENS}t.safetensors"
-    return fixtures.home() / "calibration" / name
+    return f"{model_dir.name}-{key.hexdigest()[:12]}"
+
+
+def prune_stale(model_dir: Path) -> list[Path]:
+    """Delete this model's calibration files that no preset maps to any more (older
+    names, other token counts); returns what was deleted. NOTE: ``.tmp`` files are left
+    alone: another process may be writing one."""
+    from vllm_seqkv.codec.presets import PRESETS
+
+    current = {default_path(model_dir, name) for name, p in PRESETS.items()
+               if p.calibration_kind != "none"}
+    folder = fixtures.home() / "calibration"
+    stale = [f for f in folder.glob(_model_key(model_dir) + "-*")
+             if f not in current and f.suffix == ".safetensors"]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
 
 
 def load(path: Path, preset: str):
@@ -182,6 +201,8 @@ def ensure(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
     if getattr(calibration, "layer0_check", ""):
         print(f"[seqkv] {calibration.layer0_check}", file=sys.stderr)
     calibration.save(path)
+    for stale in prune_stale(model_dir):
+        print(f"[seqkv] removed stale calibration {stale}", file=sys.stderr)
     return path
 
 
