@@ -271,7 +271,7 @@ def server_args(backend: str, kv_bytes: int, max_model_len: int, max_num_seqs: i
 def run_backend(model: Path, backend: str, args, systems: list[str], log_dir: Path) -> dict:
     log = log_dir / f"vllm-{backend}.log"
     with VllmServer(model, server_args(backend, args.kv_cache_memory_bytes, args.max_model_len,
-                                   args.max_num_seqs), log) as server:
+                                       args.max_num_seqs), log) as server:
         warm, _ = asyncio.run(run_sessions(server.base_url, 4, 1, args.max_tokens, systems,
                                            args.request_timeout, args.deadline))
         if not all(r.ok for r in warm):
