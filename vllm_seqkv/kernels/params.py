@@ -24,6 +24,12 @@ from vllm_seqkv.codec.predictive import ChannelPredictor, PredictiveCodec
 NORM_BYTES = 2
 
 
+def tensors_to(params, device):
+    """A copy of the frozen dataclass ``params`` with every tensor field on ``device``."""
+    return replace(params, **{f.name: getattr(params, f.name).to(device) for f in fields(params)
+                              if isinstance(getattr(params, f.name), torch.Tensor)})
+
+
 @dataclass(frozen=True)
 class StreamParams:
     """One stream (K or V) of one layer.
@@ -46,8 +52,7 @@ class StreamParams:
     nbytes: int
 
     def to(self, device) -> "StreamParams":
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return tensors_to(self, device)
 
 
 @dataclass(frozen=True)

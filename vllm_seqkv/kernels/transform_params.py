@@ -16,13 +16,14 @@ Nothing here depends on vLLM or Triton.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from vllm_seqkv.codec.base import CodecInputError, SlotLayout, TensorCodec
 from vllm_seqkv.codec.crosslayer import CrossLayerCodec
 from vllm_seqkv.codec.transform import MAX_BITS, TransformCodec
+from vllm_seqkv.kernels.params import tensors_to
 
 LEVELS = 1 << MAX_BITS  # 256 entries per component in ``levels`` / ``cuts``
 
@@ -54,8 +55,7 @@ class TransformStreamParams:
     nbytes: int
 
     def to(self, device) -> "TransformStreamParams":
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return tensors_to(self, device)
 
 
 @dataclass(frozen=True)

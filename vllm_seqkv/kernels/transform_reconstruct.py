@@ -99,13 +99,15 @@ def inverse_half(z, inverse_ptr, mean_ptr, h, COL0: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
-def predict_half(prev_k_ptr, prev_v_ptr, rows, row_mask, w_ptr, b_ptr, h, num_heads,
-                 COL0: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
-    """Columns ``COL0:COL0 + D/2`` of head ``h`` of ``[prev_k, prev_v] @ W + b`` ([TILE, D/2])."""
+def predict_columns(prev_k_ptr, prev_v_ptr, rows, row_mask, w_ptr, b_ptr, h, num_heads,
+                    COL0: tl.constexpr, NCOLS: tl.constexpr, D: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """Columns ``COL0:COL0 + NCOLS`` of head ``h`` of the cross-layer prediction
+    ``[prev_k, prev_v] @ W + b`` (``[TILE, NCOLS]``; the write kernel and the decoder share it)."""
     c = tl.arange(0, D)
-    j = COL0 + tl.arange(0, D // 2)
+    j = COL0 + tl.arange(0, NCOLS)
     hd = num_heads * D
-    acc = tl.zeros([rows.shape[0], D // 2], tl.float32)
+    acc = tl.zeros([rows.shape[0], NCOLS], tl.float32)
     for g in range(0, num_heads):
         src = rows[:, None] * hd + g * D + c[None, :]
         pk = tl.load(prev_k_ptr + src, mask=row_mask[:, None], other=0.0).to(tl.float32)
@@ -126,10 +128,10 @@ def decode_transform_stream(slot_ptrs, row_mask, rows, h, num_heads, start_ptr, 
     lo = inverse_half(z, inverse_ptr, mean_ptr, h, 0, D, PRECISION)
     hi = inverse_half(z, inverse_ptr, mean_ptr, h, D // 2, D, PRECISION)
     if HAS_PRED:
-        lo += predict_half(prev_k_ptr, prev_v_ptr, rows, row_mask, w_ptr, b_ptr, h, num_heads,
-                           0, D, PRECISION)
-        hi += predict_half(prev_k_ptr, prev_v_ptr, rows, row_mask, w_ptr, b_ptr, h, num_heads,
-                           D // 2, D, PRECISION)
+        lo += predict_columns(prev_k_ptr, prev_v_ptr, rows, row_mask, w_ptr, b_ptr, h, num_heads,
+                              0, D // 2, D, PRECISION)
+        hi += predict_columns(prev_k_ptr, prev_v_ptr, rows, row_mask, w_ptr, b_ptr, h, num_heads,
+                              D // 2, D // 2, D, PRECISION)
     return lo, hi
 
 

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from vllm_seqkv.kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_pages, check_tensor, expect
 from vllm_seqkv.kernels.transform_params import TransformLayerParams
+from vllm_seqkv.kernels.transform_reconstruct import predict_columns
 
 
 @triton.jit
@@ -44,17 +45,9 @@ def encode_transform_stream(x_ptr, stride_xt, stride_xh, rows, row_mask, h, num_
     c = tl.arange(0, D)
     x = tl.load(x_ptr + rows[:, None] * stride_xt + h * stride_xh + c[None, :],
                 mask=row_mask[:, None], other=0.0).to(tl.float32)
-    if HAS_PRED:
-        hd = num_heads * D
-        pred = tl.zeros([rows.shape[0], D], tl.float32)
-        for g in range(0, num_heads):
-            src = rows[:, None] * hd + g * D + c[None, :]
-            pk = tl.load(prev_k_ptr + src, mask=row_mask[:, None], other=0.0).to(tl.float32)
-            pv = tl.load(prev_v_ptr + src, mask=row_mask[:, None], other=0.0).to(tl.float32)
-            wk = tl.load(w_ptr + (g * D + c)[:, None].to(tl.int64) * hd + h * D + c[None, :])
-            wv = tl.load(w_ptr + (hd + g * D + c)[:, None].to(tl.int64) * hd + h * D + c[None, :])
-            pred += tl.dot(pk, wk, input_precision="ieee") + tl.dot(pv, wv, input_precision="ieee")
-        x = x - (pred + tl.load(b_ptr + h * D + c)[None, :])
+    if HAS_PRED:  # fp32 (ieee) products, as the codec's reference
+        x = x - predict_columns(prev_k_ptr, prev_v_ptr, rows, row_mask, w_ptr, b_ptr, h, num_heads,
+                                0, D, D, 0)
     basis = tl.load(basis_ptr + h * D * D + c[:, None] * D + c[None, :])
     z = tl.dot(x - tl.load(mean_ptr + h * D + c)[None, :], basis, input_precision="ieee")
     # code = number of thresholds < z; thresholds ascending, padded with +inf (8 halvings)
