@@ -129,18 +129,17 @@ def capture(model_dir: Path, text: str, tokens: int = DEFAULT_TOKENS, window: in
         attn_module.apply_rotary_pos_emb = original_rope
         for h in handles:
             h.remove()
-    token_ids = torch.tensor(ids[: sum(k.shape[0] for k in keys[0])])
-    verified, check = verify(table, token_ids, torch.cat(keys[0]), torch.cat(values[0]),
-                             LAYER0_TOLERANCE)
+    keys, values = [torch.cat(k) for k in keys], [torch.cat(v) for v in values]
+    count = keys[0].shape[0]
+    token_ids = torch.tensor(ids[:count])
+    verified, check = verify(table, token_ids, keys[0], values[0], LAYER0_TOLERANCE)
 
-    count = sum(k.shape[0] for k in keys[0])
     value_metric = []
     for layer in layers:
         w = layer.self_attn.o_proj.weight.detach().double().view(-1, kv_heads, group, head_dim)
         value_metric.append(torch.stack([
             sum(w[:, h, j].T @ w[:, h, j] for j in range(group)) for h in range(kv_heads)]))
-    return Capture(str(Path(model_dir).name), [torch.cat(k) for k in keys],
-                   [torch.cat(v) for v in values], (query_sq / count).float(),
+    return Capture(str(Path(model_dir).name), keys, values, (query_sq / count).float(),
                    torch.stack(value_metric).float(), token_ids,
                    table if verified else None, check)
 
