@@ -41,6 +41,8 @@ class ColdTierConfig(BaseModel):
     url: str = Field(default="redis://127.0.0.1:6379/0", description="server of the redis tier")
     entropy_coding: bool = Field(default=True, description="entropy-code the hot-code bytes "
                                  "(constriction ANS, lossless); false: store them raw")
+    save_queue_bytes: int = Field(default=256 << 20, gt=0, description="bytes of block copies "
+                                  "waiting for the background saver; beyond, saves are dropped")
 
     @model_validator(mode="after")
     def _disk_needs_path(self):

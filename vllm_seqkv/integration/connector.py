@@ -20,20 +20,27 @@ Redis tier never hands one model's blocks to another.
 Faults. A blob that is missing, corrupt or truncated (checksum), or a tier that fails
 (disk error, Redis down) is a miss with a warning: the worker reports the block ids it
 could not load (``get_block_ids_with_load_errors``) and vLLM recomputes from the first of
-them (``kv_load_failure_policy: recompute``, set by :func:`kv_transfer_config_for`). A save
+them (``kv_load_failure_policy: recompute``, set by :func:`kv_transfer_config_for`).
+NOTE: vLLM 0.32 keeps counting such recomputed tokens in ``num_cached_tokens`` (it counts
+what the connector claimed at scheduling); the engine log names every failed load. A save
 that fails leaves the block uncached. Disk full: the disk tier evicts its own blocks and
 retries once.
 
 Where the work runs. Scheduler side: an index of the keys the worker reported stored
 (plus, for disk and Redis, the tier itself: blocks another engine stored), the load and
-save plans. Worker side: the tier and the byte copies. Saves run in ``wait_for_save`` of
-the step after a request finishes (its blocks are held until then: ``request_finished``
-returns True), loads in ``start_load_kv`` before the forward.
+save plans. Worker side: the tier and the byte copies. In ``wait_for_save`` of the step
+after a request finishes (its blocks are held until then: ``request_finished`` returns
+True) the engine thread only copies the blocks' bytes out of the pages and releases them;
+a background thread (:class:`~vllm_seqkv.plt.tiers.BackgroundSaver`) entropy-codes and
+stores the copies, and a key counts as held once the worker reports it stored. Pending
+copies are bounded (``cold_tier.save_queue_bytes``): beyond that a save is dropped with a
+warning (a later recompute), never a stall. At shutdown the queued saves are finished.
+Loads run in ``start_load_kv`` before the forward, on the engine thread.
 
 Restore cost (CPU, measured through vLLM on SmolLM2, see BENCHMARKS.md): ~100 ms per block
 of 128 tokens x 30 layers (ANS decode, pure numpy + constriction, plus a copy into the
-pages), 5.9x faster than prefilling the same tokens; saving costs ~220 ms per block in the
-engine loop. ``cold_tier.entropy_coding: false`` skips the coder (it gains < 1 % on the
+pages), 5.9x faster than prefilling the same tokens; saving costs ~220 ms per block, off
+the engine loop. ``cold_tier.entropy_coding: false`` skips the coder (it gains < 1 % on the
 transform presets' packed codes).
 
 Limits: one worker (tensor/pipeline parallel size 1), one KV-cache group, the seqkv
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +77,7 @@ logger = init_logger("vllm.seqkv.connector")
 CONNECTOR_NAME = "SeqKVColdTierConnector"
 MODULE_PATH = __name__
 PROBE_BACKOFF_S = 10.0
+SHUTDOWN_SAVE_TIMEOUT_S = 60.0
 
 
 # ---- configuration ------------------------------------------------------------------------
@@ -120,10 +129,13 @@ class BlockStore:
     (rows of ``H x slot_bytes`` bytes, the layout ``ColdCodec`` models per column), then its
     exact sink rows (``u32 count``, then per entry ``u16 layer, u16 offset, K, V`` as float32
     ``[H, D]``).
+
+    NOTE: every tier call holds ``lock`` (a background saver shares the tier).
     """
 
     def __init__(self, tier, pages: list[torch.Tensor], sinks=None, head_dim: int | None = None):
         self.tier = tier
+        self.lock = threading.Lock()
         self.pages = pages
         self.sinks = sinks
         self.head_dim = head_dim
@@ -191,19 +203,22 @@ class BlockStore:
 
     # -- tier --
     def save(self, key: bytes, block: int) -> bool:
-        return self.tier.save(key, self.read(block))
+        record = self.read(block)
+        with self.lock:
+            return self.tier.save(key, record)
 
     def load(self, key: bytes, block: int) -> bool:
-        record = self.tier.load(key)
-        if record is None:
-            return False
-        try:
-            self.write(block, record)
-        except Exception as e:  # a verified blob of another shape: refuse, recompute
-            logger.warning("seqkv cold tier: block %s does not fit the pages (%s); recomputing",
-                           key.hex()[:16], e)
-            self.tier.delete(key)
-            return False
+        with self.lock:
+            record = self.tier.load(key)
+            if record is None:
+                return False
+            try:
+                self.write(block, record)
+            except Exception as e:  # a verified blob of another shape: refuse, recompute
+                logger.warning("seqkv cold tier: block %s does not fit the pages (%s); "
+                               "recomputing", key.hex()[:16], e)
+                self.tier.delete(key)
+                return False
         return True
 
 
@@ -272,12 +287,13 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
             self._probe = RedisTier(self.cold.url)
         # worker side
         self.store: BlockStore | None = None
+        self.saver = None
         self._done_sending: set[str] = set()
         self._load_errors: set[int] = set()
         self._changed: set[bytes] = set()
         self._inventory_sent = False
-        self.stats = {"saved_blocks": 0, "save_failures": 0, "loaded_blocks": 0,
-                      "load_failures": 0, "save_s": 0.0, "load_s": 0.0}
+        self.stats = {"saved_blocks": 0, "save_failures": 0, "saves_dropped": 0,
+                      "loaded_blocks": 0, "load_failures": 0, "copy_s": 0.0, "load_s": 0.0}
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -375,6 +391,9 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         codec = BlockStore.codec_for(len(pages), heads, bs, slot, self.cold.entropy_coding)
         tier = make_tier(self.cold, codec)
         self.store = BlockStore(tier, pages, engine.sinks, engine.head_dim)
+        from vllm_seqkv.plt.tiers import BackgroundSaver
+
+        self.saver = BackgroundSaver(tier, self.store.lock, self.cold.save_queue_bytes)
         logger.info("seqkv cold tier: %s tier%s, %d bytes, %d layers x %d heads x %d tokens x %d "
                     "slot bytes per block (%d raw bytes), entropy coding %s", self.cold.kind,
                     f" at {self.cold.path}" if self.cold.path else "", self.cold.capacity_bytes,
@@ -399,8 +418,9 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
                         job.first_token + j * self.block_size)
                     break
                 done += 1
-            for key in reversed(job.keys[:done]):  # the prefix root is the most recent: LRU
-                self.store.tier.touch(key)      # evicts the deepest blocks first
+            with self.store.lock:  # the prefix root is the most recent: LRU evicts the
+                for key in reversed(job.keys[:done]):  # deepest blocks first
+                    self.store.tier.touch(key)
             dt = time.perf_counter() - t0
             self.stats["loaded_blocks"] += done
             self.stats["load_s"] += dt
@@ -419,16 +439,20 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
             return
         for job in meta.saves:
             t0 = time.perf_counter()
-            for block, key in zip(job.block_ids, job.keys):
-                self._changed.add(key)
-                if self.store.save(key, block):
-                    self.stats["saved_blocks"] += 1
-                else:
-                    self.stats["save_failures"] += 1
-            for key in reversed(job.keys):
-                self.store.tier.touch(key)
-            self.stats["save_s"] += time.perf_counter() - t0
-            self._done_sending.add(job.req_id)
+            # deepest first: the tier's LRU then holds the prefix root as the most recent
+            for block, key in zip(reversed(job.block_ids), reversed(job.keys)):
+                record = self.store.read(block)
+                if not self.saver.submit(key, record):
+                    self._changed.add(key)  # reported not held: the scheduler may retry later
+                    self.stats["saves_dropped"] += 1
+                    if self.stats["saves_dropped"] % 100 == 1:
+                        logger.warning(
+                            "seqkv cold tier: %d bytes of saves pending (save_queue_bytes %d); "
+                            "dropping saves (%d so far): the tier is slower than the traffic",
+                            self.saver.pending_bytes, self.cold.save_queue_bytes,
+                            self.stats["saves_dropped"])
+            self.stats["copy_s"] += time.perf_counter() - t0
+            self._done_sending.add(job.req_id)  # the pages are copied: vLLM may reuse them
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         done, self._done_sending = self._done_sending, set()
@@ -441,18 +465,36 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
     def build_connector_worker_meta(self) -> ColdTierWorkerMetadata | None:
         if self.store is None:
             return None
+        self._collect_finished_saves()
         tier = self.store.tier
-        changed = self._changed | set(tier.take_dropped())
-        if not self._inventory_sent:  # blocks a previous engine left on disk
-            changed |= set(tier._sizes)
-            self._inventory_sent = True
-        self._changed = set()
-        if not changed:
-            return None
-        return ColdTierWorkerMetadata({k: tier.stored_bytes(k) for k in changed})
+        with self.store.lock:
+            changed = self._changed | set(tier.take_dropped())
+            if not self._inventory_sent:  # blocks a previous engine left on disk
+                changed |= set(tier._sizes)
+                self._inventory_sent = True
+            self._changed = set()
+            if not changed:
+                return None
+            return ColdTierWorkerMetadata({k: tier.stored_bytes(k) for k in changed})
+
+    def _collect_finished_saves(self) -> None:
+        for key, stored in self.saver.take_finished():
+            self.stats["saved_blocks" if stored else "save_failures"] += 1
+            self._changed.add(key)
+
+    def worker_stats(self) -> dict[str, Any]:
+        """Connector and tier counters (the background saver's time as ``save_s``)."""
+        self._collect_finished_saves()
+        with self.store.lock:
+            tier = self.store.tier
+            return {**self.stats, "save_s": self.saver.save_s, "tier_bytes": tier.nbytes,
+                    "tier_raw_bytes": tier.raw_nbytes, "tier_blocks": len(tier),
+                    **{"tier_" + k: v for k, v in tier.stats.items()}}
 
     def shutdown(self):
-        if self.store is not None:
-            s = dict(self.stats)
-            s.update({"tier_" + k: v for k, v in self.store.tier.stats.items()})
-            logger.info("seqkv cold tier at shutdown: %s", s)
+        if self.store is None:
+            return
+        if not self.saver.close(timeout=SHUTDOWN_SAVE_TIMEOUT_S):
+            logger.warning("seqkv cold tier: saves still pending after %.0f s at shutdown; they "
+                           "are lost (nothing half-written is kept)", SHUTDOWN_SAVE_TIMEOUT_S)
+        logger.info("seqkv cold tier at shutdown: %s", self.worker_stats())

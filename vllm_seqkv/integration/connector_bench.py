@@ -31,10 +31,9 @@ def _worker_stats(self):
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     c = get_kv_transfer_group()
-    t = c.store.tier
-    return {**c.stats, "tier_bytes": t.nbytes, "tier_raw_bytes": t.raw_nbytes,
-            "tier_blocks": len(t), "page_bytes": c.store.page_bytes,
-            "heads": c.store.heads, "layers": len(c.store.pages)}
+    c.saver.flush(60)
+    return {**c.worker_stats(), "page_bytes": c.store.page_bytes, "heads": c.store.heads,
+            "layers": len(c.store.pages)}
 
 
 def main(argv=None) -> int:
@@ -113,6 +112,7 @@ def main(argv=None) -> int:
         "connector_load_s_per_block": mean("connector_load_s") / (mean("cached_tokens") / 128),
         "restore_speedup_vs_recompute": mean("recompute_s_of_restored_tokens") / mean("connector_load_s"),
         "save_s_per_block": stats["save_s"] / max(stats["saved_blocks"], 1),
+        "engine_loop_copy_s_per_block": stats["copy_s"] / max(stats["saved_blocks"], 1),
         "tier_bits_per_element": stats["tier_bytes"] * 8 / elements if elements else None,
         "hot_bits_per_element": stats["tier_raw_bytes"] * 8 / elements if elements else None,
         "machine": f"{os.cpu_count()} CPUs",

@@ -59,14 +59,28 @@ class Tier(ABC):
         return _blob.check_raw(self.codec.decode(payload, raw_len), raw_len, digest)
 
     def save(self, key, data: bytes) -> bool:
-        t0 = time.perf_counter()
+        """Encode and store; False (with a warning) when it could not."""
+        k = _blob.key_bytes(key)
+        blob = self.encode_block(k, data)
+        return blob is not None and self.save_encoded(k, blob, len(data))
+
+    def encode_block(self, key, data: bytes) -> bytes | None:
+        """The framed blob of ``data`` (None, with a warning, if the codec refuses it).
+
+        NOTE: touches no tier state, so a background saver may call it without the tier's lock.
+        """
         k = _blob.key_bytes(key)
         try:
-            blob = self.encode(k, bytes(data))
+            return self.encode(k, bytes(data))
         except Exception as e:  # a codec that cannot take these bytes
             log.warning("%s: cannot encode block %s: %s", self.name, k.hex()[:16], e)
             self.stats["errors"] += 1
-            return False
+            return None
+
+    def save_encoded(self, key, blob: bytes, raw_len: int) -> bool:
+        """Store a blob of :meth:`encode_block`, evicting to make room."""
+        t0 = time.perf_counter()
+        k = _blob.key_bytes(key)
         if self.capacity_bytes is not None and len(blob) > self.capacity_bytes:
             return False
         self._make_room(len(blob), exclude=k)
@@ -74,7 +88,7 @@ class Tier(ABC):
         if ok:
             self._sizes[k] = len(blob)
             self._sizes.move_to_end(k)
-            self._raw[k] = len(data)
+            self._raw[k] = raw_len
             self.stats["saves"] += 1
         self.stats["save_s"] += time.perf_counter() - t0
         return ok
