@@ -5,20 +5,23 @@ it from here) / bytes held. Rebuild cost = prefill FLOPs of its tokens at its de
 (linear + attention over the prefix) at a measured FLOP rate; restore cost from a tier =
 bytes / bandwidth + decode time per byte (both measured by the bench on this machine).
 
-P(reuse) is estimated from the trie's hit statistics in the GreedyDual-Size-Frequency form:
-``priority = L + (hits + 1) x value_per_reuse / bytes`` with the inflation ``L`` set to the
-priority of the last victim, so that a block not touched for a long time ages out. Only
-leaves are evicted (a child is useless without its prefix); the blocks of the request being
-served are pinned.
+P(reuse) and the wait until it are learned online, per class of block (how it entered the
+trie, how often it was reused, its depth) and age, from the trie's hits and from misses on
+ghosts of evicted blocks (:class:`PLTPolicy`). Only leaves are evicted (a child is useless
+without its prefix); the blocks of the request being served are pinned. :class:`LRUPolicy`
+is the baseline and :class:`OraclePolicy` (Belady, reads the future) the headroom.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
+from bisect import bisect_right
+from collections import defaultdict
 from dataclasses import dataclass, field
 
-from vllm_seqkv.plt.trie import Node, PrefixTrie
+from vllm_seqkv.plt.trie import Node, PrefixTrie, block_hash
 
 
 @dataclass
@@ -86,49 +89,165 @@ class LRUPolicy(Policy):
         return node.last_access
 
 
-class PLTPolicy(Policy):
-    """Cost model over the trie's hit statistics.
+class OraclePolicy(Policy):
+    """Belady's MIN on the trie (offline): evict the leaf whose next use is furthest away.
 
-    Reuse probability per unit time is estimated as ``(hits + a) / (age + b)`` (age in the
-    clock's units since the block was cached): a block that has been reused keeps a high
-    rate (also across an eviction: evicted blocks leave a ghost
-    entry with their statistics), a block never reused since insertion starts low (``a`` < 1, a probation like 2Q's)
-    and every block decays with age. Victim = leaf with the lowest
-    ``rate x seconds saved per reuse per byte``.
+    It reads the future, so it is built from the trace it replays, and ``trie.clock()`` must
+    be the index of the request being served (as in :func:`simulate`). A block is used only
+    with its whole prefix, so its next use is never before its parent's: the block used
+    furthest in the future (or never) is always reachable as a leaf. Not deployable; its hit
+    rate is the headroom an online policy can reach at a given capacity.
+    """
+
+    name = "oracle"
+
+    def __init__(self, trace, block_size: int = 16):
+        super().__init__()
+        self.uses: dict[bytes, list[int]] = defaultdict(list)  # block -> request indices
+        for i, (salt, tokens) in enumerate(trace):
+            h = block_hash(b"", (), salt)
+            for j in range(len(tokens) // block_size):
+                h = block_hash(h, tokens[j * block_size:(j + 1) * block_size], salt)
+                self.uses[h].append(i)
+
+    def next_use(self, node: Node, now: float) -> float:
+        uses = self.uses.get(node.hash, ())
+        k = bisect_right(uses, now)
+        return uses[k] if k < len(uses) else math.inf
+
+    def priority(self, node, trie):
+        return -self.next_use(node, trie.clock())
+
+
+AGE_BUCKETS = 24  # ages in half-octaves of requests: [1, 1.4), [1.4, 2), [2, 2.8), ... 2896+
+
+
+def age_bucket(age: float) -> int:
+    return min(int(2 * math.log2(age)) if age >= 1 else 0, AGE_BUCKETS - 1)
+
+
+@dataclass
+class _Use:
+    """What the policy remembers of a block (kept as a ghost after its eviction)."""
+    kind: str            # how it entered the trie: "root", "fork" or "extend"
+    reuses: int = 0      # accesses after the first one (hits, or misses on its ghost)
+    last: float = -1.0   # clock of the last access
+    cls: tuple = ()      # class of the last access
+
+
+class PLTPolicy(Policy):
+    """Evict the leaf with the fewest expected reuses per unit of time it would hold memory.
+
+    Every access of a block puts it in a class, read off the trie:
+
+    * how it entered the trie: ``root`` (its request matched nothing: a one-off prompt, or a
+      shared prompt seen for the first time), ``fork`` (a new branch under a node that already
+      had children: e.g. the query after a few-shot template) or ``extend`` (growing a leaf:
+      e.g. the next turn of a chat);
+    * how often it has been reused (0, 1, 2, 3+): shared prefixes soon reach 3+;
+    * its depth in blocks, by 32 (deep blocks are late turns of long sessions, more likely
+      finished).
+
+    Per class the policy counts accesses and the gaps (in requests) after which a block was
+    accessed again, seen as hits or as misses on a ghost (an evicted block whose record is
+    kept, as in ARC/2Q), so that eviction does not hide reuse. For a block not accessed for
+    ``age`` requests it then estimates
+
+        P(reuse)        = #(gaps >= age) / (#accesses - #(gaps < age))
+        E[wait | reuse] = mean(gap - age) over gaps >= age
+
+    and scores ``P(reuse) / E[wait] x seconds saved per reuse per byte`` (the cost model):
+    the recompute time an average byte-request of residency saves. This learns, instead of
+    assuming, that one-off prompts and the tails of finished sessions are dead (their class
+    rarely comes back, and less so the longer they wait) while shared prefixes come back
+    often. Statistics are cumulative (a stationary workload is assumed); the score tables
+    are rebuilt every ``refresh`` requests.
     """
 
     name = "plt"
 
-    def __init__(self, cost: CostModel | None = None, a: float = 0.25, b: float = 1.0,
+    def __init__(self, cost: CostModel | None = None, depth_step: int = 32, refresh: int = 50,
                  max_ghosts: int = 100_000):
         super().__init__()
         self.cost = cost or CostModel()
-        self.a, self.b = a, b
-        self.ghosts: dict[bytes, tuple[int, float]] = {}
-        self.max_ghosts = max_ghosts
+        self.depth_step, self.refresh, self.max_ghosts = depth_step, refresh, max_ghosts
+        self.uses: dict[bytes, _Use] = {}
+        self.ghosts: dict[bytes, _Use] = {}
+        self.accesses: dict[tuple, int] = defaultdict(int)
+        self.gaps: dict[tuple, list[int]] = defaultdict(lambda: [0] * AGE_BUCKETS)
+        self.rate: dict[tuple, list[float]] = {}
+        self.built_at = -math.inf
+        self.heap_at = None
+        self.heap: list = []
 
-    def score(self, node, trie, now):
-        rate = (node.hits + self.a) / (now - node.created + self.b)
-        return rate * self.cost.value_per_reuse(node, trie.block_size)
+    def _kind(self, node: Node, now: float) -> str:
+        parent = node.parent
+        if parent.parent is None:
+            return "root"
+        above = self.uses.get(parent.hash)
+        if parent.created == now and above is not None and above.reuses == 0:
+            return above.kind  # the same new chain as its parent
+        return "fork" if len(parent.children) > 1 else "extend"
 
     def touch(self, node, trie):
-        ghost = self.ghosts.pop(node.hash, None)
-        if ghost is not None and node.inserts == 1:  # re-cached: a miss on a known prefix
-            node.hits += ghost[0] + 1
-            node.created = ghost[1]
+        now = trie.clock()
+        use = self.uses.get(node.hash) or self.ghosts.pop(node.hash, None)
+        if use is None:
+            use = _Use(self._kind(node, now))
+        self.uses[node.hash] = use
+        if use.last == now:
+            return
+        if use.last >= 0:
+            self.gaps[use.cls][age_bucket(now - use.last)] += 1
+            use.reuses += 1
+        use.last = now
+        use.cls = (use.kind, min(use.reuses, 3), min(node.depth // self.depth_step, 3))
+        self.accesses[use.cls] += 1
 
     def on_evict(self, node):
-        # the trie remembers evicted prefixes' statistics (ghosts, as in ARC/2Q)
-        self.ghosts[node.hash] = (node.hits, node.created)
+        self.ghosts[node.hash] = self.uses.pop(node.hash)
         if len(self.ghosts) > self.max_ghosts:
             self.ghosts.pop(next(iter(self.ghosts)))
 
+    def _build_rates(self) -> None:
+        """rate[cls][k] = P(reuse) / E[wait] for an age at the lower edge of bucket k."""
+        mid = [2 ** ((j + 0.5) / 2) for j in range(AGE_BUCKETS)]
+        for cls, n in self.accesses.items():
+            gaps = self.gaps[cls]
+            row, before = [], 0
+            for k in range(AGE_BUCKETS):
+                later = sum(gaps[k:])
+                wait = sum(g * (mid[j] - 2 ** (k / 2)) for j, g in enumerate(gaps[k:], k))
+                row.append(later * later / (max(n - before, 1) * wait) if later else 0.0)
+                before += gaps[k]
+            self.rate[cls] = row
+
+    def score(self, node: Node, trie: PrefixTrie, now: float) -> float:
+        use = self.uses[node.hash]
+        row = self.rate.get(use.cls)
+        rate = row[age_bucket(now - use.last)] if row else 1.0  # unseen class: keep for now
+        return rate * self.cost.value_per_reuse(node, trie.block_size)
+
     def pop_victim(self, trie, pinned):
         now = trie.clock()
-        cands = [n for n in trie.leaves() if n.hash not in pinned]
-        if not cands:
-            return None
-        return min(cands, key=lambda n: self.score(n, trie, now))
+        if now - self.built_at >= self.refresh:
+            self._build_rates()
+            self.built_at = now
+        if self.heap_at != now:  # scores only change with the clock: one heap per request
+            self.heap_at = now
+            self.heap = [(self.score(n, trie, now), next(self.count), n)
+                         for n in trie.leaves() if n.hash not in pinned]
+            heapq.heapify(self.heap)
+        while self.heap:
+            _, _, node = heapq.heappop(self.heap)
+            if node.hash not in trie or not node.is_leaf:
+                continue
+            parent = node.parent
+            if parent.parent is not None and len(parent.children) == 1 \
+                    and parent.hash not in pinned:  # becomes a leaf once node is gone
+                heapq.heappush(self.heap, (self.score(parent, trie, now), next(self.count), parent))
+            return node
+        return None
 
 
 @dataclass
