@@ -66,3 +66,20 @@ def test_layer_chain_rebuilds_what_it_was_not_handed(tiny_model_dir):
     rebuilt = engine.chain.below(2, ("other",), gather)
     torch.testing.assert_close(rebuilt[0], handed[1][0])
     torch.testing.assert_close(rebuilt[1], handed[1][1])
+
+
+def test_non_finite_kv_is_stored_as_zero_with_a_warning(monkeypatch):
+    from vllm_seqkv.integration import backend
+
+    warnings = []
+    monkeypatch.setattr(backend.logger, "warning", lambda *a: warnings.append(a))
+    key, value = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    same_k, same_v = backend.finite_or_zero(key, value, 3)
+    assert same_k is key and same_v is value and not warnings
+    key[1, 0, 2], value[3, 1, 0] = float("nan"), float("-inf")
+    k, v = backend.finite_or_zero(key, value, 3)
+    assert torch.isfinite(k).all() and torch.isfinite(v).all()
+    assert k[1, 0, 2] == 0 and v[3, 1, 0] == 0
+    torch.testing.assert_close(k[0], key[0])
+    (args,) = warnings
+    assert args[1:] == (3, 2, 4)  # layer 3: 2 of 4 tokens

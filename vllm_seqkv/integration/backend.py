@@ -104,7 +104,8 @@ class SeqKVAttentionImpl(AttentionImpl):
         block_size = pages.shape[2]
         layer_index = _layer_index(layer)
         self.engine.chain.register(layer_index, pages)
-        key, value = key[:num][valid].float(), value[:num][valid].float()
+        key, value = finite_or_zero(key[:num][valid].float(), value[:num][valid].float(),
+                                    layer_index)
         blocks, offsets = slots // block_size, slots % block_size
         layout = self.engine.layout(layer_index)
         write_key = ("write", slots.cpu().numpy().tobytes())
@@ -152,6 +153,24 @@ class SeqKVAttentionImpl(AttentionImpl):
                          value[q0:q1].float(), self.scale)
             output[q0:q1].copy_(out.view(output[q0:q1].shape))
         return output
+
+
+def finite_or_zero(key: torch.Tensor, value: torch.Tensor, layer_index: int):
+    """K/V ``[T, H, D]`` with NaN/inf replaced by 0, and a warning naming how many tokens had them.
+
+    NOTE: the codecs refuse non-finite input (a shared scale would spread it over a whole
+    token-head); the model produced it, so the engine stays up, as with vLLM's own backends,
+    instead of failing every running request.
+    """
+    finite = torch.isfinite(key).all() & torch.isfinite(value).all()
+    if bool(finite):
+        return key, value
+    bad = ~(torch.isfinite(key).flatten(1).all(1) & torch.isfinite(value).flatten(1).all(1))
+    logger.warning("seqkv: layer %d: K/V of %d of %d new tokens contain NaN or inf (the model's "
+                   "output); stored with those values as 0", layer_index, int(bad.sum()),
+                   key.shape[0])
+    return (torch.nan_to_num(key, nan=0.0, posinf=0.0, neginf=0.0),
+            torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0))
 
 
 def layer_metadata(layer):
