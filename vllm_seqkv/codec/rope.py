@@ -30,3 +30,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`apply_rope`: ``x cos - rotate_half(x) sin``."""
     return x * cos[:, None, :] - _rotate_half(x) * sin[:, None, :]
+
+
+def rope_theta(hf_config) -> float | None:
+    """RoPE base of a transformers config (``rope_theta`` or inside ``rope_parameters``)."""
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    theta = getattr(hf_config, "rope_theta", None) or rope.get("rope_theta")
+    return float(theta) if theta is not None else None

@@ -52,7 +52,8 @@ def main(argv=None) -> int:
 
     from vllm_seqkv import fixtures
     from vllm_seqkv.config import SeqKVConfig
-    from vllm_seqkv.integration.engine_codec import EngineCodec, rope_theta
+    from vllm_seqkv.codec.rope import rope_theta
+    from vllm_seqkv.integration.engine_codec import EngineCodec
 
     d = fixtures.tiny_model_dir() if args.model == "tiny" else fixtures.smollm2_dir()
     from transformers import AutoConfig

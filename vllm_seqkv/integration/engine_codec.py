@@ -9,7 +9,7 @@ import torch
 from vllm_seqkv.calibrate import load, load_for_model
 from vllm_seqkv.codec import make_codec, needs_calibration
 from vllm_seqkv.codec.base import KVCodec, SlotLayout
-from vllm_seqkv.codec.rope import apply_rope, rope_tables, unapply_rope
+from vllm_seqkv.codec.rope import apply_rope, rope_tables, rope_theta, unapply_rope
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 from vllm_seqkv.integration.compat import get_current_vllm_config
 
@@ -168,12 +168,6 @@ def start_engine_codec(num_kv_heads: int, head_dim: int) -> EngineCodec:
         _active = EngineCodec(config, model_dir, num_kv_heads, head_dim,
                               rope_theta(vllm_config.model_config.hf_config))
     return _active
-
-
-def rope_theta(hf_config) -> float | None:
-    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
-    theta = getattr(hf_config, "rope_theta", None) or rope.get("rope_theta")
-    return float(theta) if theta is not None else None
 
 
 def active_engine_codec() -> EngineCodec:

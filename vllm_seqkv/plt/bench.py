@@ -1,7 +1,9 @@
 """`python -m vllm_seqkv.plt.bench`: cold tiers, token tier and placement policy, measured.
 
 Writes benchmarks/plt.json. Model: the tiny trained Llama fixture (the only one fast enough
-for per-token range coding on 2 CPU cores); text: pydocs test split (prior fitted on train).
+for per-token range coding on 2 CPU cores); text: pydocs test split (priors fitted on train).
+Cold tier: the code-level coder (:mod:`vllm_seqkv.plt.code_model`) and, for comparison, the
+byte-level ``ColdCodec``; SmolLM2's cold-tier bits are measured too (``--no-smollm2`` skips).
 """
 
 from __future__ import annotations
@@ -19,18 +21,34 @@ from pathlib import Path
 import torch
 
 
+def code_model_for(model_dir, train_blocks):
+    """The code-level cold coder for ``model_dir``'s seqkv-3 slots (fitted on ``train_blocks``)."""
+    from transformers import AutoConfig
+
+    from vllm_seqkv.calibrate import load_for_model
+    from vllm_seqkv.codec import make_codec
+    from vllm_seqkv.plt.code_model import CodeModelCodec
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    kv = make_codec("seqkv-3", load_for_model(model_dir, "seqkv-3"))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return CodeModelCodec.for_kv_codec(kv, cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                       head_dim, samples=train_blocks)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--out", default="benchmarks/plt.json")
+    ap.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2's cold-tier figure")
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_seqkv import fixtures
     from vllm_seqkv.plt.entropy import ColdCodec, TokenCoder
     from vllm_seqkv.plt.kvbytes import model_blocks
-    from vllm_seqkv.plt.policy import CostModel, LRUPolicy, PLTPolicy, simulate
+    from vllm_seqkv.plt.policy import CostModel, LRUPolicy, OraclePolicy, PLTPolicy, simulate
     from vllm_seqkv.plt.tiers import DiskTier, MemoryTier, TokenTier
     from vllm_seqkv.plt.traces import TraceConfig, generate
 
@@ -40,16 +58,33 @@ def main(argv=None) -> int:
     test = tok(fixtures.corpus_path("test").read_text()[:100_000])["input_ids"][:args.tokens]
     btr, cols, elems = model_blocks(d, train)
     bte, _, _ = model_blocks(d, test)
-    codec = ColdCodec.fit(btr, cols)
+    byte_codec = ColdCodec.fit(btr, cols)
+    codec = code_model_for(d, btr)
     raw = sum(map(len, bte))
-    coded = sum(len(codec.encode(b)) for b in bte)
+
+    def bits(c, blocks=bte, elements=elems):
+        return sum(len(c.encode(b)) for b in blocks) * 8 / (elements * len(blocks))
+
     res: dict = {
         "model": d.name, "block_size": 16, "test_tokens": len(test),
         "hot_bits_per_element": raw * 8 / (elems * len(bte)),
-        "cold_bits_per_element": coded * 8 / (elems * len(bte)),
-        "cold_bits_per_element_uniform_prior":
-            sum(len(ColdCodec(cols).encode(b)) for b in bte) * 8 / (elems * len(bte)),
+        "cold_bits_per_element": bits(codec),
+        "cold_bits_per_element_no_prior": bits(code_model_for(d, None)),
+        "cold_bits_per_element_byte_codec": bits(byte_codec),
+        "cold_bits_per_element_byte_codec_uniform_prior": bits(ColdCodec(cols)),
     }
+    if not args.no_smollm2:  # 30 layers: layer 0's token ids weigh 1/30, not 1/4
+        s = fixtures.smollm2_dir()
+        stok = AutoTokenizer.from_pretrained(s)
+        s_train, s_cols, s_elems = model_blocks(
+            s, stok(fixtures.corpus_path("train").read_text()[:200_000])["input_ids"][:4096])
+        s_test, _, _ = model_blocks(
+            s, stok(fixtures.corpus_path("test").read_text()[:100_000])["input_ids"][:args.tokens])
+        res["smollm2"] = {
+            "model": s.name, "hot_bits_per_element":
+                sum(map(len, s_test)) * 8 / (s_elems * len(s_test)),
+            "cold_bits_per_element": bits(code_model_for(s, s_train), s_test, s_elems),
+            "cold_bits_per_element_byte_codec": bits(ColdCodec.fit(s_train, s_cols), s_test, s_elems)}
     # token tier vs the model's own cross-entropy
     coder = TokenCoder(d)
     ids = test[:args.tokens]
@@ -102,14 +137,18 @@ def main(argv=None) -> int:
     for cap in (500, 1000, 2000, 4000):
         a = simulate(trace, cap, LRUPolicy(), cost=cost)
         b = simulate(trace, cap, PLTPolicy(cost), cost=cost)
+        o = simulate(trace, cap, OraclePolicy(trace), cost=cost)
         sims.append({"capacity_blocks": cap, "bytes_held": cap * cost.block_bytes,
                      "hit_rate_lru": a.hit_rate, "hit_rate_plt": b.hit_rate,
+                     "hit_rate_oracle": o.hit_rate,
                      "saved_prefill_s_lru": a.saved_prefill_s,
-                     "saved_prefill_s_plt": b.saved_prefill_s})
+                     "saved_prefill_s_plt": b.saved_prefill_s,
+                     "saved_prefill_s_oracle": o.saved_prefill_s})
     res["policy"] = sims
-    # every capacity, not a chosen one: PLT wins at tight memory and loses at larger ones
-    res["hit_rate_plt"] = {str(r["capacity_blocks"]): r["hit_rate_plt"] for r in sims}
-    res["hit_rate_lru"] = {str(r["capacity_blocks"]): r["hit_rate_lru"] for r in sims}
+    # every capacity, not a chosen one; the oracle (Belady, reads the future) is the headroom
+    for name in ("plt", "lru", "oracle"):
+        res[f"hit_rate_{name}"] = {str(r["capacity_blocks"]): r[f"hit_rate_{name}"] for r in sims}
+    res["hit_rate_infinite_cache"] = simulate(trace, 10**9, LRUPolicy(), cost=cost).hit_rate
     res["trace_requests"] = len(trace)
     res["machine"] = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     res["date"] = datetime.date.today().isoformat()

@@ -24,14 +24,14 @@ def model_blocks(model_dir: Path, ids: list[int], block_size: int = 16,
     from vllm_seqkv.codec.base import SlotLayout
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    from vllm_seqkv.codec.rope import rope_tables, unapply_rope
+    from vllm_seqkv.codec.rope import rope_tables, rope_theta, unapply_rope
 
     kv = make_codec(codec, load_for_model(model_dir, codec))
     n = len(ids) // block_size * block_size
     with torch.inference_mode():
         cache = model(input_ids=torch.tensor([ids[:n]]), use_cache=True).past_key_values
     per_layer, previous = [], None
-    theta = float(getattr(model.config, "rope_theta", None) or 10000.0)
+    theta = rope_theta(model.config) or 10000.0
     for layer, lc in enumerate(cache.layers):
         k = lc.keys[0].transpose(0, 1).contiguous()  # [T, H, D]
         v = lc.values[0].transpose(0, 1).contiguous()
