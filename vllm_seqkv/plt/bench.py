@@ -73,18 +73,28 @@ def main(argv=None) -> int:
         "cold_bits_per_element_byte_codec": bits(byte_codec),
         "cold_bits_per_element_byte_codec_uniform_prior": bits(ColdCodec(cols)),
     }
-    if not args.no_smollm2:  # 30 layers: layer 0's token ids weigh 1/30, not 1/4
+    if not args.no_smollm2:  # 30 layers, vLLM's CPU block of 128 tokens: what the connector holds
         s = fixtures.smollm2_dir()
         stok = AutoTokenizer.from_pretrained(s)
         s_train, s_cols, s_elems = model_blocks(
-            s, stok(fixtures.corpus_path("train").read_text()[:200_000])["input_ids"][:4096])
+            s, stok(fixtures.corpus_path("train").read_text()[:200_000])["input_ids"][:4096], 128)
         s_test, _, _ = model_blocks(
-            s, stok(fixtures.corpus_path("test").read_text()[:100_000])["input_ids"][:args.tokens])
-        res["smollm2"] = {
-            "model": s.name, "hot_bits_per_element":
-                sum(map(len, s_test)) * 8 / (s_elems * len(s_test)),
-            "cold_bits_per_element": bits(code_model_for(s, s_train), s_test, s_elems),
-            "cold_bits_per_element_byte_codec": bits(ColdCodec.fit(s_train, s_cols), s_test, s_elems)}
+            s, stok(fixtures.corpus_path("test").read_text()[:100_000])["input_ids"][:1024], 128)
+        res["smollm2"] = {"model": s.name, "block_size": 128, "test_tokens": 1024,
+                          "hot_bits_per_element": sum(map(len, s_test)) * 8 / (s_elems * len(s_test))}
+        for name, c in (("code_model", code_model_for(s, s_train)),
+                        ("code_model_no_prior", code_model_for(s, None)),
+                        ("byte_codec", ColdCodec.fit(s_train, s_cols))):
+            t0 = time.perf_counter()
+            coded = [c.encode(b) for b in s_test]
+            t1 = time.perf_counter()
+            exact = all(c.decode(e, len(b)) == b for e, b in zip(coded, s_test))
+            t2 = time.perf_counter()
+            res["smollm2"][name] = {
+                "bits_per_element": sum(map(len, coded)) * 8 / (s_elems * len(s_test)),
+                "encode_s_per_block": (t1 - t0) / len(s_test),
+                "decode_s_per_block": (t2 - t1) / len(s_test), "bit_exact": exact}
+
     # token tier vs the model's own cross-entropy
     coder = TokenCoder(d)
     ids = test[:args.tokens]
