@@ -1,0 +1,53 @@
+"""Approximate prefix reuse: near matches within a substitution budget, and the quality gate."""
+
+import pytest
+
+from vllm_seqkv.plt.approximate import QualityGate, near_match
+from vllm_seqkv.plt.trie import PrefixTrie
+
+BS = 4
+
+
+def trie_with(*seqs, salt="t"):
+    trie = PrefixTrie(BS)
+    for s in seqs:
+        trie.insert(s, salt)
+    return trie
+
+
+def test_exact_prefix_needs_no_budget_and_matches_match_prefix():
+    a = list(range(12))
+    trie = trie_with(a)
+    m = near_match(trie, a + [99], "t", 0)
+    assert m.exact and m.num_tokens == 12
+    assert [n.hash for n in m.nodes] == trie.match_prefix(a, "t", touch=False).hashes
+
+
+def test_substitutions_within_budget_are_reported_by_position():
+    a = list(range(12))
+    b = list(a)
+    b[2], b[9] = 50, 60  # one difference in block 0, one in block 2
+    trie = trie_with(a)
+    assert near_match(trie, b, "t", 0).num_tokens == 0
+    assert near_match(trie, b, "t", 1).num_tokens == 8  # block 2 would need a second one
+    m = near_match(trie, b, "t", 2)
+    assert m.num_tokens == 12 and m.substitutions == [2, 9] and not m.exact
+
+
+def test_prefers_the_closest_sibling_and_never_crosses_tenants():
+    base = [1, 2, 3, 4]
+    trie = trie_with(base + [5, 6, 7, 8], base + [5, 6, 0, 0])
+    m = near_match(trie, base + [5, 6, 7, 9], "t", 2)
+    assert m.nodes[-1].tokens == (5, 6, 7, 8) and m.substitutions == [7]
+    assert near_match(trie, base + [5, 6, 7, 8], "other-tenant", 4).num_tokens == 0
+    with pytest.raises(ValueError):
+        near_match(trie, base, "t", -1)
+
+
+def test_gate_allows_up_to_the_last_k_within_budget(tmp_path):
+    gate = QualityGate("m", {1: 0.001, 2: 0.004, 4: 0.02, 8: 0.003})
+    assert gate.max_substitutions(0.01) == 2  # 8 is within budget but 4 is not: stop at 2
+    assert gate.max_substitutions(0.0005) == 0
+    assert gate.max_substitutions(1.0) == 8
+    gate.save(tmp_path / "g.json")
+    assert QualityGate.load(tmp_path / "g.json") == gate
