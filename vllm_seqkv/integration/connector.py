@@ -37,11 +37,11 @@ copies are bounded (``cold_tier.save_queue_bytes``): beyond that a save is dropp
 warning (a later recompute), never a stall. At shutdown the queued saves are finished.
 Loads run in ``start_load_kv`` before the forward, on the engine thread.
 
-Restore cost (CPU, measured through vLLM on SmolLM2, see BENCHMARKS.md): ~100 ms per block
+Restore cost (CPU, measured through vLLM on SmolLM2, see BENCHMARKS.md): ~80 ms per block
 of 128 tokens x 30 layers (ANS decode, pure numpy + constriction, plus a copy into the
-pages), 5.9x faster than prefilling the same tokens; saving costs ~220 ms per block, off
-the engine loop. ``cold_tier.entropy_coding: false`` skips the coder (it gains < 1 % on the
-transform presets' packed codes).
+pages), 6.6x faster than prefilling the same tokens; saving costs the engine loop ~1 ms per
+block (the copy) and the background thread ~330 ms. ``cold_tier.entropy_coding: false``
+skips the coder (it gains < 1 % on the transform presets' packed codes).
 
 Limits: one worker (tensor/pipeline parallel size 1), one KV-cache group, the seqkv
 attention backend (pages of uint8 slots), ``hash_block_size == block_size``.
