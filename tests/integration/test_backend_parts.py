@@ -83,3 +83,44 @@ def test_non_finite_kv_is_stored_as_zero_with_a_warning(monkeypatch):
     torch.testing.assert_close(k[0], key[0])
     (args,) = warnings
     assert args[1:] == (3, 2, 4)  # layer 3: 2 of 4 tokens
+
+
+def test_sink_table_by_first_token_shares_one_entry_per_token():
+    first = {7: 42, 8: 42, 9: 5}  # block -> token id at its offset 0
+    table = SinkTable(sink_tokens=1, first_token=first.get)
+    key, value = torch.randn(2, 2, 4), torch.randn(2, 2, 4)
+    # two sequences starting with token 42 (blocks 7 and 8), one with token 5 (block 9)
+    table.record(0, torch.tensor([7, 8]), torch.tensor([0, 0]), torch.tensor([0, 0]), key, value)
+    table.record(0, torch.tensor([9]), torch.tensor([0]), torch.tensor([0]), key[1:], value[1:])
+    assert len(table) == 2  # one entry per distinct first token, not per sequence
+    k8 = torch.zeros(1, 2, 4)
+    table.restore(0, 8, k8, torch.zeros(1, 2, 4))
+    torch.testing.assert_close(k8[0], key[0])  # the first recorded value of token 42
+    # block 7 reused mid-sequence: the token's entry stays (it does not belong to a block)
+    table.record(0, torch.tensor([7]), torch.tensor([0]), torch.tensor([300]), key[1:], value[1:])
+    first[7] = 99
+    k7 = torch.zeros(1, 2, 4)
+    table.restore(0, 7, k7, torch.zeros(1, 2, 4))
+    assert k7.abs().sum() == 0 and len(table) == 2
+    # a cold-tier record carries the entry; another engine's table installs it for the token
+    other = SinkTable(sink_tokens=1, first_token={3: 5}.get)
+    other.import_(0, 3, table.export(0, 9))
+    k3 = torch.zeros(1, 2, 4)
+    other.restore(0, 3, k3, torch.zeros(1, 2, 4))
+    torch.testing.assert_close(k3[0], key[1])
+
+
+def test_engine_keys_sinks_by_the_token_in_layer0_slot(tiny_model_dir):
+    from vllm_seqkv.config import SeqKVConfig
+    from vllm_seqkv.integration.engine_codec import EngineCodec
+
+    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv"), str(tiny_model_dir), 2, 32, 10000.0)
+    assert engine.sinks.by_token and engine.first_token(0) is None  # no pages yet
+    layout = engine.layout(0)
+    table = layout.key.table
+    pages = torch.zeros(4, 2, 16, engine.slot_bytes, dtype=torch.uint8)
+    engine.chain.register(0, pages)
+    ids = torch.tensor([17, 301])
+    coded = layout.encode(table[ids].float(), layout.value.table[ids].float())
+    pages[torch.tensor([2, 3]), :, 0, :layout.slot_bytes] = coded
+    assert engine.first_token(2) == 17 and engine.first_token(3) == 301

@@ -112,7 +112,7 @@ def test_finished_request_saves_only_blocks_not_held_and_holds_its_blocks():
     r = request([b"h0", b"h1", b"h2"], 3 * BS + 3, computed=3 * BS + 2)
     assert c.request_finished(r, [4, 5, 6, 7]) == (True, None)
     (job,) = c.build_connector_meta(None).saves
-    assert job.block_ids == [5, 6]
+    assert job.block_ids == [5, 6] and job.starts == [False, False]
     assert c.request_finished(r, [4, 5, 6, 7]) == (False, None)  # in flight: not again
     c.update_connector_output(SimpleNamespace(kv_connector_worker_meta=ColdTierWorkerMetadata(
         {job.keys[0]: 123, job.keys[1]: None})))

@@ -1,8 +1,8 @@
 """Cold tier for vLLM's prefix cache: a KV connector that keeps blocks beyond the pages.
 
 What it does. When a request finishes, every full block of it that the cold tier does not hold
-yet is copied out of vLLM's pages (the seqkv hot code, as bytes) plus the block's exact sink
-rows (:class:`~.engine_codec.SinkTable`), entropy-coded losslessly (``ColdCodec``:
+yet is copied out of vLLM's pages (the seqkv hot code, as bytes) plus, for a sequence's first
+block, its exact sink rows (:class:`~.engine_codec.SinkTable`), entropy-coded losslessly (``ColdCodec``:
 constriction ANS), framed with checksums (:mod:`vllm_seqkv.plt.blob`) and stored in a
 :mod:`vllm_seqkv.plt.tiers` tier (CPU RAM, local disk with atomic writes, or Redis). vLLM's
 prefix cache keeps the pages until it needs them for other requests (its LRU eviction).
@@ -126,9 +126,9 @@ class BlockStore:
 
     ``pages``: one uint8 tensor ``[num_blocks, H, block_size, slot_bytes]`` per layer, in
     layer order. A block's record: the page bytes laid out ``[layer, token, head, slot]``
-    (rows of ``H x slot_bytes`` bytes, the layout ``ColdCodec`` models per column), then its
-    exact sink rows (``u32 count``, then per entry ``u16 layer, u16 offset, K, V`` as float32
-    ``[H, D]``).
+    (rows of ``H x slot_bytes`` bytes, the layout ``ColdCodec`` models per column), then the
+    exact sink rows of a sequence's first block (``u32 count``, then per entry ``u16 layer,
+    u16 offset, K, V`` as float32 ``[H, D]``; count 0 for other blocks).
 
     NOTE: every tier call holds ``lock`` (a background saver shares the tier).
     """
@@ -151,10 +151,11 @@ class BlockStore:
         return SplitCodec(ColdCodec(columns=heads * slot_bytes), layers * heads * block_size * slot_bytes)
 
     # -- record <-> pages --
-    def read(self, block: int) -> bytes:
+    def read(self, block: int, starts_sequence: bool = True) -> bytes:
+        """The block's record; its exact sink rows only when it is a sequence's first block."""
         stacked = torch.stack([p[block] for p in self.pages])  # [L, H, bs, S]
         out = stacked.permute(0, 2, 1, 3).contiguous().numpy().tobytes()
-        return out + self._export_sinks(block)
+        return out + self._export_sinks(block if starts_sequence else None)
 
     def write(self, block: int, record: bytes) -> None:
         if len(record) < self.page_bytes:
@@ -168,8 +169,8 @@ class BlockStore:
             for layer in range(L):
                 self.sinks.import_(layer, block, sinks.get(layer, {}))
 
-    def _export_sinks(self, block: int) -> bytes:
-        if self.sinks is None:
+    def _export_sinks(self, block: int | None) -> bytes:
+        if self.sinks is None or block is None:
             return struct.pack("<I", 0)
         parts, count = [], 0
         for layer in range(len(self.pages)):
@@ -229,6 +230,7 @@ class BlockJob:
     block_ids: list[int]
     keys: list[bytes]
     first_token: int = 0  # token index of the first block (for log lines)
+    starts: list[bool] = field(default_factory=list)  # saves: block i is the request's first
 
 
 @dataclass
@@ -352,17 +354,18 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._lookup_start.pop(request.request_id, None)
         n = min(len(request.block_hashes), len(block_ids), request.num_computed_tokens // self.block_size)
-        ids, keys = [], []
+        ids, keys, starts = [], [], []
         for i in range(n):
             k = self._key(request.block_hashes[i])
             if k in self._held or k in self._saving:
                 continue
             ids.append(block_ids[i])
             keys.append(k)
+            starts.append(i == 0)
         if not keys:
             return False, None
         self._saving.update(keys)
-        self._saves.append(BlockJob(request.request_id, ids, keys))
+        self._saves.append(BlockJob(request.request_id, ids, keys, starts=starts))
         return True, None  # hold the blocks until the worker has copied them
 
     def update_connector_output(self, connector_output) -> None:
@@ -440,8 +443,10 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         for job in meta.saves:
             t0 = time.perf_counter()
             # deepest first: the tier's LRU then holds the prefix root as the most recent
-            for block, key in zip(reversed(job.block_ids), reversed(job.keys)):
-                record = self.store.read(block)
+            starts = job.starts or [True] * len(job.keys)
+            for block, key, start in zip(reversed(job.block_ids), reversed(job.keys),
+                                         reversed(starts)):
+                record = self.store.read(block, start)
                 if not self.saver.submit(key, record):
                     self._changed.add(key)  # reported not held: the scheduler may retry later
                     self.stats["saves_dropped"] += 1

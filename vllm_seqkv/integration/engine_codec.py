@@ -10,6 +10,7 @@ from vllm_seqkv.calibrate import load, load_for_model
 from vllm_seqkv.codec import make_codec, needs_calibration
 from vllm_seqkv.codec.base import KVCodec, SlotLayout
 from vllm_seqkv.codec.rope import apply_rope, rope_tables, rope_theta, unapply_rope
+from vllm_seqkv.codec.token_table import TokenTableCodec
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 from vllm_seqkv.integration.compat import get_current_vllm_config
 
@@ -21,46 +22,84 @@ def build_codec(config: SeqKVConfig, model_config) -> EngineCodec:
 
 
 class SinkTable:
-    """Exact K/V of the first ``sink_tokens`` positions of each sequence, by (layer, block).
+    """Exact K/V of the first ``sink_tokens`` positions of each sequence.
 
-    NOTE: an entry is valid only while its block holds the start of a sequence: a write at
-    offset ``o < sink_tokens`` with position ``!= o`` means the block was reused for a later
-    part of some sequence, and drops the entry. Size: at most one entry per block and layer
-    (``sink_tokens x H x D`` K and V each), outside vLLM's KV budget; the bits/element figures
-    count these tokens at 16 bits.
+    Two ways to key them:
+
+    * by first token (``first_token`` given, ``sink_tokens == 1``): position 0 attends only
+      to itself, so its K/V at every layer are a function of its token id alone, and every
+      sequence starting with that token shares one entry per layer. ``first_token(block)``
+      reads the token id at offset 0 of ``block`` (layer 0's token-table slot). Size: one
+      entry per distinct first token and layer (``H x D`` K and V each), outside vLLM's KV
+      budget but not growing with the number of sequences (chat templates start every
+      sequence with the same token).
+    * by (layer, block) otherwise. NOTE: an entry is valid only while its block holds the
+      start of a sequence: a write at offset ``o < sink_tokens`` with position ``!= o`` means
+      the block was reused for a later part of some sequence, and drops the entry. Size: up
+      to one entry per block and layer, outside vLLM's KV budget.
+
+    The bits/element figures count these tokens at 16 bits.
     """
 
-    def __init__(self, sink_tokens: int):
+    def __init__(self, sink_tokens: int, first_token=None):
         self.sink_tokens = sink_tokens
+        self.first_token = first_token if sink_tokens == 1 else None
         self._exact: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    @property
+    def by_token(self) -> bool:
+        return self.first_token is not None
+
+    def __len__(self) -> int:
+        return len(self._exact)
+
+    def _entry_key(self, layer: int, block: int) -> tuple[int, int] | None:
+        if not self.by_token:
+            return layer, block
+        token = self.first_token(block)
+        return None if token is None else (layer, token)
 
     def record(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor,
                positions: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """blocks/offsets/positions ``[T]``, key/value ``[T, H, D]`` (exact, post-RoPE)."""
         touched = (offsets < self.sink_tokens).nonzero().flatten().tolist()
         for i in touched:
-            entry_key, offset = (layer, int(blocks[i])), int(offsets[i])
-            if int(positions[i]) != offset:
-                self._exact.pop(entry_key, None)
+            block, offset = int(blocks[i]), int(offsets[i])
+            starts = int(positions[i]) == offset
+            if self.by_token:
+                entry_key = self._entry_key(layer, block) if starts else None
+                if entry_key is not None:  # the first one recorded stays (one value per token)
+                    self._exact.setdefault(entry_key, {0: (key[i].clone(), value[i].clone())})
+            elif not starts:
+                self._exact.pop((layer, block), None)
             else:
-                self._exact.setdefault(entry_key, {})[offset] = (key[i].clone(), value[i].clone())
+                self._exact.setdefault((layer, block), {})[offset] = (key[i].clone(), value[i].clone())
 
     def export(self, layer: int, block: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Copy of the exact rows of ``(layer, block)``: ``{offset: (key [H, D], value [H, D])}``
-        (empty if the block does not start a sequence). For a KV connector saving the block."""
-        return {o: (k.clone(), v.clone()) for o, (k, v) in self._exact.get((layer, block), {}).items()}
+        """Copy of the exact rows for sequence-start ``block``: ``{offset: (key [H, D],
+        value [H, D])}`` (empty if none). For a KV connector saving the block."""
+        entry_key = self._entry_key(layer, block)
+        entry = self._exact.get(entry_key, {}) if entry_key is not None else {}
+        return {o: (k.clone(), v.clone()) for o, (k, v) in entry.items()}
 
     def import_(self, layer: int, block: int, entry: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Set the exact rows of ``(layer, block)`` to ``entry`` (what :meth:`export` gave for the
-        block's bytes), replacing what the block held before; empty -> no entry."""
-        if entry:
-            self._exact[(layer, block)] = {int(o): (k.clone(), v.clone()) for o, (k, v) in entry.items()}
+        """Install what :meth:`export` gave for the block's bytes (already in the pages). By
+        block: replaces what the block held before (empty -> no entry). By token: adds the
+        token's entry if it has none."""
+        rows = {int(o): (k.clone(), v.clone()) for o, (k, v) in entry.items()}
+        if self.by_token:
+            entry_key = self._entry_key(layer, block)
+            if rows and entry_key is not None:
+                self._exact.setdefault(entry_key, rows)
+        elif rows:
+            self._exact[(layer, block)] = rows
         else:
             self._exact.pop((layer, block), None)
 
     def restore(self, layer: int, first_block: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Overwrite the decoded sink rows of ``key``/``value [S, H, D]`` with the exact ones."""
-        entry = self._exact.get((layer, first_block), {})
+        entry_key = self._entry_key(layer, first_block)
+        entry = self._exact.get(entry_key, {}) if entry_key is not None else {}
         for offset in range(min(self.sink_tokens, key.shape[0])):
             if offset in entry:
                 key[offset], value[offset] = entry[offset]
@@ -84,6 +123,9 @@ class LayerChain:
     def register(self, layer: int, pages: torch.Tensor) -> None:
         """``pages``: the layer's cache as bytes ``[num_blocks, H, block_size, slot_bytes]``."""
         self._pages[layer] = pages
+
+    def pages(self, layer: int) -> torch.Tensor | None:
+        return self._pages.get(layer)
 
     def keep(self, layer: int, key: tuple, reconstruction: tuple[torch.Tensor, torch.Tensor]) -> None:
         self._kept = {k: v for k, v in self._kept.items() if layer - 1 <= k[0] <= layer}
@@ -120,12 +162,21 @@ class EngineCodec:
         # NOTE: one slot size for every layer (vLLM pages are uniform); smaller layouts
         # (the layer-0 token table) use the first bytes of their slot.
         self.slot_bytes = max(self.layout(layer).slot_bytes for layer in self.layers())
-        self.sinks = SinkTable(self.codec.sink_tokens)
         self.chain = LayerChain(self)
+        layer0_is_token_table = isinstance(self.layout(0).key, TokenTableCodec)
+        self.sinks = SinkTable(self.codec.sink_tokens,
+                               self.first_token if layer0_is_token_table else None)
         if self.codec.pre_rope_keys and rope_theta is None:
             raise ValueError(f"preset {self.preset} codes keys pre-RoPE: needs the model's rope_theta")
         self.rope_theta = rope_theta
         self._announced: set[int] = set()
+
+    def first_token(self, block: int) -> int | None:
+        """Token id at offset 0 of ``block``: head 0's K row id in layer 0's token-table slot."""
+        pages = self.chain.pages(0)
+        if pages is None:
+            return None
+        return int(pages[block, 0, 0, :4].contiguous().view(torch.int32)[0])
 
     def layers(self) -> range:
         return range(max(self.codec.per_layer, default=0) + 1)
