@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vllm_seqkv.plt.code_model import CodeModelCodec, kv_layouts
+from vllm_seqkv.plt.code_model import CodeModelCodec, _floor_bins, kv_layouts
 from vllm_seqkv.plt.entropy import ColdCodec, SplitCodec
 from vllm_seqkv.plt.tiers import MemoryTier
 
@@ -93,7 +93,7 @@ def test_refuses_other_model_and_truncated_payloads(coded):
     other = CodeModelCodec.structural(coded["layouts"], coded["heads"], coded["slot"])
     assert other.tag != codec.tag
     payload = codec.encode(b)
-    assert payload[0] == 1  # coded, not stored
+    assert payload[0] == 2  # coded (batched order), not stored
     with pytest.raises(ValueError, match="another model"):
         other.decode(payload, len(b))
     for cut in (1, 3, 4, 8, len(payload) // 2, len(payload) - HEADER):
@@ -121,3 +121,63 @@ def test_prior_save_load_and_tier(tmp_path, coded):
     for i, b in enumerate(blocks):
         assert tier.save(i, b + b"\x00\x00\x00\x00")
     assert all(tier.load(i) == b + b"\x00\x00\x00\x00" for i, b in enumerate(blocks))
+
+
+def test_refuses_the_former_payload_format(coded):
+    """Mode 1 (per-layer symbol order, before batching) is refused, not misdecoded."""
+    codec, b = coded["codec"], coded["test"][0]
+    payload = codec.encode(b)
+    with pytest.raises(ValueError, match="older format"):
+        codec.decode(bytes([1]) + payload[1:], len(b))
+    with pytest.raises(ValueError, match="unknown code-model payload mode"):
+        codec.decode(bytes([3]) + payload[1:], len(b))
+
+
+def _reference(m, rows):
+    """Codes and bins of one layer's ``rows [T, row_bytes]`` the direct way (bits, int64)."""
+    lay = m.layout
+    bits = np.unpackbits(rows, axis=-1, bitorder="little").astype(np.int64)
+    pow2 = np.where(np.arange(8)[None] < lay.code_width[:, None], 1 << np.arange(8)[None], 0)
+    codes = (bits[:, lay.code_pos] * pow2).sum(-1)  # [T, n]
+    u = np.take_along_axis(m.lut[None], codes[:, :, None], 2)[:, :, 0]
+    mu = u @ m.weight.T + m.bias
+    return codes, np.clip((mu - m.bin_lo) // m.bin_w, 0, m.bins - 1)
+
+
+def test_batched_codes_and_bins_match_integer_reference(coded):
+    codec = coded["codec"]
+    plan = codec.codes
+    layers = len(codec.models)
+    for b in coded["test"][:3]:
+        rec = np.frombuffer(b, np.uint8).reshape(layers, -1, codec.row_bytes)
+        T = rec.shape[1]
+        codes = np.zeros((len(plan.layers) * plan.stages * plan.P, T), np.uint8)
+        plan.unpack(np.ascontiguousarray(rec.transpose(0, 2, 1)).reshape(-1, T), codes)
+        codes = codes.reshape(len(plan.layers), -1, T)
+        levels = plan._levels(codes, slice(None))
+        bins = np.concatenate([plan._bins(levels, s).reshape(len(plan.layers), plan.P, T)
+                               for s in range(plan.stages)], axis=1)
+        spread = 0
+        for li, layer in enumerate(plan.layers):
+            ref_codes, ref_bins = _reference(codec.models[layer], rec[layer])
+            slot = plan.slots[li]
+            assert (codes[li][slot].T == ref_codes).all()
+            assert (bins[li][slot].T == ref_bins).all()
+            spread += len(np.unique(ref_bins))
+        assert spread > 2 * len(plan.layers)  # the contexts are not trivial
+
+
+def test_float_bins_are_exact_at_bin_edges():
+    """floor((x + 1/2) * fl(1/bw)) == x // bw for integers up to the model bound, including
+    exact multiples of bw and their neighbours."""
+    rng = np.random.default_rng(0)
+    bw = np.concatenate([[1, 2, 3, 7, 10, 1 << 20, (1 << 40) + 1, 1 << 62],
+                         rng.integers(1, 1 << 45, 200)])
+    k = rng.integers(-20, 20, (len(bw), 64))
+    x = k * np.minimum(bw, 1 << 44)[:, None] + rng.integers(-1, 2, k.shape)  # at/next to edges
+    x = np.concatenate([x, rng.integers(-(1 << 49), 1 << 49, (len(bw), 64))], 1)
+    top = 1 << 20
+    got = _floor_bins(x.astype(np.float64) + 0.5, (1.0 / bw.astype(np.float64))[:, None],
+                      np.full((len(bw), 1), top, np.float64))
+    want = np.clip(x // bw[:, None], 0, top)
+    assert (got == want).all()

@@ -12,10 +12,10 @@ unpacks each slot into what the hot codec actually wrote and codes those symbols
   linear prediction from the codes of the token-head groups already decoded in the same
   token and layer (stages: K head 0, K head 1, ..., V head 0, ...; the transform decorrelates
   the components *within* a group, not across heads or between K and V). The prediction is
-  exact integer arithmetic (fixed-point levels and weights, ``int64``), quantized into
-  ``bins`` classes, and each (symbol, class) has an integer frequency table fitted offline,
-  so encoder and decoder see identical probabilities on any machine (no floating point
-  ever reaches the probability tables at coding time).
+  integer arithmetic (fixed-point levels and weights; evaluated as float64 matrix products
+  kept provably exact, see :class:`_CodePlan`), quantized into ``bins`` classes, and each
+  (symbol, class) has an integer frequency table fitted offline, so encoder and decoder see
+  identical probabilities on any machine.
 * **token-table ids** (:class:`~vllm_seqkv.codec.token_table.TokenTableCodec`, layer 0): the
   int32 row id of the first (stream, head) under a unigram model over the vocabulary, every
   other id as a flag "same as the first" (the ids of all heads and of K and V are the same
@@ -28,8 +28,14 @@ prior comes from training blocks (:meth:`CodeModelCodec.fit`); without training 
 (:meth:`CodeModelCodec.structural`) codes are uniform (their raw width), padding is expected
 to be zero and ids uniform over the vocabulary. A block the model cannot shrink is stored as is.
 
-Payload: ``mode (1 byte) | tag[:4] | ANS words (coded) or the raw bytes (stored)``; a payload
-of another model, a truncated or otherwise damaged one raises ``ValueError``.
+Coding is batched over layers (layers are independent given their own codes): first the ids
+and plain bytes of every layer, one constriction call per column, then the codes stage by
+stage, each stage of all layers and tokens at once, one call per code width (~40 calls a
+block instead of ~30 per layer).
+
+Payload: ``mode (1 byte) | tag[:4] | ANS words (coded) or the raw bytes (stored)``; mode 0:
+stored, 2: coded in the batched order above. Mode 1 (the former per-layer order) is refused,
+as is a payload of another model, a truncated or otherwise damaged one (``ValueError``).
 Records are ``[layer, token, head, slot_bytes]`` uint8 (what the connector saves), any number
 of tokens.
 """
@@ -45,11 +51,12 @@ import constriction
 import numpy as np
 
 _CAT = constriction.stream.model.Categorical(perfect=False)
-_STORED, _CODED = 0, 1
+_STORED, _CODED_V1, _CODED = 0, 1, 2  # payload modes (v1: per-layer order, no longer decoded)
 _HEADER = 5  # mode byte + 4 tag bytes
 _LEVEL_FRAC = 10  # fixed-point fraction bits of the normalized levels
 _WEIGHT_FRAC = 12  # ... of the predictor weights (mu is in units of 2**-22)
 _TABLE_TOTAL = 1 << 16  # integer frequencies per table row (min 1 per symbol)
+_EXACT_BOUND = 1 << 50  # |prediction - bin_lo| below this: float64 bins are exact (_CodePlan)
 
 
 # ---- layout: what a slot holds, derived from the hot codec ---------------------------------
@@ -169,7 +176,8 @@ def _int32():
 
 # ---- per-layer model -----------------------------------------------------------------------
 class _LayerModel:
-    """Integer model of one layer; see the module docstring."""
+    """Integer model of one layer (its fitted tables); see the module docstring. Coding is
+    batched over layers by :class:`_CodePlan` (codes) and :class:`_SidePlan` (ids, bytes)."""
 
     def __init__(self, layout: LayerLayout, lut: np.ndarray, weight: np.ndarray, bias: np.ndarray,
                  bin_lo: np.ndarray, bin_w: np.ndarray, tables: np.ndarray, vocab_counts: np.ndarray,
@@ -189,99 +197,274 @@ class _LayerModel:
         if (np.any(self.tables[..., :1] < 1) or np.any(self.vocab_counts < 1)
                 or np.any(self.same_counts < 1) or np.any(self.extra_counts < 1)):
             raise ValueError("model frequencies must be >= 1")
-        w = layout.code_width
-        self.pow2 = np.where(np.arange(8)[None, :] < w[:, None], 1 << np.arange(8)[None, :], 0)
-        # decode order: stages, then widths within a stage; prediction uses earlier stages only
-        self.groups = []
-        for s in np.unique(layout.code_stage):
-            for width in np.unique(w[layout.code_stage == s]):
-                idx = np.flatnonzero((layout.code_stage == s) & (w == width))
-                self.groups.append((int(width), idx, self.tables[idx][:, :, :1 << width].astype(np.float64)))
-        self.vocab_model = (constriction.stream.model.Categorical(
-            self.vocab_counts.astype(np.float64), perfect=False) if len(self.vocab_counts) else None)
+        if np.any(self.bin_w < 1):
+            raise ValueError("prediction bin widths must be >= 1")
+        stage = layout.code_stage
+        if np.any(self.weight[stage[:, None] <= stage[None, :]]):
+            raise ValueError("a code may only be predicted from codes of earlier stages")
+        # the prediction and its bins run in float64 (_CodePlan), exact below this bound
+        if n and (np.abs(self.lut).max() * np.abs(self.weight).sum(1).max() + np.abs(self.bias).max()
+                  + np.abs(self.bin_lo).max()) >= _EXACT_BOUND:
+            raise ValueError("predictor weights too large for exact float64 prediction")
 
     def arrays(self) -> list[np.ndarray]:
         return [self.lut, self.weight, self.bias, self.bin_lo, self.bin_w, self.tables,
                 self.vocab_counts, self.same_counts, self.extra_counts]
 
-    # -- symbols of a [T, row_bytes] layer --
-    def codes(self, rows: np.ndarray) -> np.ndarray:
-        bits = np.unpackbits(rows, axis=-1, bitorder="little").astype(np.int64)  # [T, 8*row]
-        return (bits[:, self.layout.code_pos] * self.pow2).sum(-1)  # [T, n]
 
-    def contexts(self, codes: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """Bins ``[T, len(idx)]`` of symbols ``idx`` from the (already known) codes."""
-        u = np.take_along_axis(self.lut[None], codes[:, :, None], 2)[:, :, 0]  # [T, n]
-        mu = u @ self.weight[idx].T + self.bias[idx]  # int64: exact in any order
-        return np.clip((mu - self.bin_lo[idx]) // self.bin_w[idx], 0, self.bins - 1)
+def _categorical(counts: np.ndarray):
+    """A concrete constriction model of one integer frequency row."""
+    return constriction.stream.model.Categorical(np.asarray(counts, np.float64), perfect=False)
 
-    def encode_parts(self, rows: np.ndarray, parts: list) -> bool:
-        """Append (symbols, model, probs) in decode order; False if not representable."""
-        lay = self.layout
+
+# ---- side symbols: token-table ids and plain bytes ------------------------------------------
+class _SidePlan:
+    """Ids and plain bytes of one layer, each (id or byte) column under its own static model,
+    coded column by column (one constriction call per column and ``T`` tokens)."""
+
+    def __init__(self, layer: int, m: _LayerModel):
+        lay = m.layout
+        self.layer = layer
+        self.id_cols = np.asarray([[o + i for i in range(4)] for o in lay.id_offsets], np.int64)
+        self.vocab = lay.vocab
+        self.vocab_model = _categorical(m.vocab_counts) if lay.id_offsets else None
+        self.same_models = [_categorical(c) for c in m.same_counts]
+        self.extra = lay.extra
+        self.extra_models = [_categorical(c) for c in m.extra_counts]
+
+    def parts(self, rows: np.ndarray) -> list | None:
+        """``(symbols, model)`` in decode order for ``rows [T, row_bytes]``; None if an id is
+        outside the vocabulary (the block is then stored)."""
+        out = []
+        if len(self.id_cols):
+            ids = rows[:, self.id_cols].copy().view("<i4")[..., 0].T  # [n_ids, T]
+            if ids.min() < 0 or ids.max() >= self.vocab:
+                return None
+            out.append((ids[0].astype(np.int32), self.vocab_model))
+            same = ids[1:] == ids[:1]  # all heads (and K, V) hold the same token's id
+            out += [(s.astype(np.int32), model) for s, model in zip(same, self.same_models)]
+            if (~same).any():
+                out.append((ids[1:][~same].astype(np.int32), self.vocab_model))
+        out += [(rows[:, col].astype(np.int32), model) for col, model in zip(self.extra, self.extra_models)]
+        return out
+
+    def decode(self, dec, rows: np.ndarray) -> None:
+        """Decode this layer's side symbols into ``rows [T, row_bytes]`` (in place)."""
         tokens = rows.shape[0]
-        if lay.id_offsets:
-            cols = np.asarray([[o + i for i in range(4)] for o in lay.id_offsets])
-            ids = rows[:, cols].copy().view("<i4")[..., 0]  # [T, n_ids]
-            if ids.min() < 0 or ids.max() >= lay.vocab:
-                return False
-            same = (ids[:, 1:] == ids[:, :1]).astype(np.int32)
-            parts.append((ids[:, 0].astype(np.int32), self.vocab_model, None))
-            if same.size:
-                parts.append((same.ravel(), _CAT,
-                              np.broadcast_to(self.same_counts[None], (tokens,) + self.same_counts.shape)
-                              .reshape(-1, 2).astype(np.float64)))
-                other = ids[:, 1:][same == 0]
-                if other.size:
-                    parts.append((other.astype(np.int32), self.vocab_model, None))
-        if len(lay.extra):
-            syms = rows[:, lay.extra].astype(np.int32)
-            parts.append((syms.ravel(), _CAT, np.broadcast_to(
-                self.extra_counts[None], (tokens,) + self.extra_counts.shape).reshape(-1, 256)
-                .astype(np.float64)))
-        if len(lay.code_width):
-            codes = self.codes(rows)
-            bins = self.contexts(codes, np.arange(len(lay.code_width)))
-            for width, idx, table in self.groups:
-                probs = table[np.arange(len(idx))[None, :], bins[:, idx]]  # [T, m, 2**w]
-                parts.append((codes[:, idx].astype(np.int32).ravel(), _CAT, probs.reshape(-1, 1 << width)))
-        return True
+        if len(self.id_cols):
+            ids = np.repeat(np.asarray(dec.decode(self.vocab_model, tokens), np.int64)[None],
+                            len(self.id_cols), 0)  # [n_ids, T]
+            same = np.asarray([dec.decode(model, tokens) for model in self.same_models],
+                              np.int64).reshape(-1, tokens)
+            k = int((same == 0).sum())
+            if k:
+                rest = ids[1:]
+                rest[same == 0] = np.asarray(dec.decode(self.vocab_model, k), np.int64)
+            raw = np.ascontiguousarray(ids.T, "<i4").view(np.uint8).reshape(tokens, len(self.id_cols), 4)
+            rows[:, self.id_cols] = raw
+        for col, model in zip(self.extra, self.extra_models):
+            rows[:, col] = np.asarray(dec.decode(model, tokens), np.uint8)
 
-    def decode_rows(self, dec, tokens: int) -> np.ndarray:
-        lay = self.layout
-        rows = np.zeros((tokens, lay.row_bytes), np.uint8)
-        if lay.id_offsets:
-            first = np.asarray(dec.decode(self.vocab_model, tokens), np.int64)
-            ids = np.repeat(first[:, None], len(lay.id_offsets), 1)
-            if len(lay.id_offsets) > 1:
-                probs = np.broadcast_to(self.same_counts[None], (tokens,) + self.same_counts.shape)
-                same = np.asarray(dec.decode(_CAT, probs.reshape(-1, 2).astype(np.float64)),
-                                  np.int64).reshape(tokens, -1)
-                k = int((same == 0).sum())
-                if k:
-                    rest = ids[:, 1:]
-                    rest[same == 0] = np.asarray(dec.decode(self.vocab_model, k), np.int64)
-            raw = ids.astype("<i4").view(np.uint8).reshape(tokens, len(lay.id_offsets), 4)
-            for i, o in enumerate(lay.id_offsets):
-                rows[:, o:o + 4] = raw[:, i]
-        if len(lay.extra):
-            probs = np.broadcast_to(self.extra_counts[None], (tokens,) + self.extra_counts.shape)
-            rows[:, lay.extra] = np.asarray(
-                dec.decode(_CAT, probs.reshape(-1, 256).astype(np.float64)), np.int64).reshape(tokens, -1)
-        n = len(lay.code_width)
-        if n:
-            codes = np.zeros((tokens, n), np.int64)
-            for width, idx, table in self.groups:
-                bins = self.contexts(codes, idx)  # only earlier stages have nonzero weights
-                probs = table[np.arange(len(idx))[None, :], bins]
-                codes[:, idx] = np.asarray(dec.decode(_CAT, probs.reshape(-1, 1 << width)),
-                                           np.int64).reshape(tokens, len(idx))
-            bits = np.zeros((tokens, lay.row_bytes * 8), np.uint8)
-            planes = (codes[:, :, None] >> np.arange(8)) & 1  # [T, n, 8]
-            valid = self.pow2 > 0
-            bits[:, lay.code_pos[valid]] = planes[:, valid]
-            packed = np.packbits(bits, axis=-1, bitorder="little")
-            rows |= packed  # code bits are disjoint from ids/extra bytes (layout.check)
-        return rows
+
+# ---- transform codes, all layers at once ----------------------------------------------------
+def _segments(layout: LayerLayout) -> list[tuple[int, int, int, int, int]]:
+    """``(code, plane, byte, bit, length)`` runs of each code's bits that are consecutive in
+    the code and in one row byte (a transform code's bits are contiguous: 1-2 runs a code)."""
+    out = []
+    for j, w in enumerate(layout.code_width):
+        p = 0
+        while p < w:
+            pos = int(layout.code_pos[j, p])
+            n = 1
+            while p + n < w and layout.code_pos[j, p + n] == pos + n and (pos + n) % 8:
+                n += 1
+            out.append((j, p, pos // 8, pos % 8, n))
+            p += n
+    return out
+
+
+class _BitMoves:
+    """Moves bit runs between rows ``src [R, T]`` and ``dst [D, T]`` (``uint8``): destination
+    row ``dst_rows[i]`` is the OR of ``((src[src_rows] >> src_shift) & mask) << dst_shift``
+    over its runs (disjoint bits). Runs are applied in rounds (the ``k``-th run of every
+    destination in round ``k``), so that no round writes a row twice."""
+
+    def __init__(self, src_rows, src_shift, dst_rows, dst_shift, length):
+        dst = np.asarray(dst_rows, np.int64)
+        order = np.lexsort((np.asarray(src_shift), np.asarray(src_rows), dst))
+        first = np.r_[True, dst[order][1:] != dst[order][:-1]] if len(dst) else np.zeros(0, bool)
+        start = np.maximum.accumulate(np.where(first, np.arange(len(dst)), 0))
+        rank = np.arange(len(dst)) - start  # k: the k-th run of its destination
+        order = order[np.lexsort((np.arange(len(order)), rank))]  # by round, then destination
+        col = lambda a: np.asarray(a, np.int64)[order]  # noqa: E731
+        self.src_rows, self.dst_rows = col(src_rows), col(dst_rows)
+        self.src_shift = col(src_shift).astype(np.uint8)[:, None]
+        self.dst_shift = col(dst_shift).astype(np.uint8)[:, None]
+        self.mask = ((1 << col(length)) - 1).astype(np.uint8)[:, None]
+        rounds = int(rank.max()) + 1 if len(rank) else 0
+        self.rounds = np.searchsorted(np.sort(rank), np.arange(rounds + 1))  # round k: [k, k+1)
+
+    def __call__(self, src: np.ndarray, dst: np.ndarray) -> None:
+        runs = np.take(src, self.src_rows, axis=0)
+        runs >>= self.src_shift
+        runs &= self.mask
+        runs <<= self.dst_shift
+        for k, (a, b) in enumerate(zip(self.rounds[:-1], self.rounds[1:])):
+            if k == 0:
+                dst[self.dst_rows[a:b]] = runs[a:b]
+            else:
+                dst[self.dst_rows[a:b]] |= runs[a:b]
+
+
+def _floor_bins(x: np.ndarray, scale: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """``clip(floor(x * scale), 0, top)`` as ``intp``, overwriting ``x`` (float64
+    ``x = mu - lo + 1/2``, ``scale = 1 / bw``: exact, see :class:`_CodePlan`)."""
+    x *= scale
+    np.clip(x, 0, top, out=x)
+    return x.astype(np.intp)  # truncation = floor (x >= 0)
+
+
+class _CodePlan:
+    """The transform codes of every layer, batched for coding.
+
+    Codes live in ``C [layers, S * P, T]`` (``uint8``): layer, then slot ``s * P + r`` (the
+    ``r``-th code of stage ``s``, ``P`` the most codes of any stage), then token; unused slots
+    stay zero and have zero levels and weights. Decoding goes stage by stage: the bins of stage
+    ``s`` need only the codes of stages ``< s`` (of the same layer and token), so one stage of
+    all layers and tokens is decoded at once, one constriction call per code width. The
+    frequency rows of each width are one static float32 table (integers <= 2**16: exact), so
+    a symbol's model is a row lookup.
+
+    Exactness of the bins ``clip(floor((mu - lo) / bw), 0, bins - 1)`` with
+    ``mu = levels @ weights + bias`` (all integers): :class:`_LayerModel` checks that
+    ``|mu| + |lo| < 2**50``, so every partial sum of the float64 matrix product and
+    ``x = mu - lo + 1/2`` are exact whatever the summation order (BLAS blocking, threads).
+    ``x / bw`` lies at least ``1 / (2 bw)`` from any integer while ``x * fl(1 / bw)`` is off
+    by at most ``|x / bw| * 1.5 * 2**-52 < 1 / (2 bw)``, so its floor is
+    ``floor((mu - lo) / bw)`` exactly: encoder and decoder get the same bins on any IEEE-754
+    machine (``tests/plt/test_code_model.py`` checks them against ``int64`` arithmetic).
+    """
+
+    def __init__(self, models: list[_LayerModel], row_bytes: int):
+        self.layers = [i for i, m in enumerate(models) if len(m.layout.code_width)]
+        ms = [models[i] for i in self.layers]
+        self.stages = 1 + max(int(m.layout.code_stage.max()) for m in ms)
+        self.P = max(int(np.bincount(m.layout.code_stage).max()) for m in ms)
+        L, S, P = len(ms), self.stages, self.P
+        SP = S * P
+        slot, code_at = [], []  # per layer: slot of each code, code of each slot (-1: unused)
+        for m in ms:
+            st = m.layout.code_stage
+            rank = np.zeros(len(st), np.int64)
+            for s in np.unique(st):
+                rank[st == s] = np.arange(int((st == s).sum()))
+            slot.append(st * P + rank)
+            code_at.append(np.full(SP, -1, np.int64))
+            code_at[-1][slot[-1]] = np.arange(len(st))
+        self.slots = slot
+        self.width = np.zeros((L, SP), np.int64)
+        weight = np.zeros((L, SP, SP), np.float64)
+        self.offset = np.full((L, SP, 1), 0.5)  # bias - bin_lo + 1/2
+        self.scale = np.ones((L, SP, 1))  # 1 / bin_w
+        self.top = np.zeros((L, SP, 1))  # highest bin
+        for li, (m, q) in enumerate(zip(ms, slot)):
+            self.width[li, q] = m.layout.code_width
+            weight[li, q[:, None], q[None, :]] = m.weight
+            self.offset[li, q, 0] = (m.bias - m.bin_lo) + 0.5
+            self.scale[li, q, 0] = 1.0 / m.bin_w
+            self.top[li, q, 0] = m.bins - 1
+        # level of code c in slot (l, q): lut[lut_base[l, q] + c] (2**width levels a slot;
+        # unused slots read the trailing zero)
+        size = np.where(self.width > 0, 1 << self.width, 0)
+        base = np.where(self.width > 0, (np.cumsum(size) - size.ravel()).reshape(L, SP), size.sum())
+        self.lut_base = base[:, :, None]
+        self.lut = np.zeros(int(size.sum()) + 1, np.float64)
+        for li, (m, q) in enumerate(zip(ms, slot)):
+            for j, w in enumerate(m.layout.code_width):
+                self.lut[self.lut_base[li, q[j], 0]:][:1 << w] = m.lut[j, :1 << w]
+        # stage s: mu [L, P, T] = W_s [L, P, s*P] @ levels [L, s*P, T]
+        self.weight = [np.ascontiguousarray(weight[:, s * P:(s + 1) * P, :s * P]) for s in range(S)]
+        # per (stage, width): the slots, their table rows (bin 0) in that width's table
+        self.groups: list[list[tuple]] = [[] for _ in range(S)]
+        self.tables: dict[int, np.ndarray] = {}
+        for w in np.unique(self.width[self.width > 0]):
+            w = int(w)
+            rows, base = [], 0
+            for s in range(S):
+                li, qi = np.nonzero(self.width[:, s * P:(s + 1) * P] == w)
+                if not len(li):
+                    continue
+                starts = []
+                for a, r in zip(li, qi):
+                    rows.append(ms[a].tables[code_at[a][s * P + r], :, :1 << w])
+                    starts.append(base)
+                    base += ms[a].bins
+                self.groups[s].append((w, li * P + qi, li * SP + s * P + qi, np.asarray(starts, np.int64)))
+            self.tables[w] = np.concatenate(rows).astype(np.float32)
+        # bits of row bytes <-> codes
+        src, src_shift, dst, dst_shift, length = [], [], [], [], []
+        for li, (layer, m, q) in enumerate(zip(self.layers, ms, slot)):
+            for j, p, b, i, n in _segments(m.layout):
+                src.append(layer * row_bytes + b)
+                src_shift.append(i)
+                dst.append(li * SP + q[j])
+                dst_shift.append(p)
+                length.append(n)
+        self.unpack = _BitMoves(src, src_shift, dst, dst_shift, length)  # record -> codes
+        self.pack = _BitMoves(dst, dst_shift, src, src_shift, length)  # codes -> record
+
+    def _bins(self, levels: np.ndarray, s: int) -> np.ndarray:
+        """Bins ``[L * P, T]`` of stage ``s`` from ``levels [L, S * P, T]`` (see the class
+        docstring for why this float64 arithmetic is exact)."""
+        P, T = self.P, levels.shape[-1]
+        here = slice(s * P, (s + 1) * P)
+        if s:
+            x = np.matmul(self.weight[s], levels[:, :s * P])
+            x += self.offset[:, here]
+        else:
+            x = np.broadcast_to(self.offset[:, here], (len(self.layers), P, T)).copy()
+        return _floor_bins(x, self.scale[:, here], self.top[:, here]).reshape(-1, T)
+
+    def _levels(self, codes: np.ndarray, s: slice) -> np.ndarray:
+        index = codes[:, s].astype(np.intp)
+        index += self.lut_base[:, s]
+        return np.take(self.lut, index)
+
+    def _probs(self, w: int, starts: np.ndarray, bins: np.ndarray, sel: np.ndarray) -> np.ndarray:
+        rows = np.take(bins, sel, axis=0)
+        rows += starts[:, None]
+        return np.take(self.tables[w], rows.ravel(), axis=0)
+
+    def encode(self, enc, rec_t: np.ndarray) -> None:
+        """Push the codes of ``rec_t [layers * row_bytes, T]`` onto ``enc`` (reverse order)."""
+        T = rec_t.shape[1]
+        codes = np.zeros((len(self.layers) * self.stages * self.P, T), np.uint8)
+        self.unpack(rec_t, codes)
+        codes = codes.reshape(len(self.layers), -1, T)
+        levels = self._levels(codes, slice(0, (self.stages - 1) * self.P))  # the last: unused
+        flat = codes.reshape(-1, T)
+        for s in reversed(range(self.stages)):
+            bins = self._bins(levels, s)
+            for w, sel, rows, starts in reversed(self.groups[s]):
+                enc.encode_reverse(np.take(flat, rows, axis=0).astype(np.int32).ravel(), _CAT,
+                                   self._probs(w, starts, bins, sel))
+
+    def decode(self, dec, out_t: np.ndarray) -> None:
+        """Decode every code into the code bytes of ``out_t [layers * row_bytes, T]``."""
+        T = out_t.shape[1]
+        L, S, P = len(self.layers), self.stages, self.P
+        codes = np.zeros((L, S * P, T), np.uint8)
+        flat = codes.reshape(-1, T)
+        levels = np.zeros((L, S * P, T), np.float64)
+        for s in range(S):
+            bins = self._bins(levels, s)
+            for w, sel, rows, starts in self.groups[s]:
+                sym = dec.decode(_CAT, self._probs(w, starts, bins, sel))
+                flat[rows] = np.asarray(sym, np.uint8).reshape(len(rows), T)
+            if s + 1 < S:
+                here = slice(s * P, (s + 1) * P)
+                levels[:, here] = self._levels(codes, here)
+        self.pack(flat, out_t)
 
 
 # ---- the codec -----------------------------------------------------------------------------
@@ -303,6 +486,10 @@ class CodeModelCodec:
             for a in m.arrays():
                 h.update(np.int64(a.size).tobytes() + np.ascontiguousarray(a, np.int64).tobytes())
         self.tag = h.digest()
+        self.side = [_SidePlan(i, m) for i, m in enumerate(models)
+                     if m.layout.id_offsets or len(m.layout.extra)]
+        self.codes = (_CodePlan(models, self.row_bytes)
+                      if any(len(m.layout.code_width) for m in models) else None)
 
     @property
     def record_row_bytes(self) -> int:
@@ -385,21 +572,24 @@ class CodeModelCodec:
         return raw_len // self.record_row_bytes
 
     def encode(self, data: bytes) -> bytes:
+        """Decode order: the side symbols of each layer (ids, then byte columns), then the codes
+        stage by stage (see :class:`_CodePlan`); ANS codes them in reverse."""
         tokens = self._tokens(len(data))
         head = bytes([_STORED]) + self.tag[:4]
         if tokens == 0:
             return head
         rec = np.frombuffer(data, np.uint8).reshape(len(self.models), tokens, self.row_bytes)
-        parts: list = []
-        for layer, m in enumerate(self.models):
-            if not m.encode_parts(rec[layer], parts):
+        side = []
+        for plan in self.side:
+            parts = plan.parts(rec[plan.layer])
+            if parts is None:
                 return head + bytes(data)
+            side += parts
         enc = constriction.stream.stack.AnsCoder()
-        for syms, model, probs in reversed(parts):
-            if probs is None:
-                enc.encode_reverse(syms, model)
-            else:
-                enc.encode_reverse(syms, model, probs)
+        if self.codes is not None:
+            self.codes.encode(enc, np.ascontiguousarray(rec.transpose(0, 2, 1)).reshape(-1, tokens))
+        for syms, model in reversed(side):
+            enc.encode_reverse(syms, model)
         coded = enc.get_compressed().astype("<u4").tobytes()
         if len(coded) >= len(data):  # never expand beyond the 5-byte header
             return head + bytes(data)
@@ -416,15 +606,23 @@ class CodeModelCodec:
             if len(body) != raw_len:
                 raise ValueError(f"stored code-model payload has {len(body)} bytes, expected {raw_len}")
             return bytes(body)
+        if mode == _CODED_V1:
+            raise ValueError("code-model payload of an older format (mode 1, per-layer symbol "
+                             "order) is no longer decodable")
         if mode != _CODED:
             raise ValueError(f"unknown code-model payload mode {mode}")
         if len(body) % 4 or not body:
             raise ValueError("code-model payload is not whole 32-bit words (truncated?)")
         dec = constriction.stream.stack.AnsCoder(np.frombuffer(body, "<u4").astype(np.uint32))
-        out = np.empty((len(self.models), tokens, self.row_bytes), np.uint8)
+        out = np.zeros((len(self.models), tokens, self.row_bytes), np.uint8)
         try:
-            for layer, m in enumerate(self.models):
-                out[layer] = m.decode_rows(dec, tokens)
+            for plan in self.side:
+                plan.decode(dec, out[plan.layer])
+            if self.codes is not None:
+                out_t = np.zeros((len(self.models) * self.row_bytes, tokens), np.uint8)
+                self.codes.decode(dec, out_t)
+                # code bytes and side bytes are disjoint (LayerLayout.check)
+                out |= out_t.reshape(len(self.models), self.row_bytes, tokens).transpose(0, 2, 1)
         except (ValueError, RuntimeError, AssertionError) as e:  # constriction on garbage
             raise ValueError(f"corrupt code-model payload: {e}") from e
         if not dec.is_empty():
