@@ -4,13 +4,16 @@ Runs the model (transformers, fp32, CPU) over calibration text (default: the tra
 never the test split), captures pre-RoPE K, V and query second moments per layer and head
 plus ``o_proj``, fits the preset (``--preset``, default seqkv-3) and writes a checksummed
 file to :func:`default_path` (~4 minutes on 2 cores for SmolLM2-135M, 24,576 tokens).
-The vLLM backend and the ruler both load it from there.
+The vLLM backend and the ruler both load it from there. For transform presets it then fits
+the cold tier's code-level coder on the hot codes of 4,096 train tokens
+(:func:`cold_prior_path`, ~20 s for SmolLM2), which the cold-tier connector uses.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from vllm_seqkv.codec.token_table import verify
 DEFAULT_PRESET = "seqkv-3"
 LAYER0_TOLERANCE = 1e-3  # fp32 forward of the same weights: only rounding differs
 DEFAULT_TOKENS = 24576  # validation split, seqkv-3: +1.07 % at 8192 tokens, +0.86 % at 24576
+COLD_PRIOR_TOKENS = 4096  # SmolLM2: 2.45 bits/element at 4k tokens, 2.44 at 16k
 
 
 def default_path(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
@@ -34,6 +38,11 @@ def default_path(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
     spec = PRESETS[preset]
     kind = spec.calibration_name if spec.calibration_kind == "transform" else "channel"
     return fixtures.home() / "calibration" / f"{_model_key(model_dir)}-{kind}-{DEFAULT_TOKENS}t.safetensors"
+
+
+def cold_prior_path(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
+    """The cold tier's code-level coder prior, next to (and fitted after) the calibration."""
+    return default_path(model_dir, preset).with_suffix(".cold-prior.npz")
 
 
 def _model_key(model_dir: Path) -> str:
@@ -49,11 +58,11 @@ def prune_stale(model_dir: Path) -> list[Path]:
     alone: another process may be writing one."""
     from vllm_seqkv.codec.presets import PRESETS
 
-    current = {default_path(model_dir, name) for name, p in PRESETS.items()
-               if p.calibration_kind != "none"}
+    current = {path for name, p in PRESETS.items() if p.calibration_kind != "none"
+               for path in (default_path(model_dir, name), cold_prior_path(model_dir, name))}
     folder = fixtures.home() / "calibration"
     stale = [f for f in folder.glob(_model_key(model_dir) + "-*")
-             if f not in current and f.suffix == ".safetensors"]
+             if f not in current and f.suffix in (".safetensors", ".npz")]
     for f in stale:
         f.unlink(missing_ok=True)
     return stale
@@ -190,9 +199,11 @@ def ensure(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
     if path.exists():
         try:
             load(path, preset)
+            ensure_cold_prior(model_dir, preset)
             return path
         except CalibrationError:
             path.unlink()
+    cold_prior_path(model_dir, preset).unlink(missing_ok=True)  # fitted on the old codes
     text = fixtures.corpus_path("train").read_text()
     print(f"[seqkv] fitting the {preset} calibration of {model_dir} on {DEFAULT_TOKENS} tokens "
           "of the train split (once per model and preset)", file=sys.stderr)
@@ -202,6 +213,28 @@ def ensure(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
     calibration.save(path)
     for stale in prune_stale(model_dir):
         print(f"[seqkv] removed stale calibration {stale}", file=sys.stderr)
+    ensure_cold_prior(model_dir, preset)
+    return path
+
+
+def ensure_cold_prior(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path | None:
+    """Fit the cold tier's code-level coder prior once (transform presets; else None)."""
+    from vllm_seqkv.codec.presets import PRESETS
+
+    if PRESETS[preset].calibration_kind != "transform":
+        return None
+    path = cold_prior_path(model_dir, preset)
+    if path.exists():
+        return path
+    from vllm_seqkv.plt.kvbytes import fit_cold_prior  # NOTE: plt builds on this module
+
+    print(f"[seqkv] fitting the cold tier's coder prior of {preset} for {model_dir} on "
+          f"{COLD_PRIOR_TOKENS} tokens of the train split", file=sys.stderr)
+    codec = fit_cold_prior(model_dir, preset, COLD_PRIOR_TOKENS)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        codec.save_prior(f)
+    os.replace(tmp, path)
     return path
 
 

@@ -138,3 +138,24 @@ def test_redis_down_is_a_miss_with_a_warning(caplog):
     r = request([b"h0", b"h1"], 2 * BS + 1)
     assert c.get_num_new_matched_tokens(r, 0) == (0, False)  # scheduler: nothing to load
     assert c._probe_off_until > 0  # and no probe (timeout) per request for a while
+
+
+def test_code_level_coder_only_with_a_prior_fitted_for_these_slots(tiny_model_dir, tmp_path):
+    from vllm_seqkv.config import SeqKVConfig
+    from vllm_seqkv.integration.connector import code_model_for_engine
+    from vllm_seqkv.integration.engine_codec import EngineCodec
+    from vllm_seqkv.plt.code_model import CodeModelCodec
+
+    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv"), str(tiny_model_dir), 2, 32, 10000.0)
+    fake = SimpleNamespace(config=SimpleNamespace(calibration=str(tmp_path / "cal.safetensors")),
+                           model_dir=str(tiny_model_dir), preset="seqkv-3", codec=engine.codec,
+                           head_dim=32)
+    layers, slot = len(engine.layers()), engine.slot_bytes
+    assert code_model_for_engine(fake, layers, 2, slot) is None  # no prior yet
+    prior = CodeModelCodec.for_kv_codec(engine.codec, layers, 2, 32, slot)
+    prior.save_prior(tmp_path / "cal.cold-prior.npz")
+    coder = code_model_for_engine(fake, layers, 2, slot)
+    assert coder is not None and coder.tag == prior.tag
+    assert code_model_for_engine(fake, layers, 2, slot + 8) is None  # fitted for other slots
+    (tmp_path / "cal.cold-prior.npz").write_bytes(b"not a prior")
+    assert code_model_for_engine(fake, layers, 2, slot) is None  # damaged: byte-level coder

@@ -117,6 +117,37 @@ def make_tier(cold: ColdTierConfig, codec):
     return RedisTier(cold.url, codec, cold.capacity_bytes)
 
 
+def code_model_for_engine(engine, layers: int, heads: int, slot_bytes: int):
+    """The code-level coder whose prior ``python -m vllm_seqkv.calibrate`` fitted for this
+    model and preset, or None (then the byte-level coder) when there is none or it was fitted
+    for other slots."""
+    from pathlib import Path
+
+    from vllm_seqkv.calibrate import cold_prior_path
+    from vllm_seqkv.plt.code_model import CodeModelCodec, kv_layouts, layouts_digest
+
+    config = engine.config
+    path = (Path(config.calibration).with_suffix(".cold-prior.npz") if config.calibration
+            else cold_prior_path(Path(engine.model_dir), engine.preset))
+    if not path.exists():
+        logger.info("seqkv cold tier: no code-level coder prior at %s (run `python -m "
+                    "vllm_seqkv.calibrate %s --preset %s`); using the byte-level coder", path,
+                    engine.model_dir, engine.preset)
+        return None
+    try:
+        coder = CodeModelCodec.load_prior(path)
+        want = kv_layouts(engine.codec, layers, heads, engine.head_dim, slot_bytes)
+    except Exception as e:  # a damaged or foreign file: the byte-level coder, loudly
+        logger.warning("seqkv cold tier: cannot use the coder prior %s (%s); using the "
+                       "byte-level coder", path, e)
+        return None
+    if layouts_digest(coder.layouts) != layouts_digest(want):
+        logger.warning("seqkv cold tier: the coder prior %s was fitted for other slots; using "
+                       "the byte-level coder (refit with `python -m vllm_seqkv.calibrate`)", path)
+        return None
+    return coder
+
+
 # ---- worker side: pages <-> blobs ---------------------------------------------------------
 _SINK_HEAD = struct.Struct("<HH")  # layer, offset
 
@@ -143,12 +174,16 @@ class BlockStore:
         self.page_bytes = len(pages) * self.heads * self.block_size * self.slot_bytes
 
     @staticmethod
-    def codec_for(layers: int, heads: int, block_size: int, slot_bytes: int, entropy: bool = True):
+    def codec_for(layers: int, heads: int, block_size: int, slot_bytes: int, entropy: bool = True,
+                  head=None):
+        """Raw bytes, or the page bytes through ``head`` (default: the byte-level
+        ``ColdCodec``) and the sink rows raw."""
         from vllm_seqkv.plt.entropy import ColdCodec, RawCodec, SplitCodec
 
         if not entropy:
             return RawCodec()
-        return SplitCodec(ColdCodec(columns=heads * slot_bytes), layers * heads * block_size * slot_bytes)
+        return SplitCodec(head or ColdCodec(columns=heads * slot_bytes),
+                          layers * heads * block_size * slot_bytes)
 
     # -- record <-> pages --
     def read(self, block: int, starts_sequence: bool = True) -> bytes:
@@ -391,7 +426,9 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
                                       "[num_blocks, heads, block_size, slot_bytes]")
         engine = active_engine_codec()
         _, heads, bs, slot = pages[0].shape
-        codec = BlockStore.codec_for(len(pages), heads, bs, slot, self.cold.entropy_coding)
+        head = (code_model_for_engine(engine, len(pages), heads, slot)
+                if self.cold.entropy_coding else None)
+        codec = BlockStore.codec_for(len(pages), heads, bs, slot, self.cold.entropy_coding, head)
         tier = make_tier(self.cold, codec)
         self.store = BlockStore(tier, pages, engine.sinks, engine.head_dim)
         from vllm_seqkv.plt.tiers import BackgroundSaver
@@ -401,7 +438,8 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
                     "slot bytes per block (%d raw bytes), entropy coding %s", self.cold.kind,
                     f" at {self.cold.path}" if self.cold.path else "", self.cold.capacity_bytes,
                     len(pages), heads, bs, slot, self.store.page_bytes,
-                    "on" if self.cold.entropy_coding else "off")
+                    ("off" if not self.cold.entropy_coding else
+                     "code-level" if head is not None else "byte-level"))
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._connector_metadata

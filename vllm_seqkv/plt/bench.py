@@ -21,21 +21,6 @@ from pathlib import Path
 import torch
 
 
-def code_model_for(model_dir, train_blocks):
-    """The code-level cold coder for ``model_dir``'s seqkv-3 slots (fitted on ``train_blocks``)."""
-    from transformers import AutoConfig
-
-    from vllm_seqkv.calibrate import load_for_model
-    from vllm_seqkv.codec import make_codec
-    from vllm_seqkv.plt.code_model import CodeModelCodec
-
-    cfg = AutoConfig.from_pretrained(model_dir)
-    kv = make_codec("seqkv-3", load_for_model(model_dir, "seqkv-3"))
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return CodeModelCodec.for_kv_codec(kv, cfg.num_hidden_layers, cfg.num_key_value_heads,
-                                       head_dim, samples=train_blocks)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=512)
@@ -47,7 +32,7 @@ def main(argv=None) -> int:
 
     from vllm_seqkv import fixtures
     from vllm_seqkv.plt.entropy import ColdCodec, TokenCoder
-    from vllm_seqkv.plt.kvbytes import model_blocks
+    from vllm_seqkv.plt.kvbytes import code_model_for, model_blocks
     from vllm_seqkv.plt.policy import CostModel, LRUPolicy, OraclePolicy, PLTPolicy, simulate
     from vllm_seqkv.plt.tiers import DiskTier, MemoryTier, TokenTier
     from vllm_seqkv.plt.traces import TraceConfig, generate

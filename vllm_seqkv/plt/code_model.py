@@ -155,6 +155,14 @@ def layer_layout(key, value, heads: int, head_dim: int, slot_bytes: int | None =
     return out
 
 
+def layouts_digest(layouts: list[LayerLayout]) -> bytes:
+    """What a prior was fitted for: a coder built for other layouts must not code these pages."""
+    h = hashlib.blake2b(digest_size=16, person=b"seqkv-layouts")
+    for lay in layouts:
+        lay.digest(h)
+    return h.digest()
+
+
 def kv_layouts(kv, num_layers: int, heads: int, head_dim: int,
                slot_bytes: int | None = None) -> list[LayerLayout]:
     """Layouts of every layer of a :class:`~vllm_seqkv.codec.base.KVCodec` (pages padded to the
@@ -490,6 +498,10 @@ class CodeModelCodec:
                      if m.layout.id_offsets or len(m.layout.extra)]
         self.codes = (_CodePlan(models, self.row_bytes)
                       if any(len(m.layout.code_width) for m in models) else None)
+
+    @property
+    def layouts(self) -> list[LayerLayout]:
+        return [m.layout for m in self.models]
 
     @property
     def record_row_bytes(self) -> int:

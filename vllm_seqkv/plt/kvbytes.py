@@ -49,3 +49,31 @@ def model_blocks(model_dir: Path, ids: list[int], block_size: int = 16,
     blocks = [np.ascontiguousarray(slots[:, i:i + block_size]).tobytes()
               for i in range(0, n, block_size)]
     return blocks, H * S, L * block_size * H * D * 2
+
+
+def code_model_for(model_dir: Path, train_blocks: list[bytes] | None, codec: str = "seqkv-3"):
+    """The code-level cold coder of ``codec``'s slots for ``model_dir``, fitted on
+    ``train_blocks`` (records of :func:`model_blocks`); None: the structural one (no prior)."""
+    from transformers import AutoConfig
+
+    from vllm_seqkv.calibrate import load_for_model
+    from vllm_seqkv.codec import make_codec
+    from vllm_seqkv.plt.code_model import CodeModelCodec
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    kv = make_codec(codec, load_for_model(model_dir, codec))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return CodeModelCodec.for_kv_codec(kv, cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                       head_dim, samples=train_blocks)
+
+
+def fit_cold_prior(model_dir: Path, codec: str = "seqkv-3", tokens: int = 4096):
+    """:func:`code_model_for` fitted on ``tokens`` tokens of the train split (never test)."""
+    from transformers import AutoTokenizer
+
+    from vllm_seqkv import fixtures
+
+    text = fixtures.corpus_path("train").read_text()[:40 * tokens]
+    ids = AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"][:tokens]
+    blocks, _, _ = model_blocks(model_dir, ids, 128, codec)
+    return code_model_for(model_dir, blocks, codec)
