@@ -6,7 +6,7 @@ plus ``o_proj``, fits the preset (``--preset``, default seqkv-3) and writes a ch
 file to :func:`default_path` (~4 minutes on 2 cores for SmolLM2-135M, 24,576 tokens).
 The vLLM backend and the ruler both load it from there. For transform presets it then fits
 the cold tier's code-level coder on the hot codes of 4,096 train tokens
-(:func:`cold_prior_path`, ~20 s for SmolLM2), which the cold-tier connector uses.
+(:func:`cold_prior_path`, ~1 min for SmolLM2), which the cold-tier connector uses.
 """
 
 from __future__ import annotations
