@@ -6,11 +6,13 @@ prompts is being served and saved. After the restart:
 - every acknowledged blob is still there and nothing half-written is kept (``.tmp-*``);
 - the three prompts come back from the tier (``cached_tokens``: the new engine's own prefix
   cache is empty) with the greedy output of the first server;
-- a blob damaged while the server was down is detected and recomputed, never served.
+- a blob damaged while the server was down is detected and recomputed, never served;
+- both servers report it in ``/metrics`` (saved, restored and failed loads of the cold tier).
 """
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -38,6 +40,21 @@ def complete(base_url: str, ids: list[int], max_tokens: int = 8) -> tuple[list[i
     out = resp.json()
     details = out["usage"].get("prompt_tokens_details") or {}
     return out["choices"][0]["logprobs"]["tokens"], details.get("cached_tokens") or 0
+
+
+def metric(base_url: str, name: str) -> float:
+    text = httpx.get(base_url + "/metrics", timeout=30).text
+    return sum(float(m[1]) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def wait_for_metric(base_url: str, name: str, at_least: float, timeout_s: float = 60) -> float:
+    deadline = time.time() + timeout_s
+    while True:  # vLLM publishes connector stats with the next engine step / log interval
+        value = metric(base_url, name)
+        if value >= at_least or time.time() > deadline:
+            return value
+        complete(base_url, [11, 12, 13], max_tokens=1)
+        time.sleep(0.5)
 
 
 def blobs(cold) -> set[str]:
@@ -72,6 +89,7 @@ def test_killed_server_restarts_with_its_acknowledged_cold_blocks(tiny_model_dir
             per_prompt[seed] = wait_for_blobs(cold, len(before) + 4) - before
         acknowledged = blobs(cold)
         assert len(acknowledged) == 12 and all(len(v) == 4 for v in per_prompt.values())
+        assert wait_for_metric(srv.base_url, "vllm:seqkv_cold_tier_saved_blocks_total", 12) >= 12
 
         stop = threading.Event()
 
@@ -109,6 +127,10 @@ def test_killed_server_restarts_with_its_acknowledged_cold_blocks(tiny_model_dir
         # and it recomputes them, so the log is the witness of the recompute
         again, _ = complete(srv.base_url, prompt(3))
         assert again == first[3]
+        restored = "vllm:seqkv_cold_tier_restored_blocks_total"
+        assert wait_for_metric(srv.base_url, restored, 8) >= 8
+        assert wait_for_metric(srv.base_url, "vllm:seqkv_cold_tier_load_failures_total", 1) >= 1
+        assert metric(srv.base_url, "vllm:seqkv_cold_tier_blocks") > 0
     log = (tmp_path / "second.log").read_text(errors="replace")
     assert "is corrupt" in log and "vLLM recomputes from token" in log
     assert "Recovered from KV load failure" in log

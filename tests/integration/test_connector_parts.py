@@ -159,3 +159,16 @@ def test_code_level_coder_only_with_a_prior_fitted_for_these_slots(tiny_model_di
     assert code_model_for_engine(fake, layers, 2, slot + 8) is None  # fitted for other slots
     (tmp_path / "cal.cold-prior.npz").write_bytes(b"not a prior")
     assert code_model_for_engine(fake, layers, 2, slot) is None  # damaged: byte-level coder
+
+
+def test_cold_tier_stats_report_increments_and_aggregate_like_prometheus():
+    from vllm_seqkv.integration.connector_metrics import ColdTierStats, StatsDelta
+
+    delta = StatsDelta()
+    first = delta.take({"saved_blocks": 3, "loaded_blocks": 0}, {"tier_bytes": 100})
+    assert first.data == {"saved_blocks": 3, "tier_bytes": 100}
+    second = delta.take({"saved_blocks": 5, "loaded_blocks": 2}, {"tier_bytes": 180})
+    assert second.data == {"saved_blocks": 2, "loaded_blocks": 2, "tier_bytes": 180}
+    total = ColdTierStats(data=dict(first.data)).aggregate(second)
+    assert total.reduce() == {"saved_blocks": 5, "loaded_blocks": 2, "tier_bytes": 180}
+    assert ColdTierStats().is_empty() and not total.is_empty()

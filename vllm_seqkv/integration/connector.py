@@ -329,6 +329,7 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._changed: set[bytes] = set()
         self._inventory_sent = False
+        self._stats_delta = None
         self.stats = {"saved_blocks": 0, "save_failures": 0, "saves_dropped": 0,
                       "loaded_blocks": 0, "load_failures": 0, "copy_s": 0.0, "load_s": 0.0}
 
@@ -519,6 +520,32 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
             if not changed:
                 return None
             return ColdTierWorkerMetadata({k: tier.stored_bytes(k) for k in changed})
+
+    def get_kv_connector_stats(self):
+        """This step's counter increments and the tier's gauges, for vLLM's ``/metrics``
+        (see :mod:`.connector_metrics`)."""
+        if self.store is None:
+            return None
+        from vllm_seqkv.integration.connector_metrics import StatsDelta
+
+        if self._stats_delta is None:
+            self._stats_delta = StatsDelta()
+        s = self.worker_stats()
+        return self._stats_delta.take(s, {"tier_bytes": s["tier_bytes"],
+                                          "tier_blocks": s["tier_blocks"],
+                                          "pending_save_bytes": self.saver.pending_bytes})
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        from vllm_seqkv.integration.connector_metrics import ColdTierStats
+
+        return ColdTierStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        from vllm_seqkv.integration.connector_metrics import ColdTierPromMetrics
+
+        return ColdTierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def _collect_finished_saves(self) -> None:
         for key, stored in self.saver.take_finished():
