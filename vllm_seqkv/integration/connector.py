@@ -2,8 +2,10 @@
 
 What it does. When a request finishes, every full block of it that the cold tier does not hold
 yet is copied out of vLLM's pages (the seqkv hot code, as bytes) plus, for a sequence's first
-block, its exact sink rows (:class:`~.engine_codec.SinkTable`), entropy-coded losslessly (``ColdCodec``:
-constriction ANS), framed with checksums (:mod:`vllm_seqkv.plt.blob`) and stored in a
+block, its exact sink rows (:class:`~.engine_codec.SinkTable`), entropy-coded losslessly
+(constriction ANS: the code-level coder of :mod:`vllm_seqkv.plt.code_model` when
+``python -m vllm_seqkv.calibrate`` fitted its prior for these slots, else the byte-level
+``ColdCodec``), framed with checksums (:mod:`vllm_seqkv.plt.blob`) and stored in a
 :mod:`vllm_seqkv.plt.tiers` tier (CPU RAM, local disk with atomic writes, or Redis). vLLM's
 prefix cache keeps the pages until it needs them for other requests (its LRU eviction).
 When a request arrives, vLLM first takes its own prefix-cache hit; the connector reports
@@ -37,11 +39,11 @@ copies are bounded (``cold_tier.save_queue_bytes``): beyond that a save is dropp
 warning (a later recompute), never a stall. At shutdown the queued saves are finished.
 Loads run in ``start_load_kv`` before the forward, on the engine thread.
 
-Restore cost (CPU, measured through vLLM on SmolLM2, see BENCHMARKS.md): ~80 ms per block
-of 128 tokens x 30 layers (ANS decode, pure numpy + constriction, plus a copy into the
-pages), 6.6x faster than prefilling the same tokens; saving costs the engine loop ~1 ms per
-block (the copy) and the background thread ~330 ms. ``cold_tier.entropy_coding: false``
-skips the coder (it gains < 1 % on the transform presets' packed codes).
+Cost (CPU, measured through vLLM on SmolLM2 with the code-level coder, see BENCHMARKS.md):
+restoring a block of 128 tokens x 30 layers takes ~76 ms (decode + copy into the pages),
+5.7x faster than prefilling the same tokens; saving costs the engine loop ~1 ms per block
+(the copy) and the background thread ~90 ms; the tier holds 2.56 bits/element against 3.03
+in the pages. ``cold_tier.entropy_coding: false`` stores the bytes raw.
 
 Limits: one worker (tensor/pipeline parallel size 1), one KV-cache group, the seqkv
 attention backend (pages of uint8 slots), ``hash_block_size == block_size``.
