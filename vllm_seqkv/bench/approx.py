@@ -17,18 +17,15 @@ worst KL over kinds per k) and the section "Approximate prefix reuse" of BENCHMA
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vllm_seqkv import fixtures
-from vllm_seqkv.bench.report import machine, replace_section, write_json
+from vllm_seqkv.bench.report import replace_section, run_header, write_json
 from vllm_seqkv.plt.approximate import QualityGate
 
 SECTION = "## Approximate prefix reuse"
@@ -143,13 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
     ks = [int(k) for k in args.ks.split(",")]
     results = measure(model, windows, args.tail, ks, args.seed)
     worst = {k: max(r["kl_nats_per_token"] for r in results if r["substitutions"] == k) for k in ks}
-    command = ("python -m vllm_seqkv.bench.approx "
-               + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
-    gate = QualityGate(d.name, worst, command)
+    header = run_header("vllm_seqkv.bench.approx", argv)
+    gate = QualityGate(d.name, worst, header["command"])
     scale = codec_kl()
     budget = scale if scale is not None else 0.01
-    rec = {"date": dt.date.today().isoformat(), "command": command,
-           "machine": machine().split(", torch")[0], "model": d.name, "windows": args.windows,
+    rec = {**header, "model": d.name, "windows": args.windows,
            "context": args.context, "tail": args.tail, "codec_kl": scale, "results": results,
            "kl_by_substitutions": worst,
            "gate": {"budget": round(budget, 4),

@@ -23,10 +23,6 @@ difference beyond noise, while the control sees all three. Writes
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +32,7 @@ import numpy as np
 
 from vllm_seqkv import fixtures
 from vllm_seqkv.bench.load import MODEL_NAME, scrape_metrics, server_args
-from vllm_seqkv.bench.report import machine, replace_section, write_json
+from vllm_seqkv.bench.report import replace_section, run_header, write_json
 from vllm_seqkv.bench.server import VllmServer
 
 SECTION = "## Tenant isolation (timing)"
@@ -141,10 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
                "latency difference" if isolated else "NOT isolated: see the attack row")
     verdict += ("; the control shows the probe detects a same-tenant hit" if sensitive else
                 "; the control did not detect same-tenant hits, so this run proves little")
-    record = {"date": dt.date.today().isoformat(),
-              "command": ("python -m vllm_seqkv.bench.isolation "
-                          + shlex.join(argv if argv is not None else sys.argv[1:])).strip(),
-              "machine": machine().split(", torch")[0], "model": fixtures.tiny_model_dir().name,
+    record = {**run_header("vllm_seqkv.bench.isolation", argv),
+              "model": fixtures.tiny_model_dir().name,
               "prompts": args.prompts, "tokens": args.tokens, "attack": attack, "control": control,
               "isolated": isolated, "probe_is_sensitive": sensitive, "verdict": verdict}
     write_json(args.json, record)

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import re
-import shlex
 import sys
 import tempfile
 import time
@@ -38,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_seqkv import fixtures
-from vllm_seqkv.bench.report import machine, replace_section, write_json
+from vllm_seqkv.bench.report import replace_section, run_header, write_json
 from vllm_seqkv.bench.server import VllmServer
 
 SECTION = "## Serving under load"
@@ -376,10 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = args.model or fixtures.tiny_model_dir()
     systems = system_prompts(args.systems, args.system_chars)
     record: dict = {
-        "date": dt.date.today().isoformat(),
-        "command": ("python -m vllm_seqkv.bench.load "
-                    + shlex.join(argv if argv is not None else sys.argv[1:])).strip(),
-        "machine": machine().split(", torch")[0],
+        **run_header("vllm_seqkv.bench.load", argv),
         "model": Path(model).name,
         "params": {"sessions": args.sessions, "turns": args.turns, "max_tokens": args.max_tokens,
                    "systems": args.systems, "system_chars": args.system_chars,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import platform
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +25,15 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     return f"{platform.machine()}, {torch.get_num_threads()} cores ({model or 'CPU'}), torch {torch.__version__}, fp32, no GPU"
+
+
+def run_header(module: str, argv: list[str] | None) -> dict:
+    """``date``, ``command`` (``python -m MODULE ARGS``; ``argv`` None: this process's) and
+    ``machine`` (without the torch part) of a benchmark record."""
+    args = shlex.join(argv if argv is not None else sys.argv[1:])
+    return {"date": datetime.date.today().isoformat(),
+            "command": f"python -m {module} {args}".strip(),
+            "machine": machine().split(", torch")[0]}
 
 
 def write_json(path: Path, payload) -> None:
