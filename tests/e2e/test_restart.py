@@ -12,7 +12,6 @@ prompts is being served and saved. After the restart:
 
 import json
 import os
-import re
 import signal
 import threading
 import time
@@ -43,8 +42,7 @@ def complete(base_url: str, ids: list[int], max_tokens: int = 8) -> tuple[list[i
 
 
 def metric(base_url: str, name: str) -> float:
-    text = httpx.get(base_url + "/metrics", timeout=30).text
-    return sum(float(m[1]) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    return load.scrape_metrics(base_url).get(name, 0.0)
 
 
 def wait_for_metric(base_url: str, name: str, at_least: float, timeout_s: float = 60) -> float:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vllm_seqkv.plt.code_model import CodeModelCodec, _floor_bins, kv_layouts
+from vllm_seqkv.plt.code_model import CodeModelCodec, _floor_bins
 from vllm_seqkv.plt.entropy import ColdCodec, SplitCodec
 from vllm_seqkv.plt.tiers import MemoryTier
 
@@ -16,9 +16,7 @@ def coded():
     from transformers import AutoTokenizer
 
     from vllm_seqkv import fixtures
-    from vllm_seqkv.calibrate import load_for_model
-    from vllm_seqkv.codec import make_codec
-    from vllm_seqkv.plt.kvbytes import model_blocks
+    from vllm_seqkv.plt.kvbytes import code_model_for, model_blocks
 
     d = fixtures.tiny_model_dir()
     tok = AutoTokenizer.from_pretrained(d)
@@ -26,17 +24,11 @@ def coded():
     test = tok(fixtures.corpus_path("test").read_text()[:8000])["input_ids"][:128]
     btr, cols, elems = model_blocks(d, train)
     bte, _, _ = model_blocks(d, test)
-    kv = make_codec("seqkv-3", load_for_model(d, "seqkv-3"))
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(d)
-    layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
-    head_dim = cfg.head_dim
-    layouts = kv_layouts(kv, layers, heads, head_dim)
-    slot = layouts[0].row_bytes // heads
+    codec = code_model_for(d, btr)  # layouts from the model's seqkv-3 codec, prior on train
+    heads, slot = codec.heads, codec.slot_bytes
     assert heads * slot == cols
-    return {"codec": CodeModelCodec.fit(layouts, btr, heads, slot), "layouts": layouts,
-            "heads": heads, "slot": slot, "train": btr, "test": bte, "cols": cols, "elems": elems}
+    return {"codec": codec, "layouts": codec.layouts, "heads": heads, "slot": slot,
+            "train": btr, "test": bte, "cols": cols, "elems": elems}
 
 
 def test_layout_matches_the_slot_anatomy(coded):
