@@ -35,6 +35,7 @@ class Tier(ABC):
         self.priority: Callable[[bytes], float] | None = None
         self._sizes: OrderedDict[bytes, int] = OrderedDict()  # key -> stored bytes, LRU order
         self._raw: dict[bytes, int] = {}
+        self._nbytes = self._raw_nbytes = 0  # NOTE: the sums of _sizes / _raw, kept current
         self.stats = {"saves": 0, "loads": 0, "hits": 0, "misses": 0, "errors": 0,
                       "evictions": 0, "load_s": 0.0, "save_s": 0.0}
         self._dropped: list[bytes] = []  # keys no longer held (evicted, corrupt, deleted)
@@ -86,9 +87,7 @@ class Tier(ABC):
         self._make_room(len(blob), exclude=k)
         ok = self._store(k, blob)
         if ok:
-            self._sizes[k] = len(blob)
-            self._sizes.move_to_end(k)
-            self._raw[k] = raw_len
+            self._hold(k, len(blob), raw_len)
             self.stats["saves"] += 1
         self.stats["save_s"] += time.perf_counter() - t0
         return ok
@@ -134,12 +133,24 @@ class Tier(ABC):
         k = _blob.key_bytes(key)
         if k in self._sizes:
             self._dropped.append(k)
-        self._sizes.pop(k, None)
-        self._raw.pop(k, None)
+        self._release(k)
         try:
             self._del(k)
         except Exception as e:
             log.warning("%s: delete of %s failed: %s", self.name, k.hex()[:16], e)
+
+    def _hold(self, k: bytes, size: int, raw_len: int | None = None) -> None:
+        """Record ``k`` as held (most recently used), ``size`` stored bytes."""
+        self._release(k)
+        self._sizes[k] = size
+        self._nbytes += size
+        if raw_len is not None:
+            self._raw[k] = raw_len
+            self._raw_nbytes += raw_len
+
+    def _release(self, k: bytes) -> None:
+        self._nbytes -= self._sizes.pop(k, 0)
+        self._raw_nbytes -= self._raw.pop(k, 0)
 
     def touch(self, key) -> None:
         """Mark ``key`` most recently used (LRU order), without loading it."""
@@ -164,11 +175,11 @@ class Tier(ABC):
 
     @property
     def nbytes(self) -> int:
-        return sum(self._sizes.values())
+        return self._nbytes
 
     @property
     def raw_nbytes(self) -> int:
-        return sum(self._raw.values())
+        return self._raw_nbytes
 
     # ---- eviction --------------------------------------------------------------------------
     def victim(self, exclude: bytes | None = None) -> bytes | None:

@@ -55,7 +55,7 @@ class DiskTier(Tier):
             p.unlink(missing_ok=True)
         for p in sorted(self.root.glob("*.blob"), key=lambda p: p.stat().st_mtime):
             try:
-                self._sizes[bytes.fromhex(p.stem)] = p.stat().st_size
+                self._hold(bytes.fromhex(p.stem), p.stat().st_size)
             except ValueError:
                 continue
 
