@@ -40,9 +40,12 @@ def default_path(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
     return fixtures.home() / "calibration" / f"{_model_key(model_dir)}-{kind}-{DEFAULT_TOKENS}t.safetensors"
 
 
-def cold_prior_path(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
-    """The cold tier's code-level coder prior, next to (and fitted after) the calibration."""
-    return default_path(model_dir, preset).with_suffix(".cold-prior.npz")
+def cold_prior_path(model_dir: Path, preset: str = DEFAULT_PRESET,
+                    calibration: str | None = None) -> Path:
+    """The cold tier's code-level coder prior, next to (and fitted after) the calibration
+    (``calibration``: an explicit calibration file instead of the default one)."""
+    return (Path(calibration) if calibration else default_path(model_dir, preset)).with_suffix(
+        ".cold-prior.npz")
 
 
 def _model_key(model_dir: Path) -> str:

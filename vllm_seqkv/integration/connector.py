@@ -128,9 +128,7 @@ def code_model_for_engine(engine, layers: int, heads: int, slot_bytes: int):
     from vllm_seqkv.calibrate import cold_prior_path
     from vllm_seqkv.plt.code_model import CodeModelCodec, kv_layouts, layouts_digest
 
-    config = engine.config
-    path = (Path(config.calibration).with_suffix(".cold-prior.npz") if config.calibration
-            else cold_prior_path(Path(engine.model_dir), engine.preset))
+    path = cold_prior_path(Path(engine.model_dir), engine.preset, engine.config.calibration)
     if not path.exists():
         logger.info("seqkv cold tier: no code-level coder prior at %s (run `python -m "
                     "vllm_seqkv.calibrate %s --preset %s`); using the byte-level coder", path,
