@@ -36,13 +36,16 @@ class ColdTierConfig(BaseModel):
         default="cpu", description="cpu: process RAM; disk: one file per block under `path`; "
         "redis: a Redis/Valkey server at `url`")
     capacity_bytes: int = Field(default=1 << 30, gt=0,
-                                description="bytes of coded blocks the tier holds (LRU beyond)")
+                                description="bytes of coded blocks the tier holds (evicts beyond)")
     path: str | None = Field(default=None, description="directory of the disk tier")
     url: str = Field(default="redis://127.0.0.1:6379/0", description="server of the redis tier")
     entropy_coding: bool = Field(default=True, description="entropy-code the hot-code bytes "
                                  "(constriction ANS, lossless); false: store them raw")
     save_queue_bytes: int = Field(default=256 << 20, gt=0, description="bytes of block copies "
                                   "waiting for the background saver; beyond, saves are dropped")
+    eviction: Literal["plt", "lru"] = Field(
+        default="plt", description="which block the full tier drops: plt (the learned reuse "
+        "policy over request prefixes, leaves first) or lru (least recently used)")
 
     @model_validator(mode="after")
     def _disk_needs_path(self):

@@ -84,7 +84,8 @@ def flood(llm, ids, start):
         assert cached == 0
 
 
-def test_evicted_prefix_is_restored_from_the_cold_tier(llm, ids):
+def test_evicted_prefix_is_restored_from_the_cold_tier(llm, ids, engine_log):
+    assert "plt eviction" in engine_log.read_text()  # the default: the learned policy evicts
     a = ids[:600]
     cached, first, first_lp = run(llm, a)
     assert cached == 0

@@ -79,12 +79,12 @@ def test_keys_depend_on_namespace_and_hash():
     assert block_key(b"n1", b"h") != block_key(b"n2", b"h") != block_key(b"n1", b"g")
 
 
-def fake_connector(held):
+def fake_connector(held, eviction="plt"):
     c = SeqKVColdTierConnector.__new__(SeqKVColdTierConnector)
     c.block_size, c.ns, c._probe, c._probe_off_until = BS, b"ns", None, 0.0
-    c.cold = SimpleNamespace(kind="cpu")
+    c.cold = SimpleNamespace(kind="cpu", eviction=eviction)
     c._held = {block_key(b"ns", h): 100 for h in held}
-    c._saving, c._lookup_start, c._saves, c._loads = set(), {}, [], []
+    c._saving, c._lookup_start, c._saves, c._loads, c._accesses = set(), {}, [], [], []
     return c
 
 
@@ -111,8 +111,10 @@ def test_finished_request_saves_only_blocks_not_held_and_holds_its_blocks():
     c = fake_connector([b"h0"])
     r = request([b"h0", b"h1", b"h2"], 3 * BS + 3, computed=3 * BS + 2)
     assert c.request_finished(r, [4, 5, 6, 7]) == (True, None)
-    (job,) = c.build_connector_meta(None).saves
+    meta = c.build_connector_meta(None)
+    (job,) = meta.saves
     assert job.block_ids == [5, 6] and job.starts == [False, False]
+    assert meta.accesses == [[block_key(b"ns", h) for h in (b"h0", b"h1", b"h2")]]
     assert c.request_finished(r, [4, 5, 6, 7]) == (False, None)  # in flight: not again
     c.update_connector_output(SimpleNamespace(kv_connector_worker_meta=ColdTierWorkerMetadata(
         {job.keys[0]: 123, job.keys[1]: None})))
@@ -172,3 +174,46 @@ def test_cold_tier_stats_report_increments_and_aggregate_like_prometheus():
     total = ColdTierStats(data=dict(first.data)).aggregate(second)
     assert total.reduce() == {"saved_blocks": 5, "loaded_blocks": 2, "tier_bytes": 180}
     assert ColdTierStats().is_empty() and not total.is_empty()
+
+
+def test_lru_eviction_sends_no_key_chains():
+    c = fake_connector([], eviction="lru")
+    c.request_finished(request([b"h0"], BS + 1, computed=BS), [3, 4])
+    assert c.build_connector_meta(None).accesses == []
+
+
+def worker_connector(tier, blocks_held: int):
+    from vllm_seqkv.plt.placement import LearnedEviction
+    from vllm_seqkv.plt.tiers import BackgroundSaver
+
+    st = store(tier, entropy=False)
+    tier.capacity_bytes = blocks_held * len(tier.encode(b"k" * 20, st.read(0, False)))
+    tier.set_placement(LearnedEviction(BS))
+    c = fake_connector([])
+    c.store, c.saver = st, BackgroundSaver(tier, st.lock, 1 << 30)
+    c._changed, c._done_sending = set(), set()
+    c.stats = {"saves_dropped": 0, "copy_s": 0.0}
+    return c
+
+
+def test_worker_hands_key_chains_to_the_tier_placement_before_saving():
+    from vllm_seqkv.integration.connector import BlockJob, ColdTierMetadata
+
+    tier = MemoryTier()
+    c = worker_connector(tier, blocks_held=3)
+    chains = [[block_key(b"ns", h) for h in hs] for hs in ([b"s", b"a"], [b"s", b"b"])]
+    for chain, blocks in zip(chains, ([0, 1], [0, 2])):
+        c._connector_metadata = ColdTierMetadata(
+            saves=[BlockJob("r", blocks, chain, starts=[True, False])], accesses=[chain])
+        c.wait_for_save()
+        assert c.saver.flush(30)
+    placement = tier.placement
+    assert placement.now == 2 and {n.hash for n in placement.trie.leaves()} == {
+        chains[0][1], chains[1][1]}
+    assert len(tier) == 3 and not placement.untracked
+    c._connector_metadata = ColdTierMetadata(
+        saves=[BlockJob("r", [3], [block_key(b"ns", b"c")], starts=[False])],
+        accesses=[[chains[0][0], block_key(b"ns", b"c")]])
+    c.wait_for_save()
+    assert c.saver.close(30)
+    assert len(tier) == 3 and chains[0][0] in tier  # a leaf went, never the shared root

@@ -28,6 +28,12 @@ what the connector claimed at scheduling); the engine log names every failed loa
 that fails leaves the block uncached. Disk full: the disk tier evicts its own blocks and
 retries once.
 
+Eviction. A full tier drops blocks chosen by ``cold_tier.eviction``: ``plt`` (default) hands
+the tier, once per finished request, the chain of its block keys, and the learned policy of
+:mod:`vllm_seqkv.plt.placement` evicts the leaf with the fewest expected reuses per byte
+(never a prefix before its extensions); ``lru`` evicts the least recently used block (a
+restored prefix's root counts as the most recent).
+
 Where the work runs. Scheduler side: an index of the keys the worker reported stored
 (plus, for disk and Redis, the tier itself: blocks another engine stored), the load and
 save plans. Worker side: the tier and the byte copies. In ``wait_for_save`` of the step
@@ -73,6 +79,7 @@ from vllm_seqkv.integration.compat import (
     extract_layer_index,
     init_logger,
 )
+from vllm_seqkv.plt.placement import LearnedEviction
 
 logger = init_logger("vllm.seqkv.connector")
 
@@ -272,6 +279,7 @@ class BlockJob:
 class ColdTierMetadata(KVConnectorMetadata):
     saves: list[BlockJob] = field(default_factory=list)
     loads: list[BlockJob] = field(default_factory=list)
+    accesses: list[list[bytes]] = field(default_factory=list)  # finished requests' key chains
 
 
 @dataclass
@@ -316,6 +324,7 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         self._lookup_start: dict[str, int] = {}
         self._saves: list[BlockJob] = []
         self._loads: list[BlockJob] = []
+        self._accesses: list[list[bytes]] = []
         self._probe = None
         self._probe_off_until = 0.0
         if role == KVConnectorRole.SCHEDULER and self.cold.kind == "redis":
@@ -383,16 +392,18 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         self._loads.append(BlockJob(request.request_id, list(ids), keys, start * self.block_size))
 
     def build_connector_meta(self, scheduler_output) -> ColdTierMetadata:
-        meta = ColdTierMetadata(self._saves, self._loads)
-        self._saves, self._loads = [], []
+        meta = ColdTierMetadata(self._saves, self._loads, self._accesses)
+        self._saves, self._loads, self._accesses = [], [], []
         return meta
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._lookup_start.pop(request.request_id, None)
         n = min(len(request.block_hashes), len(block_ids), request.num_computed_tokens // self.block_size)
+        chain = [self._key(h) for h in request.block_hashes[:n]]
+        if chain and self.cold.eviction == "plt":
+            self._accesses.append(chain)
         ids, keys, starts = [], [], []
-        for i in range(n):
-            k = self._key(request.block_hashes[i])
+        for i, k in enumerate(chain):
             if k in self._held or k in self._saving:
                 continue
             ids.append(block_ids[i])
@@ -431,16 +442,28 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
                 if self.cold.entropy_coding else None)
         codec = BlockStore.codec_for(len(pages), heads, bs, slot, self.cold.entropy_coding, head)
         tier = make_tier(self.cold, codec)
+        if self.cold.eviction == "plt":
+            tier.set_placement(LearnedEviction(bs, self._cost_model(heads, bs, slot, len(pages))))
         self.store = BlockStore(tier, pages, engine.sinks, engine.head_dim)
         from vllm_seqkv.plt.tiers import BackgroundSaver
 
         self.saver = BackgroundSaver(tier, self.store.lock, self.cold.save_queue_bytes)
-        logger.info("seqkv cold tier: %s tier%s, %d bytes, %d layers x %d heads x %d tokens x %d "
-                    "slot bytes per block (%d raw bytes), entropy coding %s", self.cold.kind,
+        logger.info("seqkv cold tier: %s tier%s, %d bytes, %s eviction, %d layers x %d heads x %d "
+                    "tokens x %d slot bytes per block (%d raw bytes), entropy coding %s",
+                    self.cold.kind,
                     f" at {self.cold.path}" if self.cold.path else "", self.cold.capacity_bytes,
-                    len(pages), heads, bs, slot, self.store.page_bytes,
+                    self.cold.eviction, len(pages), heads, bs, slot, self.store.page_bytes,
                     ("off" if not self.cold.entropy_coding else
                      "code-level" if head is not None else "byte-level"))
+
+    def _cost_model(self, heads: int, block_size: int, slot_bytes: int, layers: int):
+        """The policy's restore-versus-recompute cost for this model (only its ratios across
+        blocks matter: deeper blocks cost more attention FLOPs to recompute)."""
+        from vllm_seqkv.plt.policy import CostModel
+
+        hidden = self._vllm_config.model_config.get_hidden_size()
+        return CostModel(params=12 * layers * hidden**2, layers=layers, hidden=hidden,
+                         block_bytes=layers * heads * block_size * slot_bytes)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._connector_metadata
@@ -479,6 +502,10 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         meta = self._connector_metadata
         if not isinstance(meta, ColdTierMetadata) or self.store is None:
             return
+        if meta.accesses:
+            with self.store.lock:
+                for chain in meta.accesses:
+                    self.store.tier.placement.access(chain)
         for job in meta.saves:
             t0 = time.perf_counter()
             # deepest first: the tier's LRU then holds the prefix root as the most recent

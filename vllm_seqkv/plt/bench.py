@@ -150,10 +150,9 @@ def main(argv=None) -> int:
     res["command"] = "python -m vllm_seqkv.plt.bench " + " ".join(argv or sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():  # keep the through-vLLM figures of vllm_seqkv.integration.connector_bench
-        kept = json.loads(out.read_text()).get("vllm_restore")
-        if kept:
-            res["vllm_restore"] = kept
+    if out.exists():  # keep the records of connector_bench (vllm_restore) and plt.replay
+        old = json.loads(out.read_text())
+        res.update({k: old[k] for k in ("vllm_restore", "connector_eviction") if k in old})
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
     return 0

@@ -12,8 +12,6 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Callable
-
 from vllm_seqkv.plt import blob as _blob
 from vllm_seqkv.plt.entropy import RawCodec
 
@@ -23,8 +21,9 @@ log = logging.getLogger("vllm_seqkv.plt")
 class Tier(ABC):
     """A keyed blob store with a byte capacity and in-tier eviction.
 
-    ``priority(key)`` (optional, set by the placement policy) orders in-tier eviction:
-    lowest first; default is least-recently-used.
+    Eviction: least-recently-used, or what :meth:`set_placement` installs (an object with
+    ``adopt(key)``, ``victim(held, exclude) -> key | None`` and ``forget(key)``, e.g.
+    :class:`~vllm_seqkv.plt.placement.LearnedEviction`).
     """
 
     name = "tier"
@@ -32,7 +31,7 @@ class Tier(ABC):
     def __init__(self, codec=None, capacity_bytes: int | None = None):
         self.codec = codec or RawCodec()
         self.capacity_bytes = capacity_bytes
-        self.priority: Callable[[bytes], float] | None = None
+        self.placement = None
         self._sizes: OrderedDict[bytes, int] = OrderedDict()  # key -> stored bytes, LRU order
         self._raw: dict[bytes, int] = {}
         self._nbytes = self._raw_nbytes = 0  # NOTE: the sums of _sizes / _raw, kept current
@@ -133,6 +132,8 @@ class Tier(ABC):
         k = _blob.key_bytes(key)
         if k in self._sizes:
             self._dropped.append(k)
+            if self.placement is not None:
+                self.placement.forget(k)
         self._release(k)
         try:
             self._del(k)
@@ -143,6 +144,8 @@ class Tier(ABC):
         """Record ``k`` as held (most recently used), ``size`` stored bytes."""
         self._release(k)
         self._sizes[k] = size
+        if self.placement is not None:
+            self.placement.adopt(k)
         self._nbytes += size
         if raw_len is not None:
             self._raw[k] = raw_len
@@ -182,13 +185,16 @@ class Tier(ABC):
         return self._raw_nbytes
 
     # ---- eviction --------------------------------------------------------------------------
+    def set_placement(self, placement) -> None:
+        """Let ``placement`` choose victims from now on (it adopts the keys held now)."""
+        self.placement = placement
+        for k in self._sizes:
+            placement.adopt(k)
+
     def victim(self, exclude: bytes | None = None) -> bytes | None:
-        keys = [k for k in self._sizes if k != exclude]
-        if not keys:
-            return None
-        if self.priority is None:
-            return keys[0]
-        return min(keys, key=self.priority)
+        if self.placement is not None:
+            return self.placement.victim(self._sizes, exclude)
+        return next((k for k in self._sizes if k != exclude), None)
 
     def evict_one(self, exclude: bytes | None = None) -> bytes | None:
         k = self.victim(exclude)
