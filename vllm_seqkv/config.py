@@ -65,6 +65,10 @@ class SeqKVConfig(BaseModel):
         default=None, description="calibration file; default: the one `python -m "
         "vllm_seqkv.calibrate MODEL` wrote for this model")
 
+    sink_table_bytes: int = Field(
+        default=64 << 20, ge=0, description="bound on the exact sink rows (first token of each "
+        "sequence, one entry per distinct first token with the default presets) kept beside "
+        "the pages, outside vLLM's KV budget; beyond, sequence starts use their coded rows")
     cold_tier: ColdTierConfig | None = Field(
         default=None, description="cold tier for blocks evicted from the pages (KV connector); "
         "null: none")

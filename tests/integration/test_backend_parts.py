@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from vllm_seqkv.codec.token_table import TokenTableCodec
@@ -108,6 +109,28 @@ def test_sink_table_by_first_token_shares_one_entry_per_token():
     k3 = torch.zeros(1, 2, 4)
     other.restore(0, 3, k3, torch.zeros(1, 2, 4))
     torch.testing.assert_close(k3[0], key[1])
+
+
+@pytest.mark.parametrize("by_token", [True, False])
+def test_sink_table_is_bounded_and_warns_once_when_full(by_token, caplog):
+    entry = 2 * 2 * 4 * 4  # K and V [H=2, D=4] float32
+    table = SinkTable(sink_tokens=1, first_token={b: b for b in range(10)}.get if by_token else None,
+                      max_bytes=3 * entry)
+    key, value = torch.randn(5, 2, 4), torch.randn(5, 2, 4)
+    with caplog.at_level("WARNING", logger="vllm.seqkv.sinks"):
+        table.record(0, torch.arange(5), torch.zeros(5, dtype=torch.long),
+                     torch.zeros(5, dtype=torch.long), key, value)
+    assert len(table) == 3 and table.nbytes == 3 * entry and table.refused == 2
+    assert sum("sink table is full" in r.message for r in caplog.records) == 1
+    k4 = torch.zeros(1, 2, 4)
+    table.restore(0, 4, k4, torch.zeros(1, 2, 4))  # not kept: the coded row stays
+    assert k4.abs().sum() == 0
+    if not by_token:  # a block reused mid-sequence frees its entry: room for the next start
+        table.record(0, torch.tensor([0]), torch.tensor([0]), torch.tensor([200]), key[:1], value[:1])
+        table.record(0, torch.tensor([4]), torch.tensor([0]), torch.tensor([0]), key[4:], value[4:])
+        assert len(table) == 3 and table.nbytes == 3 * entry
+        table.restore(0, 4, k4, torch.zeros(1, 2, 4))
+        torch.testing.assert_close(k4[0], key[4])
 
 
 def test_engine_keys_sinks_by_the_token_in_layer0_slot(tiny_model_dir):

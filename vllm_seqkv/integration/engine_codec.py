@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -13,6 +14,8 @@ from vllm_seqkv.codec.rope import apply_rope, rope_tables, rope_theta, unapply_r
 from vllm_seqkv.codec.token_table import TokenTableCodec
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 from vllm_seqkv.integration.compat import get_current_vllm_config
+
+logger = logging.getLogger("vllm.seqkv.sinks")
 
 
 def build_codec(config: SeqKVConfig, model_config) -> EngineCodec:
@@ -30,20 +33,25 @@ class SinkTable:
       to itself, so its K/V at every layer are a function of its token id alone, and every
       sequence starting with that token shares one entry per layer. ``first_token(block)``
       reads the token id at offset 0 of ``block`` (layer 0's token-table slot). Size: one
-      entry per distinct first token and layer (``H x D`` K and V each), outside vLLM's KV
-      budget but not growing with the number of sequences (chat templates start every
-      sequence with the same token).
+      entry per distinct first token and layer (``H x D`` K and V each), not growing with
+      the number of sequences (chat templates start every sequence with the same token).
     * by (layer, block) otherwise. NOTE: an entry is valid only while its block holds the
       start of a sequence: a write at offset ``o < sink_tokens`` with position ``!= o`` means
       the block was reused for a later part of some sequence, and drops the entry. Size: up
-      to one entry per block and layer, outside vLLM's KV budget.
+      to one entry per block and layer.
 
-    The bits/element figures count these tokens at 16 bits.
+    The table lives outside vLLM's KV budget, bounded by ``max_bytes``
+    (``sink_table_bytes``): when full, a new entry is not kept (warned once) and its
+    sequences attend over the sink rows as coded in the pages, like the ``-nosink``
+    ablation. The bits/element figures count these tokens at 16 bits.
     """
 
-    def __init__(self, sink_tokens: int, first_token=None):
+    def __init__(self, sink_tokens: int, first_token=None, max_bytes: int | None = None):
         self.sink_tokens = sink_tokens
         self.first_token = first_token if sink_tokens == 1 else None
+        self.max_bytes = max_bytes
+        self.nbytes = 0  # NOTE: the bytes of every row in _exact, kept current
+        self.refused = 0  # entries not kept because the table was full
         self._exact: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
@@ -52,6 +60,28 @@ class SinkTable:
 
     def __len__(self) -> int:
         return len(self._exact)
+
+    def _set(self, entry_key: tuple[int, int], rows: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep ``rows`` as the entry (replacing any), if the table has room for them."""
+        size = sum(k.nbytes + v.nbytes for k, v in rows.values())
+        freed = self._size(self._exact.get(entry_key, {}))
+        if self.max_bytes is not None and self.nbytes - freed + size > self.max_bytes:
+            self.refused += 1
+            if self.refused == 1:
+                logger.warning("seqkv: the sink table is full (%d bytes, sink_table_bytes %d); "
+                               "new sequence starts attend over their coded sink rows (slightly "
+                               "lower quality); raise sink_table_bytes to keep them exact",
+                               self.nbytes, self.max_bytes)
+            return
+        self.nbytes += size - freed
+        self._exact[entry_key] = rows
+
+    def _drop(self, entry_key: tuple[int, int]) -> None:
+        self.nbytes -= self._size(self._exact.pop(entry_key, {}))
+
+    @staticmethod
+    def _size(rows) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in rows.values())
 
     def _entry_key(self, layer: int, block: int) -> tuple[int, int] | None:
         if not self.by_token:
@@ -68,12 +98,14 @@ class SinkTable:
             starts = int(positions[i]) == offset
             if self.by_token:
                 entry_key = self._entry_key(layer, block) if starts else None
-                if entry_key is not None:  # the first one recorded stays (one value per token)
-                    self._exact.setdefault(entry_key, {0: (key[i].clone(), value[i].clone())})
+                if entry_key is not None and entry_key not in self._exact:  # one value per token
+                    self._set(entry_key, {0: (key[i].clone(), value[i].clone())})
             elif not starts:
-                self._exact.pop((layer, block), None)
+                self._drop((layer, block))
             else:
-                self._exact.setdefault((layer, block), {})[offset] = (key[i].clone(), value[i].clone())
+                rows = dict(self._exact.get((layer, block), {}))
+                rows[offset] = (key[i].clone(), value[i].clone())
+                self._set((layer, block), rows)
 
     def export(self, layer: int, block: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Copy of the exact rows for sequence-start ``block``: ``{offset: (key [H, D],
@@ -89,12 +121,12 @@ class SinkTable:
         rows = {int(o): (k.clone(), v.clone()) for o, (k, v) in entry.items()}
         if self.by_token:
             entry_key = self._entry_key(layer, block)
-            if rows and entry_key is not None:
-                self._exact.setdefault(entry_key, rows)
-        elif rows:
-            self._exact[(layer, block)] = rows
+            if rows and entry_key is not None and entry_key not in self._exact:
+                self._set(entry_key, rows)
         else:
-            self._exact.pop((layer, block), None)
+            self._drop((layer, block))
+            if rows:
+                self._set((layer, block), rows)
 
     def restore(self, layer: int, first_block: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Overwrite the decoded sink rows of ``key``/``value [S, H, D]`` with the exact ones."""
@@ -165,7 +197,8 @@ class EngineCodec:
         self.chain = LayerChain(self)
         layer0_is_token_table = isinstance(self.layout(0).key, TokenTableCodec)
         self.sinks = SinkTable(self.codec.sink_tokens,
-                               self.first_token if layer0_is_token_table else None)
+                               self.first_token if layer0_is_token_table else None,
+                               config.sink_table_bytes)
         if self.codec.pre_rope_keys and rope_theta is None:
             raise ValueError(f"preset {self.preset} codes keys pre-RoPE: needs the model's rope_theta")
         self.rope_theta = rope_theta
