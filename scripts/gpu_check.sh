@@ -6,7 +6,8 @@
 #      slot formats: seqkv-3-rot and the transform presets);
 #   3. benchmarks decode attention vs bf16 SDPA -> benchmarks/gpu_decode.json: the fused
 #      seqkv-3-rot kernel and, for the transform format, reconstruct_transform_blocks + SDPA
-#      (after a kernel-vs-codec correctness gate for each).
+#      and the fused transform kernel on the same cases (after a kernel-vs-codec correctness
+#      gate for each).
 # Every step's timeout comes from one deadline (DEADLINE_S, default 465 s after start), so the
 # script ends within 8 minutes; the benchmark starts no case past its share and records what
 # it measured. Usage: bash scripts/gpu_check.sh        (PYTHON=... to pick the interpreter)

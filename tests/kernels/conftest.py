@@ -19,6 +19,7 @@ if not ON_GPU:
     try:
         import vllm_seqkv.kernels.decode_attention  # noqa: F401  (decorated as interpreted)
         import vllm_seqkv.kernels.reconstruct  # noqa: F401
+        import vllm_seqkv.kernels.transform_decode  # noqa: F401
         import vllm_seqkv.kernels.transform_reconstruct  # noqa: F401
         import vllm_seqkv.kernels.transform_write  # noqa: F401
         import vllm_seqkv.kernels.write_kernel  # noqa: F401

@@ -1,8 +1,10 @@
 """The CPU-checkable parts of the GPU benchmark's transform-format rows."""
 
+import pytest
 import torch
 
 from vllm_seqkv.kernels import bench_gpu
+from vllm_seqkv.kernels.reference import transform_decode_attention_reference
 
 
 def test_synthetic_layouts_have_the_seqkv3_budget_and_a_cross_layer_layer():
@@ -33,12 +35,40 @@ def test_transform_rows_in_report_and_table():
     assert "| transform-recon+sdpa | seqkv-3-nox | 60.0 |" in bench_gpu.markdown_table([row])
 
 
+def test_fused_row_is_in_report_and_table():
+    row = bench_gpu.summarize(4096, 1, 30.0, 40.0, 1_000_000, kernel="transform-fused", preset="seqkv-3")
+    assert row.latency_us_reconstruct is None and abs(row.speedup_vs_bf16 - 4 / 3) < 1e-12
+    assert "| transform-fused | seqkv-3 | — |" in bench_gpu.markdown_table([row])
+
+
+@pytest.mark.parametrize("cross_layer", [False, True])
+def test_timed_transform_calls_run_on_cpu(cross_layer, device):
+    """The benchmark's three timed calls on one small case (random pages); the fused one
+    (fp16 dots, bf16 in and out) against the reference decode attention of the same inputs."""
+    layouts = bench_gpu.synthetic_transform_layouts(heads=2, dim=32)
+    inputs = bench_gpu.transform_inputs(3 * bench_gpu.BLOCK_SIZE, 2, layouts, device, cross_layer, group=2)
+    assert inputs.params.cross_layer == cross_layer and inputs.query.shape == (2, 4, 32)
+    calls = bench_gpu.transform_calls(inputs)
+    key, value = calls["reconstruct"]()
+    assert key.shape == (2 * 3 * bench_gpu.BLOCK_SIZE, 2, 32) and key.dtype == torch.bfloat16
+    recon, fused = calls["transform-recon+sdpa"](), calls["transform-fused"]()
+    assert recon.shape == fused.shape == (2, 4, 32) and fused.dtype == torch.bfloat16
+    x = inputs
+    previous = None if x.previous is None else tuple(p.view(2, -1, 2, 32) for p in x.previous)
+    ref = transform_decode_attention_reference(x.query.float(), x.own_k.float(), x.own_v.float(), x.pages,
+                                               x.block_table, x.seq_lens, layouts[int(cross_layer)],
+                                               32 ** -0.5, rope=x.rope, previous=previous)
+    torch.testing.assert_close(fused.float().cpu(), ref.cpu(), atol=3e-2, rtol=3e-2)
+
+
 def test_transform_correctness_check_runs_on_cpu(device):
     """The GPU script's correctness gate, here in Triton's interpreter on small shapes."""
     layouts = bench_gpu.synthetic_transform_layouts(heads=2, dim=32)
     errors = bench_gpu.check_transform_correctness(layouts, device, heads=2, dim=32,
                                                    precisions=("ieee", "fp16"))
     assert errors["layer1 reconstruct ieee"] < 1e-4 and errors["layer1 decode attention"] < 1e-3
+    assert errors["layer1 decode attention fused ieee"] < 1e-3
+    assert errors["layer1 decode attention fused fp16"] < 1e-2
     assert set(errors) >= {"layer0 write bytes differing", "layer1 write bytes differing"}
 
 

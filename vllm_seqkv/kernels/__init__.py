@@ -6,8 +6,9 @@ from the engine's SlotLayout, once per layer, on the cache's device):
 - rotation format (``seqkv-3-rot``, ``-rot-none``): :class:`LayerKernelParams`; Triton and
   CUDA (``csrc/``) kernels, including a fused paged decode attention;
 - transform format (``seqkv-2/2.5/3/4``, ``seqkv-3-nox``): :class:`TransformLayerParams`;
-  Triton kernels for writing and reconstructing pages (:mod:`.transform_reconstruct` has the
-  decode cost); decode attention is "reconstruct + torch SDPA" (no fused kernel, no CUDA op).
+  Triton kernels for writing and reconstructing pages and a fused paged decode attention
+  (:mod:`.transform_decode`; every layer, cross-layer ones included; no CUDA op). The older
+  "reconstruct + torch SDPA" decode stays in :mod:`.transform_reconstruct` (benchmark baseline).
 
 Layer 0 of the transform presets is a token table (:mod:`vllm_seqkv.codec.token_table`):
 its slot is a row index, reconstructed by a table gather; it has no kernel params yet
@@ -157,9 +158,9 @@ def paged_decode_attention(query: torch.Tensor, own_k: torch.Tensor, own_v: torc
     if isinstance(params, TransformLayerParams):
         _needs_previous(params, previous)
         if _transform_kind(pages.device) == "triton":
-            from vllm_seqkv.kernels.transform_reconstruct import transform_decode_attention
-            return transform_decode_attention(query, own_k, own_v, pages, block_table, seq_lens,
-                                              params, scale, rope=rope, previous=previous)
+            from vllm_seqkv.kernels.transform_decode import fused_transform_decode_attention
+            return fused_transform_decode_attention(query, own_k, own_v, pages, block_table, seq_lens,
+                                                    params, scale, rope=rope, previous=previous)
         from vllm_seqkv.kernels.reference import transform_decode_attention_reference
         return transform_decode_attention_reference(query, own_k, own_v, pages, block_table, seq_lens,
                                                     _layout(params), scale, rope=rope, previous=previous)

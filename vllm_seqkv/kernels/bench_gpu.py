@@ -15,7 +15,11 @@ Rows (``kernel`` field):
   up as LayerChain does; fewer cases: its prediction costs ``2 H D^2`` MACs per token-head).
   ``latency_us_reconstruct`` is the kernel alone. The calibration is synthetic (random
   orthogonal basis, Lloyd-Max-like levels, water-filled bits): time does not depend on the
-  values, correctness is checked on a small cache first (``check_transform_correctness``).
+  values, correctness is checked on a small cache first (``check_transform_correctness``);
+- ``transform-fused``: the same cases (same pages, RoPE table and previous) through the fused
+  paged decode attention (:mod:`~vllm_seqkv.kernels.transform_decode`, fp16 tensor-core dots,
+  bf16 query and output), which reads the pages directly and writes no dense K/V; its
+  ``bf16 SDPA`` figure is the one measured for the case's ``transform-recon+sdpa`` row.
 
 Shape: a Llama-8B-like layer (8 KV heads, 32 query heads, head_dim 128), block size 16,
 one query token per sequence, every sequence at the same context. seqkv timing covers the
@@ -46,6 +50,7 @@ MEMORY_HEADROOM = 0.7
 TRANSFORM_BITS = (2.5, 3.5)  # seqkv-3's K / V bits per element
 CROSS_LAYER_CASES = ((1024, 1), (4096, 1), (4096, 16), (32768, 1), (32768, 16))
 ROPE_THETA = 500000.0
+TRANSFORM_PRECISION = "fp16"  # tl.dot operands of the timed transform kernels
 
 
 @dataclass
@@ -248,71 +253,115 @@ def check_correctness(params, layout, use_cuda_op: bool) -> None:
             raise AssertionError(f"{name} decode attention differs from the reference by {err}")
 
 
-def transform_inputs(context: int, batch: int, layouts, device, cross_layer: bool):
-    """Random pages, a shuffled block table, RoPE table and (cross-layer) a bf16 previous."""
+@dataclass
+class TransformInputs:
+    """One transform case: random pages ``[B * context / bs, H, bs, S]``, a shuffled block
+    table ``[B, context / bs]``, its flat ``ids``/``positions``, a RoPE table ``[context, D]``,
+    bf16 queries ``[B, Hq, D]`` and own K/V ``[B, H, D]``, and (cross-layer) a bf16 previous
+    ``[B * context, H, D]``."""
+
+    params: object
+    pages: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    ids: torch.Tensor
+    positions: torch.Tensor
+    rope: torch.Tensor
+    query: torch.Tensor
+    own_k: torch.Tensor
+    own_v: torch.Tensor
+    previous: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def transform_inputs(context: int, batch: int, layouts, device, cross_layer: bool,
+                     group: int = Q_HEADS // KV_HEADS) -> TransformInputs:
     from vllm_seqkv.kernels.transform_params import rope_cache, transform_layer_params
     from vllm_seqkv.kernels.transform_reconstruct import table_block_ids
 
     layout = layouts[1 if cross_layer else 0]
+    heads, dim = layout.num_kv_heads, layout.head_dim
     params = transform_layer_params(layout, device)
     blocks = context // BLOCK_SIZE
-    pages = torch.randint(0, 256, (batch * blocks, layout.num_kv_heads, BLOCK_SIZE, layout.slot_bytes),
+    pages = torch.randint(0, 256, (batch * blocks, heads, BLOCK_SIZE, layout.slot_bytes),
                           dtype=torch.uint8, device=device)
     table = torch.randperm(batch * blocks, device=device).to(torch.int32).view(batch, blocks)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     ids, positions = table_block_ids(table, seq_lens, BLOCK_SIZE)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
     previous = None
     if cross_layer:
-        shape = (batch * context, layout.num_kv_heads, layout.head_dim)
-        previous = tuple(torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(2))
-    rope = rope_cache(context, layout.head_dim, ROPE_THETA, device)
-    return params, pages, ids, positions, previous, rope
+        previous = tuple(torch.randn(batch * context, heads, dim, **bf16) for _ in range(2))
+    own_k, own_v = (torch.randn(batch, heads, dim, **bf16) for _ in range(2))
+    return TransformInputs(params, pages, table, seq_lens, ids, positions,
+                           rope_cache(context, dim, ROPE_THETA, device),
+                           torch.randn(batch, heads * group, dim, **bf16), own_k, own_v, previous)
 
 
-def bench_transform_case(context: int, batch: int, layouts, cross_layer: bool) -> Result:
+def transform_calls(x: TransformInputs) -> dict:
+    """The timed calls of one case: "reconstruct" (the kernel alone), "transform-recon+sdpa"
+    and "transform-fused" (both -> ``[B, Hq, D]``-shaped attention outputs)."""
+    from vllm_seqkv.kernels.transform_decode import fused_transform_decode_attention
     from vllm_seqkv.kernels.transform_reconstruct import reconstruct_transform_blocks
 
-    device = torch.device("cuda")
-    params, pages, ids, positions, previous, rope = transform_inputs(context, batch, layouts, device,
-                                                                     cross_layer)
-    query = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16)
-    scale = HEAD_DIM ** -0.5
+    batch, _, dim = x.query.shape
+    heads, context = x.params.num_kv_heads, x.block_table.shape[1] * BLOCK_SIZE
+    scale = dim ** -0.5
 
     def reconstruct():
-        return reconstruct_transform_blocks(pages, ids, params, previous, rope, positions,
-                                            out_dtype=torch.bfloat16, precision="fp16")
+        return reconstruct_transform_blocks(x.pages, x.ids, x.params, x.previous, x.rope, x.positions,
+                                            out_dtype=torch.bfloat16, precision=TRANSFORM_PRECISION)
 
     def attend():
         key, value = reconstruct()
-        k = key.view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)
-        v = value.view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)
-        return torch.nn.functional.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True)
+        k = key.view(batch, context, heads, dim).transpose(1, 2)
+        v = value.view(batch, context, heads, dim).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(
+            x.query[:, :, None], k, v, scale=scale, enable_gqa=True)[:, :, 0]
 
-    recon_us = time_us(reconstruct)
-    seqkv_us = time_us(attend)
-    compressed = pages.numel()
-    del pages, previous
+    table_previous = None if x.previous is None else tuple(p.view(batch, context, heads, dim) for p in x.previous)
+
+    def fused():
+        return fused_transform_decode_attention(x.query, x.own_k, x.own_v, x.pages, x.block_table, x.seq_lens,
+                                                x.params, scale, rope=x.rope, previous=table_previous,
+                                                precision=TRANSFORM_PRECISION)
+
+    return {"reconstruct": reconstruct, "transform-recon+sdpa": attend, "transform-fused": fused}
+
+
+def bench_transform_case(context: int, batch: int, layouts, cross_layer: bool) -> list[Result]:
+    """The case's ``transform-recon+sdpa`` and ``transform-fused`` rows (one bf16 baseline)."""
+    device = torch.device("cuda")
+    inputs = transform_inputs(context, batch, layouts, device, cross_layer)
+    calls = transform_calls(inputs)
+    times = {name: time_us(call) for name, call in calls.items()}
+    compressed = inputs.pages.numel()
+    del inputs, calls
     torch.cuda.empty_cache()
+    query = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16)
     dense_k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device=device, dtype=torch.bfloat16)
     dense_v = torch.randn_like(dense_k)
     bf16_us = time_us(lambda: torch.nn.functional.scaled_dot_product_attention(
-        query, dense_k, dense_v, scale=scale, enable_gqa=True))
+        query, dense_k, dense_v, scale=HEAD_DIM ** -0.5, enable_gqa=True))
     del dense_k, dense_v
     torch.cuda.empty_cache()
     preset = "seqkv-3" if cross_layer else "seqkv-3-nox"
-    return summarize(context, batch, seqkv_us, bf16_us, compressed, kernel="transform-recon+sdpa",
-                     preset=preset, reconstruct_us=recon_us)
+    return [summarize(context, batch, times["transform-recon+sdpa"], bf16_us, compressed,
+                      kernel="transform-recon+sdpa", preset=preset, reconstruct_us=times["reconstruct"]),
+            summarize(context, batch, times["transform-fused"], bf16_us, compressed,
+                      kernel="transform-fused", preset=preset)]
 
 
 def check_transform_correctness(layouts, device, heads: int = KV_HEADS, dim: int = HEAD_DIM,
                                 precisions=("ieee", "fp16", "bf16")) -> dict[str, float]:
-    """Kernel write + reconstruct (both layers, RoPE) and reconstruct+SDPA decode vs the codec's
-    torch code on a small cache; returns the max errors (raises past tolerance)."""
+    """Kernel write + reconstruct (both layers, RoPE), reconstruct+SDPA decode and the fused
+    decode (fp32 and the timed precision) vs the codec's torch code on a small cache; returns
+    the max errors (raises past tolerance)."""
     from vllm_seqkv.kernels.reference import (
         reconstruct_transform_reference,
         transform_decode_attention_reference,
         write_transform_reference,
     )
+    from vllm_seqkv.kernels.transform_decode import fused_transform_decode_attention
     from vllm_seqkv.kernels.transform_params import rope_cache, transform_layer_params
     from vllm_seqkv.kernels.transform_reconstruct import (
         reconstruct_transform_blocks,
@@ -355,15 +404,19 @@ def check_transform_correctness(layouts, device, heads: int = KV_HEADS, dim: int
         prev_table = None if previous is None else tuple(p.view(2, blocks * BLOCK_SIZE, heads, dim) for p in previous)
         att_ref = transform_decode_attention_reference(query, own_k, own_v, expected, table.clamp(min=0), seq_lens,
                                                        layout, dim ** -0.5, rope, prev_table)
-        att = transform_decode_attention(query.to(device), own_k.to(device), own_v.to(device), expected.to(device),
-                                         table.clamp(min=0).to(device), seq_lens.to(device), params, dim ** -0.5,
-                                         rope.to(device), None if prev_table is None else
-                                         tuple(p.to(device) for p in prev_table))
+        args = (query.to(device), own_k.to(device), own_v.to(device), expected.to(device),
+                table.clamp(min=0).to(device), seq_lens.to(device), params, dim ** -0.5, rope.to(device),
+                None if prev_table is None else tuple(p.to(device) for p in prev_table))
+        att = transform_decode_attention(*args)
         errors[f"layer{layer} decode attention"] = (att.cpu() - att_ref).abs().max().item()
+        for precision in ("ieee", TRANSFORM_PRECISION):
+            fused = fused_transform_decode_attention(*args, precision=precision)
+            errors[f"layer{layer} decode attention fused {precision}"] = (fused.cpu() - att_ref).abs().max().item()
         previous = (ref[2], ref[1])
         previous_dev = tuple(p.to(device).contiguous() for p in previous)
     limits = {"write bytes differing": 1e-3, "reconstruct ieee": 1e-4, "reconstruct tf32": 1e-2,
-              "reconstruct fp16": 2e-2, "reconstruct bf16": 5e-2, "decode attention": 1e-3}
+              "reconstruct fp16": 2e-2, "reconstruct bf16": 5e-2, "decode attention": 1e-3,
+              "fused ieee": 1e-3, "fused fp16": 1e-2}
     for name, err in errors.items():
         print(f"transform correctness {name}: {err:.2e}")
         limit = next(v for k, v in limits.items() if name.endswith(k))
@@ -411,10 +464,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time budget spent: not run {kind} context {context} batch {batch} cross_layer {cross}")
             continue
         if kind == "rot":
-            results.append(bench_case(context, batch, layout, params, use_cuda_op))
+            rows = [bench_case(context, batch, layout, params, use_cuda_op)]
         else:
-            results.append(bench_transform_case(context, batch, layouts, cross))
-        print(markdown_table(results[-1:]).splitlines()[-1], flush=True)
+            rows = bench_transform_case(context, batch, layouts, cross)
+        results.extend(rows)
+        print("\n".join(markdown_table(rows).splitlines()[2:]), flush=True)
     command = "python -m vllm_seqkv.kernels.bench_gpu " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

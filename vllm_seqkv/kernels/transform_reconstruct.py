@@ -36,12 +36,17 @@ Decode cost, honestly (no GPU figure has been measured for this kernel yet):
   handed up to the next, as the CPU backend's ``LayerChain`` does (then one extra
   ``[tokens, H, D]`` K and V live per layer boundary: the size of a dense cache of one layer).
 - ``seqkv-3-nox`` (no cross-layer prediction) has no dependency between layers: each layer
-  decodes from its own pages only; it is the format a fused decode-attention kernel could read.
+  decodes from its own pages only.
 - This kernel writes the reconstruction to memory for a dense attention (torch SDPA) to read:
   that is strictly more traffic than a bf16 cache (the dense K/V are written and read again),
-  so "reconstruct + SDPA" cannot beat bf16 SDPA at decode; it is the prefill path and a
-  correctness baseline. A faster decode needs a fused kernel (reconstruct in registers +
-  online softmax), which does not exist yet for this format.
+  so "reconstruct + SDPA" (:func:`transform_decode_attention`) cannot beat bf16 SDPA at
+  decode; it is the prefill path, a correctness baseline and the benchmark's comparison row.
+- The fused decode (:mod:`.transform_decode`, what ``paged_decode_attention`` runs on Triton)
+  rebuilds keys in registers as above (same helpers) and never rebuilds values: it sums
+  ``p_j z_v,j`` over the levels and applies ``inverse_v`` and ``mean_v`` once per query head,
+  so per token-head it costs ``D^2`` MACs (keys) instead of ``2 D^2`` and writes no dense K/V.
+  The key rebuild is the arithmetic counted above; cross-layer layers still pay the
+  prediction (both streams, per slot) and still need ``previous``.
 """
 
 from __future__ import annotations
@@ -136,6 +141,17 @@ def decode_transform_stream(slot_ptrs, row_mask, rows, h, num_heads, start_ptr, 
 
 
 @triton.jit
+def rope_halves(lo, hi, rope_ptr, positions, row_mask, D: tl.constexpr):
+    """RoPE of keys given as halves ``[TILE, D/2]`` at ``positions [TILE]`` (int64) from a
+    :func:`~vllm_seqkv.kernels.transform_params.rope_cache` table (masked rows: unrotated)."""
+    j = tl.arange(0, D // 2)
+    rows = positions[:, None] * D + j[None, :]
+    cos = tl.load(rope_ptr + rows, mask=row_mask[:, None], other=1.0)
+    sin = tl.load(rope_ptr + rows + D // 2, mask=row_mask[:, None], other=0.0)
+    return lo * cos - hi * sin, hi * cos + lo * sin
+
+
+@triton.jit
 def reconstruct_transform_kernel(
         pages_ptr, block_ids_ptr, block_pos_ptr, rope_ptr, key_ptr, value_ptr, key_code_ptr,
         prev_k_ptr, prev_v_ptr,
@@ -170,10 +186,8 @@ def reconstruct_transform_kernel(
         tl.store(key_code_ptr + out, (k_lo * keep).to(key_code_ptr.dtype.element_ty))
         tl.store(key_code_ptr + out + D // 2, (k_hi * keep).to(key_code_ptr.dtype.element_ty))
     if ROPE:
-        pos = (tl.load(block_pos_ptr + m, mask=valid, other=0).to(tl.int64) + n)[:, None] * D
-        cos = tl.load(rope_ptr + pos + j[None, :], mask=row_mask[:, None], other=1.0)
-        sin = tl.load(rope_ptr + pos + D // 2 + j[None, :], mask=row_mask[:, None], other=0.0)
-        k_lo, k_hi = k_lo * cos - k_hi * sin, k_hi * cos + k_lo * sin
+        pos = tl.load(block_pos_ptr + m, mask=valid, other=0).to(tl.int64) + n
+        k_lo, k_hi = rope_halves(k_lo, k_hi, rope_ptr, pos, row_mask, D)
     tl.store(key_ptr + out, (k_lo * keep).to(key_ptr.dtype.element_ty))
     tl.store(key_ptr + out + D // 2, (k_hi * keep).to(key_ptr.dtype.element_ty))
     tl.store(value_ptr + out, (v_lo * keep).to(value_ptr.dtype.element_ty))
@@ -291,7 +305,8 @@ def transform_decode_attention(query: torch.Tensor, own_k: torch.Tensor, own_v: 
     Sequence ``b`` attends to its decoded positions ``0..seq_lens[b]-2`` (keys RoPE-rotated in
     the kernel when ``rope`` is given; pass None when the layout's keys are not pre-RoPE) and
     to its own K/V at ``seq_lens[b]-1``. ``kv_dtype`` (default: the query's) is the dtype of the
-    reconstructed K/V handed to SDPA. Not the vLLM backend's path (it is not wired in).
+    reconstructed K/V handed to SDPA. ``paged_decode_attention`` runs the fused kernel
+    (:mod:`.transform_decode`) instead; this one stays as its baseline in the benchmark.
     """
     batch, q_heads, dim = query.shape
     heads = params.num_kv_heads
