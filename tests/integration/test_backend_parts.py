@@ -117,7 +117,7 @@ def test_sink_table_is_bounded_and_warns_once_when_full(by_token, caplog):
     table = SinkTable(sink_tokens=1, first_token={b: b for b in range(10)}.get if by_token else None,
                       max_bytes=3 * entry)
     key, value = torch.randn(5, 2, 4), torch.randn(5, 2, 4)
-    with caplog.at_level("WARNING", logger="vllm.seqkv.sinks"):
+    with caplog.at_level("WARNING", logger="vllm.seqkv"):
         table.record(0, torch.arange(5), torch.zeros(5, dtype=torch.long),
                      torch.zeros(5, dtype=torch.long), key, value)
     assert len(table) == 3 and table.nbytes == 3 * entry and table.refused == 2

@@ -12,6 +12,11 @@ the ruler (``vllm_seqkv.bench``) measures. Keys of pre-RoPE presets are un-rotat
 position before encoding and rotated back after decoding. Cross-layer presets code layer
 ``l`` against the reconstruction of layer ``l - 1`` for the same slots, which
 :class:`~.engine_codec.LayerChain` hands up from the layer that just ran.
+
+Reading a sequence's pages goes through :func:`vllm_seqkv.kernels.reconstruct_blocks`
+(:meth:`~.engine_codec.EngineCodec.reconstruct`): the codec's torch reference on CPU tensors,
+the Triton kernel on CUDA tensors or with ``SEQKV_KERNELS=triton`` (on CPU only under
+``TRITON_INTERPRET=1``, as a test does); layer 0's token table is a torch gather.
 """
 
 from __future__ import annotations
@@ -128,7 +133,6 @@ class SeqKVAttentionImpl(AttentionImpl):
         pages = _byte_pages(kv_cache)
         layer_index = _layer_index(layer)
         self.engine.chain.register(layer_index, pages)
-        layout = self.engine.layout(layer_index)
         starts = attn_metadata.query_start_loc.tolist()
         seq_lens = attn_metadata.seq_lens.tolist()
         block_size = pages.shape[2]
@@ -144,7 +148,7 @@ class SeqKVAttentionImpl(AttentionImpl):
 
             read_key = ("read", tuple(blocks.tolist()), seq_len)
             previous = self.engine.chain.below(layer_index, read_key, context_slots)
-            cached_k, cached_v = layout.decode(context_slots(pages), previous)
+            cached_k, cached_v = self.engine.reconstruct(layer_index, pages, blocks, seq_len, previous)
             if self.engine.codec.cross_layer:
                 self.engine.chain.keep(layer_index, read_key, (cached_k, cached_v))
             cached_k = self.engine.from_code_frame(cached_k, torch.arange(seq_len))

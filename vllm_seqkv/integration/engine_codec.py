@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -15,7 +16,9 @@ from vllm_seqkv.codec.token_table import TokenTableCodec
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 from vllm_seqkv.integration.compat import get_current_vllm_config
 
-logger = logging.getLogger("vllm.seqkv.sinks")
+logger = logging.getLogger("vllm.seqkv")
+CHECK_KERNELS = os.environ.get("SEQKV_KERNELS_CHECK", "0") == "1"
+KERNEL_CHECK_TOLERANCE = 1e-3
 
 
 def build_codec(config: SeqKVConfig, model_config) -> EngineCodec:
@@ -203,6 +206,8 @@ class EngineCodec:
             raise ValueError(f"preset {self.preset} codes keys pre-RoPE: needs the model's rope_theta")
         self.rope_theta = rope_theta
         self._announced: set[int] = set()
+        self._kernel_params: dict[tuple[int, str], object] = {}
+        self._kernel_error: dict[int, float] = {}
 
     def first_token(self, block: int) -> int | None:
         """Token id at offset 0 of ``block``: head 0's K row id in layer 0's token-table slot."""
@@ -219,6 +224,72 @@ class EngineCodec:
             key, value = self.codec.codecs_for_layer(layer)
             self._layouts[layer] = SlotLayout(key, value, self.num_kv_heads, self.head_dim)
         return self._layouts[layer]
+
+    def kernel_params(self, layer: int, device: torch.device):
+        """The layer's :mod:`vllm_seqkv.kernels` constants on ``device`` (built once), or None
+        for a layer whose slots the kernels do not read (layer 0's token table: a row gather),
+        which is then decoded by the codec in torch."""
+        from vllm_seqkv import kernels
+        from vllm_seqkv.codec.base import CodecInputError
+
+        cache_key = (layer, str(device))
+        if cache_key not in self._kernel_params:
+            layout = self.layout(layer)
+            try:
+                params = (None if isinstance(layout.key, TokenTableCodec)
+                          else kernels.layer_params(layout, device))
+            except (kernels.KernelArgumentError, CodecInputError) as e:
+                logger.warning("seqkv: layer %d of preset %s has no kernel params (%s); it is "
+                               "decoded by the codec in torch", layer, self.preset, e)
+                params = None
+            self._kernel_params[cache_key] = params
+        return self._kernel_params[cache_key]
+
+    def reconstruct(self, layer: int, pages: torch.Tensor, blocks: torch.Tensor, length: int,
+                    previous) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V in the coding frame ``[length, H, D]`` of the first ``length`` positions of a
+        sequence whose pages are ``blocks [n]`` (``pages [N, H, bs, S]``), through
+        :func:`vllm_seqkv.kernels.reconstruct_blocks` (Triton on CUDA tensors, the codec's
+        reference on CPU; ``SEQKV_KERNELS`` picks). ``previous``: the layer below's
+        reconstruction ``[length, H, D]`` pair for cross-layer presets, else None."""
+        params = self.kernel_params(layer, pages.device)
+        if params is None:
+            slots = pages[blocks].transpose(1, 2).reshape(-1, pages.shape[1], pages.shape[3])
+            return self.layout(layer).decode(slots[:length], previous)
+        from vllm_seqkv import kernels
+
+        rows = blocks.numel() * pages.shape[2]
+        if previous is not None and getattr(params, "cross_layer", False):
+            previous = tuple(torch.nn.functional.pad(t.float(), (0, 0, 0, 0, 0, rows - length))
+                             for t in previous)
+        else:
+            previous = None
+        key, value = kernels.reconstruct_blocks(pages, blocks, params, previous)
+        if CHECK_KERNELS:
+            self._check_against_reference(layer, pages, blocks, params, previous, key, value)
+        return key[:length], value[:length]
+
+    def _check_against_reference(self, layer, pages, blocks, params, previous, key, value) -> None:
+        """``SEQKV_KERNELS_CHECK=1``: compare a kernel's reconstruction with the reference on the
+        engine's own pages; log each new worst error, raise beyond ``KERNEL_CHECK_TOLERANCE``."""
+        from vllm_seqkv.kernels.reference import (
+            reconstruct_blocks_reference,
+            reconstruct_transform_reference,
+        )
+
+        if getattr(params, "cross_layer", None) is None:  # rotation format
+            ref_k, ref_v = reconstruct_blocks_reference(pages, blocks, params.layout)
+        else:
+            ref_k, ref_v = reconstruct_transform_reference(pages, blocks, params.layout, previous)
+        error = max((key.float() - ref_k.float()).abs().max().item(),
+                    (value.float() - ref_v.float()).abs().max().item())
+        if error > self._kernel_error.get(layer, -1.0):
+            self._kernel_error[layer] = error
+            logger.info("seqkv kernels check: layer %d, worst error vs reference so far %.3g",
+                        layer, error)
+        if error > KERNEL_CHECK_TOLERANCE:
+            raise RuntimeError(f"seqkv kernels check: layer {layer} reconstruction differs from the "
+                               f"reference by {error:.3g} (> {KERNEL_CHECK_TOLERANCE})")
 
     def to_code_frame(self, key: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Post-RoPE keys ``[T, H, D]`` at ``positions [T]`` -> the frame the codec codes."""
