@@ -24,7 +24,7 @@ import triton.language as tl
 
 from vllm_seqkv.kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_pages, check_tensor, expect
 from vllm_seqkv.kernels.params import LayerKernelParams
-from vllm_seqkv.kernels.triton_common import NEG_BIG, load_centroids, load_norm
+from vllm_seqkv.kernels.triton_common import NEG_BIG, load_centroids, load_norm, split_weights
 
 TARGET_PROGRAMS = 512  # enough (B * H_kv * splits) programs to fill an H100/H200 (132 SMs)
 MIN_PAGES_PER_SPLIT = 4
@@ -116,21 +116,12 @@ def decode_reduce_kernel(q_ptr, own_k_ptr, own_v_ptr, out_ptr, acc_ptr, max_ptr,
     hq = tl.program_id(1)
     kvh = hq // GROUP
     d = tl.arange(0, D)
-    s = tl.arange(0, SPLITS_PAD)
-    in_range = s < num_splits
-    state = (b * num_q_heads + hq) * num_splits + s
-    split_max = tl.load(max_ptr + state, mask=in_range, other=NEG_BIG)
-    split_sum = tl.load(sum_ptr + state, mask=in_range, other=0.0)
-    q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + d).to(tl.float32)
-    own_k = tl.load(own_k_ptr + b * stride_kb + kvh * stride_kh + d).to(tl.float32)
+    state, in_range, split_weight, cached_mass, own_weight = split_weights(
+        q_ptr, own_k_ptr, max_ptr, sum_ptr, b, hq, kvh, stride_qb, stride_qh, stride_kb, stride_kh,
+        num_q_heads, num_splits, scale, SPLITS_PAD, D)
     own_v = tl.load(own_v_ptr + b * stride_vb + kvh * stride_vh + d).to(tl.float32)
-    own_score = tl.sum(q * own_k) * scale
-    top = tl.maximum(tl.max(split_max), own_score)
-    split_weight = tl.exp(split_max - top)
-    own_weight = tl.exp(own_score - top)
     acc = tl.load(acc_ptr + state[:, None] * D + d[None, :], mask=in_range[:, None], other=0.0)
     rotated = tl.sum(split_weight[:, None] * acc, axis=0)  # [D]
-    cached_mass = tl.sum(split_weight * split_sum)
     hadamard = tl.load(hadamard_ptr + d[:, None] * D + d[None, :])
     back = tl.sum(hadamard * rotated[None, :], axis=1) * inv_sqrt_d
     cached = back * tl.load(signs_ptr + d) / tl.load(weight_ptr + kvh * D + d)

@@ -46,13 +46,14 @@ from vllm_seqkv.kernels.decode_attention import choose_splits
 from vllm_seqkv.kernels.transform_params import TransformLayerParams
 from vllm_seqkv.kernels.transform_reconstruct import (
     PRECISIONS,
+    check_previous,
     decode_transform_stream,
     mma,
     predict_columns,
     rope_halves,
     unpack_levels,
 )
-from vllm_seqkv.kernels.triton_common import NEG_BIG
+from vllm_seqkv.kernels.triton_common import NEG_BIG, split_weights
 
 TILE = 32  # context slots per step of the partial kernel
 MIN_GROUP_ROWS = 16  # tl.dot needs every tile dimension >= 16
@@ -151,19 +152,10 @@ def transform_decode_reduce_kernel(
     hq = tl.program_id(1)
     kvh = hq // GROUP
     d = tl.arange(0, D)
-    s = tl.arange(0, SPLITS_PAD)
-    in_range = s < num_splits
-    state = (b * num_q_heads + hq) * num_splits + s
-    split_max = tl.load(max_ptr + state, mask=in_range, other=NEG_BIG)
-    split_sum = tl.load(sum_ptr + state, mask=in_range, other=0.0)
-    q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + d).to(tl.float32)
-    own_k = tl.load(own_k_ptr + b * stride_kb + kvh * stride_kh + d).to(tl.float32)
+    state, in_range, split_weight, cached_mass, own_weight = split_weights(
+        q_ptr, own_k_ptr, max_ptr, sum_ptr, b, hq, kvh, stride_qb, stride_qh, stride_kb, stride_kh,
+        num_q_heads, num_splits, scale, SPLITS_PAD, D)
     own_v = tl.load(own_v_ptr + b * stride_vb + kvh * stride_vh + d).to(tl.float32)
-    own_score = tl.sum(q * own_k) * scale
-    top = tl.maximum(tl.max(split_max), own_score)
-    split_weight = tl.exp(split_max - top)
-    own_weight = tl.exp(own_score - top)
-    cached_mass = tl.sum(split_weight * split_sum)
     level_sum = tl.sum(split_weight[:, None] * tl.load(acc_ptr + state[:, None] * D + d[None, :],
                                                        mask=in_range[:, None], other=0.0), axis=0)
     inverse = tl.load(v_inverse + kvh * D * D + d[:, None] * D + d[None, :])
@@ -173,20 +165,6 @@ def transform_decode_reduce_kernel(
                                                          mask=in_range[:, None], other=0.0), axis=0)
     out = (cached + own_weight * own_v) / (cached_mass + own_weight)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + d, out.to(out_ptr.dtype.element_ty))
-
-
-def check_table_previous(previous, shape: tuple, params: TransformLayerParams, device):
-    """``previous`` of a cross-layer layer: a ``(K, V)`` pair of ``shape``, made contiguous
-    (a copy when it is not); None for other layers."""
-    if not params.cross_layer:
-        return None
-    expect(previous is not None,
-           "this layer is predicted from the layer below (cross-layer preset): pass previous=(K, V), "
-           "the layer below's reconstruction [B, max_blocks * bs, H, D] in the coding frame")
-    expect(isinstance(previous, (tuple, list)) and len(previous) == 2, "previous: expected a (key, value) pair")
-    for name, t in zip(("previous key", "previous value"), previous):
-        check_tensor(name, t, shape, FLOAT_DTYPES, device, inner_contiguous=False)
-    return tuple(t.contiguous() for t in previous)  # rows read with a fixed [H * D] stride
 
 
 def check_fused_args(query, own_k, own_v, pages, block_table, seq_lens, params: TransformLayerParams,
@@ -231,7 +209,7 @@ def fused_transform_decode_attention(query: torch.Tensor, own_k: torch.Tensor, o
     batch, q_heads, dim = query.shape
     heads, block_size = params.num_kv_heads, pages.shape[2]
     prev_rows_per_seq = block_table.shape[1] * block_size
-    previous = check_table_previous(previous, (batch, prev_rows_per_seq, heads, dim), params, pages.device)
+    previous = check_previous(previous, (batch, prev_rows_per_seq, heads, dim), params, pages.device)
     out = torch.empty_like(query)
     if batch == 0:
         return out

@@ -194,14 +194,16 @@ def reconstruct_transform_kernel(
     tl.store(value_ptr + out + D // 2, (v_hi * keep).to(value_ptr.dtype.element_ty))
 
 
-def _check_previous(previous, rows: int, params: TransformLayerParams, device):
+def check_previous(previous, shape: tuple, params: TransformLayerParams, device):
+    """``previous`` of a cross-layer layer: the layer below's coding-frame reconstruction, a
+    ``(K, V)`` pair of ``shape`` (``[rows, H, D]``, or ``[B, rows, H, D]`` for decode), made
+    contiguous (a copy when it is not); None for other layers."""
     if not params.cross_layer:
         return None
     expect(previous is not None,
            "this layer is predicted from the layer below (cross-layer preset): pass previous=(K, V), "
-           "the previous layer's reconstruction of the same rows in the coding frame")
+           f"the layer below's reconstruction {list(shape)} of the same rows in the coding frame")
     expect(isinstance(previous, (tuple, list)) and len(previous) == 2, "previous: expected a (key, value) pair")
-    shape = (rows, params.num_kv_heads, params.head_dim)
     for name, t in zip(("previous key", "previous value"), previous):
         check_tensor(name, t, shape, FLOAT_DTYPES, device, inner_contiguous=False)
     return tuple(t.contiguous() for t in previous)  # rows read with a fixed [H * D] stride
@@ -237,7 +239,8 @@ def reconstruct_transform_blocks(pages: torch.Tensor, block_ids: torch.Tensor, p
     expect(pages.stride(3) == 1, f"pages: last dimension must be contiguous, strides {pages.stride()}")
     num = block_ids.shape[0]
     rows = num * block_size
-    previous = _check_previous(previous, rows, params, pages.device)
+    previous = check_previous(previous, (rows, params.num_kv_heads, params.head_dim), params,
+                              pages.device)
     if rope is not None:
         check_tensor("rope", rope, (None, dim), (torch.float32,), pages.device)
         expect(rope.is_contiguous(), "rope: must be contiguous")

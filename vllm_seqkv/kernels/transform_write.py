@@ -103,7 +103,7 @@ def write_transform_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: 
     slot_mapping int ``[T]`` (-1 = skip), pages uint8 ``[N, H, bs, S]`` written in place;
     ``previous``: ``(K, V) [T, H, D]``, the layer below's reconstruction of the same tokens
     (required exactly when the layer is cross-layer predicted)."""
-    from vllm_seqkv.kernels.transform_reconstruct import _check_previous
+    from vllm_seqkv.kernels.transform_reconstruct import check_previous
 
     check_pages(pages, params)
     heads, dim = params.num_kv_heads, params.head_dim
@@ -112,7 +112,8 @@ def write_transform_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: 
     check_tensor("value", value, (tokens, heads, dim), FLOAT_DTYPES, pages.device)
     check_tensor("slot_mapping", slot_mapping, (tokens,), INDEX_DTYPES, pages.device)
     expect(pages.stride(3) == 1, f"pages: last dimension must be contiguous, strides {pages.stride()}")
-    previous = _check_previous(previous, tokens, params, pages.device)
+    previous = check_previous(previous, (tokens, params.num_kv_heads, params.head_dim), params,
+                              pages.device)
     if tokens == 0:
         return
     k, v = params.key, params.value

@@ -1,4 +1,5 @@
-"""``@triton.jit`` helpers that read the slot format (see :mod:`vllm_seqkv.kernels.params`)."""
+"""``@triton.jit`` helpers shared by the kernels: reading the rotation slot format (see
+:mod:`vllm_seqkv.kernels.params`) and merging split-K decode partials."""
 
 from __future__ import annotations
 
@@ -37,3 +38,25 @@ def load_centroids(slot_ptrs, mask, codebook_ptr, D: tl.constexpr, BITS_A: tl.co
     b1 = tl.load(ptrs + 1, mask=mask[:, None] & spans, other=0).to(tl.int32)
     code = ((b0 | (b1 << 8)) >> shift[None, :]) & ((1 << bits[None, :]) - 1)
     return tl.load(codebook_ptr + book[None, :] + code)
+
+
+@triton.jit
+def split_weights(q_ptr, own_k_ptr, max_ptr, sum_ptr, b, hq, kvh, stride_qb, stride_qh,
+                  stride_kb, stride_kh, num_q_heads, num_splits, scale,
+                  SPLITS_PAD: tl.constexpr, D: tl.constexpr):
+    """Softmax weights of one (sequence, query head)'s split-K partials and of its exact own
+    token, against their common maximum: ``(state [SPLITS_PAD]`` (index of each split's
+    partial), ``in_range``, ``split_weight``, ``cached_mass`` (the partials' total weight),
+    ``own_weight)``."""
+    d = tl.arange(0, D)
+    s = tl.arange(0, SPLITS_PAD)
+    in_range = s < num_splits
+    state = (b * num_q_heads + hq) * num_splits + s
+    split_max = tl.load(max_ptr + state, mask=in_range, other=NEG_BIG)
+    split_sum = tl.load(sum_ptr + state, mask=in_range, other=0.0)
+    q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + d).to(tl.float32)
+    own_k = tl.load(own_k_ptr + b * stride_kb + kvh * stride_kh + d).to(tl.float32)
+    own_score = tl.sum(q * own_k) * scale
+    top = tl.maximum(tl.max(split_max), own_score)
+    split_weight = tl.exp(split_max - top)
+    return state, in_range, split_weight, tl.sum(split_weight * split_sum), tl.exp(own_score - top)
