@@ -249,15 +249,16 @@ class EngineCodec:
                     previous) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V in the coding frame ``[length, H, D]`` of the first ``length`` positions of a
         sequence whose pages are ``blocks [n]`` (``pages [N, H, bs, S]``), through
-        :func:`vllm_seqkv.kernels.reconstruct_blocks` (Triton on CUDA tensors, the codec's
-        reference on CPU; ``SEQKV_KERNELS`` picks). ``previous``: the layer below's
+        :func:`vllm_seqkv.kernels.reconstruct_blocks` when a kernel runs (Triton on CUDA
+        tensors; ``SEQKV_KERNELS`` picks), else the codec's decode (the kernels' reference). ``previous``: the layer below's
         reconstruction ``[length, H, D]`` pair for cross-layer presets, else None."""
-        params = self.kernel_params(layer, pages.device)
-        if params is None:
-            slots = pages[blocks].transpose(1, 2).reshape(-1, pages.shape[1], pages.shape[3])
-            return self.layout(layer).decode(slots[:length], previous)
         from vllm_seqkv import kernels
 
+        params = self.kernel_params(layer, pages.device)
+        if params is None or kernels.implementation(pages.device) == "torch":
+            # the reference's own decode, of the ``length`` rows only (not whole pages)
+            slots = pages[blocks].transpose(1, 2).reshape(-1, pages.shape[1], pages.shape[3])
+            return self.layout(layer).decode(slots[:length], previous)
         rows = blocks.numel() * pages.shape[2]
         if previous is not None and getattr(params, "cross_layer", False):
             previous = tuple(torch.nn.functional.pad(t.float(), (0, 0, 0, 0, 0, rows - length))
