@@ -98,3 +98,18 @@ def test_key_chain_folds_the_tenant():
     toks = list(range(40))
     assert len(key_chain("a", toks, 16)) == 2
     assert key_chain("a", toks, 16)[0] != key_chain("b", toks, 16)[0]
+
+
+def test_sampled_victims_are_held_leaves_outside_the_current_chain():
+    tier = MemoryTier()
+    tier.capacity_bytes = 12 * len(tier.encode(k("x"), BLOCK))
+    tier.set_placement(LearnedEviction(16, sample=2, seed=1))
+    for i in range(30):
+        save_chain(tier, ["s", f"a{i % 7}", f"b{i}"])
+        held = set(tier._sizes)
+        assert len(held) <= 12 and {k("s"), k(f"a{i % 7}"), k(f"b{i}")} <= held
+        t = tier.placement.trie
+        parents = {t.get(key).parent for key in held} - {t.root}
+        assert all(p.hash in held for p in parents)  # no prefix goes before its extensions
+        assert sorted(n.hash for n in t.leaves()) == sorted(
+            key for key in t._by_key if t.get(key).is_leaf)

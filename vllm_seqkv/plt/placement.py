@@ -13,11 +13,17 @@ that the tier no longer holds.
 NOTE: victims are leaves of the trie (a block is loaded only after its whole prefix, so a
 held child of an evicted block is dead weight). Keys the tier holds but no chain named (left
 on disk by a previous engine, or saved before their request's chain arrived) go first, in
-the tier's least-recently-used order.
+the order the tier adopted them.
+
+Cost: a victim is the lowest-scored of ``sample`` leaves drawn at random (all leaves when
+there are fewer), as Redis samples for its LRU, so an eviction costs O(sample) whatever the
+tier holds (scoring every leaf grows with the tier, under the lock the engine thread also
+takes); on the replayed trace both choose alike (:mod:`.replay`, ``--sample``).
 """
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
@@ -33,7 +39,8 @@ class KeyTrie:
         self.clock = clock
         self.root = Node((), b"", "", None, 0)
         self._by_key: dict[bytes, Node] = {}
-        self._leaves: dict[bytes, Node] = {}
+        self._leaves: list[Node] = []
+        self._leaf_at: dict[bytes, int] = {}  # NOTE: _leaves[_leaf_at[k]].hash == k
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -45,7 +52,27 @@ class KeyTrie:
         return self._by_key.get(key)
 
     def leaves(self) -> list[Node]:
-        return list(self._leaves.values())
+        return list(self._leaves)
+
+    def sample_leaves(self, count: int, rng: random.Random) -> list[Node]:
+        """``count`` distinct leaves drawn uniformly (all of them when there are fewer)."""
+        if count >= len(self._leaves):
+            return list(self._leaves)
+        return rng.sample(self._leaves, count)
+
+    def _add_leaf(self, node: Node) -> None:
+        if node.hash not in self._leaf_at:
+            self._leaf_at[node.hash] = len(self._leaves)
+            self._leaves.append(node)
+
+    def _remove_leaf(self, key: bytes) -> None:
+        at = self._leaf_at.pop(key, None)
+        if at is None:
+            return
+        last = self._leaves.pop()
+        if at < len(self._leaves):
+            self._leaves[at] = last
+            self._leaf_at[last.hash] = at
 
     def record(self, chain: Sequence[bytes]) -> list[Node]:
         """The nodes of ``chain`` (keys from a request's first block), created as needed."""
@@ -60,8 +87,8 @@ class KeyTrie:
                 child = Node((), key, "", node, node.depth + 1, created=now, last_access=now)
                 node.children[key] = child
                 self._by_key[key] = child
-                self._leaves.pop(node.hash, None)
-                self._leaves[key] = child
+                self._remove_leaf(node.hash)
+                self._add_leaf(child)
             child.last_access = now
             path.append(child)
             node = child
@@ -74,9 +101,9 @@ class KeyTrie:
         parent = node.parent
         del parent.children[key]
         del self._by_key[key]
-        self._leaves.pop(key, None)
+        self._remove_leaf(key)
         if parent is not self.root and not parent.children:
-            self._leaves[parent.hash] = parent
+            self._add_leaf(parent)
         return node
 
 
@@ -85,7 +112,10 @@ class LearnedEviction:
 
     name = "plt"
 
-    def __init__(self, block_size: int, cost: CostModel | None = None):
+    def __init__(self, block_size: int, cost: CostModel | None = None, sample: int = 64,
+                 seed: int = 0):
+        self.sample = sample
+        self.rng = random.Random(seed)
         self.now = 0
         self.trie = KeyTrie(block_size, clock=lambda: self.now)
         self.policy = PLTPolicy(cost)
@@ -111,14 +141,22 @@ class LearnedEviction:
         for key in self.untracked:
             if key != exclude and key in held:
                 return key
+        self.policy.refresh_rates(self.now)
         pinned = self.pinned | {exclude}
-        while True:
-            node = self.policy.pop_victim(self.trie, pinned)
-            if node is None:
-                return next((k for k in held if k != exclude), None)
-            if node.hash in held:
-                return node.hash
-            self._drop(node.hash)  # a leaf the tier does not hold: structure only
+        for _ in range(4):
+            best = None
+            for node in self.trie.sample_leaves(self.sample, self.rng):
+                if node.hash in pinned:
+                    continue
+                if node.hash not in held:  # structure only (its save failed): prune
+                    self._drop(node.hash)
+                    continue
+                score = self.policy.score(node, self.trie, self.now)
+                if best is None or score < best[0]:
+                    best = (score, node.hash)
+            if best is not None:
+                return best[1]
+        return next((k for k in held if k != exclude), None)  # only pinned blocks are left
 
     def forget(self, key: bytes) -> None:
         """The tier no longer holds ``key``."""

@@ -228,11 +228,15 @@ class PLTPolicy(Policy):
         rate = row[age_bucket(now - use.last)] if row else 1.0  # unseen class: keep for now
         return rate * self.cost.value_per_reuse(node, trie.block_size)
 
-    def pop_victim(self, trie, pinned):
-        now = trie.clock()
+    def refresh_rates(self, now: float) -> None:
+        """Rebuild the score tables if ``refresh`` requests passed since the last build."""
         if now - self.built_at >= self.refresh:
             self._build_rates()
             self.built_at = now
+
+    def pop_victim(self, trie, pinned):
+        now = trie.clock()
+        self.refresh_rates(now)
         if self.heap_at != now:  # scores only change with the clock: one heap per request
             self.heap_at = now
             self.heap = [(self.score(n, trie, now), next(self.count), n)

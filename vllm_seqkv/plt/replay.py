@@ -58,13 +58,13 @@ def key_chain(salt: str, tokens, block_size: int) -> list[bytes]:
 
 
 def replay(trace, hot_blocks: int, cold_blocks: int, eviction: str, block_size: int = 16,
-           cost: CostModel | None = None) -> ReplayResult:
+           cost: CostModel | None = None, sample: int = 64) -> ReplayResult:
     """Hit rate of ``trace`` [(salt, tokens)] with a hot LRU cache and a cold tier."""
     payload = bytes(BLOCK_BYTES)
     tier = MemoryTier()
     tier.capacity_bytes = cold_blocks * len(tier.encode(b"k" * 16, payload))  # framed blobs
     if eviction == "plt":
-        tier.set_placement(LearnedEviction(block_size, cost))
+        tier.set_placement(LearnedEviction(block_size, cost, sample))
     elif eviction != "lru":
         raise ValueError(f"eviction {eviction!r}: choose plt or lru")
     hot: OrderedDict[bytes, None] = OrderedDict()
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--hot-blocks", type=int, nargs="+", default=[125, 250, 500])
     ap.add_argument("--cold-blocks", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000])
+    ap.add_argument("--sample", type=int, default=64, help="leaves scored per eviction (plt)")
     ap.add_argument("--out", default="benchmarks/plt.json")
     args = ap.parse_args(argv)
     trace = generate(TraceConfig(requests=args.requests))
@@ -111,13 +112,13 @@ def main(argv=None) -> int:
         hot_only = replay(trace, hot, 0, "lru").hit_rate
         for cold in args.cold_blocks:
             lru = replay(trace, hot, cold, "lru")
-            plt = replay(trace, hot, cold, "plt")
+            plt = replay(trace, hot, cold, "plt", sample=args.sample)
             rows.append({"hot_blocks": hot, "cold_blocks": cold, "hit_rate_hot_only": hot_only,
                          "hit_rate_lru": lru.hit_rate, "hit_rate_plt": plt.hit_rate,
                          "cold_hit_rate_lru": lru.cold_tokens / lru.prompt_tokens,
                          "cold_hit_rate_plt": plt.cold_tokens / plt.prompt_tokens})
             print(json.dumps(rows[-1]))
-    record = {"requests": len(trace), "hit_rate_infinite": replay(trace, 1, 10**9, "lru").hit_rate,
+    record = {"requests": len(trace), "sample": args.sample, "hit_rate_infinite": replay(trace, 1, 10**9, "lru").hit_rate,
               "results": rows, "date": datetime.date.today().isoformat(),
               "command": "python -m vllm_seqkv.plt.replay " + " ".join(argv or sys.argv[1:])}
     out = Path(args.out)
