@@ -1,5 +1,7 @@
 """Parts of the cold-tier connector without an engine: block records, sink rows, keys, plans."""
 
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -85,6 +87,7 @@ def fake_connector(held, eviction="plt"):
     c.cold = SimpleNamespace(kind="cpu", eviction=eviction)
     c._held = {block_key(b"ns", h): 100 for h in held}
     c._saving, c._lookup_start, c._saves, c._loads, c._accesses = set(), {}, [], [], []
+    c._loading_reqs, c._failed_until = set(), {}
     return c
 
 
@@ -96,10 +99,11 @@ def request(hashes, num_tokens, computed=0):
 def test_match_counts_held_blocks_after_the_local_hit_and_leaves_one_token():
     c = fake_connector([b"h0", b"h1", b"h2", b"h3"])
     r = request([b"h0", b"h1", b"h2", b"h3"], 4 * BS)  # whole prompt held: last block computed
-    assert c.get_num_new_matched_tokens(r, 0) == (3 * BS, False)
-    assert c.get_num_new_matched_tokens(r, BS) == (2 * BS, False)
+    assert c.get_num_new_matched_tokens(r, 0) == (3 * BS, True)  # loaded asynchronously
+    assert c.get_num_new_matched_tokens(r, BS) == (2 * BS, True)
     gap = request([b"h0", b"x", b"h2"], 3 * BS + 5)
-    assert c.get_num_new_matched_tokens(gap, 0) == (BS, False)
+    assert c.get_num_new_matched_tokens(gap, 0) == (BS, True)
+    assert c.get_num_new_matched_tokens(request([b"x"], BS + 1), 0) == (0, False)
     # load plan: the blocks after the local hit, into the request's block ids
     c.get_num_new_matched_tokens(r, BS)
     c.update_state_after_alloc(r, SimpleNamespace(get_block_ids=lambda: ([7, 8, 9, 10],)), 2 * BS)
@@ -217,3 +221,201 @@ def test_worker_hands_key_chains_to_the_tier_placement_before_saving():
     c.wait_for_save()
     assert c.saver.close(30)
     assert len(tier) == 3 and chains[0][0] in tier  # a leaf went, never the shared root
+
+
+# ---- asynchronous loads (the loader thread) ----------------------------------------------
+def loading_connector(tier, seed=1):
+    """A worker-side connector on ``pages(seed)`` with its saver and loader threads."""
+    from vllm_seqkv.plt.tiers import BackgroundLoader, BackgroundSaver
+
+    c = fake_connector([])
+    c._init_worker_state()
+    c._inventory_sent = True
+    c.store = BlockStore(tier, pages(seed), SinkTable(1), D)
+    c.saver = BackgroundSaver(tier, c.store.lock, 1 << 30)
+    c.loader = BackgroundLoader(c._run_load)
+    return c
+
+
+def load_meta(req_id, block_ids, keys):
+    from vllm_seqkv.integration.connector import BlockJob, ColdTierMetadata
+
+    return ColdTierMetadata(loads=[BlockJob(req_id, list(block_ids), list(keys))])
+
+
+def gate_loads(c, gate, seen):
+    """Make the loader thread wait for ``gate`` before each block; record its thread."""
+    inner = c.store.load_pages
+
+    def load_pages(key, block):
+        seen.append(threading.current_thread().name)
+        assert gate.wait(30)
+        return inner(key, block)
+
+    c.store.load_pages = load_pages
+
+
+def same_rows(a, b):
+    return a.keys() == b.keys() and all(torch.equal(x, y) for o in a for x, y in zip(a[o], b[o]))
+
+
+def step(c, finished=()):
+    """The worker's end of a step, in vLLM 0.32's order (kv_connector_model_runner_mixin):
+    get_finished, then get_block_ids_with_load_errors."""
+    _, recving = c.get_finished(set(finished))
+    return recving or set(), c.get_block_ids_with_load_errors()
+
+
+def saved_source(tier, blocks):
+    """A store on ``pages(0)`` whose ``blocks`` (block id -> starts a sequence) are saved,
+    a sequence start with sink rows; returns it and the keys."""
+    src = store(tier)
+    keys = []
+    for i, (block, start) in enumerate(blocks.items()):
+        if start:
+            with_sink(src, block)
+        keys.append(bytes([i + 1]) * 20)
+        with src.lock:
+            assert src.tier.save(keys[-1], src.read(block, start))
+    return src, keys
+
+
+def test_load_runs_on_the_loader_thread_and_is_reported_once_pages_and_sinks_are_in_place():
+    src, keys = saved_source(MemoryTier(), {2: True, 3: False})
+    c = loading_connector(src.tier)
+    dst = c.store
+    with_sink(dst, 5)  # whatever block 5 held before
+    stale = [dst.sinks.export(layer, 5) for layer in range(L)]
+    before = [p[[5, 1]].clone() for p in dst.pages]
+    gate, seen = threading.Event(), []
+    gate_loads(c, gate, seen)
+    c._connector_metadata = load_meta("r", [5, 1], keys)
+    c.start_load_kv(None)  # returns at once: the thread waits for the gate
+    assert step(c) == (set(), set())  # not reported while loading, nothing written yet
+    assert all(torch.equal(p[[5, 1]], b) for p, b in zip(dst.pages, before))
+    gate.set()
+    assert c.loader.flush(30)
+    assert seen == ["seqkv-cold-loader"] * 2
+    # the pages are in place, the sink rows not yet: the engine thread installs them
+    assert all(torch.equal(dst.pages[layer][5], src.pages[layer][2]) for layer in range(L))
+    assert all(same_rows(dst.sinks.export(layer, 5), stale[layer]) for layer in range(L))
+    assert step(c) == ({"r"}, set())
+    for layer in range(L):
+        assert torch.equal(dst.pages[layer][1], src.pages[layer][3])
+        restored, exported = dst.sinks.export(layer, 5), src.sinks.export(layer, 2)
+        assert restored.keys() == exported.keys() == {0}
+        assert all(torch.equal(a, b) for a, b in zip(restored[0], exported[0]))
+        assert dst.sinks.export(layer, 1) == {}
+    assert step(c) == (set(), set())  # reported once
+    assert c.stats["loaded_blocks"] == 2 and c.stats["load_failures"] == 0
+    assert c.shutdown() is None
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "missing"])
+def test_failed_block_is_reported_with_finished_recving_and_later_blocks_stay_unwritten(
+        tmp_path, fault, caplog):
+    src, keys = saved_source(DiskTier(tmp_path), {0: True, 1: False, 2: False, 3: False})
+    bad = tmp_path / f"{keys[1].hex()}.blob"
+    if fault == "corrupt":
+        data = bytearray(bad.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        bad.write_bytes(bytes(data))
+    else:
+        bad.unlink()
+    c = loading_connector(DiskTier(tmp_path, src.tier.codec))
+    dst = c.store
+    before = [p.clone() for p in dst.pages]
+    c._connector_metadata = load_meta("r", [3, 4, 5, 1], keys)
+    with caplog.at_level("WARNING"):
+        c.start_load_kv(None)
+        reported = {}
+        for i in range(200):  # steps until the request is reported
+            recving, errors = step(c)
+            for b in errors:
+                reported.setdefault(b, i)
+            if recving:
+                assert recving == {"r"}
+                break
+            time.sleep(0.02)
+    assert reported == {4: i, 5: i, 1: i}  # the failed block and every later one, no later
+    for layer in range(L):
+        assert torch.equal(dst.pages[layer][3], src.pages[layer][0])  # loaded before it
+        for b in (4, 5, 1):  # never written
+            assert torch.equal(dst.pages[layer][b], before[layer][b])
+    assert c.stats["loaded_blocks"] == 1 and c.stats["load_failures"] == 1
+    assert f"block 1 of request r missing or corrupt; vLLM recomputes from token {BS}" in caplog.text
+    # the scheduler learns the key failed and does not offer it again at once
+    meta = c.build_connector_worker_meta()
+    assert meta.failed == {keys[1]} and meta.held[keys[1]] is None
+    s = fake_connector([])
+    s._held = {k: 1 for k in keys}
+    s.update_connector_output(SimpleNamespace(finished_recving={"r"}, kv_connector_worker_meta=meta))
+    s._key = lambda h: h  # the test's keys stand for the block hashes
+    r = request(keys, 4 * BS + 1)
+    assert s.get_num_new_matched_tokens(r, 0) == (BS, True)  # block 0 only
+    c.shutdown()
+
+
+def test_request_finished_while_loading_skips_the_rest_and_is_reported_for_freeing():
+    src, keys = saved_source(MemoryTier(), {0: True, 1: False, 2: False})
+    c = loading_connector(src.tier)
+    before = [p.clone() for p in c.store.pages]
+    gate, seen = threading.Event(), []
+    gate_loads(c, gate, seen)
+    c._connector_metadata = load_meta("r", [3, 4, 5], keys)
+    c.start_load_kv(None)
+    deadline = time.time() + 30
+    while not seen and time.time() < deadline:  # the thread is inside the first block
+        time.sleep(0.01)
+    assert step(c, finished={"r"}) == (set(), set())  # aborted: vLLM holds the blocks
+    gate.set()
+    assert c.loader.flush(30)
+    assert step(c) == ({"r"}, set())  # reported: vLLM frees the blocks now
+    assert len(seen) == 1 and c.stats["loaded_blocks"] == 1
+    for layer in range(L):
+        assert torch.equal(c.store.pages[layer][3], src.pages[layer][0])
+        assert torch.equal(c.store.pages[layer][4], before[layer][4])
+    c.shutdown()
+    # scheduler side: a request finished while its load is in flight saves nothing and
+    # leaves the freeing to vLLM (finished_recving)
+    s = fake_connector([])
+    r = request([b"h0", b"h1", b"h2"], 3 * BS + 1)
+    assert s.get_num_new_matched_tokens(r, 0) == (0, False)
+    s._held = {block_key(b"ns", h): 1 for h in (b"h0", b"h1")}
+    assert s.get_num_new_matched_tokens(r, 0) == (2 * BS, True)
+    s.update_state_after_alloc(r, SimpleNamespace(get_block_ids=lambda: ([3, 4, 5, 6],)), 2 * BS)
+    r.num_computed_tokens = 2 * BS
+    assert s.request_finished(r, [3, 4, 5, 6]) == (False, None)
+    assert s.build_connector_meta(None).saves == []
+
+
+def test_shutdown_waits_for_a_pending_load_within_a_bound(monkeypatch, caplog):
+    import vllm_seqkv.integration.connector as connector
+
+    src, keys = saved_source(MemoryTier(), {0: True, 1: False})
+    c = loading_connector(src.tier)
+    inner = c.store.load_pages
+
+    def slow(key, block):
+        time.sleep(0.3)
+        return inner(key, block)
+
+    c.store.load_pages = slow
+    c._connector_metadata = load_meta("r", [4, 5], keys)
+    c.start_load_kv(None)
+    c.shutdown()  # waits for both blocks
+    assert c.stats["loaded_blocks"] == 2 and c.loader.pending == 0
+    assert torch.equal(c.store.pages[0][5], src.pages[0][1])
+    # a load that does not finish in time: shutdown returns after the bound, with a warning
+    c = loading_connector(src.tier)
+    gate, seen = threading.Event(), []
+    gate_loads(c, gate, seen)
+    monkeypatch.setattr(connector, "SHUTDOWN_LOAD_TIMEOUT_S", 0.5)
+    c._connector_metadata = load_meta("r", [4, 5], keys)
+    c.start_load_kv(None)
+    t0 = time.time()
+    with caplog.at_level("WARNING"):
+        c.shutdown()
+    assert time.time() - t0 < 10 and "loads still running" in caplog.text
+    gate.set()
+    assert not c.loader.submit(None)  # closed

@@ -9,9 +9,10 @@ block, its exact sink rows (:class:`~.engine_codec.SinkTable`), entropy-coded lo
 :mod:`vllm_seqkv.plt.tiers` tier (CPU RAM, local disk with atomic writes, or Redis). vLLM's
 prefix cache keeps the pages until it needs them for other requests (its LRU eviction).
 When a request arrives, vLLM first takes its own prefix-cache hit; the connector reports
-the blocks after that which the cold tier holds, and copies them back into the pages
-before the forward (a synchronous load). The tokens restored this way count in the
-request's ``num_cached_tokens``.
+the blocks after that which the cold tier holds as an asynchronous load: vLLM parks the
+request (``WAITING_FOR_REMOTE_KVS``) while a background thread copies the blocks back into
+its pages, and schedules it once the worker reports it in ``finished_recving``. The tokens
+restored this way count in the request's ``num_cached_tokens``.
 
 Keys. A block is stored under ``blake2b(namespace | vLLM block hash)``: vLLM's hash chains
 the parent hash, the block's tokens and the request's extra keys - among them
@@ -20,9 +21,14 @@ namespace folds in the model path, preset, calibration and block size, so a shar
 Redis tier never hands one model's blocks to another.
 
 Faults. A blob that is missing, corrupt or truncated (checksum), or a tier that fails
-(disk error, Redis down) is a miss with a warning: the worker reports the block ids it
-could not load (``get_block_ids_with_load_errors``) and vLLM recomputes from the first of
-them (``kv_load_failure_policy: recompute``, set by :func:`kv_transfer_config_for`).
+(disk error, Redis down) is a miss with a warning: the loader stops that job there, the
+worker reports the ids of that block and every later block of the job
+(``get_block_ids_with_load_errors``, in the same step as the request's
+``finished_recving``: vLLM truncates the parked request's computed tokens to the first
+failed block, caches only the blocks before it and recomputes the rest;
+``kv_load_failure_policy: recompute``, set by :func:`kv_transfer_config_for`), and the
+scheduler does not offer that key again for ``PROBE_BACKOFF_S`` (a request whose load
+failed at its first block looks up its prefix again).
 NOTE: vLLM 0.32 keeps counting such recomputed tokens in ``num_cached_tokens`` (it counts
 what the connector claimed at scheduling); the engine log names every failed load. A save
 that fails leaves the block uncached. Disk full: the disk tier evicts its own blocks and
@@ -43,11 +49,21 @@ a background thread (:class:`~vllm_seqkv.plt.tiers.BackgroundSaver`) entropy-cod
 stores the copies, and a key counts as held once the worker reports it stored. Pending
 copies are bounded (``cold_tier.save_queue_bytes``): beyond that a save is dropped with a
 warning (a later recompute), never a stall. At shutdown the queued saves are finished.
-Loads run in ``start_load_kv`` before the forward, on the engine thread.
+Loads: ``start_load_kv`` only hands each step's load jobs to one loader thread
+(:class:`~vllm_seqkv.plt.tiers.BackgroundLoader`), which, per block, fetches and decodes the
+blob under ``BlockStore.lock`` (the saver shares the tier) and copies its page bytes into
+the parked request's blocks (no forward touches them meanwhile). The sink rows
+(:class:`~.engine_codec.SinkTable`, not thread-safe) are only parsed there: the engine
+thread installs them in ``get_finished`` before it reports the request finished. A request
+aborted while loading keeps its blocks until then (vLLM frees a ``WAITING_FOR_REMOTE_KVS``
+request's blocks only on ``finished_recving``); the loader skips its remaining blocks.
+At shutdown pending loads are waited for (``SHUTDOWN_LOAD_TIMEOUT_S``).
 
 Cost (CPU, measured through vLLM on SmolLM2 with the code-level coder, see BENCHMARKS.md):
 restoring a block of 128 tokens x 30 layers takes ~76 ms (decode + copy into the pages),
-5.7x faster than prefilling the same tokens; saving costs the engine loop ~1 ms per block
+5.7x faster than prefilling the same tokens, on the loader thread (the decode without the
+tier's lock): the engine loop keeps stepping the other requests meanwhile, the restored
+request waits for its load plus up to two engine steps; saving costs the engine loop ~1 ms per block
 (the copy) and the background thread ~90 ms; the tier holds 2.56 bits/element against 3.03
 in the pages. ``cold_tier.entropy_coding: false`` stores the bytes raw.
 
@@ -87,6 +103,7 @@ CONNECTOR_NAME = "SeqKVColdTierConnector"
 MODULE_PATH = __name__
 PROBE_BACKOFF_S = 10.0
 SHUTDOWN_SAVE_TIMEOUT_S = 60.0
+SHUTDOWN_LOAD_TIMEOUT_S = 30.0
 
 
 # ---- configuration ------------------------------------------------------------------------
@@ -168,7 +185,8 @@ class BlockStore:
     exact sink rows of a sequence's first block (``u32 count``, then per entry ``u16 layer,
     u16 offset, K, V`` as float32 ``[H, D]``; count 0 for other blocks).
 
-    NOTE: every tier call holds ``lock`` (a background saver shares the tier).
+    NOTE: every tier call holds ``lock`` (a background saver and loader share the tier),
+    except the pure ``encode_block`` / ``decode_block``.
     """
 
     def __init__(self, tier, pages: list[torch.Tensor], sinks=None, head_dim: int | None = None):
@@ -200,6 +218,13 @@ class BlockStore:
         return out + self._export_sinks(block if starts_sequence else None)
 
     def write(self, block: int, record: bytes) -> None:
+        """The record's page bytes and sink rows into ``block``."""
+        self.install_sinks(block, self.write_pages(block, record))
+
+    def write_pages(self, block: int, record: bytes) -> dict[int, dict]:
+        """Copy the record's page bytes into ``block`` and return its parsed sink rows (for
+        :meth:`install_sinks`). Parses first: a record that does not fit changes nothing.
+        Touches no sink table, so a background loader may call it."""
         if len(record) < self.page_bytes:
             raise ValueError(f"record of {len(record)} bytes < {self.page_bytes} page bytes")
         L, H, bs, S = len(self.pages), self.heads, self.block_size, self.slot_bytes
@@ -207,8 +232,13 @@ class BlockStore:
         sinks = self._parse_sinks(record[self.page_bytes:])  # parse first: all or nothing
         for layer, p in enumerate(self.pages):
             p[block].copy_(torch.from_numpy(arr[layer].transpose(1, 0, 2).copy()))
+        return sinks
+
+    def install_sinks(self, block: int, sinks: dict[int, dict]) -> None:
+        """Install ``block``'s sink rows (``write_pages`` gave them) once its pages are in
+        place. NOTE: the sink table is not thread-safe: the engine thread only."""
         if self.sinks is not None:
-            for layer in range(L):
+            for layer in range(len(self.pages)):
                 self.sinks.import_(layer, block, sinks.get(layer, {}))
 
     def _export_sinks(self, block: int | None) -> bytes:
@@ -250,18 +280,33 @@ class BlockStore:
         with self.lock:
             return self.tier.save(key, record)
 
-    def load(self, key: bytes, block: int) -> bool:
+    def load_pages(self, key: bytes, block: int) -> dict[int, dict] | None:
+        """Decode ``key``'s blob and copy its page bytes into ``block``: the block's sink rows
+        (to :meth:`install_sinks`), or None when it is missing, corrupt or does not fit (then
+        the pages keep what they held). Touches no sink table: a background loader calls it."""
+        t0 = time.perf_counter()
         with self.lock:
-            record = self.tier.load(key)
-            if record is None:
-                return False
-            try:
-                self.write(block, record)
-            except Exception as e:  # a verified blob of another shape: refuse, recompute
-                logger.warning("seqkv cold tier: block %s does not fit the pages (%s); "
-                               "recomputing", key.hex()[:16], e)
+            blob = self.tier.fetch(key)
+        record = self.tier.decode_block(key, blob)  # the slow part: the tier is free meanwhile
+        with self.lock:
+            self.tier.finish_load(key, blob, record, time.perf_counter() - t0)
+        if record is None:
+            return None
+        try:
+            return self.write_pages(block, record)
+        except Exception as e:  # a verified blob of another shape: refuse, recompute
+            logger.warning("seqkv cold tier: block %s does not fit the pages (%s); "
+                           "recomputing", key.hex()[:16], e)
+            with self.lock:
                 self.tier.delete(key)
-                return False
+            return None
+
+    def load(self, key: bytes, block: int) -> bool:
+        """Pages and sink rows of ``key`` into ``block`` on the calling thread."""
+        sinks = self.load_pages(key, block)
+        if sinks is None:
+            return False
+        self.install_sinks(block, sinks)
         return True
 
 
@@ -276,6 +321,20 @@ class BlockJob:
 
 
 @dataclass
+class LoadResult:
+    """What the loader thread did for one load job: the pages of its first ``done`` blocks
+    are in place (``sinks[i]``: block i's parsed sink rows, installed by the engine thread);
+    ``failed``: the index of the block that could not be loaded (the job stopped there);
+    ``cancelled``: the request finished meanwhile and the rest was skipped."""
+
+    done: int = 0
+    sinks: list[dict] = field(default_factory=list)
+    failed: int | None = None
+    cancelled: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
 class ColdTierMetadata(KVConnectorMetadata):
     saves: list[BlockJob] = field(default_factory=list)
     loads: list[BlockJob] = field(default_factory=list)
@@ -284,12 +343,14 @@ class ColdTierMetadata(KVConnectorMetadata):
 
 @dataclass
 class ColdTierWorkerMetadata(KVConnectorWorkerMetadata):
-    """Keys whose state changed this step: bytes held, or None (not held any more)."""
+    """Keys whose state changed this step: bytes held, or None (not held any more); keys
+    whose load failed (the scheduler does not offer them for a while)."""
 
     held: dict[bytes, int | None] = field(default_factory=dict)
+    failed: set[bytes] = field(default_factory=set)
 
     def aggregate(self, other: "ColdTierWorkerMetadata") -> "ColdTierWorkerMetadata":
-        return ColdTierWorkerMetadata({**self.held, **other.held})
+        return ColdTierWorkerMetadata({**self.held, **other.held}, self.failed | other.failed)
 
 
 # ---- the connector ------------------------------------------------------------------------
@@ -325,15 +386,25 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         self._saves: list[BlockJob] = []
         self._loads: list[BlockJob] = []
         self._accesses: list[list[bytes]] = []
+        self._loading_reqs: set[str] = set()  # requests whose load is in flight
+        self._failed_until: dict[bytes, float] = {}  # keys whose load failed: not offered
         self._probe = None
         self._probe_off_until = 0.0
         if role == KVConnectorRole.SCHEDULER and self.cold.kind == "redis":
             from vllm_seqkv.plt.tiers import RedisTier  # shared across nodes: ask the server
 
             self._probe = RedisTier(self.cold.url)
-        # worker side
+        self._init_worker_state()
+
+    def _init_worker_state(self) -> None:
+        """The worker side's state before ``register_kv_caches`` (no tier, no threads yet)."""
         self.store: BlockStore | None = None
         self.saver = None
+        self.loader = None
+        self._loading: dict[str, BlockJob] = {}  # req id -> its job in the loader
+        self._cancelled: set[str] = set()  # finished while loading: the loader skips the rest
+        self._done_recving: set[str] = set()
+        self._failed_keys: set[bytes] = set()
         self._done_sending: set[str] = set()
         self._load_errors: set[int] = set()
         self._changed: set[bytes] = set()
@@ -351,6 +422,10 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         return block_key(self.ns, block_hash)
 
     def _has(self, key: bytes) -> bool:
+        if key in self._failed_until:  # a load failed (an unreadable file, Redis down):
+            if time.monotonic() < self._failed_until[key]:  # do not offer it again at once
+                return False
+            del self._failed_until[key]
         if key in self._held:
             return True
         if self._probe is not None and time.monotonic() >= self._probe_off_until:
@@ -378,7 +453,9 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
                 break
             n += 1
         self._lookup_start[request.request_id] = start
-        return n * bs, False
+        # asynchronous: vLLM parks the request (WAITING_FOR_REMOTE_KVS) until the worker
+        # reports it in finished_recving
+        return n * bs, n > 0
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
         if num_external_tokens <= 0:
@@ -390,6 +467,7 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         ids = blocks.get_block_ids()[0][start:start + n]
         keys = [self._key(h) for h in request.block_hashes[start:start + n]]
         self._loads.append(BlockJob(request.request_id, list(ids), keys, start * self.block_size))
+        self._loading_reqs.add(request.request_id)
 
     def build_connector_meta(self, scheduler_output) -> ColdTierMetadata:
         meta = ColdTierMetadata(self._saves, self._loads, self._accesses)
@@ -398,6 +476,15 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._lookup_start.pop(request.request_id, None)
+        if request.request_id in self._loading_reqs:
+            # Finished (aborted) while its load is in flight. NOTE: vLLM 0.32 already keeps
+            # the blocks of a WAITING_FOR_REMOTE_KVS request until the worker reports it in
+            # finished_recving (Scheduler.finish_requests: delay_free_blocks, freed in
+            # _update_from_kv_xfer_finished), so the loader thread never writes a reused
+            # block. No save: its blocks may be half-loaded, and returning True would free
+            # them a second time on finished_sending.
+            self._loading_reqs.discard(request.request_id)
+            return False, None
         n = min(len(request.block_hashes), len(block_ids), request.num_computed_tokens // self.block_size)
         chain = [self._key(h) for h in request.block_hashes[:n]]
         if chain and self.cold.eviction == "plt":
@@ -416,6 +503,8 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         return True, None  # hold the blocks until the worker has copied them
 
     def update_connector_output(self, connector_output) -> None:
+        self._loading_reqs.difference_update(getattr(connector_output, "finished_recving", None)
+                                             or ())
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if not isinstance(meta, ColdTierWorkerMetadata):
             return
@@ -425,6 +514,9 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
                 self._held.pop(k, None)
             else:
                 self._held[k] = n
+        until = time.monotonic() + PROBE_BACKOFF_S
+        for k in meta.failed:
+            self._failed_until[k] = until
 
     # ==== worker side ====
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
@@ -445,9 +537,10 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         if self.cold.eviction == "plt":
             tier.set_placement(LearnedEviction(bs, self._cost_model(heads, bs, slot, len(pages))))
         self.store = BlockStore(tier, pages, engine.sinks, engine.head_dim)
-        from vllm_seqkv.plt.tiers import BackgroundSaver
+        from vllm_seqkv.plt.tiers import BackgroundLoader, BackgroundSaver
 
         self.saver = BackgroundSaver(tier, self.store.lock, self.cold.save_queue_bytes)
+        self.loader = BackgroundLoader(self._run_load)
         logger.info("seqkv cold tier: %s tier%s, %d bytes, %s eviction, %d layers x %d heads x %d "
                     "tokens x %d slot bytes per block (%d raw bytes), entropy coding %s",
                     self.cold.kind,
@@ -466,31 +559,71 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
                          block_bytes=layers * heads * block_size * slot_bytes)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        """Hand this step's load jobs to the loader thread (vLLM calls this after launching
+        the forward: the jobs' requests are parked, no forward touches their blocks)."""
         meta = self._connector_metadata
         if not isinstance(meta, ColdTierMetadata) or not meta.loads or self.store is None:
             return
         for job in meta.loads:
-            t0 = time.perf_counter()
-            done = 0
-            for j, (block, key) in enumerate(zip(job.block_ids, job.keys)):
-                self._changed.add(key)
-                if not self.store.load(key, block):
-                    self._load_errors.update(job.block_ids[j:])
-                    self.stats["load_failures"] += 1
-                    logger.warning(
-                        "seqkv cold tier: block %d of request %s missing or corrupt; vLLM "
-                        "recomputes from token %d", j, job.req_id,
-                        job.first_token + j * self.block_size)
-                    break
-                done += 1
-            with self.store.lock:  # the prefix root is the most recent: LRU evicts the
-                for key in reversed(job.keys[:done]):  # deepest blocks first
-                    self.store.tier.touch(key)
-            dt = time.perf_counter() - t0
-            self.stats["loaded_blocks"] += done
-            self.stats["load_s"] += dt
-            logger.info("seqkv cold tier: restored %d blocks (%d tokens) of request %s in %.1f ms",
-                        done, done * self.block_size, job.req_id, dt * 1e3)
+            self._loading[job.req_id] = job
+            if not self.loader.submit(job):  # closed (shutting down): nothing loaded
+                self._finish_load(job, LoadResult(failed=0))
+
+    def _run_load(self, job: BlockJob) -> LoadResult:
+        """On the loader thread: decode the job's blocks in order and copy their page bytes
+        into the request's blocks; stop at the first block that cannot be loaded. Sink rows
+        are only parsed (the engine thread installs them, :meth:`_finish_load`)."""
+        t0 = time.perf_counter()
+        res = LoadResult()
+        for j, (block, key) in enumerate(zip(job.block_ids, job.keys)):
+            if job.req_id in self._cancelled:
+                res.cancelled = True
+                break
+            sinks = self.store.load_pages(key, block)
+            if sinks is None:
+                res.failed = j
+                break
+            res.sinks.append(sinks)
+            res.done += 1
+        with self.store.lock:  # the prefix root is the most recent: LRU evicts the
+            for key in reversed(job.keys[:res.done]):  # deepest blocks first
+                self.store.tier.touch(key)
+        if res.done and self.store.pages[0].is_cuda:  # the bytes are in the pages before
+            torch.cuda.current_stream(self.store.pages[0].device).synchronize()  # we report
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def _collect_loads(self) -> None:
+        """Engine thread: take the jobs the loader finished; their requests are reported in
+        finished_recving, their unloaded blocks in get_block_ids_with_load_errors. Both
+        calls collect first, so whatever order vLLM calls them in, a request's failed block
+        ids go out no later than its finished_recving."""
+        if self.loader is not None:
+            for job, res in self.loader.take_finished():
+                self._finish_load(job, res if res is not None else LoadResult(failed=0))
+
+    def _finish_load(self, job: BlockJob, res: LoadResult) -> None:
+        self._loading.pop(job.req_id, None)
+        cancelled = res.cancelled or job.req_id in self._cancelled
+        self._cancelled.discard(job.req_id)
+        for block, sinks in zip(job.block_ids, res.sinks):  # pages in place: now the rows
+            self.store.install_sinks(block, sinks)
+        tried = res.done + (res.failed is not None)
+        self._changed.update(job.keys[:tried])  # the scheduler learns what is still held
+        if res.failed is not None:
+            j = res.failed
+            self._load_errors.update(job.block_ids[j:])  # vLLM recomputes from block j
+            self._failed_keys.add(job.keys[j])
+            self.stats["load_failures"] += 1
+            logger.warning("seqkv cold tier: block %d of request %s missing or corrupt; vLLM "
+                           "recomputes from token %d", j, job.req_id,
+                           job.first_token + j * self.block_size)
+        self.stats["loaded_blocks"] += res.done
+        self.stats["load_s"] += res.seconds
+        logger.info("seqkv cold tier: restored %d blocks (%d tokens) of request %s in %.1f ms%s",
+                    res.done, res.done * self.block_size, job.req_id, res.seconds * 1e3,
+                    " (request finished meanwhile: rest skipped)" if cancelled else "")
+        self._done_recving.add(job.req_id)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -526,10 +659,16 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
             self._done_sending.add(job.req_id)  # the pages are copied: vLLM may reuse them
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        # a request finished while loading: the loader skips its remaining blocks (vLLM
+        # frees them once it is reported here)
+        self._cancelled.update(r for r in finished_req_ids or () if r in self._loading)
+        self._collect_loads()
         done, self._done_sending = self._done_sending, set()
-        return (done or None), None
+        recving, self._done_recving = self._done_recving, set()
+        return (done or None), (recving or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._collect_loads()  # vLLM 0.32 calls this after get_finished in the same step
         out, self._load_errors = self._load_errors, set()
         return out
 
@@ -543,10 +682,10 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
             if not self._inventory_sent:  # blocks a previous engine left on disk
                 changed |= set(tier._sizes)
                 self._inventory_sent = True
-            self._changed = set()
-            if not changed:
+            failed, self._changed, self._failed_keys = self._failed_keys, set(), set()
+            if not changed and not failed:
                 return None
-            return ColdTierWorkerMetadata({k: tier.stored_bytes(k) for k in changed})
+            return ColdTierWorkerMetadata({k: tier.stored_bytes(k) for k in changed}, failed)
 
     def get_kv_connector_stats(self):
         """This step's counter increments and the tier's gauges, for vLLM's ``/metrics``
@@ -591,6 +730,10 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
     def shutdown(self):
         if self.store is None:
             return
+        if not self.loader.close(timeout=SHUTDOWN_LOAD_TIMEOUT_S):
+            logger.warning("seqkv cold tier: loads still running after %.0f s at shutdown; "
+                           "dropped", SHUTDOWN_LOAD_TIMEOUT_S)
+        self._collect_loads()
         if not self.saver.close(timeout=SHUTDOWN_SAVE_TIMEOUT_S):
             logger.warning("seqkv cold tier: saves still pending after %.0f s at shutdown; they "
                            "are lost (nothing half-written is kept)", SHUTDOWN_SAVE_TIMEOUT_S)

@@ -10,6 +10,11 @@ Pending bytes are bounded: beyond ``max_pending_bytes`` ``submit`` refuses (Fals
 disk or coder turns into missed saves (later recomputes), never into a stalled engine or
 unbounded memory. ``close`` stores what is queued, then stops the thread; a process killed
 before that loses only saves nobody was told about (the disk tier writes atomically).
+
+Loading off the caller's thread: :class:`BackgroundLoader` runs ``run(job)`` for each
+submitted job, in order, on one thread; ``take_finished`` hands back ``(job, result)`` pairs
+(result None when ``run`` raised). The caller decides what a result means and when to
+publish it (the KV connector installs sink rows and reports the request on its own thread).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from typing import Any, Callable
 
 from vllm_seqkv.plt.tiers.base import Tier, log
 
@@ -98,4 +104,79 @@ class BackgroundSaver:
                     self._pending_bytes -= len(data)
                     self._busy = False
                     self._finished.append((key, ok))
+                    self._cv.notify_all()
+
+
+class BackgroundLoader:
+    """One thread that runs ``run(job)`` for each submitted job, first in, first out."""
+
+    def __init__(self, run: Callable[[Any], Any], name: str = "seqkv-cold-loader"):
+        self.run = run
+        self._cv = threading.Condition()
+        self._jobs: collections.deque = collections.deque()
+        self._busy = False
+        self._closed = False
+        self._finished: list[tuple[Any, Any]] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not finished yet (queued or running)."""
+        with self._cv:
+            return len(self._jobs) + self._busy
+
+    def submit(self, job) -> bool:
+        """Queue ``job``; False (nothing queued) once closed."""
+        with self._cv:
+            if self._closed:
+                return False
+            self._jobs.append(job)
+            self._cv.notify_all()
+        return True
+
+    def take_finished(self) -> list[tuple[Any, Any]]:
+        """(job, result) of the jobs finished since the last call, in submission order."""
+        with self._cv:
+            out, self._finished = self._finished, []
+        return out
+
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        """Wait until some job has finished and not been taken yet; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: bool(self._finished), timeout)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job has finished; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._jobs and not self._busy, timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Run the queued jobs, then stop the thread; False if they did not finish in time
+        (the thread is a daemon: the rest is dropped with the process)."""
+        done = self.flush(timeout)
+        with self._cv:
+            self._closed = True
+            self._jobs.clear()  # after a timeout: the queued jobs are dropped, not started
+            self._cv.notify_all()
+        self._thread.join(timeout if done else 0)
+        return done
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._jobs or self._closed)
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+                self._busy = True
+            result = None
+            try:
+                result = self.run(job)
+            except Exception:  # a bug must not kill the thread and stall every later load
+                log.exception("background load job failed")
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._finished.append((job, result))
                     self._cv.notify_all()

@@ -101,32 +101,56 @@ class Tier(ABC):
             return False
 
     def load(self, key) -> bytes | None:
+        """The bytes saved under ``key``, or None (a miss, warned when not just absent)."""
         t0 = time.perf_counter()
+        k = _blob.key_bytes(key)
+        blob = self.fetch(k)
+        out = self.decode_block(k, blob)
+        self.finish_load(k, blob, out, time.perf_counter() - t0)
+        return out
+
+    def fetch(self, key) -> bytes | None:
+        """First part of :meth:`load`: the stored blob, or None (absent; a backend failure
+        is warned)."""
         k = _blob.key_bytes(key)
         self.stats["loads"] += 1
         try:
-            blob = self._get(k)
+            return self._get(k)
         except Exception as e:
             log.warning("%s: load of %s failed (%s); treating as a miss", self.name, k.hex()[:16], e)
             self.stats["errors"] += 1
-            blob = None
-        out = None
-        if blob is not None:
-            try:
-                out = self.decode(k, blob)
-            except Exception as e:
-                log.warning("%s: block %s is corrupt (%s); dropping it, recompute",
-                            self.name, k.hex()[:16], e)
-                self.stats["errors"] += 1
-                self.delete(k)
+            return None
+
+    def decode_block(self, key, blob: bytes | None) -> bytes | None:
+        """Second part of :meth:`load`: the bytes of a :meth:`fetch` blob, or None (absent,
+        or corrupt: warned; :meth:`finish_load` drops it).
+
+        NOTE: touches no tier state, so a background loader may call it without the tier's
+        lock (the entropy decode is the slow part of a load).
+        """
+        if blob is None:
+            return None
+        k = _blob.key_bytes(key)
+        try:
+            return self.decode(k, blob)
+        except Exception as e:
+            log.warning("%s: block %s is corrupt (%s); dropping it, recompute",
+                        self.name, k.hex()[:16], e)
+            return None
+
+    def finish_load(self, key, blob: bytes | None, out: bytes | None, seconds: float = 0.0) -> None:
+        """Last part of :meth:`load`: count it, drop a corrupt blob, mark a hit recently used."""
+        k = _blob.key_bytes(key)
+        if blob is not None and out is None:  # corrupt
+            self.stats["errors"] += 1
+            self.delete(k)
         if out is None:
             self.stats["misses"] += 1
         else:
             self.stats["hits"] += 1
             if k in self._sizes:
                 self._sizes.move_to_end(k)
-        self.stats["load_s"] += time.perf_counter() - t0
-        return out
+        self.stats["load_s"] += seconds
 
     def delete(self, key) -> None:
         k = _blob.key_bytes(key)
