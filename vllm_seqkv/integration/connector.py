@@ -60,12 +60,13 @@ request's blocks only on ``finished_recving``); the loader skips its remaining b
 At shutdown pending loads are waited for (``SHUTDOWN_LOAD_TIMEOUT_S``).
 
 Cost (CPU, measured through vLLM on SmolLM2 with the code-level coder, see BENCHMARKS.md):
-restoring a block of 128 tokens x 30 layers takes ~76 ms (decode + copy into the pages),
-5.7x faster than prefilling the same tokens, on the loader thread (the decode without the
-tier's lock): the engine loop keeps stepping the other requests meanwhile, the restored
-request waits for its load plus up to two engine steps; saving costs the engine loop ~1 ms per block
-(the copy) and the background thread ~90 ms; the tier holds 2.56 bits/element against 3.03
-in the pages. ``cold_tier.entropy_coding: false`` stores the bytes raw.
+restoring a block of 128 tokens x 30 layers takes ~90 ms (decode + copy into the pages),
+4.9x faster than prefilling the same tokens, on the loader thread (the decode without the
+tier's lock): the engine loop keeps stepping the other requests meanwhile (its slowest step
+during an 8-block restore: 0.53 s, against 1.15 s of load), the restored request waits for
+its load plus up to two engine steps; saving costs the engine loop ~1 ms per block (the
+copy) and the background thread ~100 ms; the tier holds 2.56 bits/element against 3.03 in
+the pages. ``cold_tier.entropy_coding: false`` stores the bytes raw.
 
 Limits: one worker (tensor/pipeline parallel size 1), one KV-cache group, the seqkv
 attention backend (pages of uint8 slots), ``hash_block_size == block_size``.

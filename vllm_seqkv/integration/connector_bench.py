@@ -11,8 +11,14 @@ For each of ``--prompts`` prompts P (``--tokens`` tokens from the held-out split
 
 Reported: both times to first token, their ratio, the connector's own time to decode and
 copy the blocks (read from the worker), the recompute time of the same number of tokens
-(pro rata of step 1), the bytes the tier holds per element. Merged into benchmarks/plt.json
-under ``vllm_restore``.
+(pro rata of step 1), the bytes the tier holds per element.
+
+Then the engine loop during a restore: a bystander request decodes ``--bystander-tokens``
+tokens, stepped one engine step at a time; after a few of its tokens, the first prompt
+(evicted again) arrives and is restored from the tier. Reported: the bystander's slowest
+step while the restore runs, its median step, and the connector's load time of that
+restore (a load on the engine thread would add all of it to one step). Merged into
+benchmarks/plt.json under ``vllm_restore``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,48 @@ def _worker_stats(self):
             "layers": len(c.store.pages)}
 
 
+def engine_loop_during_restore(llm, restored, bystander, floods, bystander_tokens: int, run) -> dict:
+    """Step the engine by hand: ``bystander`` decodes; after 4 of its steps ``restored`` (in
+    the tier, not in vLLM's prefix cache after ``floods``) arrives. Step times while the
+    bystander runs, split by whether the restore was in flight."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    for f in floods:  # the restored prompt's blocks leave vLLM's prefix cache
+        run(f)
+    before = llm.collective_rpc(_worker_stats)[0]
+    engine = llm.llm_engine
+    engine.add_request("bystander", TokensPrompt(prompt_token_ids=bystander[:64]),
+                       SamplingParams(max_tokens=bystander_tokens, temperature=0, ignore_eos=True))
+    steps, restoring, cached = [], False, None
+    while engine.has_unfinished_requests():
+        if len(steps) == 4:
+            engine.add_request("restored", TokensPrompt(prompt_token_ids=restored),
+                               SamplingParams(max_tokens=1, temperature=0))
+            restoring = True
+        t0 = time.perf_counter()
+        outs = engine.step()
+        dt = time.perf_counter() - t0
+        for o in outs:
+            if o.request_id == "restored" and o.finished:
+                cached = o.num_cached_tokens
+        bystander_running = not any(o.request_id == "bystander" and o.finished for o in outs)
+        steps.append((dt, restoring))
+        if cached is not None:
+            restoring = False
+        if not bystander_running:
+            break
+    while engine.has_unfinished_requests():
+        engine.step()
+    after = llm.collective_rpc(_worker_stats)[0]
+    during = [dt for dt, r in steps if r]
+    quiet = sorted(dt for dt, r in steps[1:] if not r)  # the bystander's prefill excluded
+    return {"restored_cached_tokens": cached, "bystander_steps": len(steps),
+            "connector_load_s": after["load_s"] - before["load_s"],
+            "max_step_s_during_restore": max(during) if during else None,
+            "median_step_s_otherwise": quiet[len(quiet) // 2] if quiet else None}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="smollm2")
@@ -43,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=1100)
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--blocks", type=int, default=24, help="KV blocks of the engine")
+    ap.add_argument("--bystander-tokens", type=int, default=48)
     ap.add_argument("--out", default="benchmarks/plt.json")
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -97,6 +146,11 @@ def main(argv=None) -> int:
                      "recompute_s_of_restored_tokens": t_rec * cached / n,
                      "saved_blocks_before": before["saved_blocks"]})
         print(json.dumps(rows[-1]), flush=True)
+    stall = engine_loop_during_restore(llm, ids[:n], ids[-3 * n:-2 * n],
+                                       [ids[(40 + j) * n:(41 + j) * n]
+                                        for j in range(args.blocks // flood_per + 2)],
+                                       args.bystander_tokens, ttft)
+    print(json.dumps(stall), flush=True)
     stats = llm.collective_rpc(_worker_stats)[0]
     llm.llm_engine.engine_core.shutdown()
 
@@ -116,6 +170,7 @@ def main(argv=None) -> int:
         "engine_loop_copy_s_per_block": stats["copy_s"] / max(stats["saved_blocks"], 1),
         "tier_bits_per_element": stats["tier_bytes"] * 8 / elements if elements else None,
         "hot_bits_per_element": stats["tier_raw_bytes"] * 8 / elements if elements else None,
+        "engine_loop_during_restore": stall,
         "machine": f"{os.cpu_count()} CPUs",
         "date": datetime.date.today().isoformat(),
         "command": "python -m vllm_seqkv.integration.connector_bench " + " ".join(argv or sys.argv[1:]),
