@@ -66,7 +66,7 @@ class SinkTable:
 
     def _set(self, entry_key: tuple[int, int], rows: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Keep ``rows`` as the entry (replacing any), if the table has room for them."""
-        size = sum(k.nbytes + v.nbytes for k, v in rows.values())
+        size = self._size(rows)
         freed = self._size(self._exact.get(entry_key, {}))
         if self.max_bytes is not None and self.nbytes - freed + size > self.max_bytes:
             self.refused += 1
