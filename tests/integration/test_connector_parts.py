@@ -226,14 +226,14 @@ def test_worker_hands_key_chains_to_the_tier_placement_before_saving():
 # ---- asynchronous loads (the loader thread) ----------------------------------------------
 def loading_connector(tier, seed=1):
     """A worker-side connector on ``pages(seed)`` with its saver and loader threads."""
-    from vllm_seqkv.plt.tiers import BackgroundLoader, BackgroundSaver
+    from vllm_seqkv.plt.tiers import BackgroundSaver, JobThread
 
     c = fake_connector([])
     c._init_worker_state()
     c._inventory_sent = True
     c.store = BlockStore(tier, pages(seed), SinkTable(1), D)
     c.saver = BackgroundSaver(tier, c.store.lock, 1 << 30)
-    c.loader = BackgroundLoader(c._run_load)
+    c.loader = JobThread(c._run_load, name="seqkv-cold-loader")
     return c
 
 

@@ -50,7 +50,7 @@ stores the copies, and a key counts as held once the worker reports it stored. P
 copies are bounded (``cold_tier.save_queue_bytes``): beyond that a save is dropped with a
 warning (a later recompute), never a stall. At shutdown the queued saves are finished.
 Loads: ``start_load_kv`` only hands each step's load jobs to one loader thread
-(:class:`~vllm_seqkv.plt.tiers.BackgroundLoader`), which, per block, fetches and decodes the
+(:class:`~vllm_seqkv.plt.tiers.JobThread`), which, per block, fetches and decodes the
 blob under ``BlockStore.lock`` (the saver shares the tier) and copies its page bytes into
 the parked request's blocks (no forward touches them meanwhile). The sink rows
 (:class:`~.engine_codec.SinkTable`, not thread-safe) are only parsed there: the engine
@@ -538,10 +538,10 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         if self.cold.eviction == "plt":
             tier.set_placement(LearnedEviction(bs, self._cost_model(heads, bs, slot, len(pages))))
         self.store = BlockStore(tier, pages, engine.sinks, engine.head_dim)
-        from vllm_seqkv.plt.tiers import BackgroundLoader, BackgroundSaver
+        from vllm_seqkv.plt.tiers import BackgroundSaver, JobThread
 
         self.saver = BackgroundSaver(tier, self.store.lock, self.cold.save_queue_bytes)
-        self.loader = BackgroundLoader(self._run_load)
+        self.loader = JobThread(self._run_load, name="seqkv-cold-loader")
         logger.info("seqkv cold tier: %s tier%s, %d bytes, %s eviction, %d layers x %d heads x %d "
                     "tokens x %d slot bytes per block (%d raw bytes), entropy coding %s",
                     self.cold.kind,
