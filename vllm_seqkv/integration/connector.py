@@ -218,10 +218,6 @@ class BlockStore:
         out = stacked.permute(0, 2, 1, 3).contiguous().numpy().tobytes()
         return out + self._export_sinks(block if starts_sequence else None)
 
-    def write(self, block: int, record: bytes) -> None:
-        """The record's page bytes and sink rows into ``block``."""
-        self.install_sinks(block, self.write_pages(block, record))
-
     def write_pages(self, block: int, record: bytes) -> dict[int, dict]:
         """Copy the record's page bytes into ``block`` and return its parsed sink rows (for
         :meth:`install_sinks`). Parses first: a record that does not fit changes nothing.

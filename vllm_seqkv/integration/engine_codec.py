@@ -260,7 +260,8 @@ class EngineCodec:
             slots = pages[blocks].transpose(1, 2).reshape(-1, pages.shape[1], pages.shape[3])
             return self.layout(layer).decode(slots[:length], previous)
         rows = blocks.numel() * pages.shape[2]
-        if previous is not None and getattr(params, "cross_layer", False):
+        if previous is not None and isinstance(params, kernels.TransformLayerParams) \
+                and params.cross_layer:
             previous = tuple(torch.nn.functional.pad(t.float(), (0, 0, 0, 0, 0, rows - length))
                              for t in previous)
         else:
@@ -273,15 +274,16 @@ class EngineCodec:
     def _check_against_reference(self, layer, pages, blocks, params, previous, key, value) -> None:
         """``SEQKV_KERNELS_CHECK=1``: compare a kernel's reconstruction with the reference on the
         engine's own pages; log each new worst error, raise beyond ``KERNEL_CHECK_TOLERANCE``."""
+        from vllm_seqkv.kernels import TransformLayerParams
         from vllm_seqkv.kernels.reference import (
             reconstruct_blocks_reference,
             reconstruct_transform_reference,
         )
 
-        if getattr(params, "cross_layer", None) is None:  # rotation format
-            ref_k, ref_v = reconstruct_blocks_reference(pages, blocks, params.layout)
-        else:
+        if isinstance(params, TransformLayerParams):
             ref_k, ref_v = reconstruct_transform_reference(pages, blocks, params.layout, previous)
+        else:  # rotation format
+            ref_k, ref_v = reconstruct_blocks_reference(pages, blocks, params.layout)
         error = max((key.float() - ref_k.float()).abs().max().item(),
                     (value.float() - ref_v.float()).abs().max().item())
         if error > self._kernel_error.get(layer, -1.0):
