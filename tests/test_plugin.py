@@ -44,3 +44,42 @@ def test_backend_routed_only_when_seqkv_selected():
     assert slot.get_path() == BACKEND_CLASS
     select_backend_for(SimpleNamespace(additional_config={"kv_cache_backend": "auto"}))
     assert slot.get_path() == stock
+
+
+def _engine_args(backend=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(attention_backend=backend, attention_config=SimpleNamespace(backend=None))
+
+
+def test_on_gpu_seqkv_selects_the_custom_backend_slot(monkeypatch):
+    from types import SimpleNamespace
+
+    import pytest
+
+    from vllm_seqkv.config import SeqKVConfigError
+    from vllm_seqkv.integration import compat
+    from vllm_seqkv.integration.plugin import BACKEND_CLASS, select_attention_backend, select_backend_for
+
+    custom = compat.AttentionBackendEnum.CUSTOM
+    monkeypatch.setattr(compat, "backend_slot", lambda: custom)
+    args = _engine_args()
+    select_attention_backend(args)
+    assert args.attention_backend == custom
+    select_attention_backend(_engine_args("custom"))  # the user's own choice of the same slot
+    with pytest.raises(SeqKVConfigError, match="FLASH_ATTN"):
+        select_attention_backend(_engine_args(compat.AttentionBackendEnum.FLASH_ATTN))
+    try:
+        select_backend_for(SimpleNamespace(additional_config={"kv_cache_backend": "seqkv"}))
+        assert custom.get_path() == BACKEND_CLASS
+    finally:
+        select_backend_for(SimpleNamespace(additional_config={"kv_cache_backend": "auto"}))
+    assert not custom.is_overridden()
+
+
+def test_on_cpu_the_backend_choice_is_left_to_vllm():
+    from vllm_seqkv.integration.plugin import select_attention_backend
+
+    args = _engine_args()
+    select_attention_backend(args)  # the CPU platform always takes CPU_ATTN (overridden)
+    assert args.attention_backend is None

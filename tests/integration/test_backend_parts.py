@@ -1,4 +1,5 @@
-"""Pieces of the backend that need no engine: token positions and the exact sink table."""
+"""Pieces of the backend that need no engine: metadata, backend selection rules, token
+positions and the exact sink table."""
 
 from types import SimpleNamespace
 
@@ -6,15 +7,68 @@ import pytest
 import torch
 
 from vllm_seqkv.codec.token_table import TokenTableCodec
-from vllm_seqkv.integration.backend import token_positions
+from vllm_seqkv.integration import backend as backend_module
+from vllm_seqkv.integration.backend import SeqKVAttentionBackend, SeqKVMetadataBuilder, token_positions
+from vllm_seqkv.integration.compat import CommonAttentionMetadata
 from vllm_seqkv.integration.engine_codec import SinkTable
 
 
 def test_positions_of_a_mixed_batch():
-    # request 0: decode at position 9; request 1: prefill of 3 tokens; request 2: chunk 5..6
-    metadata = SimpleNamespace(query_start_loc=torch.tensor([0, 1, 4, 6]),
-                               seq_lens=torch.tensor([10, 3, 7]))
-    assert token_positions(metadata).tolist() == [9, 0, 1, 2, 5, 6]
+    # request 0: decode at position 9; request 1: prefill of 3 tokens; request 2: chunk 5..6;
+    # then two padding tokens
+    assert token_positions([0, 1, 4, 6], [10, 3, 7], 8).tolist() == [9, 0, 1, 2, 5, 6, 0, 0]
+
+
+def test_metadata_builder_keeps_host_copies_and_drops_padding_requests():
+    common = CommonAttentionMetadata(
+        query_start_loc=torch.tensor([0, 1, 4, 4], dtype=torch.int32),
+        query_start_loc_cpu=torch.tensor([0, 1, 4, 4], dtype=torch.int32),
+        seq_lens=torch.tensor([10, 3, 0], dtype=torch.int32), num_reqs=2, num_actual_tokens=5,
+        max_query_len=3, max_seq_len=10,
+        block_table_tensor=torch.tensor([[4, 2], [7, 0], [0, 0]], dtype=torch.int32),
+        slot_mapping=torch.tensor([66, 112, 113, 114, -1]))
+    builder = SeqKVMetadataBuilder.__new__(SeqKVMetadataBuilder)
+    metadata = builder.build(0, common)
+    assert metadata.query_starts == [0, 1, 4] and metadata.seq_lens_host == [10, 3]
+    assert metadata.block_table_host.tolist() == [[4, 2], [7, 0]]
+    assert metadata.positions.tolist() == [9, 0, 1, 2, 0]
+    assert metadata.slot_mapping is common.slot_mapping
+
+
+def _selector_reasons(**overrides):
+    from vllm.platforms.interface import DeviceCapability
+
+    config = dict(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=16,
+                  use_mla=False, has_sink=False, use_sparse=False, use_mm_prefix=False,
+                  use_per_head_quant_scales=False, device_capability=DeviceCapability(9, 0),
+                  attn_type="decoder")
+    return SeqKVAttentionBackend.validate_configuration(**{**config, **overrides})
+
+
+def test_backend_passes_vllms_gpu_selector_checks_for_a_supported_model():
+    # what vLLM's CUDA platform runs on the backend registered in the CUSTOM slot
+    assert _selector_reasons() == []
+    assert _selector_reasons(block_size=32, dtype=torch.float16, head_size=128) == []
+
+
+@pytest.mark.parametrize("override, reason", [
+    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+    ({"head_size": 80}, "head_size"),
+    ({"has_sliding_window": True}, "sliding window"),
+    ({"use_mla": True}, "MLA"),
+    ({"attn_type": "encoder"}, "attention type"),
+    ({"block_size": 8}, "block_size"),
+])
+def test_backend_refuses_what_it_cannot_store(override, reason):
+    assert any(reason in r for r in _selector_reasons(**override))
+
+
+def test_backend_name_is_the_slot_it_takes(monkeypatch):
+    from vllm_seqkv.integration.compat import AttentionBackendEnum
+
+    assert SeqKVAttentionBackend.get_name() == "CPU_ATTN"  # vLLM looks the name up in the enum
+    monkeypatch.setattr(backend_module, "backend_slot", lambda: AttentionBackendEnum.CUSTOM)
+    assert SeqKVAttentionBackend.get_name() == "CUSTOM"
 
 
 def test_sink_table_restores_only_sequence_starts():

@@ -13,23 +13,36 @@ position before encoding and rotated back after decoding. Cross-layer presets co
 ``l`` against the reconstruction of layer ``l - 1`` for the same slots, which
 :class:`~.engine_codec.LayerChain` hands up from the layer that just ran.
 
-Reading a sequence's pages goes through :func:`vllm_seqkv.kernels.reconstruct_blocks`
-(:meth:`~.engine_codec.EngineCodec.reconstruct`): the codec's torch reference on CPU tensors,
-the Triton kernel on CUDA tensors or with ``SEQKV_KERNELS=triton`` (on CPU only under
-``TRITON_INTERPRET=1``, as a test does); layer 0's token table is a torch gather.
+Writing new tokens and reading a sequence's pages go through the kernels' dispatcher
+(:meth:`~.engine_codec.EngineCodec.write` -> :func:`vllm_seqkv.kernels.write_slots`,
+:meth:`~.engine_codec.EngineCodec.reconstruct` -> :func:`vllm_seqkv.kernels.reconstruct_blocks`):
+the codec's torch reference on CPU tensors, the Triton kernels on CUDA tensors or with
+``SEQKV_KERNELS=triton`` (on CPU only under ``TRITON_INTERPRET=1``, as a test does); layer 0's
+token table is coded and read by the codec (a row index and a gather).
+
+The backend is device-agnostic: its metadata builder keeps host copies of what the
+per-sequence loop walks (one device-to-host copy per batch). It takes vLLM's CPU_ATTN slot
+on CPU and the CUSTOM slot on GPU, which the plugin selects. NOTE: on GPU it runs eagerly
+(attention stays outside CUDA graphs: the builder reports ``AttentionCGSupport.NEVER``) and has never
+been run (no GPU with vLLM was available); vLLM's selector checks on it are tested on CPU.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from vllm_seqkv.integration.compat import (
+    AttentionBackend,
     AttentionImpl,
+    AttentionMetadataBuilder,
     AttentionType,
-    CPUAttentionBackend,
+    CommonAttentionMetadata,
+    KVCacheLayout,
+    MultipleOf,
+    backend_slot,
     extract_layer_index,
     get_forward_context,
     init_logger,
@@ -41,12 +54,38 @@ logger = init_logger("vllm.seqkv")
 ACTIVE_MARKER = "seqkv: attention backend active"
 
 
-class SeqKVAttentionBackend(CPUAttentionBackend):
+class SeqKVAttentionBackend(AttentionBackend):
+    """Takes vLLM's CPU_ATTN slot on CPU and the CUSTOM slot on GPU (see
+    :func:`~.compat.backend_slot`): the same metadata, write path and read path on either
+    device; the kernels' dispatcher picks torch, Triton or CUDA code by the pages' device."""
+
+    forward_includes_kv_cache_update = False
+    supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return backend_slot().name  # NOTE: vLLM looks the name up in AttentionBackendEnum
 
     @staticmethod
     def get_impl_cls():
         return SeqKVAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return SeqKVMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [32, 64, 128, 256]  # powers of two: the codecs' rotations and the kernels' tiles
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple:
+        return (KVCacheLayout.LBHNC,)  # pages [num_blocks, H, block_size, slot_bytes]
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
@@ -60,6 +99,54 @@ class SeqKVAttentionBackend(CPUAttentionBackend):
     def customize_spec(cls, spec):
         engine = active_engine_codec()
         return replace(spec, state_content_bytes=engine.slot_bytes)
+
+
+@dataclass
+class SeqKVMetadata:
+    """One batch's attention metadata, shared by every layer.
+
+    On the cache's device: query_start_loc ``[B + 1]``, seq_lens ``[B]``, block_table
+    ``[B, max_blocks]``, slot_mapping ``[T]`` and positions ``[T]`` (each scheduled token's
+    position in its sequence; 0 for padding tokens, whose slot is -1). On the host, copied
+    once per batch so that no layer waits on the device to walk the batch: query_starts,
+    seq_lens_host and block_table_host.
+    """
+
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    positions: torch.Tensor
+    query_starts: list[int]
+    seq_lens_host: list[int]
+    block_table_host: torch.Tensor
+
+
+class SeqKVMetadataBuilder(AttentionMetadataBuilder[SeqKVMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> SeqKVMetadata:
+        m = common_attn_metadata
+        num_reqs = m.num_reqs
+        query_starts = m.query_start_loc_cpu[:num_reqs + 1].tolist()
+        seq_lens = m.seq_lens[:num_reqs]
+        seq_lens_host = seq_lens.cpu().tolist()
+        block_table = m.block_table_tensor[:num_reqs]
+        positions = token_positions(query_starts, seq_lens_host, m.slot_mapping.shape[0])
+        return SeqKVMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            query_start_loc=m.query_start_loc[:num_reqs + 1],
+            seq_lens=seq_lens,
+            block_table=block_table,
+            slot_mapping=m.slot_mapping,
+            positions=positions.to(m.slot_mapping.device),
+            query_starts=query_starts,
+            seq_lens_host=seq_lens_host,
+            block_table_host=block_table.cpu(),
+        )
 
 
 class SeqKVAttentionImpl(AttentionImpl):
@@ -104,26 +191,18 @@ class SeqKVAttentionImpl(AttentionImpl):
         if not bool(valid.any()):
             return
         slots = slot_mapping[valid].long()
-        positions = token_positions(layer_metadata(layer))[:num][valid]
+        positions = layer_metadata(layer).positions[:num][valid]
         pages = _byte_pages(kv_cache)
-        block_size = pages.shape[2]
         layer_index = _layer_index(layer)
         self.engine.chain.register(layer_index, pages)
         key, value = finite_or_zero(key[:num][valid].float(), value[:num][valid].float(),
                                     layer_index)
-        blocks, offsets = slots // block_size, slots % block_size
-        layout = self.engine.layout(layer_index)
-        write_key = ("write", slots.cpu().numpy().tobytes())
-        previous = self.engine.chain.below(layer_index, write_key,
-                                           lambda p: p[blocks, :, offsets])
-        coded = layout.encode(self.engine.to_code_frame(key, positions), value, previous)
-        pages[blocks, :, offsets, :layout.slot_bytes] = coded
-        if self.engine.codec.cross_layer:
-            self.engine.chain.keep(layer_index, write_key, layout.decode(coded, previous))
+        self.engine.write(layer_index, pages, slots, self.engine.to_code_frame(key, positions), value)
+        blocks, offsets = slots // pages.shape[2], slots % pages.shape[2]
         self.engine.sinks.record(layer_index, blocks, offsets, positions, key, value)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, attn_metadata, output: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: SeqKVMetadata, output: torch.Tensor,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
         """query ``[T, Hq, D]``, key/value ``[T, H, D]``, output ``[T, Hq, D]``."""
         if output_scale is not None or output_block_scale is not None:
@@ -133,26 +212,26 @@ class SeqKVAttentionImpl(AttentionImpl):
         pages = _byte_pages(kv_cache)
         layer_index = _layer_index(layer)
         self.engine.chain.register(layer_index, pages)
-        starts = attn_metadata.query_start_loc.tolist()
-        seq_lens = attn_metadata.seq_lens.tolist()
+        starts = attn_metadata.query_starts
         block_size = pages.shape[2]
-        for i, seq_len in enumerate(seq_lens):
+        for i, seq_len in enumerate(attn_metadata.seq_lens_host):
             q0, q1 = starts[i], starts[i + 1]
             if q1 == q0:
                 continue
             num_blocks = -(-seq_len // block_size)
+            block_ids = attn_metadata.block_table_host[i, :num_blocks]
             blocks = attn_metadata.block_table[i, :num_blocks].long()
 
             def context_slots(p, blocks=blocks, seq_len=seq_len):
                 return p[blocks].transpose(1, 2).reshape(-1, p.shape[1], p.shape[3])[:seq_len]
 
-            read_key = ("read", tuple(blocks.tolist()), seq_len)
+            read_key = ("read", tuple(block_ids.tolist()), seq_len)
             previous = self.engine.chain.below(layer_index, read_key, context_slots)
             cached_k, cached_v = self.engine.reconstruct(layer_index, pages, blocks, seq_len, previous)
             if self.engine.codec.cross_layer:
                 self.engine.chain.keep(layer_index, read_key, (cached_k, cached_v))
-            cached_k = self.engine.from_code_frame(cached_k, torch.arange(seq_len))
-            self.engine.sinks.restore(layer_index, int(blocks[0]), cached_k, cached_v)
+            cached_k = self.engine.from_code_frame(cached_k, torch.arange(seq_len, device=pages.device))
+            self.engine.sinks.restore(layer_index, int(block_ids[0]), cached_k, cached_v)
             out = attend(query[q0:q1].float(), cached_k, cached_v, key[q0:q1].float(),
                          value[q0:q1].float(), self.scale)
             output[q0:q1].copy_(out.view(output[q0:q1].shape))
@@ -183,13 +262,18 @@ def layer_metadata(layer):
     return metadata[layer.layer_name] if isinstance(metadata, dict) else metadata
 
 
-def token_positions(metadata) -> torch.Tensor:
-    """Position in its sequence of every scheduled token ``[num_tokens]`` (query order)."""
-    starts = metadata.query_start_loc.long()
+def token_positions(query_starts: list[int], seq_lens: list[int], num_tokens: int) -> torch.Tensor:
+    """Position in its sequence of every scheduled token ``[num_tokens]`` (query order; 0 for
+    the padding tokens after the last request's)."""
+    starts = torch.tensor(query_starts)
     query_lens = starts[1:] - starts[:-1]
-    first = metadata.seq_lens.long() - query_lens
+    first = torch.tensor(seq_lens, dtype=torch.long) - query_lens
     request = torch.repeat_interleave(torch.arange(query_lens.numel()), query_lens)
-    return first[request] + torch.arange(int(starts[-1])) - starts[:-1][request]
+    scheduled = min(int(starts[-1]), num_tokens)
+    positions = torch.zeros(num_tokens, dtype=torch.long)
+    positions[:scheduled] = (first[request] + torch.arange(int(starts[-1]))
+                             - starts[:-1][request])[:scheduled]
+    return positions
 
 
 def attend(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
@@ -207,10 +291,10 @@ def attend(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
     own_k = own_k.repeat_interleave(group, dim=1)  # [Q, Hq, D]
     own_v = own_v.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,shd->hqs", query, k) * scale  # [Hq, Q, S]
-    positions = torch.arange(seq_len - q_len, seq_len)
-    rows = torch.arange(q_len)
+    positions = torch.arange(seq_len - q_len, seq_len, device=query.device)
+    rows = torch.arange(q_len, device=query.device)
     scores[:, rows, positions] = torch.einsum("qhd,qhd->hq", query, own_k) * scale
-    future = torch.arange(seq_len)[None, :] > positions[:, None]  # [Q, S]
+    future = torch.arange(seq_len, device=query.device)[None, :] > positions[:, None]  # [Q, S]
     probs = scores.masked_fill(future, float("-inf")).softmax(-1)
     out = torch.einsum("hqs,shd->qhd", probs, v)
     own_weight = probs[:, rows, positions].transpose(0, 1).unsqueeze(-1)  # [Q, Hq, 1]

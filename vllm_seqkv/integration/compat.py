@@ -26,21 +26,31 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.attention import Attention
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms import current_platform
-from vllm.v1.attention.backend import AttentionImpl, AttentionType
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.attention.selector import _cached_get_attn_backend
+from vllm.v1.kv_cache_interface import KVCacheLayout
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 __all__ = [
     "Attention",
+    "AttentionBackend",
     "AttentionImpl",
+    "AttentionMetadataBuilder",
+    "CommonAttentionMetadata",
+    "KVCacheLayout",
+    "MultipleOf",
     "AttentionType",
     "extract_layer_index",
     "get_forward_context",
     "AttentionBackendEnum",
-    "CPUAttentionBackend",
-    "CPUAttentionBackendImpl",
     "EngineArgs",
     "KVTransferConfig",
     "KVConnectorFactory",

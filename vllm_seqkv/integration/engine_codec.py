@@ -19,6 +19,7 @@ from vllm_seqkv.integration.compat import get_current_vllm_config
 logger = logging.getLogger("vllm.seqkv")
 CHECK_KERNELS = os.environ.get("SEQKV_KERNELS_CHECK", "0") == "1"
 KERNEL_CHECK_TOLERANCE = 1e-3
+WRITE_CHECK_TOLERANCE = 1e-2
 
 
 def build_codec(config: SeqKVConfig, model_config) -> EngineCodec:
@@ -208,6 +209,7 @@ class EngineCodec:
         self._announced: set[int] = set()
         self._kernel_params: dict[tuple[int, str], object] = {}
         self._kernel_error: dict[int, float] = {}
+        self._write_differ: dict[int, float] = {}
 
     def first_token(self, block: int) -> int | None:
         """Token id at offset 0 of ``block``: head 0's K row id in layer 0's token-table slot."""
@@ -245,6 +247,45 @@ class EngineCodec:
             self._kernel_params[cache_key] = params
         return self._kernel_params[cache_key]
 
+    def write(self, layer: int, pages: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor) -> None:
+        """Code K/V ``[T, H, D]`` (keys in the coding frame) into ``slots [T]`` of ``pages
+        [N, H, bs, S]``, through :func:`vllm_seqkv.kernels.write_slots` when a kernel runs, else
+        the codec's encode (the kernels' reference). Cross-layer presets predict from the layer
+        below's reconstruction of the same slots and keep this layer's for the layer above."""
+        from vllm_seqkv import kernels
+
+        block_size = pages.shape[2]
+        blocks, offsets = slots // block_size, slots % block_size
+        layout = self.layout(layer)
+        write_key = ("write", slots.cpu().numpy().tobytes())
+        previous = self.chain.below(layer, write_key, lambda p: p[blocks, :, offsets])
+        params = self.kernel_params(layer, pages.device)
+        if params is None or kernels.implementation(pages.device) == "torch":
+            coded = layout.encode(key, value, previous)
+            pages[blocks, :, offsets, :layout.slot_bytes] = coded
+        else:
+            kernels.write_slots(key, value, slots, pages, params, _kernel_previous(params, previous))
+            coded = pages[blocks, :, offsets, :layout.slot_bytes]
+            if CHECK_KERNELS:
+                self._check_write(layer, coded, layout.encode(key, value, previous))
+        if self.codec.cross_layer:
+            self.chain.keep(layer, write_key, layout.decode(coded, previous))
+
+    def _check_write(self, layer: int, coded: torch.Tensor, reference: torch.Tensor) -> None:
+        """``SEQKV_KERNELS_CHECK=1``: the write kernel's slot bytes against the codec's encode.
+        A float32 summation order may flip a component's code at a decision threshold (see
+        :mod:`vllm_seqkv.kernels.transform_write`), so the check is on the fraction of bytes
+        that differ: logged at each new worst, fatal beyond ``WRITE_CHECK_TOLERANCE``."""
+        differ = (coded != reference.to(coded.device)).float().mean().item()
+        if differ > self._write_differ.get(layer, -1.0):
+            self._write_differ[layer] = differ
+            logger.info("seqkv kernels check: layer %d, worst fraction of written bytes differing "
+                        "from the reference so far %.3g", layer, differ)
+        if differ > WRITE_CHECK_TOLERANCE:
+            raise RuntimeError(f"seqkv kernels check: layer {layer} write kernel differs from the "
+                               f"reference in {differ:.3g} of the bytes (> {WRITE_CHECK_TOLERANCE})")
+
     def reconstruct(self, layer: int, pages: torch.Tensor, blocks: torch.Tensor, length: int,
                     previous) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V in the coding frame ``[length, H, D]`` of the first ``length`` positions of a
@@ -260,12 +301,10 @@ class EngineCodec:
             slots = pages[blocks].transpose(1, 2).reshape(-1, pages.shape[1], pages.shape[3])
             return self.layout(layer).decode(slots[:length], previous)
         rows = blocks.numel() * pages.shape[2]
-        if previous is not None and isinstance(params, kernels.TransformLayerParams) \
-                and params.cross_layer:
+        previous = _kernel_previous(params, previous)
+        if previous is not None:
             previous = tuple(torch.nn.functional.pad(t.float(), (0, 0, 0, 0, 0, rows - length))
                              for t in previous)
-        else:
-            previous = None
         key, value = kernels.reconstruct_blocks(pages, blocks, params, previous)
         if CHECK_KERNELS:
             self._check_against_reference(layer, pages, blocks, params, previous, key, value)
@@ -309,6 +348,16 @@ class EngineCodec:
         first = pid not in self._announced
         self._announced.add(pid)
         return first
+
+
+def _kernel_previous(params, previous):
+    """What a kernel takes as ``previous``: the layer below's reconstruction for cross-layer
+    transform layers only (the others are not predicted from it)."""
+    from vllm_seqkv.kernels import TransformLayerParams
+
+    if previous is not None and isinstance(params, TransformLayerParams) and params.cross_layer:
+        return previous
+    return None
 
 
 _active: EngineCodec | None = None

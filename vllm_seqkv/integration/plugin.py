@@ -45,6 +45,8 @@ def _hook_engine_config(compat) -> None:
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         config = from_additional_config(self.additional_config)
+        if config.enabled:
+            select_attention_backend(self)
         if config.cold_tier is not None:
             _select_cold_tier_connector(self)
         vllm_config = original(self, *args, **kwargs)
@@ -63,6 +65,27 @@ def _hook_engine_config(compat) -> None:
 
     create_engine_config._seqkv_hook = True
     compat.EngineArgs.create_engine_config = create_engine_config
+
+
+def select_attention_backend(engine_args) -> None:
+    """On GPU, point vLLM's backend selection at the CUSTOM slot seqkv registers in (on CPU,
+    vLLM always takes CPU_ATTN, which seqkv overrides). A different ``--attention-backend``
+    would attend over pages it cannot read: refused, naming both."""
+    from vllm_seqkv.config import SeqKVConfigError
+    from vllm_seqkv.integration import compat
+
+    slot = compat.backend_slot()
+    if slot == compat.AttentionBackendEnum.CPU_ATTN:
+        return
+    chosen = engine_args.attention_backend or getattr(engine_args.attention_config, "backend", None)
+    if chosen is None:
+        engine_args.attention_backend = slot
+        return
+    name = chosen.name if isinstance(chosen, compat.AttentionBackendEnum) else str(chosen).upper()
+    if name != slot.name:
+        raise SeqKVConfigError(
+            f"invalid seqkv config: --kv-cache-backend seqkv attends through vLLM's {slot.name} "
+            f"attention backend, but --attention-backend selects {name}; drop --attention-backend")
 
 
 def _select_cold_tier_connector(engine_args) -> None:
