@@ -110,6 +110,38 @@ def test_own_token_is_read_exactly_not_from_the_cache(device):
     torch.testing.assert_close(fused_transform_decode_attention(*args, rope=table), before)
 
 
+@pytest.mark.parametrize("skip_first", [0, 3, 40])
+def test_skipped_positions_and_lse_merge_back_to_the_full_attention(skip_first, device):
+    """Attention over ``[skip, ...)`` with its log-sum-exp, merged with attention over the
+    skipped positions, is the attention over everything (how the backend adds exact sinks)."""
+    cache, params, _, table, (query, own_k, own_v) = setup_case(
+        "seqkv-3-nox", 2, 32, 3, 16, 1, torch.float32, True, device)
+    args = (query, own_k, own_v, cache.pages[1], cache.block_table, cache.seq_lens, params, 0.3)
+    out, lse = fused_transform_decode_attention(*args, rope=table, skip_first=skip_first,
+                                                return_lse=True, num_splits=3)
+    ref_out, ref_lse = transform_decode_attention_reference(
+        *args[:6], cache.layouts[1], 0.3, rope=table, skip_first=skip_first, return_lse=True)
+    atol, rtol = TRANSFORM_TOLERANCES[torch.float32]
+    torch.testing.assert_close(out.cpu(), ref_out.cpu(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse.cpu(), ref_lse.cpu(), atol=atol, rtol=rtol)
+    full, full_lse = fused_transform_decode_attention(*args, rope=table, return_lse=True)
+    for b, length in enumerate(cache.seq_lens.tolist()):
+        skipped = min(skip_first, length - 1)
+        if skipped == 0:
+            torch.testing.assert_close(out[b], full[b], atol=atol, rtol=rtol)
+            continue
+        blocks = cache.block_table[b, : -(-skipped // 16)]
+        key, value = reconstruct_transform_reference(cache.pages[1], blocks, cache.layouts[1], None, table,
+                                                     torch.arange(blocks.numel()) * 16)[:2]
+        scores = torch.einsum("hd,shd->hs", query[b].float(), key[:skipped].repeat_interleave(3, 1)) * 0.3
+        part = torch.einsum("hs,shd->hd", scores.softmax(-1), value[:skipped].repeat_interleave(3, 1))
+        weight = torch.stack([lse[b], scores.logsumexp(-1)]).softmax(0)  # [2, Hq]
+        merged = weight[0, :, None] * out[b] + weight[1, :, None] * part
+        torch.testing.assert_close(merged, full[b], atol=atol, rtol=rtol)
+        torch.testing.assert_close(torch.logaddexp(lse[b], scores.logsumexp(-1)), full_lse[b],
+                                   atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("layer", [0, 1])
 def test_public_api_runs_the_fused_kernel_on_triton(layer, monkeypatch, device):
     monkeypatch.setenv("SEQKV_KERNELS", "triton")

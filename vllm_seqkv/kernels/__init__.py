@@ -24,7 +24,8 @@ transform format only):
 - ``paged_decode_attention(query [B,Hq,D], own_k [B,H,D], own_v [B,H,D], pages, block_table
   int [B,max_blocks], seq_lens int [B], params, scale, rope=None, previous=None) -> [B,Hq,D]``:
   one query per sequence; the last position (``seq_lens - 1``) is read exactly from
-  own_k/own_v (transform format: ``previous`` is ``[B, max_blocks * bs, H, D]``);
+  own_k/own_v (transform format: ``previous`` is ``[B, max_blocks * bs, H, D]``; also
+  ``skip_first`` (positions not read) and ``return_lse`` (-> ``(out, lse [B, Hq])``));
 - ``reconstruct_blocks(pages, block_ids int [M], params, previous=None, rope=None,
   block_positions=None) -> (K, V)`` float32 ``[M*bs, H, D]`` for prefill.
 
@@ -154,17 +155,20 @@ def write_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tens
 def paged_decode_attention(query: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
                            pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                            params, scale: float, rope: torch.Tensor | None = None,
-                           previous=None) -> torch.Tensor:
+                           previous=None, skip_first: int = 0, return_lse: bool = False):
     if isinstance(params, TransformLayerParams):
         _needs_previous(params, previous)
+        extra = dict(rope=rope, previous=previous, skip_first=skip_first, return_lse=return_lse)
         if _transform_kind(pages.device) == "triton":
             from vllm_seqkv.kernels.transform_decode import fused_transform_decode_attention
             return fused_transform_decode_attention(query, own_k, own_v, pages, block_table, seq_lens,
-                                                    params, scale, rope=rope, previous=previous)
+                                                    params, scale, **extra)
         from vllm_seqkv.kernels.reference import transform_decode_attention_reference
         return transform_decode_attention_reference(query, own_k, own_v, pages, block_table, seq_lens,
-                                                    _layout(params), scale, rope=rope, previous=previous)
+                                                    _layout(params), scale, **extra)
     _rotation_only(rope, previous)
+    if skip_first or return_lse:
+        raise KernelArgumentError("skip_first/return_lse apply to the transform format only")
     kind = implementation(pages.device)
     if kind == "triton":
         from vllm_seqkv.kernels.decode_attention import paged_decode_attention_triton

@@ -116,7 +116,7 @@ def decode_reduce_kernel(q_ptr, own_k_ptr, own_v_ptr, out_ptr, acc_ptr, max_ptr,
     hq = tl.program_id(1)
     kvh = hq // GROUP
     d = tl.arange(0, D)
-    state, in_range, split_weight, cached_mass, own_weight = split_weights(
+    state, in_range, split_weight, cached_mass, own_weight, _ = split_weights(
         q_ptr, own_k_ptr, max_ptr, sum_ptr, b, hq, kvh, stride_qb, stride_qh, stride_kb, stride_kh,
         num_q_heads, num_splits, scale, SPLITS_PAD, D)
     own_v = tl.load(own_v_ptr + b * stride_vb + kvh * stride_vh + d).to(tl.float32)

@@ -98,25 +98,32 @@ def reconstruct_transform_reference(pages: torch.Tensor, block_ids: torch.Tensor
 def transform_decode_attention_reference(query: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
                                          pages: torch.Tensor, block_table: torch.Tensor,
                                          seq_lens: torch.Tensor, layout: SlotLayout, scale: float,
-                                         rope: torch.Tensor | None = None, previous=None) -> torch.Tensor:
-    """Per sequence: the codec's decode of positions ``[0, seq_len - 1)`` (keys RoPE-rotated
-    when ``rope`` is given) + exact own K/V at ``seq_len - 1``, then torch SDPA (fp32).
-    ``previous``: the layer below's coding-frame reconstruction ``[B, max_blocks * bs, H, D]``."""
+                                         rope: torch.Tensor | None = None, previous=None,
+                                         skip_first: int = 0, return_lse: bool = False):
+    """Per sequence: the codec's decode of positions ``[skip_first, seq_len - 1)`` (keys
+    RoPE-rotated when ``rope`` is given) + exact own K/V at ``seq_len - 1``, then softmax
+    attention in float32; with ``return_lse`` also the log of each softmax denominator
+    ``[B, Hq]``. ``previous``: the layer below's coding-frame reconstruction
+    ``[B, max_blocks * bs, H, D]``."""
     block_size = pages.shape[2]
     out = torch.empty_like(query)
+    lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
     for i, seq_len in enumerate(seq_lens.tolist()):
         count = -(-seq_len // block_size)
         blocks = block_table[i, :count]
         prev = None if previous is None else tuple(p[i, : count * block_size] for p in previous)
         positions = torch.arange(count) * block_size
         key, value = reconstruct_transform_reference(pages, blocks, layout, prev, rope, positions)[:2]
-        key = torch.cat([key[: seq_len - 1].cpu(), own_k[i : i + 1].float().cpu()])
-        value = torch.cat([value[: seq_len - 1].cpu(), own_v[i : i + 1].float().cpu()])
-        attended = F.scaled_dot_product_attention(
-            query[i].float().cpu()[:, None], key.transpose(0, 1), value.transpose(0, 1),
-            scale=scale, enable_gqa=True)  # [Hq, 1, D]
-        out[i] = attended[:, 0].to(query.dtype)
-    return out
+        first = min(skip_first, seq_len - 1)
+        key = torch.cat([key[first: seq_len - 1].cpu(), own_k[i : i + 1].float().cpu()])
+        value = torch.cat([value[first: seq_len - 1].cpu(), own_v[i : i + 1].float().cpu()])
+        group = query.shape[1] // key.shape[1]
+        scores = torch.einsum("hd,shd->hs", query[i].float().cpu(),
+                              key.repeat_interleave(group, dim=1)) * scale  # [Hq, S]
+        attended = torch.einsum("hs,shd->hd", scores.softmax(-1), value.repeat_interleave(group, dim=1))
+        out[i] = attended.to(query.dtype)
+        lse[i] = scores.logsumexp(-1)
+    return (out, lse) if return_lse else out
 
 
 def write_transform_reference(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,

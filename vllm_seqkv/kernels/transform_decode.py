@@ -88,12 +88,12 @@ def transform_decode_partial_kernel(
         k_start, k_nbits, k_levels, k_inverse, k_mean, k_w, k_b,
         v_start, v_nbits, v_levels, v_w, v_b,
         stride_qb, stride_qh, stride_pb, stride_ph, stride_pt, stride_bt,
-        num_heads, num_q_heads, num_splits, tiles_per_split, prev_rows_per_seq, scale,
+        num_heads, num_q_heads, num_splits, tiles_per_split, prev_rows_per_seq, scale, skip_first,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE: tl.constexpr, D: tl.constexpr, K_OFF: tl.constexpr, V_OFF: tl.constexpr,
         K_PRED: tl.constexpr, V_PRED: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax of one GQA group over tiles ``[split * tiles_per_split, ...)`` of its
-    context. Writes acc ``[B, Hq, splits, D]`` (level sum ``sum_j p_j z_v,j``), pred_acc (same,
+    context, positions ``>= skip_first``. Writes acc ``[B, Hq, splits, D]`` (level sum ``sum_j p_j z_v,j``), pred_acc (same,
     ``sum_j p_j pred_v,j``; cross-layer values only), max and sum ``[B, Hq, splits]``."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -108,7 +108,7 @@ def transform_decode_partial_kernel(
     num_tiles = tl.minimum(tl.cdiv(cached_len, TILE) - first_tile, tiles_per_split)
     for i in range(0, num_tiles):
         positions = ((first_tile + i) * TILE + tl.arange(0, TILE)).to(tl.int64)
-        valid = positions < cached_len
+        valid = (positions < cached_len) & (positions >= skip_first)
         slots = tile_slots(pages_ptr, block_table_ptr, b, kvh, positions, valid,
                            stride_pb, stride_ph, stride_pt, stride_bt, BLOCK_SIZE)
         rows = b.to(tl.int64) * prev_rows_per_seq + positions
@@ -143,18 +143,22 @@ def transform_decode_partial_kernel(
 
 @triton.jit
 def transform_decode_reduce_kernel(
-        q_ptr, own_k_ptr, own_v_ptr, out_ptr, acc_ptr, pred_acc_ptr, max_ptr, sum_ptr,
+        q_ptr, own_k_ptr, own_v_ptr, out_ptr, lse_ptr, acc_ptr, pred_acc_ptr, max_ptr, sum_ptr,
         v_inverse, v_mean, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
         stride_ob, stride_oh, num_q_heads, num_splits, scale,
-        GROUP: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr, V_PRED: tl.constexpr):
-    """Merge the splits of one (sequence, query head): values from their level sum, plus the own token."""
+        GROUP: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr, V_PRED: tl.constexpr,
+        LSE: tl.constexpr):
+    """Merge the splits of one (sequence, query head): values from their level sum, plus the own
+    token; with ``LSE`` also the log of the softmax denominator ``[B, Hq]``."""
     b = tl.program_id(0)
     hq = tl.program_id(1)
     kvh = hq // GROUP
     d = tl.arange(0, D)
-    state, in_range, split_weight, cached_mass, own_weight = split_weights(
+    state, in_range, split_weight, cached_mass, own_weight, top = split_weights(
         q_ptr, own_k_ptr, max_ptr, sum_ptr, b, hq, kvh, stride_qb, stride_qh, stride_kb, stride_kh,
         num_q_heads, num_splits, scale, SPLITS_PAD, D)
+    if LSE:
+        tl.store(lse_ptr + b * num_q_heads + hq, top + tl.log(cached_mass + own_weight))
     own_v = tl.load(own_v_ptr + b * stride_vb + kvh * stride_vh + d).to(tl.float32)
     level_sum = tl.sum(split_weight[:, None] * tl.load(acc_ptr + state[:, None] * D + d[None, :],
                                                        mask=in_range[:, None], other=0.0), axis=0)
@@ -191,7 +195,8 @@ def fused_transform_decode_attention(query: torch.Tensor, own_k: torch.Tensor, o
                                      pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                                      params: TransformLayerParams, scale: float,
                                      rope: torch.Tensor | None = None, previous=None,
-                                     precision: str = "ieee", num_splits: int | None = None) -> torch.Tensor:
+                                     precision: str = "ieee", num_splits: int | None = None,
+                                     skip_first: int = 0, return_lse: bool = False):
     """query ``[B, Hq, D]`` (post-RoPE), own_k/own_v ``[B, H, D]`` (exact K/V of position
     ``seq_lens - 1``, post-RoPE), pages uint8 ``[N, H, bs, S]`` (any block size), block_table
     int ``[B, max_blocks]``, seq_lens int ``[B]`` (>= 1, own token included) -> ``[B, Hq, D]``
@@ -204,15 +209,20 @@ def fused_transform_decode_attention(query: torch.Tensor, own_k: torch.Tensor, o
     exactly when the layer is cross-layer predicted. ``precision``: ``tl.dot`` operands
     (:data:`~.transform_reconstruct.PRECISIONS`; the reduction is float32 whatever it is).
     ``num_splits``: split-K factor (default: :func:`~.decode_attention.choose_splits` over tiles).
+    ``skip_first``: cached positions ``< skip_first`` are not read (the caller attends to them,
+    e.g. exact sink tokens, and merges by the log-sum-exp). ``return_lse``: also return the
+    log of each softmax denominator, float32 ``[B, Hq]`` (scores scaled by ``scale``).
     """
     check_fused_args(query, own_k, own_v, pages, block_table, seq_lens, params, rope, precision)
+    expect(skip_first >= 0, f"skip_first must be >= 0, got {skip_first}")
     batch, q_heads, dim = query.shape
     heads, block_size = params.num_kv_heads, pages.shape[2]
     prev_rows_per_seq = block_table.shape[1] * block_size
     previous = check_previous(previous, (batch, prev_rows_per_seq, heads, dim), params, pages.device)
     out = torch.empty_like(query)
+    lse = torch.empty(batch, q_heads, device=query.device, dtype=torch.float32)
     if batch == 0:
-        return out
+        return (out, lse) if return_lse else out
     group = q_heads // heads
     max_tiles = triton.cdiv(prev_rows_per_seq, TILE)
     splits = num_splits or choose_splits(batch, heads, max_tiles)
@@ -229,14 +239,15 @@ def fused_transform_decode_attention(query: torch.Tensor, own_k: torch.Tensor, o
         v.start, v.nbits, v.levels, v.pred_w, v.pred_b,
         query.stride(0), query.stride(1), pages.stride(0), pages.stride(1), pages.stride(2),
         block_table.stride(0), heads, q_heads, splits, triton.cdiv(max_tiles, splits),
-        prev_rows_per_seq, float(scale),
+        prev_rows_per_seq, float(scale), int(skip_first),
         GROUP=group, GROUP_PAD=max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
         TILE=TILE, D=dim, K_OFF=k.offset, V_OFF=v.offset, K_PRED=k.has_pred, V_PRED=v.has_pred,
         ROPE=rope is not None, PRECISION=PRECISIONS[precision])
     transform_decode_reduce_kernel[(batch, q_heads)](
-        query, own_k, own_v, out, acc, pred_acc, split_max, split_sum, v.inverse, v.mean,
+        query, own_k, own_v, out, lse, acc, pred_acc, split_max, split_sum, v.inverse, v.mean,
         query.stride(0), query.stride(1), own_k.stride(0), own_k.stride(1),
         own_v.stride(0), own_v.stride(1), out.stride(0), out.stride(1),
         q_heads, splits, float(scale),
-        GROUP=group, SPLITS_PAD=triton.next_power_of_2(splits), D=dim, V_PRED=v.has_pred)
-    return out
+        GROUP=group, SPLITS_PAD=triton.next_power_of_2(splits), D=dim, V_PRED=v.has_pred,
+        LSE=return_lse)
+    return (out, lse) if return_lse else out

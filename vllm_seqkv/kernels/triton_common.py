@@ -47,7 +47,7 @@ def split_weights(q_ptr, own_k_ptr, max_ptr, sum_ptr, b, hq, kvh, stride_qb, str
     """Softmax weights of one (sequence, query head)'s split-K partials and of its exact own
     token, against their common maximum: ``(state [SPLITS_PAD]`` (index of each split's
     partial), ``in_range``, ``split_weight``, ``cached_mass`` (the partials' total weight),
-    ``own_weight)``."""
+    ``own_weight``, ``top`` (the common maximum score)``)``."""
     d = tl.arange(0, D)
     s = tl.arange(0, SPLITS_PAD)
     in_range = s < num_splits
@@ -59,4 +59,5 @@ def split_weights(q_ptr, own_k_ptr, max_ptr, sum_ptr, b, hq, kvh, stride_qb, str
     own_score = tl.sum(q * own_k) * scale
     top = tl.maximum(tl.max(split_max), own_score)
     split_weight = tl.exp(split_max - top)
-    return state, in_range, split_weight, tl.sum(split_weight * split_sum), tl.exp(own_score - top)
+    return (state, in_range, split_weight, tl.sum(split_weight * split_sum), tl.exp(own_score - top),
+            top)
