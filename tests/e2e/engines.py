@@ -7,12 +7,13 @@ import gc
 
 
 @contextlib.contextmanager
-def engine(model_dir, backend: str = "seqkv", **kwargs):
+def engine(model_dir, backend: str = "seqkv", seqkv_options: dict | None = None, **kwargs):
     from vllm import LLM
 
     options = dict(max_model_len=512, kv_cache_memory_bytes=32 << 20, seed=0, enforce_eager=True)
     options.update(kwargs)
-    llm = LLM(model=str(model_dir), additional_config={"kv_cache_backend": backend}, **options)
+    additional_config = {"kv_cache_backend": backend, "seqkv": seqkv_options or {}}
+    llm = LLM(model=str(model_dir), additional_config=additional_config, **options)
     try:
         yield llm
     finally:

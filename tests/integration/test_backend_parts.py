@@ -201,3 +201,50 @@ def test_engine_keys_sinks_by_the_token_in_layer0_slot(tiny_model_dir):
     coded = layout.encode(table[ids].float(), layout.value.table[ids].float())
     pages[torch.tensor([2, 3]), :, 0, :layout.slot_bytes] = coded
     assert engine.first_token(2) == 17 and engine.first_token(3) == 301
+
+
+@pytest.mark.parametrize("sink_table_bytes", [64 << 20, 0])  # exact sinks / coded (table full)
+def test_fused_decode_equals_reconstruct_then_attend(tiny_model_dir, nox_calibration, sink_table_bytes):
+    """EngineCodec.decode_attention (the fused kernel's contract: sinks skipped, merged back by
+    the log-sum-exp; here its torch reference) against the backend's prefill path: reconstruct,
+    RoPE, exact sinks, attend."""
+    from vllm_seqkv.config import SeqKVConfig
+    from vllm_seqkv.integration.backend import attend
+    from vllm_seqkv.integration.engine_codec import EngineCodec
+
+    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv", preset="seqkv-3-nox",
+                                     calibration=str(nox_calibration),
+                                     sink_table_bytes=sink_table_bytes),
+                         str(tiny_model_dir), 2, 32, 10000.0)
+    gen = torch.Generator().manual_seed(1)
+    block_size, lengths = 16, [1, 2, 5, 40]
+    block_table = torch.tensor([[0, 0, 0], [1, 0, 0], [2, 0, 0], [3, 4, 5]])
+    pages = [torch.zeros(6, 2, block_size, engine.slot_bytes, dtype=torch.uint8) for _ in range(2)]
+    for layer, page in enumerate(pages):
+        engine.chain.register(layer, page)
+    exact, first_tokens = [], set()
+    for b, length in enumerate(lengths):
+        positions = torch.arange(length)
+        slots = block_table[b, positions // block_size] * block_size + positions % block_size
+        ids = torch.randint(0, 4000, (length,), generator=gen)
+        first_tokens.add(int(ids[0]))
+        table0 = engine.layout(0)
+        engine.write(0, pages[0], slots, table0.key.table[ids].float(), table0.value.table[ids].float())
+        key = torch.randn(length, 2, 32, generator=gen) * 2
+        value = torch.randn(length, 2, 32, generator=gen)
+        engine.write(1, pages[1], slots, engine.to_code_frame(key, positions), value)
+        engine.sinks.record(1, slots // block_size, slots % block_size, positions, key, value)
+        exact.append((key, value))
+    assert len(engine.sinks) == (len(first_tokens) if sink_table_bytes else 0)  # keyed by token
+    query = torch.randn(4, 6, 32, generator=gen)
+    own_k = torch.stack([k[-1] for k, _ in exact])
+    own_v = torch.stack([v[-1] for _, v in exact])
+    params = engine.kernel_params(1, torch.device("cpu"))
+    fused = engine.decode_attention(1, params, query, own_k, own_v, pages[1], block_table, lengths, 0.2)
+    for b, length in enumerate(lengths):
+        blocks = block_table[b, : -(-length // block_size)]
+        cached_k, cached_v = engine.reconstruct(1, pages[1], blocks, length, None)
+        cached_k = engine.from_code_frame(cached_k, torch.arange(length))
+        engine.sinks.restore(1, int(blocks[0]), cached_k, cached_v)
+        expected = attend(query[b:b + 1], cached_k, cached_v, own_k[b:b + 1], own_v[b:b + 1], 0.2)
+        torch.testing.assert_close(fused[b], expected[0], atol=1e-4, rtol=1e-4)

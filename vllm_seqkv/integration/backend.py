@@ -214,9 +214,15 @@ class SeqKVAttentionImpl(AttentionImpl):
         self.engine.chain.register(layer_index, pages)
         starts = attn_metadata.query_starts
         block_size = pages.shape[2]
+        fused = self.engine.fused_decode_params(layer_index, pages.device)
+        decodes = ([i for i in range(len(starts) - 1) if starts[i + 1] - starts[i] == 1]
+                   if fused is not None else [])
+        if decodes:
+            self._fused_decode(layer_index, fused, decodes, query, key, value, pages, attn_metadata,
+                               output)
         for i, seq_len in enumerate(attn_metadata.seq_lens_host):
             q0, q1 = starts[i], starts[i + 1]
-            if q1 == q0:
+            if q1 == q0 or (decodes and q1 - q0 == 1):
                 continue
             num_blocks = -(-seq_len // block_size)
             block_ids = attn_metadata.block_table_host[i, :num_blocks]
@@ -236,6 +242,19 @@ class SeqKVAttentionImpl(AttentionImpl):
                          value[q0:q1].float(), self.scale)
             output[q0:q1].copy_(out.view(output[q0:q1].shape))
         return output
+
+    def _fused_decode(self, layer_index: int, params, decodes: list[int], query: torch.Tensor,
+                      key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
+                      metadata: SeqKVMetadata, output: torch.Tensor) -> None:
+        """Sequences ``decodes`` (one query token each) in one fused decode kernel call."""
+        rows = torch.tensor([metadata.query_starts[i] for i in decodes], device=query.device)
+        seq_lens = [metadata.seq_lens_host[i] for i in decodes]
+        num_blocks = -(-max(seq_lens) // pages.shape[2])
+        block_table = metadata.block_table[decodes, :num_blocks]
+        out = self.engine.decode_attention(layer_index, params, query[rows].float(),
+                                           key[rows].float(), value[rows].float(), pages,
+                                           block_table, seq_lens, self.scale)
+        output[rows] = out.view(output[rows].shape).to(output.dtype)
 
 
 def finite_or_zero(key: torch.Tensor, value: torch.Tensor, layer_index: int):

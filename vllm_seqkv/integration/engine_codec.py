@@ -208,7 +208,8 @@ class EngineCodec:
         self.rope_theta = rope_theta
         self._announced: set[int] = set()
         self._kernel_params: dict[tuple[int, str], object] = {}
-        self._kernel_error: dict[int, float] = {}
+        self._kernel_error: dict[tuple[int, str], float] = {}
+        self._rope_tables: dict[str, torch.Tensor] = {}
         self._write_differ: dict[int, float] = {}
 
     def first_token(self, block: int) -> int | None:
@@ -310,6 +311,90 @@ class EngineCodec:
             self._check_against_reference(layer, pages, blocks, params, previous, key, value)
         return key[:length], value[:length]
 
+    def fused_decode_params(self, layer: int, device: torch.device):
+        """The layer's kernel params when its decode can run as one fused kernel over the pages
+        (a kernel implementation on ``device``, transform format, not cross-layer), else None.
+        NOTE: with a cross-layer preset every layer must hand its reconstruction up to the next
+        one, so its decode reconstructs (:meth:`reconstruct`) instead."""
+        from vllm_seqkv import kernels
+
+        if self.codec.cross_layer or kernels.implementation(device) == "torch":
+            return None
+        params = self.kernel_params(layer, device)
+        return params if isinstance(params, kernels.TransformLayerParams) else None
+
+    def decode_attention(self, layer: int, params, query: torch.Tensor, own_k: torch.Tensor,
+                         own_v: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor,
+                         seq_lens: list[int], scale: float) -> torch.Tensor:
+        """One query per sequence over its pages, by the fused decode kernel: query ``[B, Hq, D]``,
+        own_k/own_v ``[B, H, D]`` (post-RoPE, position ``seq_len - 1``), block_table ``[B, n]``
+        -> ``[B, Hq, D]`` float32. The kernel skips the sink positions; their exact rows (coded
+        ones where the sink table has none) are merged in by the log-sum-exp."""
+        from vllm_seqkv import kernels
+
+        device = pages.device
+        lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+        rope = self._rope_table(max(seq_lens), device) if self.codec.pre_rope_keys else None
+        sinks = self.codec.sink_tokens
+        out, lse = kernels.paged_decode_attention(query, own_k, own_v, pages, block_table, lengths,
+                                                  params, scale, rope=rope, skip_first=sinks,
+                                                  return_lse=True)
+        if CHECK_KERNELS:
+            self._check_decode(layer, params, query, own_k, own_v, pages, block_table, lengths,
+                               scale, rope, out, lse)
+        if sinks == 0:
+            return out.float()
+        sink_k, sink_v = self._sink_rows(layer, pages, block_table[:, 0].long())  # [B, S0, H, D]
+        group = query.shape[1] // sink_k.shape[2]
+        scores = torch.einsum("bhd,bshd->bhs", query.float(),
+                              sink_k.repeat_interleave(group, dim=2)) * scale
+        cached = torch.arange(sinks, device=device)[None, :] < (lengths.long() - 1)[:, None]  # [B, S0]
+        scores = scores.masked_fill(~cached[:, None, :], float("-inf"))
+        sink_lse = scores.logsumexp(-1)  # [B, Hq]; -inf where a sequence has no cached sink
+        sink_out = torch.einsum("bhs,bshd->bhd", scores.softmax(-1).nan_to_num(0.0),
+                                sink_v.repeat_interleave(group, dim=2))
+        weights = torch.stack([lse, sink_lse]).softmax(0)  # [2, B, Hq]
+        return weights[0, ..., None] * out.float() + weights[1, ..., None] * sink_out
+
+    def _sink_rows(self, layer: int, pages: torch.Tensor, first_blocks: torch.Tensor):
+        """K (post-RoPE) and V ``[B, S0, H, D]`` of positions ``0 .. S0 - 1`` (``S0`` = sink
+        tokens) of sequences starting at ``first_blocks [B]``: exact from the sink table, else
+        decoded from the pages."""
+        sinks = self.codec.sink_tokens
+        slots = pages[first_blocks, :, :sinks].transpose(1, 2)  # [B, S0, H, S]
+        batch = slots.shape[0]
+        key, value = self.layout(layer).decode(slots.reshape(batch * sinks, *slots.shape[2:]), None)
+        positions = torch.arange(sinks, device=pages.device).repeat(batch)
+        key = self.from_code_frame(key, positions).reshape(batch, sinks, *key.shape[1:])
+        value = value.reshape(batch, sinks, *value.shape[1:])
+        for b, block in enumerate(first_blocks.tolist()):
+            self.sinks.restore(layer, block, key[b], value[b])
+        return key, value
+
+    def _rope_table(self, positions: int, device: torch.device) -> torch.Tensor:
+        """A :func:`~vllm_seqkv.kernels.rope_cache` table of at least ``positions`` rows on
+        ``device``, grown by powers of two."""
+        from vllm_seqkv.kernels import rope_cache
+
+        table = self._rope_tables.get(str(device))
+        if table is None or table.shape[0] < positions:
+            rows = 1 << max(positions - 1, 1).bit_length()
+            table = rope_cache(rows, self.head_dim, self.rope_theta, device)
+            self._rope_tables[str(device)] = table
+        return table
+
+    def _check_decode(self, layer, params, query, own_k, own_v, pages, block_table, lengths, scale,
+                      rope, out, lse) -> None:
+        """``SEQKV_KERNELS_CHECK=1``: the fused decode against the reference on the engine's pages."""
+        from vllm_seqkv.kernels.reference import transform_decode_attention_reference
+
+        ref_out, ref_lse = transform_decode_attention_reference(
+            query, own_k, own_v, pages, block_table, lengths, params.layout, scale, rope=rope,
+            skip_first=self.codec.sink_tokens, return_lse=True)
+        error = max((out.float() - ref_out.float()).abs().max().item(),
+                    (lse - ref_lse.to(lse.device)).abs().max().item())
+        self._record_kernel_error(layer, error, "fused decode")
+
     def _check_against_reference(self, layer, pages, blocks, params, previous, key, value) -> None:
         """``SEQKV_KERNELS_CHECK=1``: compare a kernel's reconstruction with the reference on the
         engine's own pages; log each new worst error, raise beyond ``KERNEL_CHECK_TOLERANCE``."""
@@ -325,12 +410,17 @@ class EngineCodec:
             ref_k, ref_v = reconstruct_blocks_reference(pages, blocks, params.layout)
         error = max((key.float() - ref_k.float()).abs().max().item(),
                     (value.float() - ref_v.float()).abs().max().item())
-        if error > self._kernel_error.get(layer, -1.0):
-            self._kernel_error[layer] = error
-            logger.info("seqkv kernels check: layer %d, worst error vs reference so far %.3g",
-                        layer, error)
+        self._record_kernel_error(layer, error, "reconstruction")
+
+    def _record_kernel_error(self, layer: int, error: float, what: str) -> None:
+        """Log each new worst kernel-vs-reference error of ``what`` in ``layer``; raise beyond
+        ``KERNEL_CHECK_TOLERANCE``."""
+        if error > self._kernel_error.get((layer, what), -1.0):
+            self._kernel_error[(layer, what)] = error
+            logger.info("seqkv kernels check: layer %d %s, worst error vs reference so far %.3g",
+                        layer, what, error)
         if error > KERNEL_CHECK_TOLERANCE:
-            raise RuntimeError(f"seqkv kernels check: layer {layer} reconstruction differs from the "
+            raise RuntimeError(f"seqkv kernels check: layer {layer} {what} differs from the "
                                f"reference by {error:.3g} (> {KERNEL_CHECK_TOLERANCE})")
 
     def to_code_frame(self, key: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
