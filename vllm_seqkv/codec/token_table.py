@@ -50,8 +50,8 @@ class TokenTableCodec(TensorCodec):
 
     def decode(self, packed: Packed) -> torch.Tensor:
         ids = packed.fields["ids"].reshape(packed.shape[0], packed.shape[1]).long()
-        heads = torch.arange(packed.shape[1])
-        return self.table[ids, heads].float()
+        heads = torch.arange(packed.shape[1], device=ids.device)
+        return self.table.to(ids.device)[ids, heads].float()
 
     def probe_input(self, num_kv_heads: int, head_dim: int) -> torch.Tensor:
         return self.table[:1].float()

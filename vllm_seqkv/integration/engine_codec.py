@@ -178,7 +178,7 @@ class LayerChain:
         for below in range(layer):
             if below not in self._pages:
                 raise RuntimeError(f"seqkv: pages of layer {below} unknown; cannot predict layer {layer}")
-            previous = self.engine.layout(below).decode(gather(self._pages[below]), previous)
+            previous = self.engine.decode_slots(below, gather(self._pages[below]), previous)
         return previous
 
 
@@ -248,6 +248,22 @@ class EngineCodec:
             self._kernel_params[cache_key] = params
         return self._kernel_params[cache_key]
 
+    def encode_slots(self, layer: int, key: torch.Tensor, value: torch.Tensor,
+                     previous=None) -> torch.Tensor:
+        """The codec's encode of K/V ``[T, H, D]`` -> slot bytes ``[T, H, slot_bytes]`` on the
+        keys' device. NOTE: the codec's constants live on the CPU, so on a GPU this round-trips
+        through host memory; it serves what the kernels do not: layer 0's token table, the
+        torch path and the ``SEQKV_KERNELS_CHECK`` references."""
+        coded = self.layout(layer).encode(key.cpu(), value.cpu(), _on_cpu(previous))
+        return coded.to(key.device)
+
+    def decode_slots(self, layer: int, slots: torch.Tensor, previous=None):
+        """The codec's decode of slot bytes ``[T, H, S]`` -> K, V ``[T, H, D]`` (coding frame) on
+        the slots' device (see :meth:`encode_slots`): sink rows, cross-layer hand-ups of written
+        tokens, layer 0."""
+        key, value = self.layout(layer).decode(slots.cpu(), _on_cpu(previous))
+        return key.to(slots.device), value.to(slots.device)
+
     def write(self, layer: int, pages: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,
               value: torch.Tensor) -> None:
         """Code K/V ``[T, H, D]`` (keys in the coding frame) into ``slots [T]`` of ``pages
@@ -263,15 +279,15 @@ class EngineCodec:
         previous = self.chain.below(layer, write_key, lambda p: p[blocks, :, offsets])
         params = self.kernel_params(layer, pages.device)
         if params is None or kernels.implementation(pages.device) == "torch":
-            coded = layout.encode(key, value, previous)
+            coded = self.encode_slots(layer, key, value, previous)
             pages[blocks, :, offsets, :layout.slot_bytes] = coded
         else:
             kernels.write_slots(key, value, slots, pages, params, _kernel_previous(params, previous))
             coded = pages[blocks, :, offsets, :layout.slot_bytes]
             if CHECK_KERNELS:
-                self._check_write(layer, coded, layout.encode(key, value, previous))
+                self._check_write(layer, coded, self.encode_slots(layer, key, value, previous))
         if self.codec.cross_layer:
-            self.chain.keep(layer, write_key, layout.decode(coded, previous))
+            self.chain.keep(layer, write_key, self.decode_slots(layer, coded, previous))
 
     def _check_write(self, layer: int, coded: torch.Tensor, reference: torch.Tensor) -> None:
         """``SEQKV_KERNELS_CHECK=1``: the write kernel's slot bytes against the codec's encode.
@@ -300,7 +316,7 @@ class EngineCodec:
         if params is None or kernels.implementation(pages.device) == "torch":
             # the reference's own decode, of the ``length`` rows only (not whole pages)
             slots = pages[blocks].transpose(1, 2).reshape(-1, pages.shape[1], pages.shape[3])
-            return self.layout(layer).decode(slots[:length], previous)
+            return self.decode_slots(layer, slots[:length], previous)
         rows = blocks.numel() * pages.shape[2]
         previous = _kernel_previous(params, previous)
         if previous is not None:
@@ -363,7 +379,7 @@ class EngineCodec:
         sinks = self.codec.sink_tokens
         slots = pages[first_blocks, :, :sinks].transpose(1, 2)  # [B, S0, H, S]
         batch = slots.shape[0]
-        key, value = self.layout(layer).decode(slots.reshape(batch * sinks, *slots.shape[2:]), None)
+        key, value = self.decode_slots(layer, slots.reshape(batch * sinks, *slots.shape[2:]))
         positions = torch.arange(sinks, device=pages.device).repeat(batch)
         key = self.from_code_frame(key, positions).reshape(batch, sinks, *key.shape[1:])
         value = value.reshape(batch, sinks, *value.shape[1:])
@@ -438,6 +454,10 @@ class EngineCodec:
         first = pid not in self._announced
         self._announced.add(pid)
         return first
+
+
+def _on_cpu(previous):
+    return None if previous is None else tuple(t.cpu() for t in previous)
 
 
 def _kernel_previous(params, previous):
