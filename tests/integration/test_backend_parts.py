@@ -38,7 +38,7 @@ def test_metadata_builder_keeps_host_copies_and_drops_padding_requests():
 def _selector_reasons(**overrides):
     from vllm.platforms.interface import DeviceCapability
 
-    config = dict(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=16,
+    config = dict(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=32,
                   use_mla=False, has_sink=False, use_sparse=False, use_mm_prefix=False,
                   use_per_head_quant_scales=False, device_capability=DeviceCapability(9, 0),
                   attn_type="decoder")
@@ -48,7 +48,8 @@ def _selector_reasons(**overrides):
 def test_backend_passes_vllms_gpu_selector_checks_for_a_supported_model():
     # what vLLM's CUDA platform runs on the backend registered in the CUSTOM slot
     assert _selector_reasons() == []
-    assert _selector_reasons(block_size=32, dtype=torch.float16, head_size=128) == []
+    assert _selector_reasons(block_size=64, dtype=torch.float16, head_size=128) == []
+    assert SeqKVAttentionBackend.get_preferred_block_size(16) == 32
 
 
 @pytest.mark.parametrize("override, reason", [
@@ -57,7 +58,7 @@ def test_backend_passes_vllms_gpu_selector_checks_for_a_supported_model():
     ({"has_sliding_window": True}, "sliding window"),
     ({"use_mla": True}, "MLA"),
     ({"attn_type": "encoder"}, "attention type"),
-    ({"block_size": 8}, "block_size"),
+    ({"block_size": 16}, "block_size"),
 ])
 def test_backend_refuses_what_it_cannot_store(override, reason):
     assert any(reason in r for r in _selector_reasons(**override))
