@@ -249,3 +249,11 @@ def test_fused_decode_equals_reconstruct_then_attend(tiny_model_dir, nox_calibra
         engine.sinks.restore(1, int(blocks[0]), cached_k, cached_v)
         expected = attend(query[b:b + 1], cached_k, cached_v, own_k[b:b + 1], own_v[b:b + 1], 0.2)
         torch.testing.assert_close(fused[b], expected[0], atol=1e-4, rtol=1e-4)
+
+
+def test_kv_update_positions_follow_a_padded_slot_mapping():
+    from vllm_seqkv.integration.backend import _padded
+
+    positions = torch.tensor([9, 0, 1])
+    assert _padded(positions, 5).tolist() == [9, 0, 1, 0, 0]
+    assert _padded(positions, 2).tolist() == [9, 0]

@@ -192,7 +192,7 @@ class SeqKVAttentionImpl(AttentionImpl):
         if not bool(valid.any()):
             return
         slots = slot_mapping[valid].long()
-        positions = layer_metadata(layer).positions[:num][valid]
+        positions = _padded(layer_metadata(layer).positions, num)[valid]
         pages = _byte_pages(kv_cache)
         layer_index = _layer_index(layer)
         self.engine.chain.register(layer_index, pages)
@@ -319,6 +319,15 @@ def attend(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
     out = torch.einsum("hqs,shd->qhd", probs, v)
     own_weight = probs[:, rows, positions].transpose(0, 1).unsqueeze(-1)  # [Q, Hq, 1]
     return out + own_weight * (own_v - v[positions])
+
+
+def _padded(positions: torch.Tensor, num: int) -> torch.Tensor:
+    """``positions`` cut or zero-padded to ``num`` tokens. NOTE: vLLM may pad the slot mapping
+    it hands the KV update beyond the batch's tokens (to a CUDA-graph size); padding slots are
+    -1, so their positions are never read."""
+    if positions.shape[0] >= num:
+        return positions[:num]
+    return torch.nn.functional.pad(positions, (0, num - positions.shape[0]))
 
 
 def _byte_pages(kv_cache: torch.Tensor) -> torch.Tensor:
