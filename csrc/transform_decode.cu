@@ -38,7 +38,7 @@ namespace transform {
 namespace {
 
 constexpr int kPartialThreads = 128;
-constexpr int kTile = 16;
+constexpr int kTile = kDecodeTile;
 constexpr size_t kDefaultSmem = 48 * 1024;
 
 // Sum over the block (any blockDim <= 1024); every thread gets the result.

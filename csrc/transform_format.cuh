@@ -193,6 +193,7 @@ SEQKV_HD float merged_lse(const SplitMerge& m) { return m.top + logf(m.mass + m.
 
 // ---- split-K geometry -------------------------------------------------------------------
 
+constexpr int kDecodeTile = 16;        // context positions per step of a decode split
 constexpr int kTargetBlocks = 512;     // enough (B * H_kv * splits) blocks to fill an H100/H200
 constexpr int kMinSplitTokens = 64;    // at least this many context tokens per split
 
