@@ -1,9 +1,13 @@
-// Schemas of the seqkv CUDA ops (implementations: write_slots.cu, decode_attention.cu) and the
+// Schemas of the seqkv CUDA ops (implementations: write_slots.cu, decode_attention.cu for the
+// rotation format; transform_write.cu, transform_decode.cu for the transform format) and the
 // Python module vllm_seqkv._C: importing it registers the ops under torch.ops.seqkv.
-// A stream format is [bits_a, bits_b, norm_off, off_a, off_b] (see slot_format.cuh).
+// A rotation stream format is [bits_a, bits_b, norm_off, off_a, off_b] (see slot_format.cuh);
+// the transform ops' schemas are in transform_schema.h, their tables and formats in transform_args.h.
 // Only light headers (torch/library.h, Python.h): no pybind11, so it compiles in seconds.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "transform_schema.h"
 
 TORCH_LIBRARY(seqkv, m) {
   m.def(
@@ -14,6 +18,8 @@ TORCH_LIBRARY(seqkv, m) {
       "Tensor block_table, Tensor seq_lens, Tensor codebook_k, Tensor signs_k, Tensor weight_k, "
       "Tensor mean_k, Tensor codebook_v, Tensor signs_v, Tensor weight_v, Tensor mean_v, "
       "int[] k_format, int[] v_format, float scale, int num_splits) -> Tensor");
+  m.def(SEQKV_WRITE_TRANSFORM_SCHEMA);
+  m.def(SEQKV_TRANSFORM_DECODE_SCHEMA);
 }
 
 // An empty Python module named _C (the build names the extension vllm_seqkv._C).

@@ -41,6 +41,13 @@ def test_fused_row_is_in_report_and_table():
     assert "| transform-fused | seqkv-3 | — |" in bench_gpu.markdown_table([row])
 
 
+def test_transform_cuda_rows_only_on_small_cases():
+    assert bench_gpu.times_transform_cuda(4096, 16, False) and not bench_gpu.times_transform_cuda(32768, 16, False)
+    assert bench_gpu.times_transform_cuda(4096, 1, True) and not bench_gpu.times_transform_cuda(4096, 16, True)
+    row = bench_gpu.summarize(4096, 1, 300.0, 40.0, 1_000_000, kernel="transform-cuda", preset="seqkv-3-nox")
+    assert "| transform-cuda | seqkv-3-nox | — |" in bench_gpu.markdown_table([row])
+
+
 @pytest.mark.parametrize("cross_layer", [False, True])
 def test_timed_transform_calls_run_on_cpu(cross_layer, device):
     """The benchmark's three timed calls on one small case (random pages); the fused one
@@ -49,6 +56,7 @@ def test_timed_transform_calls_run_on_cpu(cross_layer, device):
     inputs = bench_gpu.transform_inputs(3 * bench_gpu.BLOCK_SIZE, 2, layouts, device, cross_layer, group=2)
     assert inputs.params.cross_layer == cross_layer and inputs.query.shape == (2, 4, 32)
     calls = bench_gpu.transform_calls(inputs)
+    assert "transform-cuda" not in calls  # only with use_cuda_op (a built extension, on a GPU)
     key, value = calls["reconstruct"]()
     assert key.shape == (2 * 3 * bench_gpu.BLOCK_SIZE, 2, 32) and key.dtype == torch.bfloat16
     recon, fused = calls["transform-recon+sdpa"](), calls["transform-fused"]()

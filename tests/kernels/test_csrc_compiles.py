@@ -35,7 +35,8 @@ def compile_one(source: Path, out_dir: Path) -> tuple[Path, subprocess.Completed
 
 
 def test_every_csrc_source_compiles(tmp_path):
-    assert {p.name for p in SOURCES} >= {"decode_attention.cu", "write_slots.cu", "registration.cpp"}
+    assert {p.name for p in SOURCES} >= {"decode_attention.cu", "write_slots.cu", "registration.cpp",
+                                         "transform_write.cu", "transform_decode.cu"}
     with ThreadPoolExecutor(max_workers=len(SOURCES)) as pool:
         results = list(pool.map(lambda s: compile_one(s, tmp_path), SOURCES))
     failures = [f"{src.name}:\n{res.stderr[-4000:]}" for src, res in results if res.returncode]

@@ -1,6 +1,9 @@
 """csrc/ CUDA ops (torch.ops.seqkv) vs the torch reference, and torch.library.opcheck.
 
 Needs a GPU and the built extension (scripts/gpu_check.sh builds it); skipped otherwise.
+Both slot formats: the rotation ops (write_slots, paged_decode_attention) and the transform
+ops (write_transform_slots, transform_decode_attention; their per-element math is also checked
+on CPU by test_transform_host.py, their thread/block structure only here).
 """
 
 import pytest
@@ -8,14 +11,28 @@ import torch
 
 from tests.kernels.helpers import build_cache, seqkv3_layout
 from vllm_seqkv.kernels import layer_params
+from tests.kernels.test_transform_decode import setup_case
+from tests.kernels.test_transform_kernels import check_flips, grid_layout
+from tests.kernels.transform_helpers import TRANSFORM_TOLERANCES, transform_layouts
+from vllm_seqkv import kernels
 from vllm_seqkv.kernels.cuda_ops import (
     decode_args,
     load_cuda_ops,
     paged_decode_attention_cuda,
+    transform_decode_args,
+    transform_decode_attention_cuda,
     write_slots_args,
     write_slots_cuda,
+    write_transform_args,
+    write_transform_slots_cuda,
 )
-from vllm_seqkv.kernels.reference import paged_decode_attention_reference, write_slots_reference
+from vllm_seqkv.kernels.reference import (
+    paged_decode_attention_reference,
+    transform_decode_attention_reference,
+    write_slots_reference,
+    write_transform_reference,
+)
+from vllm_seqkv.kernels.transform_params import transform_layer_params
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and load_cuda_ops()),
                                 reason="needs a GPU and the built vllm_seqkv._C extension")
@@ -58,3 +75,104 @@ def test_opcheck():
     pages = cache.pages.clone()
     write_args = write_slots_args(own, own, torch.tensor([3, 70], device="cuda"), pages, cache.params)
     torch.library.opcheck(torch.ops.seqkv.write_slots.default, write_args)
+
+
+# ---- transform format ---------------------------------------------------------------------
+
+
+def test_transform_write_is_bit_exact_on_a_dyadic_grid():
+    heads, dim = 2, 32
+    layout = grid_layout(heads, dim)
+    gen = torch.Generator().manual_seed(1)
+    grid = lambda *s: torch.randint(-64, 65, s, generator=gen).float() / 16  # noqa: E731
+    key, value = grid(41, heads, dim), grid(41, heads, dim)
+    previous = (grid(41, heads, dim), grid(41, heads, dim))
+    slot_mapping = torch.randperm(48, generator=gen)[:41]
+    slot_mapping[[0, 33]] = -1
+    expected = torch.randint(0, 256, (3, heads, 16, layout.slot_bytes), dtype=torch.uint8, generator=gen)
+    pages = expected.cuda()
+    write_transform_reference(key, value, slot_mapping, expected, layout, previous)
+    write_transform_slots_cuda(key.cuda(), value.cuda(), slot_mapping.cuda(), pages,
+                               transform_layer_params(layout, "cuda"), tuple(p.cuda() for p in previous))
+    assert torch.equal(pages.cpu(), expected)
+
+
+@pytest.mark.parametrize("preset, heads, dim, block_size, dtype", [
+    ("seqkv-3", 3, 64, 16, torch.float32),
+    ("seqkv-2", 1, 32, 8, torch.bfloat16),
+    ("seqkv-2.5", 2, 128, 16, torch.float16),
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_transform_write_matches_codec_bytes(preset, heads, dim, block_size, dtype):
+    from tests.codec.synthetic import synthetic_capture
+
+    layouts = transform_layouts(preset, heads, dim)
+    gen = torch.Generator().manual_seed(dim)
+    capture = synthetic_capture(2, heads, dim, tokens=37, seed=dim + 3)
+    slot_mapping = torch.randperm(3 * block_size * 2, generator=gen)[:37]
+    slot_mapping[[3, 20]] = -1
+    previous = None
+    for layer, layout in enumerate(layouts):
+        key, value = capture.keys[layer].to(dtype), capture.values[layer].to(dtype)
+        expected = torch.randint(0, 256, (6, heads, block_size, layout.slot_bytes), dtype=torch.uint8,
+                                 generator=gen)
+        pages = expected.cuda()
+        write_transform_reference(key, value, slot_mapping, expected, layout, previous)
+        prev = None if previous is None else tuple(p.cuda().contiguous() for p in previous)
+        write_transform_slots_cuda(key.cuda(), value.cuda(), slot_mapping.cuda(), pages,
+                                   transform_layer_params(layout, "cuda"), prev)
+        pages = pages.cpu()
+        if not torch.equal(pages, expected):
+            flat = [p.transpose(1, 2).reshape(-1, heads, layout.slot_bytes) for p in (pages, expected)]
+            check_flips(*flat, slot_mapping, key, value, previous, layout, transform_layer_params(layout))
+        previous = layout.decode(layout.encode(key.float(), value.float(), previous), previous)
+
+
+# (preset, kv heads, head_dim, GQA group, block size, layer, query dtype, rope, splits, skip_first)
+TRANSFORM_DECODE_CASES = [
+    ("seqkv-3", 2, 32, 3, 16, 1, torch.float32, True, 3, 0),
+    ("seqkv-3-nox", 1, 64, 4, 8, 1, torch.float32, True, None, 5),
+    ("seqkv-2.5", 3, 32, 2, 16, 0, torch.bfloat16, False, 2, 0),
+    ("seqkv-4", 1, 128, 1, 32, 1, torch.float16, True, 1, 40),
+    ("seqkv-3", 2, 128, 8, 16, 1, torch.bfloat16, True, None, 0),
+    ("seqkv-3-nox", 3, 128, 5, 16, 0, torch.float32, False, 7, 3),
+]
+
+
+@pytest.mark.parametrize("preset, heads, dim, group, block_size, layer, dtype, rope, splits, skip_first",
+                         TRANSFORM_DECODE_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_transform_decode_matches_reference(preset, heads, dim, group, block_size, layer, dtype, rope, splits,
+                                            skip_first):
+    cache, params, previous, table, (query, own_k, own_v) = setup_case(
+        preset, heads, dim, group, block_size, layer, dtype, rope, torch.device("cuda"))
+    args = (query, own_k, own_v, cache.pages[layer], cache.block_table, cache.seq_lens)
+    out, lse = transform_decode_attention_cuda(*args, params, dim ** -0.5, rope=table, previous=previous,
+                                               num_splits=splits, skip_first=skip_first, return_lse=True)
+    ref, ref_lse = transform_decode_attention_reference(
+        query.float(), own_k.float(), own_v.float(), *args[3:], cache.layouts[layer], dim ** -0.5, rope=table,
+        previous=previous, skip_first=skip_first, return_lse=True)
+    assert out.dtype == dtype and out.shape == query.shape
+    atol, rtol = TRANSFORM_TOLERANCES[dtype]
+    torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse.cpu(), ref_lse.cpu(), atol=1e-4, rtol=1e-4)
+
+
+def test_transform_public_api_runs_the_cuda_ops(monkeypatch):
+    monkeypatch.setenv("SEQKV_KERNELS", "cuda")
+    cache, params, previous, table, (query, own_k, own_v) = setup_case(
+        "seqkv-3", 1, 32, 2, 16, 1, torch.float32, True, torch.device("cuda"))
+    args = (query, own_k, own_v, cache.pages[1], cache.block_table, cache.seq_lens)
+    out = kernels.paged_decode_attention(*args, params, 0.3, rope=table, previous=previous)
+    assert torch.equal(out, transform_decode_attention_cuda(*args, params, 0.3, rope=table, previous=previous))
+
+
+def test_transform_opcheck():
+    cache, params, previous, table, (query, own_k, own_v) = setup_case(
+        "seqkv-3", 1, 32, 2, 16, 1, torch.float32, True, torch.device("cuda"))
+    args = transform_decode_args(query, own_k, own_v, cache.pages[1], cache.block_table, cache.seq_lens, params,
+                                 0.2, table, previous, 2, 3)
+    torch.library.opcheck(torch.ops.seqkv.transform_decode_attention.default, args)
+    key, value = (t[:3].cuda() for t in cache.tokens[1])
+    prev3 = tuple(p.reshape(-1, 1, 32)[:3].contiguous() for p in previous)
+    write_args = write_transform_args(key, value, torch.tensor([4, -1, 9], device="cuda"), cache.pages[1].clone(),
+                                      params, prev3)
+    torch.library.opcheck(torch.ops.seqkv.write_transform_slots.default, write_args)

@@ -7,8 +7,10 @@ from the engine's SlotLayout, once per layer, on the cache's device):
   CUDA (``csrc/``) kernels, including a fused paged decode attention;
 - transform format (``seqkv-2/2.5/3/4``, ``seqkv-3-nox``): :class:`TransformLayerParams`;
   Triton kernels for writing and reconstructing pages and a fused paged decode attention
-  (:mod:`.transform_decode`; every layer, cross-layer ones included; no CUDA op). The older
-  "reconstruct + torch SDPA" decode stays in :mod:`.transform_reconstruct` (benchmark baseline).
+  (:mod:`.transform_decode`; every layer, cross-layer ones included), and CUDA ops
+  (``csrc/transform_*.cu``, :mod:`.cuda_ops`) for the write and the fused decode (float32
+  math; reconstruction has no CUDA op). The older "reconstruct + torch SDPA" decode stays in
+  :mod:`.transform_reconstruct` (benchmark baseline).
 
 Layer 0 of the transform presets is a token table (:mod:`vllm_seqkv.codec.token_table`):
 its slot is a row index, reconstructed by a table gather; it has no kernel params yet
@@ -31,8 +33,13 @@ transform format only):
 
 Implementation choice (``SEQKV_KERNELS`` = ``auto`` | ``triton`` | ``cuda`` | ``torch``):
 ``auto`` uses Triton on CUDA tensors and the torch reference on CPU tensors; on a GPU without
-Triton it falls back to the reference with a warning. ``cuda`` on the transform format (no
-CUDA op) runs Triton, with a warning. The choice is logged once per device.
+Triton it falls back to the reference with a warning. ``cuda`` on the transform format runs
+the CUDA ops for ``write_slots`` and ``paged_decode_attention`` when ``vllm_seqkv._C`` is built
+(else Triton, with a warning) and Triton for ``reconstruct_blocks`` (no CUDA op; warning).
+The CUDA ops' per-element math (``csrc/transform_format.cuh``) is checked on CPU by compiling it
+with g++ into a host test (tests/kernels/test_transform_host.py); their thread/block structure
+only on a GPU (tests/kernels/test_cuda_ops.py, never run so far). The choice is logged once
+per device.
 """
 
 from __future__ import annotations
@@ -108,14 +115,23 @@ def _layout(params):
     return params.layout
 
 
-def _transform_kind(device: torch.device) -> str:
+def _transform_kind(device: torch.device, has_cuda_op: bool = True) -> str:
+    """Implementation of one transform-format call; ``cuda`` runs the CUDA op when the
+    extension is built and the call has one (write, fused decode), else Triton with a warning."""
     kind = implementation(device)
-    if kind == "cuda":
-        if ("cuda-transform", str(device)) not in _announced:
-            _announced.add(("cuda-transform", str(device)))
-            logger.warning("seqkv kernels: no CUDA op for the transform format; using Triton on %s", device)
-        return "triton"
-    return kind
+    if kind != "cuda":
+        return kind
+    from vllm_seqkv.kernels.cuda_ops import load_cuda_ops
+
+    if has_cuda_op and load_cuda_ops():
+        return "cuda"
+    why = "no CUDA op for it" if load_cuda_ops() else "vllm_seqkv._C is not built"
+    key = ("cuda-transform", f"{device}:{why}")
+    if key not in _announced:
+        _announced.add(key)
+        logger.warning("seqkv kernels: transform format with SEQKV_KERNELS=cuda but %s; using Triton on %s",
+                       why, device)
+    return "triton"
 
 
 def _needs_previous(params: TransformLayerParams, previous) -> None:
@@ -135,7 +151,11 @@ def write_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tens
                 pages: torch.Tensor, params, previous=None) -> None:
     if isinstance(params, TransformLayerParams):
         _needs_previous(params, previous)
-        if _transform_kind(pages.device) == "triton":
+        kind = _transform_kind(pages.device)
+        if kind == "cuda":
+            from vllm_seqkv.kernels.cuda_ops import write_transform_slots_cuda
+            return write_transform_slots_cuda(key, value, slot_mapping, pages, params, previous)
+        if kind == "triton":
             from vllm_seqkv.kernels.transform_write import write_transform_slots
             return write_transform_slots(key, value, slot_mapping, pages, params, previous)
         from vllm_seqkv.kernels.reference import write_transform_reference
@@ -159,7 +179,12 @@ def paged_decode_attention(query: torch.Tensor, own_k: torch.Tensor, own_v: torc
     if isinstance(params, TransformLayerParams):
         _needs_previous(params, previous)
         extra = dict(rope=rope, previous=previous, skip_first=skip_first, return_lse=return_lse)
-        if _transform_kind(pages.device) == "triton":
+        kind = _transform_kind(pages.device)
+        if kind == "cuda":
+            from vllm_seqkv.kernels.cuda_ops import transform_decode_attention_cuda
+            return transform_decode_attention_cuda(query, own_k, own_v, pages, block_table, seq_lens,
+                                                   params, scale, **extra)
+        if kind == "triton":
             from vllm_seqkv.kernels.transform_decode import fused_transform_decode_attention
             return fused_transform_decode_attention(query, own_k, own_v, pages, block_table, seq_lens,
                                                     params, scale, **extra)
@@ -187,7 +212,7 @@ def reconstruct_blocks(pages: torch.Tensor, block_ids: torch.Tensor, params, pre
                        rope: torch.Tensor | None = None, block_positions: torch.Tensor | None = None):
     if isinstance(params, TransformLayerParams):
         _needs_previous(params, previous)
-        if _transform_kind(pages.device) == "triton":
+        if _transform_kind(pages.device, has_cuda_op=False) == "triton":
             from vllm_seqkv.kernels.transform_reconstruct import reconstruct_transform_blocks
             return reconstruct_transform_blocks(pages, block_ids, params, previous, rope, block_positions)
         from vllm_seqkv.kernels.reference import reconstruct_transform_reference

@@ -19,7 +19,11 @@ Rows (``kernel`` field):
 - ``transform-fused``: the same cases (same pages, RoPE table and previous) through the fused
   paged decode attention (:mod:`~vllm_seqkv.kernels.transform_decode`, fp16 tensor-core dots,
   bf16 query and output), which reads the pages directly and writes no dense K/V; its
-  ``bf16 SDPA`` figure is the one measured for the case's ``transform-recon+sdpa`` row.
+  ``bf16 SDPA`` figure is the one measured for the case's ``transform-recon+sdpa`` row;
+- ``transform-cuda``: the same calls through the CUDA op ``seqkv::transform_decode_attention``
+  (``csrc/transform_decode.cu``: float32 CUDA-core math, no tensor cores) when ``vllm_seqkv._C``
+  is built, on the smaller cases only (``times_transform_cuda``: the plain kernel is expected to
+  be far slower than the tensor-core Triton one, and the script has an 8-minute budget).
 
 Shape: a Llama-8B-like layer (8 KV heads, 32 query heads, head_dim 128), block size 16,
 one query token per sequence, every sequence at the same context. seqkv timing covers the
@@ -51,6 +55,8 @@ TRANSFORM_BITS = (2.5, 3.5)  # seqkv-3's K / V bits per element
 CROSS_LAYER_CASES = ((1024, 1), (4096, 1), (4096, 16), (32768, 1), (32768, 16))
 ROPE_THETA = 500000.0
 TRANSFORM_PRECISION = "fp16"  # tl.dot operands of the timed transform kernels
+TRANSFORM_CUDA_MAX_TOKENS = 65536  # context * batch of the cases timed on the transform CUDA op
+TRANSFORM_CUDA_MAX_TOKENS_CROSS = 4096  # the same for cross-layer cases (2 H D^2 MACs per stream)
 
 
 @dataclass
@@ -124,6 +130,12 @@ def plan_transform_cases(free_bytes: int, slot_bytes: int, contexts=CONTEXTS, ba
                 if transform_case_bytes(context, batch, slot_bytes, cross) <= MEMORY_HEADROOM * free_bytes:
                     plan.append((context, batch, cross))
     return plan
+
+
+def times_transform_cuda(context: int, batch: int, cross_layer: bool) -> bool:
+    """Whether a transform case also gets a ``transform-cuda`` row."""
+    limit = TRANSFORM_CUDA_MAX_TOKENS_CROSS if cross_layer else TRANSFORM_CUDA_MAX_TOKENS
+    return context * batch <= limit
 
 
 def synthetic_transform_layouts(heads: int = KV_HEADS, dim: int = HEAD_DIM, bits=TRANSFORM_BITS,
@@ -297,9 +309,10 @@ def transform_inputs(context: int, batch: int, layouts, device, cross_layer: boo
                            torch.randn(batch, heads * group, dim, **bf16), own_k, own_v, previous)
 
 
-def transform_calls(x: TransformInputs) -> dict:
+def transform_calls(x: TransformInputs, use_cuda_op: bool = False) -> dict:
     """The timed calls of one case: "reconstruct" (the kernel alone), "transform-recon+sdpa"
-    and "transform-fused" (both -> ``[B, Hq, D]``-shaped attention outputs)."""
+    and "transform-fused" (both -> ``[B, Hq, D]``-shaped attention outputs), and with
+    ``use_cuda_op`` "transform-cuda" (the CUDA op on the same inputs)."""
     from vllm_seqkv.kernels.transform_decode import fused_transform_decode_attention
     from vllm_seqkv.kernels.transform_reconstruct import reconstruct_transform_blocks
 
@@ -325,14 +338,23 @@ def transform_calls(x: TransformInputs) -> dict:
                                                 x.params, scale, rope=x.rope, previous=table_previous,
                                                 precision=TRANSFORM_PRECISION)
 
-    return {"reconstruct": reconstruct, "transform-recon+sdpa": attend, "transform-fused": fused}
+    calls = {"reconstruct": reconstruct, "transform-recon+sdpa": attend, "transform-fused": fused}
+    if use_cuda_op:
+        from vllm_seqkv.kernels.cuda_ops import transform_decode_attention_cuda
+
+        calls["transform-cuda"] = lambda: transform_decode_attention_cuda(
+            x.query, x.own_k, x.own_v, x.pages, x.block_table, x.seq_lens, x.params, scale, rope=x.rope,
+            previous=table_previous)
+    return calls
 
 
-def bench_transform_case(context: int, batch: int, layouts, cross_layer: bool) -> list[Result]:
-    """The case's ``transform-recon+sdpa`` and ``transform-fused`` rows (one bf16 baseline)."""
+def bench_transform_case(context: int, batch: int, layouts, cross_layer: bool,
+                         use_cuda_op: bool = False) -> list[Result]:
+    """The case's ``transform-recon+sdpa`` and ``transform-fused`` rows (one bf16 baseline),
+    and ``transform-cuda`` when the op is built and the case is small enough."""
     device = torch.device("cuda")
     inputs = transform_inputs(context, batch, layouts, device, cross_layer)
-    calls = transform_calls(inputs)
+    calls = transform_calls(inputs, use_cuda_op and times_transform_cuda(context, batch, cross_layer))
     times = {name: time_us(call) for name, call in calls.items()}
     compressed = inputs.pages.numel()
     del inputs, calls
@@ -345,17 +367,23 @@ def bench_transform_case(context: int, batch: int, layouts, cross_layer: bool) -
     del dense_k, dense_v
     torch.cuda.empty_cache()
     preset = "seqkv-3" if cross_layer else "seqkv-3-nox"
-    return [summarize(context, batch, times["transform-recon+sdpa"], bf16_us, compressed,
+    rows = [summarize(context, batch, times["transform-recon+sdpa"], bf16_us, compressed,
                       kernel="transform-recon+sdpa", preset=preset, reconstruct_us=times["reconstruct"]),
             summarize(context, batch, times["transform-fused"], bf16_us, compressed,
                       kernel="transform-fused", preset=preset)]
+    if "transform-cuda" in times:
+        rows.append(summarize(context, batch, times["transform-cuda"], bf16_us, compressed,
+                              kernel="transform-cuda", preset=preset))
+    return rows
 
 
 def check_transform_correctness(layouts, device, heads: int = KV_HEADS, dim: int = HEAD_DIM,
-                                precisions=("ieee", "fp16", "bf16")) -> dict[str, float]:
+                                precisions=("ieee", "fp16", "bf16"), use_cuda_op: bool = False
+                                ) -> dict[str, float]:
     """Kernel write + reconstruct (both layers, RoPE), reconstruct+SDPA decode and the fused
-    decode (fp32 and the timed precision) vs the codec's torch code on a small cache; returns
-    the max errors (raises past tolerance)."""
+    decode (fp32 and the timed precision), and with ``use_cuda_op`` the CUDA ops' write and
+    decode, vs the codec's torch code on a small cache; returns the max errors (raises past
+    tolerance)."""
     from vllm_seqkv.kernels.reference import (
         reconstruct_transform_reference,
         transform_decode_attention_reference,
@@ -391,6 +419,14 @@ def check_transform_correctness(layouts, device, heads: int = KV_HEADS, dim: int
         write_transform_slots(key.to(device), value.to(device), slots.to(device), pages, params,
                               None if prev_rows is None else tuple(p.to(device).contiguous() for p in prev_rows))
         errors[f"layer{layer} write bytes differing"] = (pages.cpu() != expected).float().mean().item()
+        if use_cuda_op:
+            from vllm_seqkv.kernels.cuda_ops import write_transform_slots_cuda
+
+            pages_cuda = torch.zeros_like(pages)
+            write_transform_slots_cuda(key.to(device), value.to(device), slots.to(device), pages_cuda, params,
+                                       None if prev_rows is None
+                                       else tuple(p.to(device).contiguous() for p in prev_rows))
+            errors[f"layer{layer} cuda write bytes differing"] = (pages_cuda.cpu() != expected).float().mean().item()
         ref = reconstruct_transform_reference(expected, ids, layout, previous, rope, positions,
                                               keep_code_frame=True)
         for precision in precisions:
@@ -412,11 +448,16 @@ def check_transform_correctness(layouts, device, heads: int = KV_HEADS, dim: int
         for precision in ("ieee", TRANSFORM_PRECISION):
             fused = fused_transform_decode_attention(*args, precision=precision)
             errors[f"layer{layer} decode attention fused {precision}"] = (fused.cpu() - att_ref).abs().max().item()
+        if use_cuda_op:
+            from vllm_seqkv.kernels.cuda_ops import transform_decode_attention_cuda
+
+            out = transform_decode_attention_cuda(*args[:8], rope=args[8], previous=args[9])
+            errors[f"layer{layer} decode attention cuda"] = (out.cpu() - att_ref).abs().max().item()
         previous = (ref[2], ref[1])
         previous_dev = tuple(p.to(device).contiguous() for p in previous)
     limits = {"write bytes differing": 1e-3, "reconstruct ieee": 1e-4, "reconstruct tf32": 1e-2,
               "reconstruct fp16": 2e-2, "reconstruct bf16": 5e-2, "decode attention": 1e-3,
-              "fused ieee": 1e-3, "fused fp16": 1e-2}
+              "fused ieee": 1e-3, "fused fp16": 1e-2, "attention cuda": 1e-3}
     for name, err in errors.items():
         print(f"transform correctness {name}: {err:.2e}")
         limit = next(v for k, v in limits.items() if name.endswith(k))
@@ -446,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     use_cuda_op = load_cuda_ops()
     check_correctness(params, layout, use_cuda_op)
     layouts = synthetic_transform_layouts()
-    check_transform_correctness(layouts, torch.device("cuda"))
+    check_transform_correctness(layouts, torch.device("cuda"), use_cuda_op=use_cuda_op)
     free, _ = torch.cuda.mem_get_info()
     cases = [] if args.skip_rot else [("rot", c, b, False) for c, b in
                                       plan_cases(free, layout.slot_bytes, args.contexts, args.batches)]
@@ -466,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "rot":
             rows = [bench_case(context, batch, layout, params, use_cuda_op)]
         else:
-            rows = bench_transform_case(context, batch, layouts, cross)
+            rows = bench_transform_case(context, batch, layouts, cross, use_cuda_op)
         results.extend(rows)
         print("\n".join(markdown_table(rows).splitlines()[2:]), flush=True)
     command = "python -m vllm_seqkv.kernels.bench_gpu " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -3,6 +3,12 @@
 Same contracts as the Triton wrappers. ``load_cuda_ops()`` returns False when the extension
 was not built (CPU installs); the fake (meta) implementations let ``torch.library.opcheck``
 and torch.compile trace the ops.
+
+Rotation format: ``write_slots_cuda``, ``paged_decode_attention_cuda``. Transform format
+(:class:`TransformLayerParams`): ``write_transform_slots_cuda``,
+``transform_decode_attention_cuda``; their op arguments (``*_args``) are built here and nowhere
+else, so the CPU host test (tests/kernels/test_transform_host.py), which registers the same
+schemas under ``seqkv_host`` with a plain C++ implementation, checks this plumbing too.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import torch
 
 from vllm_seqkv.kernels.decode_attention import check_decode_args
 from vllm_seqkv.kernels.params import LayerKernelParams, StreamParams
+from vllm_seqkv.kernels.transform_params import TransformLayerParams, TransformStreamParams
 from vllm_seqkv.kernels.write_kernel import check_write_args, rotate_stream
 
 _loaded: bool | None = None
@@ -38,6 +45,24 @@ def _register_fakes() -> None:
     @torch.library.register_fake("seqkv::write_slots")
     def _(*args):
         return None
+
+    register_transform_fakes("seqkv")
+
+
+def fake_write_transform_slots(*args):
+    return None
+
+
+def fake_transform_decode_attention(query, *args):
+    """``(out [B, Hq, D]`` in the query's dtype, contiguous; ``lse`` float32 ``[B, Hq])``."""
+    return query.new_empty(query.shape), query.new_empty(query.shape[:2], dtype=torch.float32)
+
+
+def register_transform_fakes(namespace: str) -> None:
+    """Fake implementations of the transform ops under ``namespace`` (``seqkv``; the host test's
+    ``seqkv_host`` registers the same)."""
+    torch.library.register_fake(f"{namespace}::write_transform_slots")(fake_write_transform_slots)
+    torch.library.register_fake(f"{namespace}::transform_decode_attention")(fake_transform_decode_attention)
 
 
 def stream_format(stream: StreamParams) -> list[int]:
@@ -82,3 +107,80 @@ def paged_decode_attention_cuda(query, own_k, own_v, pages, block_table, seq_len
     check_decode_args(query, own_k, own_v, pages, block_table, seq_lens, params)
     return torch.ops.seqkv.paged_decode_attention(
         *decode_args(query, own_k, own_v, pages, block_table, seq_lens, params, scale, num_splits))
+
+
+# ---- transform format ---------------------------------------------------------------------
+
+
+def stream_tables(stream: TransformStreamParams) -> list[torch.Tensor]:
+    """A stream's tables in the order the transform ops take them (csrc/transform_args.h)."""
+    return [stream.start, stream.nbits, stream.levels, stream.cuts, stream.basis, stream.inverse,
+            stream.mean, stream.pred_w, stream.pred_b]
+
+
+def transform_stream_format(stream: TransformStreamParams) -> list[int]:
+    """``[offset, nbytes, has_pred]`` as the transform ops take it."""
+    return [stream.offset, stream.nbytes, int(stream.has_pred)]
+
+
+def write_transform_args(key, value, slot_mapping, pages, params: TransformLayerParams,
+                         previous=None) -> tuple:
+    """Arguments of torch.ops.seqkv.write_transform_slots (``previous``: already checked, or
+    None for layers that are not cross-layer predicted)."""
+    prev_k, prev_v = previous if previous is not None else (None, None)
+    k, v = params.key, params.value
+    return (key, value, slot_mapping.contiguous(), pages, prev_k, prev_v, stream_tables(k), stream_tables(v),
+            transform_stream_format(k), transform_stream_format(v))
+
+
+def write_transform_slots_cuda(key, value, slot_mapping, pages, params: TransformLayerParams,
+                               previous=None) -> None:
+    """The Triton ``write_transform_slots`` contract on the CUDA op."""
+    from vllm_seqkv.kernels.transform_write import check_write_args
+
+    _require_ops()
+    previous = check_write_args(key, value, slot_mapping, pages, params, previous)
+    if key.shape[0]:
+        torch.ops.seqkv.write_transform_slots(*write_transform_args(key, value, slot_mapping, pages, params,
+                                                                    previous))
+
+
+def transform_decode_args(query, own_k, own_v, pages, block_table, seq_lens, params: TransformLayerParams,
+                          scale: float, rope=None, previous=None, num_splits: int | None = None,
+                          skip_first: int = 0) -> tuple:
+    """Arguments of torch.ops.seqkv.transform_decode_attention (num_splits None/0 = automatic;
+    ``previous``: already checked, or None for layers that are not cross-layer predicted)."""
+    prev_k, prev_v = previous if previous is not None else (None, None)
+    k, v = params.key, params.value
+    return (query, own_k, own_v, pages, block_table, seq_lens.to(block_table.dtype).contiguous(), rope,
+            prev_k, prev_v, stream_tables(k), stream_tables(v), transform_stream_format(k),
+            transform_stream_format(v), float(scale), int(num_splits or 0), int(skip_first))
+
+
+def check_transform_decode_args(query, own_k, own_v, pages, block_table, seq_lens, params, rope, previous,
+                                skip_first: int):
+    """The fused Triton decode's checks; returns ``previous`` made contiguous (or None)."""
+    from vllm_seqkv.kernels.checks import expect
+    from vllm_seqkv.kernels.transform_decode import check_fused_args
+    from vllm_seqkv.kernels.transform_reconstruct import check_previous
+
+    check_fused_args(query, own_k, own_v, pages, block_table, seq_lens, params, rope, "ieee")
+    expect(skip_first >= 0, f"skip_first must be >= 0, got {skip_first}")
+    rows = block_table.shape[1] * pages.shape[2]
+    return check_previous(previous, (query.shape[0], rows, params.num_kv_heads, params.head_dim), params,
+                          pages.device)
+
+
+def transform_decode_attention_cuda(query, own_k, own_v, pages, block_table, seq_lens,
+                                    params: TransformLayerParams, scale: float, rope=None, previous=None,
+                                    num_splits: int | None = None, skip_first: int = 0,
+                                    return_lse: bool = False):
+    """The ``fused_transform_decode_attention`` contract on the CUDA op (float32 math, so no
+    ``precision`` argument)."""
+    _require_ops()
+    previous = check_transform_decode_args(query, own_k, own_v, pages, block_table, seq_lens, params, rope,
+                                           previous, skip_first)
+    out, lse = torch.ops.seqkv.transform_decode_attention(*transform_decode_args(
+        query, own_k, own_v, pages, block_table, seq_lens, params, scale, rope, previous, num_splits,
+        skip_first))
+    return (out, lse) if return_lse else out

@@ -97,12 +97,9 @@ def write_transform_kernel(
                             slot_ptrs, slot_mask, V_OFF, V_NBYTES, V_NB_PAD, D, V_PRED)
 
 
-def write_transform_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
-                          pages: torch.Tensor, params: TransformLayerParams, previous=None) -> None:
-    """key (coding frame) / value ``[T, H, D]`` (any float dtype, last dim contiguous),
-    slot_mapping int ``[T]`` (-1 = skip), pages uint8 ``[N, H, bs, S]`` written in place;
-    ``previous``: ``(K, V) [T, H, D]``, the layer below's reconstruction of the same tokens
-    (required exactly when the layer is cross-layer predicted)."""
+def check_write_args(key, value, slot_mapping, pages, params: TransformLayerParams, previous):
+    """Argument checks of the transform write (Triton and CUDA op); returns ``previous`` made
+    contiguous (None for layers that are not cross-layer predicted)."""
     from vllm_seqkv.kernels.transform_reconstruct import check_previous
 
     check_pages(pages, params)
@@ -112,8 +109,17 @@ def write_transform_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: 
     check_tensor("value", value, (tokens, heads, dim), FLOAT_DTYPES, pages.device)
     check_tensor("slot_mapping", slot_mapping, (tokens,), INDEX_DTYPES, pages.device)
     expect(pages.stride(3) == 1, f"pages: last dimension must be contiguous, strides {pages.stride()}")
-    previous = check_previous(previous, (tokens, params.num_kv_heads, params.head_dim), params,
-                              pages.device)
+    return check_previous(previous, (tokens, heads, dim), params, pages.device)
+
+
+def write_transform_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+                          pages: torch.Tensor, params: TransformLayerParams, previous=None) -> None:
+    """key (coding frame) / value ``[T, H, D]`` (any float dtype, last dim contiguous),
+    slot_mapping int ``[T]`` (-1 = skip), pages uint8 ``[N, H, bs, S]`` written in place;
+    ``previous``: ``(K, V) [T, H, D]``, the layer below's reconstruction of the same tokens
+    (required exactly when the layer is cross-layer predicted)."""
+    previous = check_write_args(key, value, slot_mapping, pages, params, previous)
+    heads, dim, tokens = params.num_kv_heads, params.head_dim, key.shape[0]
     if tokens == 0:
         return
     k, v = params.key, params.value
