@@ -1,18 +1,22 @@
 """Placement/eviction from a cost model, and an LRU baseline, replayed on request traces.
 
 Value of holding a block = P(reuse) x (cost to rebuild it without this copy - cost to restore
-it from here) / bytes held. Rebuild cost = prefill FLOPs of its tokens at its depth
-(linear + attention over the prefix) at a measured FLOP rate; restore cost from a tier =
+it from here) / bytes held. Rebuild cost = prefill FLOPs of its tokens (linear + attention;
+the score takes it at no prefix, see below) at a measured FLOP rate; restore cost from a tier =
 bytes / bandwidth + decode time per byte (both measured by the bench on this machine).
 
 P(reuse) and the wait until it are learned online, per class of block (how it entered the
 trie, how often it was reused, its depth) and age, from the trie's hits and from misses on
 ghosts of evicted blocks (:class:`PLTPolicy`); a block reused 3+ times also by its own rate.
-The saving per reuse is taken at no prefix for every block: weighting by depth (deep blocks
-cost more to recompute) kept the deep tails of finished chats and lost hit rate and saved
-prefill time alike (seeds 0-2, 500 blocks: hit rate 0.465 vs 0.472, saved 871 s vs 881 s). Only leaves are evicted (a child is useless
-without its prefix); the blocks of the request being served are pinned. :class:`LRUPolicy`
-is the baseline and :class:`OraclePolicy` (Belady, reads the future) the headroom.
+Only leaves are evicted (a child is useless without its prefix); the blocks of the request
+being served are pinned. :class:`LRUPolicy` is the baseline and :class:`OraclePolicy`
+(Belady, reads the future) the headroom.
+
+The saving per reuse is taken at no prefix for every block: weighting it by depth (deep
+blocks cost more to recompute) kept the deep tails of finished chats and lost both hit rate
+and saved prefill time (seeds 0-2, 500 blocks: hit rate 0.465 vs 0.472, saved 871 s vs
+881 s). In a tier whose restore costs more than a recompute the saving, and so every
+score, is still 0.
 """
 
 from __future__ import annotations
