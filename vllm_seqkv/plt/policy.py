@@ -1,15 +1,22 @@
 """Placement/eviction from a cost model, and an LRU baseline, replayed on request traces.
 
 Value of holding a block = P(reuse) x (cost to rebuild it without this copy - cost to restore
-it from here) / bytes held. Rebuild cost = prefill FLOPs of its tokens at its depth
-(linear + attention over the prefix) at a measured FLOP rate; restore cost from a tier =
+it from here) / bytes held. Rebuild cost = prefill FLOPs of its tokens (linear + attention;
+the score takes it at no prefix, see below) at a measured FLOP rate; restore cost from a tier =
 bytes / bandwidth + decode time per byte (both measured by the bench on this machine).
 
 P(reuse) and the wait until it are learned online, per class of block (how it entered the
 trie, how often it was reused, its depth) and age, from the trie's hits and from misses on
-ghosts of evicted blocks (:class:`PLTPolicy`). Only leaves are evicted (a child is useless
-without its prefix); the blocks of the request being served are pinned. :class:`LRUPolicy`
-is the baseline and :class:`OraclePolicy` (Belady, reads the future) the headroom.
+ghosts of evicted blocks (:class:`PLTPolicy`); a block reused 3+ times also by its own rate.
+Only leaves are evicted (a child is useless without its prefix); the blocks of the request
+being served are pinned. :class:`LRUPolicy` is the baseline and :class:`OraclePolicy`
+(Belady, reads the future) the headroom.
+
+The saving per reuse is taken at no prefix for every block: weighting it by depth (deep
+blocks cost more to recompute) kept the deep tails of finished chats and lost both hit rate
+and saved prefill time (seeds 0-2, 500 blocks: hit rate 0.465 vs 0.472, saved 871 s vs
+881 s). In a tier whose restore costs more than a recompute the saving, and so every
+score, is still 0.
 """
 
 from __future__ import annotations
@@ -41,10 +48,9 @@ class CostModel:
     def restore_s(self, nbytes: float) -> float:
         return nbytes / self.bandwidth + nbytes * self.decode_s_per_byte
 
-    def value_per_reuse(self, node: Node, block_size: int) -> float:
-        """Seconds saved per reuse per byte held."""
-        ctx = (node.depth - 1) * block_size
-        saved = self.recompute_s(block_size, ctx) - self.restore_s(self.block_bytes)
+    def value_per_reuse(self, block_size: int, context: int = 0) -> float:
+        """Seconds saved per reuse per byte held (a block after ``context`` tokens)."""
+        saved = self.recompute_s(block_size, context) - self.restore_s(self.block_bytes)
         return max(saved, 0.0) / self.block_bytes
 
 
@@ -132,6 +138,7 @@ class _Use:
     kind: str            # how it entered the trie: "root", "fork" or "extend"
     reuses: int = 0      # accesses after the first one (hits, or misses on its ghost)
     last: float = -1.0   # clock of the last access
+    first: float = 0.0   # clock of the first access
     cls: tuple = ()      # class of the last access
 
 
@@ -156,12 +163,17 @@ class PLTPolicy(Policy):
         P(reuse)        = #(gaps >= age) / (#accesses - #(gaps < age))
         E[wait | reuse] = mean(gap - age) over gaps >= age
 
-    and scores ``P(reuse) / E[wait] x seconds saved per reuse per byte`` (the cost model):
-    the recompute time an average byte-request of residency saves. This learns, instead of
-    assuming, that one-off prompts and the tails of finished sessions are dead (their class
-    rarely comes back, and less so the longer they wait) while shared prefixes come back
-    often. Statistics are cumulative (a stationary workload is assumed); the score tables
-    are rebuilt every ``refresh`` requests.
+    and scores ``rate x seconds saved per reuse per byte`` (the cost model), the recompute
+    time an average byte-request of residency saves, where ``rate = P(reuse) / E[wait]``.
+    This learns, instead of assuming, that one-off prompts and the tails of finished sessions
+    are dead (their class rarely comes back, and less so the longer they wait) while shared
+    prefixes come back often. Statistics are cumulative (a stationary workload is assumed);
+    the score tables are rebuilt every ``refresh`` requests.
+
+    The class lumps every block reused 3+ times (popular and rare system prompts, templates,
+    long chats), so for those ``rate`` is the geometric mean of the class's and the block's
+    own ``reuses / (now - first access)``: a block's history separates a prompt used every
+    few requests from one used every hundred (seeds 0-2, 500 blocks: hit rate 0.472 -> 0.481).
     """
 
     name = "plt"
@@ -193,7 +205,7 @@ class PLTPolicy(Policy):
         now = trie.clock()
         use = self.uses.get(node.hash) or self.ghosts.pop(node.hash, None)
         if use is None:
-            use = _Use(self._kind(node, now))
+            use = _Use(self._kind(node, now), first=now)
         self.uses[node.hash] = use
         if use.last == now:
             return
@@ -226,7 +238,9 @@ class PLTPolicy(Policy):
         use = self.uses[node.hash]
         row = self.rate.get(use.cls)
         rate = row[age_bucket(now - use.last)] if row else 1.0  # unseen class: keep for now
-        return rate * self.cost.value_per_reuse(node, trie.block_size)
+        if use.reuses >= 3:
+            rate = math.sqrt(rate * use.reuses / (now - use.first))
+        return rate * self.cost.value_per_reuse(trie.block_size)
 
     def refresh_rates(self, now: float) -> None:
         """Rebuild the score tables if ``refresh`` requests passed since the last build."""
