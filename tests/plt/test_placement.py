@@ -113,3 +113,23 @@ def test_sampled_victims_are_held_leaves_outside_the_current_chain():
         assert all(p.hash in held for p in parents)  # no prefix goes before its extensions
         assert sorted(n.hash for n in t.leaves()) == sorted(
             key for key in t._by_key if t.get(key).is_leaf)
+
+
+def test_replay_cli_records_the_seed_and_the_single_cache_bounds(tmp_path):
+    import json
+
+    from vllm_seqkv.plt.replay import main
+
+    out = tmp_path / "plt.json"
+    out.write_text(json.dumps({"kept": 1}))
+    args = ["--requests", "80", "--hot-blocks", "20", "--cold-blocks", "40", "--out", str(out)]
+    assert main(args + ["--seed", "3", "--sim"]) == 0
+    data = json.loads(out.read_text())
+    record = data["connector_eviction"]
+    assert data["kept"] == 1 and record["seed"] == 3 and len(record["results"]) == 1
+    for row in record["single_cache"]:
+        assert row["hit_rate_lru"] <= row["hit_rate_oracle"] and row["hit_rate_plt"] <= row["hit_rate_oracle"]
+    main(args)
+    other = json.loads(out.read_text())["connector_eviction"]
+    assert other["seed"] == 0 and "single_cache" not in other
+    assert other["results"][0]["hit_rate_lru"] != record["results"][0]["hit_rate_lru"]  # another trace
