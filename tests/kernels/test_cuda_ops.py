@@ -12,7 +12,7 @@ import torch
 from tests.kernels.helpers import build_cache, seqkv3_layout
 from vllm_seqkv.kernels import layer_params
 from tests.kernels.test_transform_decode import setup_case
-from tests.kernels.test_transform_kernels import check_flips, grid_layout
+from tests.kernels.test_transform_kernels import check_flips, dyadic_write_case
 from tests.kernels.transform_helpers import TRANSFORM_TOLERANCES, transform_layouts
 from vllm_seqkv import kernels
 from vllm_seqkv.kernels.cuda_ops import (
@@ -81,17 +81,8 @@ def test_opcheck():
 
 
 def test_transform_write_is_bit_exact_on_a_dyadic_grid():
-    heads, dim = 2, 32
-    layout = grid_layout(heads, dim)
-    gen = torch.Generator().manual_seed(1)
-    grid = lambda *s: torch.randint(-64, 65, s, generator=gen).float() / 16  # noqa: E731
-    key, value = grid(41, heads, dim), grid(41, heads, dim)
-    previous = (grid(41, heads, dim), grid(41, heads, dim))
-    slot_mapping = torch.randperm(48, generator=gen)[:41]
-    slot_mapping[[0, 33]] = -1
-    expected = torch.randint(0, 256, (3, heads, 16, layout.slot_bytes), dtype=torch.uint8, generator=gen)
-    pages = expected.cuda()
-    write_transform_reference(key, value, slot_mapping, expected, layout, previous)
+    layout, key, value, previous, slot_mapping, before, expected = dyadic_write_case(41, skipped=[0, 33])
+    pages = before.cuda()
     write_transform_slots_cuda(key.cuda(), value.cuda(), slot_mapping.cuda(), pages,
                                transform_layer_params(layout, "cuda"), tuple(p.cuda() for p in previous))
     assert torch.equal(pages.cpu(), expected)

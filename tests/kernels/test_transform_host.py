@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests.kernels.test_transform_decode import setup_case
-from tests.kernels.test_transform_kernels import check_flips, grid_layout
+from tests.kernels.test_transform_kernels import check_flips, dyadic_write_case
 from tests.kernels.transform_helpers import TRANSFORM_TOLERANCES, transform_layouts
 from vllm_seqkv.kernels.cuda_ops import (
     check_transform_decode_args,
@@ -72,17 +72,8 @@ def host_decode(host, query, own_k, own_v, pages, block_table, seq_lens, params,
 
 
 def test_host_write_is_bit_exact_on_a_dyadic_grid(host):
-    heads, dim = 2, 32
-    layout = grid_layout(heads, dim)
-    gen = torch.Generator().manual_seed(1)
-    grid = lambda *s: torch.randint(-64, 65, s, generator=gen).float() / 16  # noqa: E731
-    key, value = grid(40, heads, dim), grid(40, heads, dim)
-    previous = (grid(40, heads, dim), grid(40, heads, dim))
-    slot_mapping = torch.randperm(48, generator=gen)[:40]
-    slot_mapping[[5, 17]] = -1
-    expected = torch.randint(0, 256, (3, heads, 16, layout.slot_bytes), dtype=torch.uint8, generator=gen)
-    pages = expected.clone()
-    write_transform_reference(key, value, slot_mapping, expected, layout, previous)
+    layout, key, value, previous, slot_mapping, before, expected = dyadic_write_case(skipped=[5, 17])
+    pages = before.clone()
     host_write(host, key, value, slot_mapping, pages, transform_layer_params(layout), previous)
     assert torch.equal(pages, expected)
 

@@ -203,20 +203,30 @@ def grid_layout(heads=2, dim=32, seed=0):
     return SlotLayout(stream(3), stream(4), heads, dim)
 
 
-def test_write_is_bit_exact_on_a_dyadic_grid(device):
-    heads, dim = 2, 32
+def dyadic_write_case(tokens: int = 40, skipped=(), heads: int = 2, dim: int = 32):
+    """A write whose every product and sum is exact in float32: ``(layout, key, value, previous,
+    slot_mapping, before, expected)``; slot_mapping is -1 at ``skipped``, ``before`` random page
+    bytes, ``expected`` the same pages after the reference's write."""
     layout = grid_layout(heads, dim)
     gen = torch.Generator().manual_seed(1)
     grid = lambda *s: torch.randint(-64, 65, s, generator=gen).float() / 16  # noqa: E731
-    key, value = grid(40, heads, dim), grid(40, heads, dim)
-    previous = (grid(40, heads, dim), grid(40, heads, dim))
-    slot_mapping = torch.randperm(48, generator=gen)[:40]
-    expected = torch.zeros(3, heads, 16, layout.slot_bytes, dtype=torch.uint8)
-    pages = expected.clone().to(device)
+    key, value = grid(tokens, heads, dim), grid(tokens, heads, dim)
+    previous = (grid(tokens, heads, dim), grid(tokens, heads, dim))
+    slot_mapping = torch.randperm(48, generator=gen)[:tokens]
+    slot_mapping[list(skipped)] = -1
+    before = torch.randint(0, 256, (3, heads, 16, layout.slot_bytes), dtype=torch.uint8, generator=gen)
+    expected = before.clone()
     write_transform_reference(key, value, slot_mapping, expected, layout, previous)
+    return layout, key, value, previous, slot_mapping, before, expected
+
+
+def test_write_is_bit_exact_on_a_dyadic_grid(device):
+    layout, key, value, previous, slot_mapping, before, expected = dyadic_write_case(skipped=[3])
+    pages = before.to(device)
     write_transform_slots(key.to(device), value.to(device), slot_mapping.to(device), pages,
                           transform_layer_params(layout, device), tuple(p.to(device) for p in previous))
     assert torch.equal(pages.cpu(), expected)
+    heads = key.shape[1]
     codes = stream_codes(expected.transpose(1, 2).reshape(-1, heads, layout.slot_bytes), transform_layer_params(layout), "key")
     assert codes.max() > 128  # 8-bit components exercised (codes spanning two bytes)
 
