@@ -214,7 +214,7 @@ class BlockStore:
     # -- record <-> pages --
     def read(self, block: int, starts_sequence: bool = True) -> bytes:
         """The block's record; its exact sink rows only when it is a sequence's first block."""
-        stacked = torch.stack([p[block] for p in self.pages])  # [L, H, bs, S]
+        stacked = torch.stack([p[block] for p in self.pages]).cpu()  # [L, H, bs, S]
         out = stacked.permute(0, 2, 1, 3).contiguous().numpy().tobytes()
         return out + self._export_sinks(block if starts_sequence else None)
 
@@ -244,8 +244,8 @@ class BlockStore:
         parts, count = [], 0
         for layer in range(len(self.pages)):
             for offset, (k, v) in sorted(self.sinks.export(layer, block).items()):
-                parts.append(_SINK_HEAD.pack(layer, offset) + k.float().contiguous().numpy().tobytes()
-                             + v.float().contiguous().numpy().tobytes())
+                parts.append(_SINK_HEAD.pack(layer, offset) + k.float().cpu().contiguous().numpy().tobytes()
+                             + v.float().cpu().contiguous().numpy().tobytes())
                 count += 1
         return struct.pack("<I", count) + b"".join(parts)
 
