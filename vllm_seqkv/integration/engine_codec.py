@@ -1,4 +1,8 @@
-"""The codec of the engine running in this process: preset + the model's calibration."""
+"""The codec of the engine running in this process: preset + the model's calibration.
+
+NOTE: imports vLLM only to find the engine being built (:func:`start_engine_codec`), so the
+data path the backend calls (:class:`EngineCodec`) also runs where vLLM is not installed
+(the GPU check machine; tests/kernels/test_engine_codec_on_device.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,6 @@ from vllm_seqkv.codec.base import KVCodec, SlotLayout
 from vllm_seqkv.codec.rope import apply_rope, rope_tables, rope_theta, unapply_rope
 from vllm_seqkv.codec.token_table import TokenTableCodec
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
-from vllm_seqkv.integration.compat import get_current_vllm_config
 
 logger = logging.getLogger("vllm.seqkv")
 CHECK_KERNELS = os.environ.get("SEQKV_KERNELS_CHECK", "0") == "1"
@@ -476,6 +479,8 @@ _active: EngineCodec | None = None
 def start_engine_codec(num_kv_heads: int, head_dim: int) -> EngineCodec:
     """Build (once per engine) the codec for the engine whose model is being constructed."""
     global _active
+    from vllm_seqkv.integration.compat import get_current_vllm_config
+
     vllm_config = get_current_vllm_config()
     config = from_additional_config(vllm_config.additional_config)
     model_dir = vllm_config.model_config.model
