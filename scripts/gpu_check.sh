@@ -3,7 +3,8 @@
 # triton and nvcc; no vLLM; our venv is not there). Budget: < 8 minutes end to end.
 #   1. builds csrc/ as vllm_seqkv._C (in place);
 #   2. runs tests/kernels on the GPU (Triton + CUDA ops vs the torch reference, opcheck; both
-#      slot formats: seqkv-3-rot and the transform presets);
+#      slot formats: seqkv-3-rot and the transform presets; and the attention backend's data
+#      path, EngineCodec, with pages in GPU memory: test_engine_codec_on_device.py);
 #   3. benchmarks decode attention vs bf16 SDPA -> benchmarks/gpu_decode.json: the fused
 #      seqkv-3-rot kernel and, for the transform format, reconstruct_transform_blocks + SDPA
 #      and the fused transform kernel on the same cases, plus the transform CUDA op on the
