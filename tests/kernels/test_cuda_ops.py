@@ -12,8 +12,8 @@ import torch
 from tests.kernels.helpers import build_cache, seqkv3_layout
 from vllm_seqkv.kernels import layer_params
 from tests.kernels.test_transform_decode import setup_case
-from tests.kernels.test_transform_kernels import check_flips, dyadic_write_case
-from tests.kernels.transform_helpers import TRANSFORM_TOLERANCES, transform_layouts
+from tests.kernels.test_transform_kernels import check_layered_write, dyadic_write_case
+from tests.kernels.transform_helpers import TRANSFORM_TOLERANCES
 from vllm_seqkv import kernels
 from vllm_seqkv.kernels.cuda_ops import (
     decode_args,
@@ -30,7 +30,6 @@ from vllm_seqkv.kernels.reference import (
     paged_decode_attention_reference,
     transform_decode_attention_reference,
     write_slots_reference,
-    write_transform_reference,
 )
 from vllm_seqkv.kernels.transform_params import transform_layer_params
 
@@ -94,28 +93,15 @@ def test_transform_write_is_bit_exact_on_a_dyadic_grid():
     ("seqkv-2.5", 2, 128, 16, torch.float16),
 ], ids=lambda v: str(v).replace("torch.", ""))
 def test_transform_write_matches_codec_bytes(preset, heads, dim, block_size, dtype):
-    from tests.codec.synthetic import synthetic_capture
-
-    layouts = transform_layouts(preset, heads, dim)
-    gen = torch.Generator().manual_seed(dim)
-    capture = synthetic_capture(2, heads, dim, tokens=37, seed=dim + 3)
-    slot_mapping = torch.randperm(3 * block_size * 2, generator=gen)[:37]
-    slot_mapping[[3, 20]] = -1
-    previous = None
-    for layer, layout in enumerate(layouts):
-        key, value = capture.keys[layer].to(dtype), capture.values[layer].to(dtype)
-        expected = torch.randint(0, 256, (6, heads, block_size, layout.slot_bytes), dtype=torch.uint8,
-                                 generator=gen)
-        pages = expected.cuda()
-        write_transform_reference(key, value, slot_mapping, expected, layout, previous)
-        prev = None if previous is None else tuple(p.cuda().contiguous() for p in previous)
+    def write(key, value, slot_mapping, pages, layout, previous):
+        pages = pages.cuda()
         write_transform_slots_cuda(key.cuda(), value.cuda(), slot_mapping.cuda(), pages,
-                                   transform_layer_params(layout, "cuda"), prev)
-        pages = pages.cpu()
-        if not torch.equal(pages, expected):
-            flat = [p.transpose(1, 2).reshape(-1, heads, layout.slot_bytes) for p in (pages, expected)]
-            check_flips(*flat, slot_mapping, key, value, previous, layout, transform_layer_params(layout))
-        previous = layout.decode(layout.encode(key.float(), value.float(), previous), previous)
+                                   transform_layer_params(layout, "cuda"),
+                                   None if previous is None else tuple(p.cuda() for p in previous))
+        return pages
+
+    check_layered_write(write, preset, heads, dim, block_size, dtype, tokens=37, num_blocks=6,
+                        skipped=[3, 20], capture_seed=dim + 3)
 
 
 # (preset, kv heads, head_dim, GQA group, block size, layer, query dtype, rope, splits, skip_first)

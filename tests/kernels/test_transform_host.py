@@ -22,15 +22,15 @@ import pytest
 import torch
 
 from tests.kernels.test_transform_decode import setup_case
-from tests.kernels.test_transform_kernels import check_flips, dyadic_write_case
-from tests.kernels.transform_helpers import TRANSFORM_TOLERANCES, transform_layouts
+from tests.kernels.test_transform_kernels import check_layered_write, dyadic_write_case
+from tests.kernels.transform_helpers import TRANSFORM_TOLERANCES
 from vllm_seqkv.kernels.cuda_ops import (
     check_transform_decode_args,
     register_transform_fakes,
     transform_decode_args,
     write_transform_args,
 )
-from vllm_seqkv.kernels.reference import transform_decode_attention_reference, write_transform_reference
+from vllm_seqkv.kernels.reference import transform_decode_attention_reference
 from vllm_seqkv.kernels.transform_params import transform_layer_params
 from vllm_seqkv.kernels.transform_write import check_write_args
 
@@ -91,31 +91,12 @@ WRITE_CASES = [
 def test_host_write_matches_codec_bytes_both_layers(host, preset, heads, dim, block_size, dtype):
     """Layer 0 and the cross-layer layer 1: bytes equal SlotLayout.encode's up to float32
     rounding of z across a threshold (the Triton write test's rule, check_flips)."""
-    from tests.codec.synthetic import synthetic_capture
+    def write(key, value, slot_mapping, pages, layout, previous):
+        host_write(host, key, value, slot_mapping, pages, transform_layer_params(layout), previous)
+        return pages
 
-    layouts = transform_layouts(preset, heads, dim)
-    gen = torch.Generator().manual_seed(dim)
-    capture = synthetic_capture(2, heads, dim, tokens=29, seed=dim + 5)
-    slot_mapping = torch.randperm(4 * block_size, generator=gen)[:29]
-    slot_mapping[[2, 11]] = -1
-    previous = None
-    for layer, layout in enumerate(layouts):
-        params = transform_layer_params(layout)
-        key, value = capture.keys[layer].to(dtype), capture.values[layer].to(dtype)
-        expected = torch.randint(0, 256, (4, heads, block_size, layout.slot_bytes), dtype=torch.uint8,
-                                 generator=gen)
-        pages = expected.clone()
-        write_transform_reference(key, value, slot_mapping, expected, layout, previous)
-        host_write(host, key, value, slot_mapping, pages, params,
-                   None if previous is None else tuple(p.contiguous() for p in previous))
-        flat_got = pages.transpose(1, 2).reshape(-1, heads, layout.slot_bytes)
-        flat_exp = expected.transpose(1, 2).reshape(-1, heads, layout.slot_bytes)
-        written = torch.zeros(flat_got.shape[0], dtype=torch.bool)
-        written[slot_mapping[slot_mapping >= 0]] = True
-        assert torch.equal(flat_got[~written], flat_exp[~written])  # untouched slots
-        if not torch.equal(pages, expected):
-            check_flips(flat_got, flat_exp, slot_mapping, key, value, previous, layout, params)
-        previous = layout.decode(layout.encode(key.float(), value.float(), previous), previous)
+    check_layered_write(write, preset, heads, dim, block_size, dtype, tokens=29, num_blocks=4,
+                        skipped=[2, 11], capture_seed=dim + 5)
 
 
 # (preset, kv heads, head_dim, GQA group, block size, layer, query dtype, rope, splits, skip_first):

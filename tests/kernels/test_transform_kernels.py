@@ -127,26 +127,42 @@ def test_write_matches_codec_bytes(preset, heads, dim, block_size, dtype, device
     """Bytes equal SlotLayout.encode's; the only tolerated differences are float32 rounding of
     z (or the prediction) across a decision threshold: then the code differs by one and the
     reference z lies within 1e-4 (relative) of that threshold (see transform_write's docstring)."""
+    def write(key, value, slot_mapping, pages, layout, previous):
+        pages = pages.to(device)
+        write_transform_slots(key.to(device), value.to(device), slot_mapping.to(device), pages,
+                              transform_layer_params(layout, device),
+                              None if previous is None else tuple(p.to(device) for p in previous))
+        return pages
+
+    check_layered_write(write, preset, heads, dim, block_size, dtype, tokens=37, num_blocks=3,
+                        skipped=[3, 20], capture_seed=dim + 3)
+
+
+def check_layered_write(write, preset, heads, dim, block_size, dtype, tokens, num_blocks, skipped,
+                        capture_seed):
+    """``tokens`` of a synthetic capture written into layers 0 and 1 (layer 1 predicted from the
+    reference's reconstruction of layer 0) by ``write(key, value, slot_mapping, pages, layout,
+    previous) -> pages`` on random page bytes (slot -1 at ``skipped``): untouched slots keep
+    their bytes, written ones equal the reference's up to threshold flips (:func:`check_flips`)."""
+    from tests.codec.synthetic import synthetic_capture
+
     layouts = transform_layouts(preset, heads, dim)
     gen = torch.Generator().manual_seed(dim)
-    from tests.codec.synthetic import synthetic_capture
-    capture = synthetic_capture(2, heads, dim, tokens=37, seed=dim + 3)
-    slot_mapping = torch.randperm(3 * block_size, generator=gen)[:37]
-    slot_mapping[[3, 20]] = -1  # padding
+    capture = synthetic_capture(2, heads, dim, tokens=tokens, seed=capture_seed)
+    slot_mapping = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slot_mapping[list(skipped)] = -1  # padding
     previous = None
     for layer, layout in enumerate(layouts):
-        params = transform_layer_params(layout, device)
+        params = transform_layer_params(layout)
         key = capture.keys[layer].to(dtype)
         value = capture.values[layer].to(dtype)
-        expected = torch.randint(0, 256, (3, heads, block_size, layout.slot_bytes), dtype=torch.uint8,
+        expected = torch.randint(0, 256, (num_blocks, heads, block_size, layout.slot_bytes), dtype=torch.uint8,
                                  generator=gen)
-        pages = expected.clone().to(device)
+        before = expected.clone()
         write_transform_reference(key, value, slot_mapping, expected, layout, previous)
-        prev_dev = None if previous is None else tuple(p.to(device).contiguous() for p in previous)
-        write_transform_slots(key.to(device), value.to(device), slot_mapping.to(device), pages, params, prev_dev)
-        pages = pages.cpu()
-        assert torch.equal(pages[..., :0], expected[..., :0])
-        written = torch.zeros(3 * block_size, dtype=torch.bool)
+        pages = write(key, value, slot_mapping, before, layout,
+                      None if previous is None else tuple(p.contiguous() for p in previous)).cpu()
+        written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
         written[slot_mapping[slot_mapping >= 0]] = True
         flat_got = pages.transpose(1, 2).reshape(-1, heads, layout.slot_bytes)
         flat_exp = expected.transpose(1, 2).reshape(-1, heads, layout.slot_bytes)
