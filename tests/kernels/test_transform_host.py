@@ -25,12 +25,12 @@ from tests.kernels.test_transform_decode import setup_case
 from tests.kernels.test_transform_kernels import check_layered_write, dyadic_write_case
 from tests.kernels.transform_helpers import TRANSFORM_TOLERANCES
 from vllm_seqkv.kernels.cuda_ops import (
-    check_transform_decode_args,
     register_transform_fakes,
     transform_decode_args,
     write_transform_args,
 )
 from vllm_seqkv.kernels.reference import transform_decode_attention_reference
+from vllm_seqkv.kernels.transform_decode import check_fused_args
 from vllm_seqkv.kernels.transform_params import transform_layer_params
 from vllm_seqkv.kernels.transform_write import check_write_args
 
@@ -65,8 +65,8 @@ def host_write(host, key, value, slot_mapping, pages, params, previous=None):
 
 def host_decode(host, query, own_k, own_v, pages, block_table, seq_lens, params, scale, rope=None,
                 previous=None, num_splits=None, skip_first=0):
-    previous = check_transform_decode_args(query, own_k, own_v, pages, block_table, seq_lens, params, rope,
-                                           previous, skip_first)
+    previous = check_fused_args(query, own_k, own_v, pages, block_table, seq_lens, params, rope,
+                                previous, skip_first)
     return host.transform_decode_attention(*transform_decode_args(
         query, own_k, own_v, pages, block_table, seq_lens, params, scale, rope, previous, num_splits, skip_first))
 

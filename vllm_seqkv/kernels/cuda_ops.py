@@ -157,29 +157,17 @@ def transform_decode_args(query, own_k, own_v, pages, block_table, seq_lens, par
             transform_stream_format(v), float(scale), int(num_splits or 0), int(skip_first))
 
 
-def check_transform_decode_args(query, own_k, own_v, pages, block_table, seq_lens, params, rope, previous,
-                                skip_first: int):
-    """The fused Triton decode's checks; returns ``previous`` made contiguous (or None)."""
-    from vllm_seqkv.kernels.checks import expect
-    from vllm_seqkv.kernels.transform_decode import check_fused_args
-    from vllm_seqkv.kernels.transform_reconstruct import check_previous
-
-    check_fused_args(query, own_k, own_v, pages, block_table, seq_lens, params, rope, "ieee")
-    expect(skip_first >= 0, f"skip_first must be >= 0, got {skip_first}")
-    rows = block_table.shape[1] * pages.shape[2]
-    return check_previous(previous, (query.shape[0], rows, params.num_kv_heads, params.head_dim), params,
-                          pages.device)
-
-
 def transform_decode_attention_cuda(query, own_k, own_v, pages, block_table, seq_lens,
                                     params: TransformLayerParams, scale: float, rope=None, previous=None,
                                     num_splits: int | None = None, skip_first: int = 0,
                                     return_lse: bool = False):
     """The ``fused_transform_decode_attention`` contract on the CUDA op (float32 math, so no
     ``precision`` argument)."""
+    from vllm_seqkv.kernels.transform_decode import check_fused_args
+
     _require_ops()
-    previous = check_transform_decode_args(query, own_k, own_v, pages, block_table, seq_lens, params, rope,
-                                           previous, skip_first)
+    previous = check_fused_args(query, own_k, own_v, pages, block_table, seq_lens, params, rope, previous,
+                                skip_first)
     out, lse = torch.ops.seqkv.transform_decode_attention(*transform_decode_args(
         query, own_k, own_v, pages, block_table, seq_lens, params, scale, rope, previous, num_splits,
         skip_first))

@@ -172,7 +172,9 @@ def transform_decode_reduce_kernel(
 
 
 def check_fused_args(query, own_k, own_v, pages, block_table, seq_lens, params: TransformLayerParams,
-                     rope, precision: str) -> None:
+                     rope, previous, skip_first: int, precision: str = "ieee"):
+    """Argument checks of the fused transform decode (Triton and CUDA op); returns ``previous``
+    made contiguous (None for layers that are not cross-layer predicted)."""
     check_pages(pages, params)
     device, heads, dim = pages.device, params.num_kv_heads, params.head_dim
     expect(pages.stride(3) == 1, f"pages: last dimension must be contiguous, strides {pages.stride()}")
@@ -189,6 +191,9 @@ def check_fused_args(query, own_k, own_v, pages, block_table, seq_lens, params: 
         check_tensor("rope", rope, (None, dim), (torch.float32,), device)
         expect(rope.is_contiguous(), "rope: must be contiguous")
     expect(precision in PRECISIONS, f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    expect(skip_first >= 0, f"skip_first must be >= 0, got {skip_first}")
+    return check_previous(previous, (batch, block_table.shape[1] * pages.shape[2], heads, dim), params,
+                          device)
 
 
 def fused_transform_decode_attention(query: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
@@ -213,12 +218,11 @@ def fused_transform_decode_attention(query: torch.Tensor, own_k: torch.Tensor, o
     e.g. exact sink tokens, and merges by the log-sum-exp). ``return_lse``: also return the
     log of each softmax denominator, float32 ``[B, Hq]`` (scores scaled by ``scale``).
     """
-    check_fused_args(query, own_k, own_v, pages, block_table, seq_lens, params, rope, precision)
-    expect(skip_first >= 0, f"skip_first must be >= 0, got {skip_first}")
+    previous = check_fused_args(query, own_k, own_v, pages, block_table, seq_lens, params, rope, previous,
+                                skip_first, precision)
     batch, q_heads, dim = query.shape
     heads, block_size = params.num_kv_heads, pages.shape[2]
     prev_rows_per_seq = block_table.shape[1] * block_size
-    previous = check_previous(previous, (batch, prev_rows_per_seq, heads, dim), params, pages.device)
     out = torch.empty_like(query)
     lse = torch.empty(batch, q_heads, device=query.device, dtype=torch.float32)
     if batch == 0:
