@@ -255,7 +255,7 @@ class SeqKVAttentionImpl(AttentionImpl):
         out = self.engine.decode_attention(layer_index, params, query[rows].float(),
                                            key[rows].float(), value[rows].float(), pages,
                                            block_table, seq_lens, self.scale)
-        output[rows] = out.view(output[rows].shape).to(output.dtype)
+        output[rows] = out.to(output.dtype).view(len(decodes), *output.shape[1:])
 
 
 def finite_or_zero(key: torch.Tensor, value: torch.Tensor, layer_index: int):

@@ -213,7 +213,6 @@ class EngineCodec:
         self._kernel_params: dict[tuple[int, str], object] = {}
         self._kernel_error: dict[tuple[int, str], float] = {}
         self._rope_tables: dict[str, torch.Tensor] = {}
-        self._write_differ: dict[int, float] = {}
 
     def first_token(self, block: int) -> int | None:
         """Token id at offset 0 of ``block``: head 0's K row id in layer 0's token-table slot."""
@@ -296,15 +295,10 @@ class EngineCodec:
         """``SEQKV_KERNELS_CHECK=1``: the write kernel's slot bytes against the codec's encode.
         A float32 summation order may flip a component's code at a decision threshold (see
         :mod:`vllm_seqkv.kernels.transform_write`), so the check is on the fraction of bytes
-        that differ: logged at each new worst, fatal beyond ``WRITE_CHECK_TOLERANCE``."""
+        that differ, with its own tolerance ``WRITE_CHECK_TOLERANCE``."""
         differ = (coded != reference.to(coded.device)).float().mean().item()
-        if differ > self._write_differ.get(layer, -1.0):
-            self._write_differ[layer] = differ
-            logger.info("seqkv kernels check: layer %d, worst fraction of written bytes differing "
-                        "from the reference so far %.3g", layer, differ)
-        if differ > WRITE_CHECK_TOLERANCE:
-            raise RuntimeError(f"seqkv kernels check: layer {layer} write kernel differs from the "
-                               f"reference in {differ:.3g} of the bytes (> {WRITE_CHECK_TOLERANCE})")
+        self._record_kernel_error(layer, differ, "write", "fraction of written bytes differing from the reference",
+                                  WRITE_CHECK_TOLERANCE)
 
     def reconstruct(self, layer: int, pages: torch.Tensor, blocks: torch.Tensor, length: int,
                     previous) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,16 +425,18 @@ class EngineCodec:
                     (value.float() - ref_v.float()).abs().max().item())
         self._record_kernel_error(layer, error, "reconstruction")
 
-    def _record_kernel_error(self, layer: int, error: float, what: str) -> None:
-        """Log each new worst kernel-vs-reference error of ``what`` in ``layer``; raise beyond
-        ``KERNEL_CHECK_TOLERANCE``."""
+    def _record_kernel_error(self, layer: int, error: float, what: str,
+                             measure: str = "error vs reference",
+                             tolerance: float = KERNEL_CHECK_TOLERANCE) -> None:
+        """Log each new worst ``measure`` of the kernel doing ``what`` in ``layer``; raise beyond
+        ``tolerance``."""
         if error > self._kernel_error.get((layer, what), -1.0):
             self._kernel_error[(layer, what)] = error
-            logger.info("seqkv kernels check: layer %d %s, worst error vs reference so far %.3g",
-                        layer, what, error)
-        if error > KERNEL_CHECK_TOLERANCE:
-            raise RuntimeError(f"seqkv kernels check: layer {layer} {what} differs from the "
-                               f"reference by {error:.3g} (> {KERNEL_CHECK_TOLERANCE})")
+            logger.info("seqkv kernels check: layer %d %s, worst %s so far %.3g",
+                        layer, what, measure, error)
+        if error > tolerance:
+            raise RuntimeError(f"seqkv kernels check: layer {layer} {what}: {measure} {error:.3g} "
+                               f"(> {tolerance})")
 
     def to_code_frame(self, key: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Post-RoPE keys ``[T, H, D]`` at ``positions [T]`` -> the frame the codec codes."""

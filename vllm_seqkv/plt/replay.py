@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_seqkv.plt.placement import LearnedEviction
-from vllm_seqkv.plt.policy import CostModel
+from vllm_seqkv.plt.policy import CostModel, LRUPolicy, OraclePolicy, PLTPolicy, simulate
 from vllm_seqkv.plt.tiers import MemoryTier
 from vllm_seqkv.plt.traces import TraceConfig, generate
 from vllm_seqkv.plt.trie import block_hash
@@ -100,8 +100,6 @@ def replay(trace, hot_blocks: int, cold_blocks: int, eviction: str, block_size: 
 
 def single_cache(trace, capacities=(500, 1000, 2000, 4000)) -> list[dict]:
     """Hit rate of one cache alone under LRU, the learned policy and the oracle (Belady)."""
-    from vllm_seqkv.plt.policy import LRUPolicy, OraclePolicy, PLTPolicy, simulate
-
     return [{"capacity_blocks": cap, "hit_rate_lru": simulate(trace, cap, LRUPolicy()).hit_rate,
              "hit_rate_plt": simulate(trace, cap, PLTPolicy()).hit_rate,
              "hit_rate_oracle": simulate(trace, cap, OraclePolicy(trace)).hit_rate}
