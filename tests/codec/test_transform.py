@@ -68,6 +68,29 @@ def test_packed_bytes_equal_claimed_bits_and_slots_are_independent(dim, bits):
     assert codec.encode(x[:17].clone()).to_bytes() == packed.to_bytes()
 
 
+def bit_plane_stream(codec, codes):
+    """The slot layout as defined (what the kernels read through ``_comp``/``_plane``): bit
+    ``j`` of component ``_comp[h, k]``'s code at stream position ``k`` (``j = _plane[h, k]``),
+    stream bit ``k`` = bit ``k % 8`` of byte ``k // 8``."""
+    tokens = codes.shape[0]
+    bits = (codes.long().gather(-1, codec._comp.expand(tokens, -1, -1)) >> codec._plane) & 1
+    weights = 1 << torch.arange(8)
+    return (bits.reshape(*bits.shape[:-1], -1, 8) * weights).sum(-1).to(torch.uint8)
+
+
+@pytest.mark.parametrize("dim, bits", [(32, 2.5), (64, 3.0), (128, 2.0)])
+def test_codes_are_packed_as_the_bit_plane_layout_defines(dim, bits):
+    codec = fitted(correlated(dim=dim), bits)
+    gen = torch.Generator().manual_seed(1)
+    mask = (1 << codec.transform.bits) - 1
+    codes = torch.randint(0, 256, (19, 2, dim), generator=gen) & mask
+    packed = codec._pack_fields(codes.to(torch.int32))
+    assert torch.equal(packed, bit_plane_stream(codec, codes))
+    assert torch.equal(codec._unpack_fields(packed), codes.to(torch.int32))
+    noise = torch.randint(0, 256, packed.shape, generator=gen, dtype=torch.uint8)  # any bytes decode
+    assert torch.equal(bit_plane_stream(codec, codec._unpack_fields(noise)), noise)
+
+
 def test_transform_refuses_bad_input():
     x = correlated()
     codec = fitted(x)

@@ -30,3 +30,25 @@ def test_own_position_is_read_exactly():
     noisy_v[-1] += 5
     exact = attend(q, k, v, k[-1:], v[-1:], 0.25)
     torch.testing.assert_close(attend(q, noisy_k, noisy_v, k[-1:], v[-1:], 0.25), exact)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2)])
+def test_attend_decodes_equals_attend_per_sequence(heads, kv_heads):
+    from vllm_seqkv.integration.backend import attend_decodes
+
+    gen = torch.Generator().manual_seed(3)
+    lengths, dim = [1, 7, 3, 40], 16
+    rows = 2 + sum(lengths) + 5  # rows before, between and after the sequences are not read
+    cached_k = torch.randn(rows, kv_heads, dim, generator=gen)
+    cached_v = torch.randn(rows, kv_heads, dim, generator=gen)
+    starts = [2 + sum(lengths[:b]) for b in range(len(lengths))]
+    ends = [s + n for s, n in zip(starts, lengths)]
+    query = torch.randn(len(lengths), heads, dim, generator=gen)
+    own_k = torch.randn(len(lengths), kv_heads, dim, generator=gen)
+    own_v = torch.randn(len(lengths), kv_heads, dim, generator=gen)
+    before = cached_k.clone()
+    out = attend_decodes(query, cached_k, cached_v, own_k, own_v, starts, ends, 0.3)
+    for b, (s, e) in enumerate(zip(starts, ends)):
+        expected = attend(query[b:b + 1], cached_k[s:e], cached_v[s:e], own_k[b:b + 1], own_v[b:b + 1], 0.3)
+        torch.testing.assert_close(out[b], expected[0])
+    assert torch.equal(cached_k, before)  # the own rows replace a copy

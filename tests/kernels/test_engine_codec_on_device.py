@@ -16,6 +16,7 @@ from tests.codec.synthetic import synthetic_calibration  # noqa: E402
 from tests.kernels.transform_helpers import THETA  # noqa: E402
 from vllm_seqkv.config import SeqKVConfig  # noqa: E402
 from vllm_seqkv.integration.engine_codec import EngineCodec  # noqa: E402
+from vllm_seqkv.integration.reads import plan_reads  # noqa: E402
 
 HEADS, DIM, BLOCK = 2, 32, 16
 LENGTHS = [1, 5, 40]
@@ -44,22 +45,21 @@ def write_all(engine, pages, kv, device):
 
 
 def read_all(engine, pages, device):
-    """Per layer and sequence, the backend's read: reconstruction (cross-layer: handed up)."""
+    """Per layer and sequence, the backend's read: chunks of sequences (here sequences 0 and 1
+    together, 2 alone), each reconstructed in one call (cross-layer: handed up)."""
+    chunks = plan_reads(list(range(len(LENGTHS))), LENGTHS, TABLE.to(device), TABLE, BLOCK,
+                        rows_per_chunk=8)
+    assert [chunk.seqs for chunk in chunks] == [[0, 1], [2]]
     out = []
     for layer, page in enumerate(pages):
         rows = []
-        for b, length in enumerate(LENGTHS):
-            blocks = TABLE[b, : -(-length // BLOCK)].to(device).long()
-
-            def gather(p, blocks=blocks, length=length):
-                return p[blocks].transpose(1, 2).reshape(-1, p.shape[1], p.shape[3])[:length]
-
-            key = ("read", b)
-            previous = engine.chain.below(layer, key, gather)
-            rec = engine.reconstruct(layer, page, blocks, length, previous)
+        for chunk in chunks:
+            previous = engine.chain.below(layer, chunk.key, chunk.slots)
+            rec = engine.reconstruct(layer, page, chunk.blocks, chunk.rows, previous)
             if engine.codec.cross_layer:
-                engine.chain.keep(layer, key, rec)
-            rows.append(tuple(t.cpu() for t in rec))
+                engine.chain.keep(layer, chunk.key, rec)
+            rows.extend(tuple(t[r0:r1].cpu() for t in rec)
+                        for r0, r1 in zip(chunk.starts[:-1], chunk.starts[1:]))
         out.append(rows)
     return out
 

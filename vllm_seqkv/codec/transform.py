@@ -151,6 +151,16 @@ class TransformCodec(TensorCodec):
             plane.append([j for _, j in pairs])
         self._comp = torch.tensor(comp, dtype=torch.long)  # [H, B]
         self._plane = torch.tensor(plane, dtype=torch.long)
+        # NOTE: a component's planes are consecutive in the stream, so its code is the bit
+        # field at its first plane's offset: at most 8 bits from a byte and the next one
+        ordered_bits = t.bits.gather(-1, order)
+        offset = torch.zeros_like(t.bits).scatter_(-1, order, ordered_bits.cumsum(-1) - ordered_bits)
+        offset = torch.where(t.bits > 0, offset, 0)  # a 0-bit field reads nothing from byte 0
+        self._field_byte = offset // 8  # [H, D]
+        self._field_shift = (offset % 8).to(torch.int32)
+        self._field_mask = ((1 << t.bits) - 1).to(torch.int32)
+        heads, dim = t.bits.shape
+        self._level_base = (torch.arange(heads * dim).view(heads, dim) << MAX_BITS).to(torch.int32)
         self._cuts = []  # (bits, component mask [H, D], decision thresholds [C, 2**bits - 1])
         for b in range(1, MAX_BITS + 1):
             mask = t.bits == b
@@ -170,33 +180,33 @@ class TransformCodec(TensorCodec):
         codes = torch.zeros(z.shape, dtype=torch.long)
         for b, mask, cuts in self._cuts:
             codes[:, mask] = torch.searchsorted(cuts, z[:, mask].T.contiguous()).T
-        tokens, heads = x.shape[:2]
-        bitstream = (codes.gather(-1, self._comp.expand(tokens, -1, -1)) >> self._plane) & 1
-        packed = _pack_bitstream(bitstream.to(torch.uint8))  # [T, H, B/8]
-        return Packed({"codes": packed}, tuple(x.shape))
+        return Packed({"codes": self._pack_fields(codes.to(torch.int32))}, tuple(x.shape))
 
     def decode(self, packed: Packed) -> torch.Tensor:
         t = self.transform
         tokens, heads, dim = packed.shape
-        raw = packed.fields["codes"].reshape(tokens, heads, -1)
-        bitstream = _unpack_bitstream(raw).long()  # [T, H, B]
-        codes = torch.zeros(tokens, heads, dim, dtype=torch.long)
-        codes.scatter_add_(-1, self._comp.expand(tokens, -1, -1), bitstream << self._plane)
-        z = t.levels.expand(tokens, -1, -1, -1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
-        return torch.einsum("the,hed->thd", z, self._inverse) + t.mean
+        codes = self._unpack_fields(packed.fields["codes"].reshape(tokens, heads, -1))
+        z = t.levels.reshape(-1)[(codes + self._level_base).long()]  # [T, H, D] component values
+        return torch.baddbmm(t.mean[:, None, :], z.transpose(0, 1), self._inverse).transpose(0, 1)
+
+    def _pack_fields(self, codes: torch.Tensor) -> torch.Tensor:
+        """int32 ``[T, H, D]`` codes -> ``uint8 [T, H, B/8]``: each code's bit field, its low
+        byte at ``_field_byte`` and its high byte at the next one (fields never overlap, so a
+        sum is an OR)."""
+        tokens, heads, _ = codes.shape
+        shifted = codes << self._field_shift
+        stream = torch.zeros(tokens, heads, self.transform.bits_per_vector // 8 + 1, dtype=torch.int32)
+        where = self._field_byte.expand(tokens, -1, -1)
+        stream.scatter_add_(-1, where, shifted & 0xFF).scatter_add_(-1, where + 1, shifted >> 8)
+        return stream[..., :-1].to(torch.uint8)
+
+    def _unpack_fields(self, raw: torch.Tensor) -> torch.Tensor:
+        """``uint8 [T, H, B/8]`` -> int32 codes ``[T, H, D]`` (inverse of :meth:`_pack_fields`)."""
+        stream = torch.nn.functional.pad(raw, (0, 1)).to(torch.int32)
+        windows = stream[..., :-1] | (stream[..., 1:] << 8)  # [T, H, B/8]: byte i and i + 1
+        fields = windows.gather(-1, self._field_byte.expand(raw.shape[0], -1, -1))
+        return (fields >> self._field_shift) & self._field_mask
 
     def bits_per_element(self, num_kv_heads: int, head_dim: int) -> float:
         return self.transform.bits_per_vector / head_dim
 
-
-def _pack_bitstream(bits: torch.Tensor) -> torch.Tensor:
-    """``uint8 [..., B]`` of 0/1 -> ``uint8 [..., B/8]`` (little-endian within a byte)."""
-    shaped = bits.reshape(*bits.shape[:-1], -1, 8).to(torch.int32)
-    weights = 1 << torch.arange(8, dtype=torch.int32)
-    return (shaped * weights).sum(-1).to(torch.uint8)
-
-
-def _unpack_bitstream(packed: torch.Tensor) -> torch.Tensor:
-    shifts = torch.arange(8, dtype=torch.uint8)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)

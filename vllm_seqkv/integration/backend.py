@@ -49,6 +49,7 @@ from vllm_seqkv.integration.compat import (
 )
 from vllm_seqkv.integration.engine_codec import EngineCodec, active_engine_codec, start_engine_codec
 from vllm_seqkv.integration.metrics import slot_bits_per_element, slot_ratio_vs_bf16
+from vllm_seqkv.integration.reads import ReadChunk, plan_reads
 
 logger = init_logger("vllm.seqkv")
 ACTIVE_MARKER = "seqkv: attention backend active"
@@ -221,28 +222,42 @@ class SeqKVAttentionImpl(AttentionImpl):
         if decodes:
             self._fused_decode(layer_index, fused, decodes, query, key, value, pages, attn_metadata,
                                output)
-        for i, seq_len in enumerate(attn_metadata.seq_lens_host):
-            q0, q1 = starts[i], starts[i + 1]
-            if q1 == q0 or (decodes and q1 - q0 == 1):
+        reads = [i for i in range(len(starts) - 1)
+                 if starts[i + 1] > starts[i] and not (decodes and starts[i + 1] - starts[i] == 1)]
+        for chunk in plan_reads(reads, attn_metadata.seq_lens_host, attn_metadata.block_table,
+                                attn_metadata.block_table_host, block_size):
+            self._attend_chunk(layer_index, chunk, query, key, value, pages, starts, output)
+        return output
+
+    def _attend_chunk(self, layer_index: int, chunk: ReadChunk, query: torch.Tensor,
+                      key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
+                      query_starts: list[int], output: torch.Tensor) -> None:
+        """Attention of the chunk's sequences over their cached positions, decoded in one call."""
+        previous = self.engine.chain.below(layer_index, chunk.key, chunk.slots)
+        cached_k, cached_v = self.engine.reconstruct(layer_index, pages, chunk.blocks, chunk.rows,
+                                                     previous)
+        if self.engine.codec.cross_layer:
+            self.engine.chain.keep(layer_index, chunk.key, (cached_k, cached_v))
+            # NOTE: the exact sink rows restored below must not reach the layer above's prediction
+            cached_k, cached_v = cached_k.clone(), cached_v.clone()
+        cached_k = self.engine.from_code_frame(cached_k, chunk.positions)
+        decodes = []
+        for j, i in enumerate(chunk.seqs):
+            r0, r1 = chunk.starts[j], chunk.starts[j + 1]
+            q0, q1 = query_starts[i], query_starts[i + 1]
+            self.engine.sinks.restore(layer_index, chunk.first_blocks[j], cached_k[r0:r1], cached_v[r0:r1])
+            if q1 - q0 == 1:
+                decodes.append(j)
                 continue
-            num_blocks = -(-seq_len // block_size)
-            block_ids = attn_metadata.block_table_host[i, :num_blocks]
-            blocks = attn_metadata.block_table[i, :num_blocks].long()
-
-            def context_slots(p, blocks=blocks, seq_len=seq_len):
-                return p[blocks].transpose(1, 2).reshape(-1, p.shape[1], p.shape[3])[:seq_len]
-
-            read_key = ("read", tuple(block_ids.tolist()), seq_len)
-            previous = self.engine.chain.below(layer_index, read_key, context_slots)
-            cached_k, cached_v = self.engine.reconstruct(layer_index, pages, blocks, seq_len, previous)
-            if self.engine.codec.cross_layer:
-                self.engine.chain.keep(layer_index, read_key, (cached_k, cached_v))
-            cached_k = self.engine.from_code_frame(cached_k, torch.arange(seq_len, device=pages.device))
-            self.engine.sinks.restore(layer_index, int(block_ids[0]), cached_k, cached_v)
-            out = attend(query[q0:q1].float(), cached_k, cached_v, key[q0:q1].float(),
+            out = attend(query[q0:q1].float(), cached_k[r0:r1], cached_v[r0:r1], key[q0:q1].float(),
                          value[q0:q1].float(), self.scale)
             output[q0:q1].copy_(out.view(output[q0:q1].shape))
-        return output
+        if decodes:
+            rows = torch.tensor([query_starts[chunk.seqs[j]] for j in decodes], device=query.device)
+            out = attend_decodes(query[rows].float(), cached_k, cached_v, key[rows].float(),
+                                 value[rows].float(), [chunk.starts[j] for j in decodes],
+                                 [chunk.starts[j + 1] for j in decodes], self.scale)
+            output[rows] = out.to(output.dtype).view(len(decodes), *output.shape[1:])
 
     def _fused_decode(self, layer_index: int, params, decodes: list[int], query: torch.Tensor,
                       key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
@@ -319,6 +334,35 @@ def attend(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
     out = torch.einsum("hqs,shd->qhd", probs, v)
     own_weight = probs[:, rows, positions].transpose(0, 1).unsqueeze(-1)  # [Q, Hq, 1]
     return out + own_weight * (own_v - v[positions])
+
+
+def attend_decodes(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
+                   own_k: torch.Tensor, own_v: torch.Tensor, starts: list[int], ends: list[int],
+                   scale: float) -> torch.Tensor:
+    """:func:`attend` for ``B`` sequences of one query token each, in one pass over their rows.
+
+    query ``[B, Hq, D]``, own_k/v ``[B, H, D]``; sequence ``b`` reads rows ``starts[b] ..
+    ends[b] - 1`` of cached_k/v ``[R, H, D]`` (its last row is its query position, read from
+    own_k/v instead). Returns ``[B, Hq, D]``. A softmax per sequence over the flat rows
+    (segment max and sums), so no padding to the longest sequence.
+    """
+    batch, num_heads, dim = query.shape
+    num_kv_heads = cached_k.shape[1]
+    device = query.device
+    lengths = torch.tensor(ends, device=device) - torch.tensor(starts, device=device)
+    picked = torch.cat([torch.arange(a, b, device=device) for a, b in zip(starts, ends)])
+    segment = torch.repeat_interleave(torch.arange(batch, device=device), lengths)  # [R']
+    k, v = cached_k[picked], cached_v[picked]  # [R', H, D], copies: the own rows go in below
+    last = lengths.cumsum(0) - 1
+    k[last], v[last] = own_k, own_v
+    q = query.view(batch, num_kv_heads, num_heads // num_kv_heads, dim)  # [B, H, G, D]
+    scores = torch.einsum("rhd,rhgd->rhg", k, q[segment]) * scale  # [R', H, G]
+    index = segment[:, None, None].expand_as(scores)
+    top = scores.new_full(q.shape[:3], float("-inf")).scatter_reduce(0, index, scores, "amax")
+    weights = (scores - top[segment]).exp()
+    total = weights.new_zeros(q.shape[:3]).index_add_(0, segment, weights)
+    out = q.new_zeros(q.shape).index_add_(0, segment, weights[..., None] * v[:, :, None, :])
+    return (out / total[..., None]).view(batch, num_heads, dim)
 
 
 def _padded(positions: torch.Tensor, num: int) -> torch.Tensor:

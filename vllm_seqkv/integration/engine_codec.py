@@ -300,29 +300,30 @@ class EngineCodec:
         self._record_kernel_error(layer, differ, "write", "fraction of written bytes differing from the reference",
                                   WRITE_CHECK_TOLERANCE)
 
-    def reconstruct(self, layer: int, pages: torch.Tensor, blocks: torch.Tensor, length: int,
+    def reconstruct(self, layer: int, pages: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor,
                     previous) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V in the coding frame ``[length, H, D]`` of the first ``length`` positions of a
-        sequence whose pages are ``blocks [n]`` (``pages [N, H, bs, S]``), through
+        """K/V in the coding frame ``[R, H, D]`` of ``rows [R]``, indices into the ``M * bs``
+        slots of ``blocks [M]`` (``pages [N, H, bs, S]``; one or several sequences' blocks one
+        after another, see :class:`~.reads.ReadChunk`), through
         :func:`vllm_seqkv.kernels.reconstruct_blocks` when a kernel runs (Triton on CUDA
-        tensors; ``SEQKV_KERNELS`` picks), else the codec's decode (the kernels' reference). ``previous``: the layer below's
-        reconstruction ``[length, H, D]`` pair for cross-layer presets, else None."""
+        tensors; ``SEQKV_KERNELS`` picks), else the codec's decode of those rows only (the
+        kernels' reference). ``previous``: the layer below's reconstruction ``[R, H, D]`` pair
+        for cross-layer presets, else None."""
         from vllm_seqkv import kernels
 
+        block_size = pages.shape[2]
         params = self.kernel_params(layer, pages.device)
         if params is None or kernels.implementation(pages.device) == "torch":
-            # the reference's own decode, of the ``length`` rows only (not whole pages)
-            slots = pages[blocks].transpose(1, 2).reshape(-1, pages.shape[1], pages.shape[3])
-            return self.decode_slots(layer, slots[:length], previous)
-        rows = blocks.numel() * pages.shape[2]
+            slots = pages[blocks[rows // block_size], :, rows % block_size]
+            return self.decode_slots(layer, slots, previous)
         previous = _kernel_previous(params, previous)
         if previous is not None:
-            previous = tuple(torch.nn.functional.pad(t.float(), (0, 0, 0, 0, 0, rows - length))
-                             for t in previous)
+            previous = tuple(t.float().new_zeros(blocks.numel() * block_size, *t.shape[1:])
+                             .index_copy_(0, rows, t.float()) for t in previous)
         key, value = kernels.reconstruct_blocks(pages, blocks, params, previous)
         if CHECK_KERNELS:
             self._check_against_reference(layer, pages, blocks, params, previous, key, value)
-        return key[:length], value[:length]
+        return key[rows], value[rows]
 
     def fused_decode_params(self, layer: int, device: torch.device):
         """The layer's kernel params when its decode can run as one fused kernel over the pages
