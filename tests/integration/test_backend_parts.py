@@ -244,9 +244,10 @@ def test_fused_decode_equals_reconstruct_then_attend(tiny_model_dir, nox_calibra
     params = engine.kernel_params(1, torch.device("cpu"))
     fused = engine.decode_attention(1, params, query, own_k, own_v, pages[1], block_table, lengths, 0.2)
     for b, length in enumerate(lengths):
-        chunk = plan_reads([b], lengths, block_table, block_table, block_size)[0]
+        chunk = plan_reads([b], lengths, block_table, block_size)[0]
         cached_k, cached_v = engine.reconstruct(1, pages[1], chunk.blocks, chunk.rows, None)
-        cached_k = engine.from_code_frame(cached_k, chunk.positions)
+        cached_k = engine.from_code_frame(cached_k, chunk.positions)[chunk.gather]
+        cached_v = cached_v[chunk.gather]
         engine.sinks.restore(1, chunk.first_blocks[0], cached_k, cached_v)
         expected = attend(query[b:b + 1], cached_k, cached_v, own_k[b:b + 1], own_v[b:b + 1], 0.2)
         torch.testing.assert_close(fused[b], expected[0], atol=1e-4, rtol=1e-4)

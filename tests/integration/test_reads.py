@@ -5,38 +5,45 @@ import torch
 from vllm_seqkv.integration.reads import plan_reads
 
 BLOCK = 4
-TABLE = torch.tensor([[7, 2, 0], [5, 0, 0], [1, 3, 6], [4, 0, 0]], dtype=torch.int32)
+# sequences 0 and 2 share their first block (vLLM's prefix caching), 1 and 3 do not
+TABLE = torch.tensor([[7, 2, 0], [5, 0, 0], [7, 3, 6], [4, 0, 0]], dtype=torch.int32)
 LENGTHS = [6, 3, 9, 1]
 
 
-def test_rows_address_each_sequence_positions_in_its_blocks():
-    (chunk,) = plan_reads([0, 1, 2, 3], LENGTHS, TABLE, TABLE, BLOCK)
+def per_sequence_slots(seqs):
+    return [int(TABLE[b, p // BLOCK]) * BLOCK + p % BLOCK for b in seqs for p in range(LENGTHS[b])]
+
+
+def test_each_slot_is_decoded_once_and_laid_out_per_sequence():
+    (chunk,) = plan_reads([0, 1, 2, 3], LENGTHS, TABLE, BLOCK)
     assert chunk.seqs == [0, 1, 2, 3] and chunk.starts == [0, 6, 9, 18, 19]
-    assert chunk.blocks.tolist() == [7, 2, 5, 1, 3, 6, 4]
+    assert sorted(chunk.blocks.tolist()) == [2, 3, 4, 5, 6, 7]
     pages = torch.arange(8 * BLOCK).view(8, 1, BLOCK, 1)  # slot value = its global slot number
-    expected = [int(TABLE[b, p // BLOCK]) * BLOCK + p % BLOCK
-                for b, n in enumerate(LENGTHS) for p in range(n)]
-    assert chunk.slots(pages).flatten().tolist() == expected
-    assert chunk.positions.tolist() == [p for n in LENGTHS for p in range(n)]
-    assert chunk.first_blocks == [7, 5, 1, 4]
+    distinct = chunk.slots(pages).flatten()
+    assert distinct.numel() == len(set(per_sequence_slots([0, 1, 2, 3]))) == 19 - 4
+    assert distinct[chunk.gather].tolist() == per_sequence_slots([0, 1, 2, 3])
+    positions = chunk.positions[chunk.gather].tolist()
+    assert positions == [p for n in LENGTHS for p in range(n)]
+    assert chunk.first_blocks == [7, 5, 7, 4]
 
 
 def test_chunks_hold_whole_sequences_within_the_row_bound():
-    chunks = plan_reads([0, 1, 2, 3], LENGTHS, TABLE, TABLE, BLOCK, rows_per_chunk=8)
+    chunks = plan_reads([0, 1, 2, 3], LENGTHS, TABLE, BLOCK, rows_per_chunk=8)
     assert [c.seqs for c in chunks] == [[0], [1], [2], [3]]  # 6+3 > 8; 9 alone (longer than 8)
-    chunks = plan_reads([0, 1, 2, 3], LENGTHS, TABLE, TABLE, BLOCK, rows_per_chunk=10)
+    chunks = plan_reads([0, 1, 2, 3], LENGTHS, TABLE, BLOCK, rows_per_chunk=10)
     assert [c.seqs for c in chunks] == [[0, 1], [2, 3]]
+    pages = torch.arange(8 * BLOCK).view(8, 1, BLOCK, 1)
     for chunk in chunks:
-        lengths = [LENGTHS[i] for i in chunk.seqs]
-        assert chunk.rows.numel() == sum(lengths) == chunk.starts[-1]
+        assert chunk.gather.numel() == chunk.starts[-1]
+        assert chunk.slots(pages).flatten()[chunk.gather].tolist() == per_sequence_slots(chunk.seqs)
 
 
 def test_a_chunk_key_names_its_blocks_and_lengths_so_every_layer_finds_the_same_hand_up():
-    first = plan_reads([1, 3], LENGTHS, TABLE, TABLE, BLOCK)[0].key
-    assert first == plan_reads([1, 3], LENGTHS, TABLE, TABLE, BLOCK)[0].key
-    assert first != plan_reads([1, 3], [3, 2, 9, 1], TABLE, TABLE, BLOCK)[0].key
-    assert first != plan_reads([1], LENGTHS, TABLE, TABLE, BLOCK)[0].key
+    first = plan_reads([1, 3], LENGTHS, TABLE, BLOCK)[0].key
+    assert first == plan_reads([1, 3], LENGTHS, TABLE, BLOCK)[0].key
+    assert first != plan_reads([1, 3], [3, 2, 9, 1], TABLE, BLOCK)[0].key
+    assert first != plan_reads([1], LENGTHS, TABLE, BLOCK)[0].key
 
 
 def test_no_sequence_read_gives_no_chunk():
-    assert plan_reads([], LENGTHS, TABLE, TABLE, BLOCK) == []
+    assert plan_reads([], LENGTHS, TABLE, BLOCK) == []

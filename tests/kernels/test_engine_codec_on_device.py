@@ -47,8 +47,7 @@ def write_all(engine, pages, kv, device):
 def read_all(engine, pages, device):
     """Per layer and sequence, the backend's read: chunks of sequences (here sequences 0 and 1
     together, 2 alone), each reconstructed in one call (cross-layer: handed up)."""
-    chunks = plan_reads(list(range(len(LENGTHS))), LENGTHS, TABLE.to(device), TABLE, BLOCK,
-                        rows_per_chunk=8)
+    chunks = plan_reads(list(range(len(LENGTHS))), LENGTHS, TABLE, BLOCK, device, rows_per_chunk=8)
     assert [chunk.seqs for chunk in chunks] == [[0, 1], [2]]
     out = []
     for layer, page in enumerate(pages):
@@ -58,7 +57,7 @@ def read_all(engine, pages, device):
             rec = engine.reconstruct(layer, page, chunk.blocks, chunk.rows, previous)
             if engine.codec.cross_layer:
                 engine.chain.keep(layer, chunk.key, rec)
-            rows.extend(tuple(t[r0:r1].cpu() for t in rec)
+            rows.extend(tuple(t[chunk.gather][r0:r1].cpu() for t in rec)
                         for r0, r1 in zip(chunk.starts[:-1], chunk.starts[1:]))
         out.append(rows)
     return out

@@ -338,8 +338,9 @@ def markdown(record: dict) -> str:
         f"token; inter-token latency per response = (last token - first token) / (tokens - 1), "
         f"p50/p99 over responses. "
         f"Client and server share the machine's cores. seqkv's CPU attention is the pure-torch "
-        f"reference (it decodes every running request's compressed pages at every step), so the "
-        f"speed ratios measure that reference path, not a kernel. Raw figures: "
+        f"path: at every step and layer it decodes the compressed pages of every running "
+        f"request (in batched codec calls, a block shared by several requests once), so the "
+        f"speed ratios measure that torch path, not a kernel. Raw figures: "
         f"`benchmarks/load.json`.\n\n"
         + "\n".join(rows) + "\n"
     )

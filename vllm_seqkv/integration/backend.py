@@ -13,6 +13,10 @@ position before encoding and rotated back after decoding. Cross-layer presets co
 ``l`` against the reconstruction of layer ``l - 1`` for the same slots, which
 :class:`~.engine_codec.LayerChain` hands up from the layer that just ran.
 
+Reads are planned per batch (:mod:`.reads`): the sequences a layer reads are decoded in chunks,
+one call per chunk and layer, each slot once however many sequences share its block; the
+decode-only sequences of a chunk then attend in one pass (:func:`attend_decodes`).
+
 Writing new tokens and reading a sequence's pages go through the kernels' dispatcher
 (:meth:`~.engine_codec.EngineCodec.write` -> :func:`vllm_seqkv.kernels.write_slots`,
 :meth:`~.engine_codec.EngineCodec.reconstruct` -> :func:`vllm_seqkv.kernels.reconstruct_blocks`):
@@ -224,8 +228,8 @@ class SeqKVAttentionImpl(AttentionImpl):
                                output)
         reads = [i for i in range(len(starts) - 1)
                  if starts[i + 1] > starts[i] and not (decodes and starts[i + 1] - starts[i] == 1)]
-        for chunk in plan_reads(reads, attn_metadata.seq_lens_host, attn_metadata.block_table,
-                                attn_metadata.block_table_host, block_size):
+        for chunk in plan_reads(reads, attn_metadata.seq_lens_host, attn_metadata.block_table_host,
+                                block_size, pages.device):
             self._attend_chunk(layer_index, chunk, query, key, value, pages, starts, output)
         return output
 
@@ -238,9 +242,10 @@ class SeqKVAttentionImpl(AttentionImpl):
                                                      previous)
         if self.engine.codec.cross_layer:
             self.engine.chain.keep(layer_index, chunk.key, (cached_k, cached_v))
-            # NOTE: the exact sink rows restored below must not reach the layer above's prediction
-            cached_k, cached_v = cached_k.clone(), cached_v.clone()
-        cached_k = self.engine.from_code_frame(cached_k, chunk.positions)
+        # NOTE: copies, one row per sequence position: the exact sink rows restored below
+        # never reach the layer above's prediction
+        cached_k = self.engine.from_code_frame(cached_k, chunk.positions)[chunk.gather]
+        cached_v = cached_v[chunk.gather]
         decodes = []
         for j, i in enumerate(chunk.seqs):
             r0, r1 = chunk.starts[j], chunk.starts[j + 1]
