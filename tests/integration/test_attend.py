@@ -37,7 +37,7 @@ def test_attend_decodes_equals_attend_per_sequence(heads, kv_heads):
     from vllm_seqkv.integration.backend import attend_decodes
 
     gen = torch.Generator().manual_seed(3)
-    lengths, dim = [1, 7, 3, 40], 16
+    lengths, dim = [1, 7, 3, 40, 6], 16  # 40 is padded apart from the short ones
     rows = 2 + sum(lengths) + 5  # rows before, between and after the sequences are not read
     cached_k = torch.randn(rows, kv_heads, dim, generator=gen)
     cached_v = torch.randn(rows, kv_heads, dim, generator=gen)
@@ -52,3 +52,14 @@ def test_attend_decodes_equals_attend_per_sequence(heads, kv_heads):
         expected = attend(query[b:b + 1], cached_k[s:e], cached_v[s:e], own_k[b:b + 1], own_v[b:b + 1], 0.3)
         torch.testing.assert_close(out[b], expected[0])
     assert torch.equal(cached_k, before)  # the own rows replace a copy
+
+
+def test_decodes_are_padded_in_groups_of_similar_lengths():
+    from vllm_seqkv.integration.backend import _similar_lengths
+
+    lengths = [400, 3, 390, 5, 4000, 410]
+    groups = _similar_lengths(lengths)
+    assert sorted(b for g in groups for b in g) == list(range(6))
+    for group in groups:
+        assert len(group) * max(lengths[b] for b in group) <= 2 * sum(lengths[b] for b in group)
+    assert [sorted(g) for g in groups] == [[1, 3], [0, 2, 5], [4]]

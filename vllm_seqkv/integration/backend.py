@@ -15,7 +15,7 @@ position before encoding and rotated back after decoding. Cross-layer presets co
 
 Reads are planned per batch (:mod:`.reads`): the sequences a layer reads are decoded in chunks,
 one call per chunk and layer, each slot once however many sequences share its block; the
-decode-only sequences of a chunk then attend in one pass (:func:`attend_decodes`).
+decode-only sequences of a chunk then attend in batched matmuls (:func:`attend_decodes`).
 
 Writing new tokens and reading a sequence's pages go through the kernels' dispatcher
 (:meth:`~.engine_codec.EngineCodec.write` -> :func:`vllm_seqkv.kernels.write_slots`,
@@ -344,30 +344,51 @@ def attend(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
 def attend_decodes(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
                    own_k: torch.Tensor, own_v: torch.Tensor, starts: list[int], ends: list[int],
                    scale: float) -> torch.Tensor:
-    """:func:`attend` for ``B`` sequences of one query token each, in one pass over their rows.
+    """:func:`attend` for ``B`` sequences of one query token each, in batched matmuls.
 
     query ``[B, Hq, D]``, own_k/v ``[B, H, D]``; sequence ``b`` reads rows ``starts[b] ..
     ends[b] - 1`` of cached_k/v ``[R, H, D]`` (its last row is its query position, read from
-    own_k/v instead). Returns ``[B, Hq, D]``. A softmax per sequence over the flat rows
-    (segment max and sums), so no padding to the longest sequence.
+    own_k/v instead). Returns ``[B, Hq, D]``. Sequences of similar lengths are padded to a
+    common length together (groups padded to at most twice their rows).
     """
+    out = query.new_empty(query.shape)
+    for group in _similar_lengths([e - s for s, e in zip(starts, ends)]):
+        index = torch.tensor(group, device=query.device)
+        out[index] = _attend_padded(query[index], cached_k, cached_v, own_k[index], own_v[index],
+                                    [starts[b] for b in group], [ends[b] for b in group], scale)
+    return out
+
+
+def _similar_lengths(lengths: list[int]) -> list[list[int]]:
+    """Indices of ``lengths`` grouped, by ascending length, so that each group padded to its
+    longest holds at most twice its rows."""
+    groups, total = [], 0
+    for b in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if not groups or (len(groups[-1]) + 1) * lengths[b] > 2 * (total + lengths[b]):
+            groups.append([])
+            total = 0
+        groups[-1].append(b)
+        total += lengths[b]
+    return groups
+
+
+def _attend_padded(query, cached_k, cached_v, own_k, own_v, starts, ends, scale) -> torch.Tensor:
     batch, num_heads, dim = query.shape
     num_kv_heads = cached_k.shape[1]
     device = query.device
     lengths = torch.tensor(ends, device=device) - torch.tensor(starts, device=device)
-    picked = torch.cat([torch.arange(a, b, device=device) for a, b in zip(starts, ends)])
-    segment = torch.repeat_interleave(torch.arange(batch, device=device), lengths)  # [R']
-    k, v = cached_k[picked], cached_v[picked]  # [R', H, D], copies: the own rows go in below
-    last = lengths.cumsum(0) - 1
-    k[last], v[last] = own_k, own_v
-    q = query.view(batch, num_kv_heads, num_heads // num_kv_heads, dim)  # [B, H, G, D]
-    scores = torch.einsum("rhd,rhgd->rhg", k, q[segment]) * scale  # [R', H, G]
-    index = segment[:, None, None].expand_as(scores)
-    top = scores.new_full(q.shape[:3], float("-inf")).scatter_reduce(0, index, scores, "amax")
-    weights = (scores - top[segment]).exp()
-    total = weights.new_zeros(q.shape[:3]).index_add_(0, segment, weights)
-    out = q.new_zeros(q.shape).index_add_(0, segment, weights[..., None] * v[:, :, None, :])
-    return (out / total[..., None]).view(batch, num_heads, dim)
+    offsets = torch.arange(max(e - s for s, e in zip(starts, ends)), device=device)
+    valid = offsets[None, :] < lengths[:, None]  # [B, L]
+    index = torch.where(valid, torch.tensor(starts, device=device)[:, None] + offsets, 0)
+    k, v = cached_k.transpose(0, 1)[:, index], cached_v.transpose(0, 1)[:, index]  # [H, B, L, D] copies
+    batch_rows = torch.arange(batch, device=device)
+    k[:, batch_rows, lengths - 1] = own_k.transpose(0, 1)
+    v[:, batch_rows, lengths - 1] = own_v.transpose(0, 1)
+    q = query.view(batch, num_kv_heads, num_heads // num_kv_heads, dim).transpose(0, 1)  # [H, B, G, D]
+    scores = (q @ k.transpose(-1, -2)) * scale  # [H, B, G, L]
+    scores.masked_fill_(~valid[None, :, None, :], float("-inf"))
+    out = scores.softmax(-1) @ v  # [H, B, G, D]
+    return out.transpose(0, 1).reshape(batch, num_heads, dim)
 
 
 def _padded(positions: torch.Tensor, num: int) -> torch.Tensor:
