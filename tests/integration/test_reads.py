@@ -47,3 +47,16 @@ def test_a_chunk_key_names_its_blocks_and_lengths_so_every_layer_finds_the_same_
 
 def test_no_sequence_read_gives_no_chunk():
     assert plan_reads([], LENGTHS, TABLE, BLOCK) == []
+
+
+def test_the_batch_metadata_plans_each_read_once_for_every_layer():
+    from vllm_seqkv.integration.backend import SeqKVMetadata
+
+    metadata = SeqKVMetadata(
+        num_actual_tokens=4, query_start_loc=None, seq_lens=None, block_table=TABLE,
+        slot_mapping=None, positions=None, query_starts=[0, 1, 2, 3, 4], seq_lens_host=LENGTHS,
+        block_table_host=TABLE)
+    plan = metadata.plan_reads([0, 2], BLOCK, None)
+    assert metadata.plan_reads([0, 2], BLOCK, None) is plan
+    assert metadata.plan_reads([1], BLOCK, None) is not plan
+    assert [c.seqs for c in plan] == [[0, 2]]

@@ -34,7 +34,7 @@ been run (no GPU with vLLM was available); vLLM's selector checks on it are test
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -115,7 +115,8 @@ class SeqKVMetadata:
     ``[B, max_blocks]``, slot_mapping ``[T]`` and positions ``[T]`` (each scheduled token's
     position in its sequence; 0 for padding tokens, whose slot is -1). On the host, copied
     once per batch so that no layer waits on the device to walk the batch: query_starts,
-    seq_lens_host and block_table_host.
+    seq_lens_host and block_table_host. ``read_plans``: the batch's read plans, by the
+    sequences read (filled by the first layer that reads them).
     """
 
     num_actual_tokens: int
@@ -127,6 +128,16 @@ class SeqKVMetadata:
     query_starts: list[int]
     seq_lens_host: list[int]
     block_table_host: torch.Tensor
+    read_plans: dict[tuple[int, ...], list[ReadChunk]] = field(default_factory=dict)
+
+    def plan_reads(self, seqs: list[int], block_size: int, device) -> list[ReadChunk]:
+        """:func:`~.reads.plan_reads` of ``seqs``, planned once per batch and reused by every
+        layer that reads the same sequences."""
+        plan = self.read_plans.get(tuple(seqs))
+        if plan is None:
+            plan = plan_reads(seqs, self.seq_lens_host, self.block_table_host, block_size, device)
+            self.read_plans[tuple(seqs)] = plan
+        return plan
 
 
 class SeqKVMetadataBuilder(AttentionMetadataBuilder[SeqKVMetadata]):
@@ -228,8 +239,7 @@ class SeqKVAttentionImpl(AttentionImpl):
                                output)
         reads = [i for i in range(len(starts) - 1)
                  if starts[i + 1] > starts[i] and not (decodes and starts[i + 1] - starts[i] == 1)]
-        for chunk in plan_reads(reads, attn_metadata.seq_lens_host, attn_metadata.block_table_host,
-                                block_size, pages.device):
+        for chunk in attn_metadata.plan_reads(reads, block_size, pages.device):
             self._attend_chunk(layer_index, chunk, query, key, value, pages, starts, output)
         return output
 
@@ -258,11 +268,11 @@ class SeqKVAttentionImpl(AttentionImpl):
                          value[q0:q1].float(), self.scale)
             output[q0:q1].copy_(out.view(output[q0:q1].shape))
         if decodes:
-            rows = torch.tensor([query_starts[chunk.seqs[j]] for j in decodes], device=query.device)
-            out = attend_decodes(query[rows].float(), cached_k, cached_v, key[rows].float(),
-                                 value[rows].float(), [chunk.starts[j] for j in decodes],
+            tokens = torch.tensor([query_starts[chunk.seqs[j]] for j in decodes], device=query.device)
+            out = attend_decodes(query[tokens].float(), cached_k, cached_v, key[tokens].float(),
+                                 value[tokens].float(), [chunk.starts[j] for j in decodes],
                                  [chunk.starts[j + 1] for j in decodes], self.scale)
-            output[rows] = out.to(output.dtype).view(len(decodes), *output.shape[1:])
+            output[tokens] = out.to(output.dtype).view(len(decodes), *output.shape[1:])
 
     def _fused_decode(self, layer_index: int, params, decodes: list[int], query: torch.Tensor,
                       key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
