@@ -91,6 +91,24 @@ def test_codes_are_packed_as_the_bit_plane_layout_defines(dim, bits):
     assert torch.equal(bit_plane_stream(codec, codec._unpack_fields(noise)), noise)
 
 
+@pytest.mark.parametrize("dim, bits", [(32, 2.5), (64, 3.0), (128, 2.0)])
+def test_a_code_counts_the_thresholds_below_its_value_at_every_width(dim, bits):
+    codec = fitted(correlated(dim=dim), bits)
+    widths = {b for b, _, _ in codec._cuts}
+    assert min(widths) <= 3 < max(widths)  # both ways of quantizing are exercised
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(23, 2, dim, generator=gen) * 3
+    flat = z.view(23, -1)
+    for _, components, cuts in codec._cuts:  # some values exactly at a threshold: not above it
+        picks = torch.randint(0, cuts.shape[1], (components.numel(),), generator=gen)
+        flat[:5, components] = cuts.gather(1, picks[:, None]).T
+    codes = codec._quantize(z).view(23, -1)
+    for _, components, cuts in codec._cuts:
+        expected = torch.searchsorted(cuts, flat[:, components].T.contiguous()).T
+        assert torch.equal(codes[:, components].long(), expected)
+        assert torch.equal(expected, (flat[:, components, None] > cuts).sum(-1))
+
+
 def test_transform_refuses_bad_input():
     x = correlated()
     codec = fitted(x)
