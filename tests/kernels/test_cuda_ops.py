@@ -13,7 +13,7 @@ from tests.kernels.helpers import build_cache, seqkv3_layout
 from vllm_seqkv.kernels import layer_params
 from tests.kernels.test_transform_decode import setup_case
 from tests.kernels.test_transform_kernels import check_layered_write, dyadic_write_case
-from tests.kernels.transform_helpers import TRANSFORM_TOLERANCES
+from tests.kernels.transform_helpers import FUSED_DECODE_CASES, TRANSFORM_TOLERANCES
 from vllm_seqkv import kernels
 from vllm_seqkv.kernels.cuda_ops import (
     decode_args,
@@ -105,11 +105,7 @@ def test_transform_write_matches_codec_bytes(preset, heads, dim, block_size, dty
 
 
 # (preset, kv heads, head_dim, GQA group, block size, layer, query dtype, rope, splits, skip_first)
-TRANSFORM_DECODE_CASES = [
-    ("seqkv-3", 2, 32, 3, 16, 1, torch.float32, True, 3, 0),
-    ("seqkv-3-nox", 1, 64, 4, 8, 1, torch.float32, True, None, 5),
-    ("seqkv-2.5", 3, 32, 2, 16, 0, torch.bfloat16, False, 2, 0),
-    ("seqkv-4", 1, 128, 1, 32, 1, torch.float16, True, 1, 40),
+TRANSFORM_DECODE_CASES = FUSED_DECODE_CASES + [  # and two larger ones
     ("seqkv-3", 2, 128, 8, 16, 1, torch.bfloat16, True, None, 0),
     ("seqkv-3-nox", 3, 128, 5, 16, 0, torch.float32, False, 7, 3),
 ]

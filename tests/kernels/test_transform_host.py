@@ -23,7 +23,7 @@ import torch
 
 from tests.kernels.test_transform_decode import setup_case
 from tests.kernels.test_transform_kernels import check_layered_write, dyadic_write_case
-from tests.kernels.transform_helpers import TRANSFORM_TOLERANCES
+from tests.kernels.transform_helpers import FUSED_DECODE_CASES, TRANSFORM_TOLERANCES
 from vllm_seqkv.kernels.cuda_ops import (
     register_transform_fakes,
     transform_decode_args,
@@ -99,18 +99,9 @@ def test_host_write_matches_codec_bytes_both_layers(host, preset, heads, dim, bl
                         skipped=[2, 11], capture_seed=dim + 5)
 
 
-# (preset, kv heads, head_dim, GQA group, block size, layer, query dtype, rope, splits, skip_first):
-# layer 1 of seqkv-2/2.5/3/4 is cross-layer predicted, seqkv-3-nox never is
-DECODE_CASES = [
-    ("seqkv-3", 2, 32, 3, 16, 1, torch.float32, True, 3, 0),
-    ("seqkv-3-nox", 1, 64, 4, 8, 1, torch.float32, True, None, 5),
-    ("seqkv-2.5", 3, 32, 2, 16, 0, torch.bfloat16, False, 2, 0),
-    ("seqkv-4", 1, 128, 1, 32, 1, torch.float16, True, 1, 40),
-]
-
 
 @pytest.mark.parametrize("preset, heads, dim, group, block_size, layer, dtype, rope, splits, skip_first",
-                         DECODE_CASES, ids=lambda v: str(v).replace("torch.", ""))
+                         FUSED_DECODE_CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_host_decode_matches_reference(host, preset, heads, dim, group, block_size, layer, dtype, rope, splits,
                                        skip_first):
     cache, params, previous, table, (query, own_k, own_v) = setup_case(

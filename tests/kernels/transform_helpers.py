@@ -17,6 +17,16 @@ TRANSFORM_TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 2e-3)
                         torch.bfloat16: (5e-2, 1e-2)}
 THETA = 10000.0
 
+# fused decode of the CUDA op and its host-math twin: (preset, kv heads, head_dim, GQA group,
+# block size, layer, query dtype, rope, splits, skip_first); layer 1 of seqkv-2/2.5/3/4 is
+# cross-layer predicted, seqkv-3-nox never is
+FUSED_DECODE_CASES = [
+    ("seqkv-3", 2, 32, 3, 16, 1, torch.float32, True, 3, 0),
+    ("seqkv-3-nox", 1, 64, 4, 8, 1, torch.float32, True, None, 5),
+    ("seqkv-2.5", 3, 32, 2, 16, 0, torch.bfloat16, False, 2, 0),
+    ("seqkv-4", 1, 128, 1, 32, 1, torch.float16, True, 1, 40),
+]
+
 
 def transform_layouts(preset: str, heads: int, dim: int) -> list[SlotLayout]:
     calibration = synthetic_calibration(preset, 2, heads, dim)
