@@ -318,7 +318,7 @@ class EngineCodec:
             return self.decode_slots(layer, slots, previous)
         previous = _kernel_previous(params, previous)
         if previous is not None:
-            previous = tuple(t.float().new_zeros(blocks.numel() * block_size, *t.shape[1:])
+            previous = tuple(t.new_zeros(blocks.numel() * block_size, *t.shape[1:], dtype=torch.float32)
                              .index_copy_(0, rows, t.float()) for t in previous)
         key, value = kernels.reconstruct_blocks(pages, blocks, params, previous)
         if CHECK_KERNELS:

@@ -33,7 +33,6 @@ class ReadChunk:
     """
 
     seqs: list[int]
-    seq_lens: list[int]
     first_blocks: list[int]
     starts: list[int]
     blocks: torch.Tensor
@@ -76,7 +75,7 @@ def _chunk(seqs, seq_lens, block_table_host, block_size, device) -> ReadChunk:
     key = ("read",) + tuple((tuple(block_table_host[i, :n].tolist()), length)
                             for i, n, length in zip(seqs, counts, lengths))
     return ReadChunk(
-        seqs=list(seqs), seq_lens=lengths,
+        seqs=list(seqs),
         first_blocks=[int(block_table_host[i, 0]) for i in seqs],
         starts=torch.tensor([0] + lengths).cumsum(0).tolist(),
         blocks=blocks.to(device), rows=(block_of * block_size + distinct % block_size).to(device),
