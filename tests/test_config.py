@@ -44,3 +44,27 @@ def test_every_field_is_documented_in_readme():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for name in SeqKVConfig.model_fields:
         assert f"`{name}`" in readme, f"README does not document option {name}"
+
+
+def approximate(**fields):
+    return {"kv_cache_backend": "seqkv", "cold_tier": {"approximate": fields}}
+
+
+def test_approximate_reuse_needs_a_readable_gate_and_a_positive_budget(tmp_path):
+    gate = tmp_path / "gate.json"
+    gate.write_text('{"model": "m", "kl_by_substitutions": {"1": 0.001}}')
+    (tmp_path / "bad.json").write_text('{"model": "m"}')
+    config = validate(approximate(gate=str(gate), max_kl=0.01))
+    assert config.cold_tier.approximate.salt_prefix == "approx:"
+    assert validate({"kv_cache_backend": "seqkv", "cold_tier": {}}).cold_tier.approximate is None
+    for fields, needle in [
+        ({"gate": str(tmp_path / "none.json"), "max_kl": 0.01}, "no such file"),
+        ({"gate": str(tmp_path), "max_kl": 0.01}, "cannot read it"),
+        ({"gate": str(tmp_path / "bad.json"), "max_kl": 0.01}, "not a quality gate"),
+        ({"gate": str(gate), "max_kl": 0}, "option 'cold_tier.approximate.max_kl'"),
+        ({"gate": str(gate)}, "option 'cold_tier.approximate.max_kl'"),
+        ({"gate": str(gate), "max_kl": 0.01, "salt": "x"},
+         "unknown option 'cold_tier.approximate.salt' (valid options: gate, max_index_blocks"),
+    ]:
+        with pytest.raises(SeqKVConfigError, match=needle.replace("(", r"\(")):
+            validate(approximate(**fields))

@@ -24,6 +24,43 @@ class SeqKVConfigError(ValueError):
     """A bad plugin option; the message names the option and what is allowed."""
 
 
+class ApproximateReuseConfig(BaseModel):
+    """Approximate prefix reuse (``cold_tier.approximate``): off unless given.
+
+    A request opts in with a cache salt ``salt_prefix + T``: it may then be served the cold
+    tier's blocks of tenant ``T`` (salt ``T``) that differ from its prompt in at most as many
+    tokens as ``gate`` allows within ``max_kl``. Its own blocks are cached under its own salt,
+    so requests that did not opt in never see approximate K/V.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gate: str = Field(description="quality gate measured for this model (JSON with "
+                      "kl_by_substitutions, as `python -m vllm_seqkv.bench.approx` writes it)")
+    max_kl: float = Field(gt=0, description="KL budget, nats per token, of the next-token "
+                          "distribution; the gate turns it into a number of substituted tokens")
+    salt_prefix: str = Field(default="approx:", min_length=1,
+                             description="cache-salt prefix by which a request opts in")
+    max_index_blocks: int = Field(default=1 << 20, gt=0,
+                                  description="bound on the blocks indexed for near matches")
+
+    @field_validator("gate")
+    @classmethod
+    def _gate_readable(cls, path: str) -> str:
+        from vllm_seqkv.plt.approximate import QualityGate
+
+        try:
+            QualityGate.load(path)
+        except FileNotFoundError:
+            raise ValueError("no such file (measure one with `python -m "
+                             "vllm_seqkv.bench.approx --json PATH`)") from None
+        except OSError as e:
+            raise ValueError(f"cannot read it ({e.strerror})") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"not a quality gate ({type(e).__name__}: {e})") from None
+        return path
+
+
 class ColdTierConfig(BaseModel):
     """Where blocks evicted from vLLM's pages go (``additional_config["seqkv"]["cold_tier"]``).
 
@@ -46,6 +83,9 @@ class ColdTierConfig(BaseModel):
     eviction: Literal["plt", "lru"] = Field(
         default="plt", description="which block the full tier drops: plt (the learned reuse "
         "policy over request prefixes, leaves first) or lru (least recently used)")
+    approximate: ApproximateReuseConfig | None = Field(
+        default=None, description="approximate prefix reuse for requests that opt in; null: "
+        "exact reuse only")
 
     @model_validator(mode="after")
     def _disk_needs_path(self):
@@ -118,9 +158,22 @@ def _one_line(exc: ValidationError) -> str:
     for err in exc.errors():
         option = ".".join(str(p) for p in err["loc"]) or "<config>"
         if err["type"] == "extra_forbidden":
-            model = ColdTierConfig if err["loc"][:1] == ("cold_tier",) else SeqKVConfig
+            model = _model_at(err["loc"][:-1])
             allowed = ", ".join(sorted(model.model_fields))
             problems.append(f"unknown option '{option}' (valid options: {allowed})")
         else:
             problems.append(f"option '{option}': {err['msg']} (got {err.get('input')!r})")
     return "invalid seqkv config: " + "; ".join(problems)
+
+
+def _model_at(loc: tuple) -> type[BaseModel]:
+    """The options model at ``loc`` (a path of field names) under :class:`SeqKVConfig`."""
+    model: type[BaseModel] = SeqKVConfig
+    for name in loc:
+        field = model.model_fields.get(str(name))
+        inner = next((a for a in getattr(field.annotation, "__args__", (field.annotation,))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None) if field else None
+        if inner is None:
+            break
+        model = inner
+    return model

@@ -3,7 +3,8 @@
 One engine (tiny trained model, 12 KV blocks of 128 tokens) with a disk cold tier. A prompt
 A of 600 tokens (4 full blocks) runs, five other prompts push its blocks out of vLLM's
 prefix cache, then A runs again: the connector restores its 4 blocks (512 tokens) and the
-greedy output equals the first run's.
+greedy output equals the first run's. The engine also has approximate reuse on (a gate that
+allows 2 substituted tokens): requests without the opt-in salt must not notice it.
 """
 
 import contextlib
@@ -52,10 +53,21 @@ def output_to(path):
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model_dir, cold_dir, engine_log):
+def gate(tiny_model_dir, tmp_path_factory):
+    """A plumbing gate for the tiny model (made-up KLs): 2 substitutions within max_kl 0.005."""
+    from vllm_seqkv.plt.approximate import QualityGate
+
+    path = tmp_path_factory.mktemp("gate") / "gate.json"
+    QualityGate(tiny_model_dir.name, {1: 0.001, 2: 0.002, 4: 1.0}).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir, cold_dir, engine_log, gate):
     from vllm import LLM
 
-    cold = {"kind": "disk", "path": str(cold_dir), "capacity_bytes": 64 << 20}
+    cold = {"kind": "disk", "path": str(cold_dir), "capacity_bytes": 64 << 20,
+            "approximate": {"gate": str(gate), "max_kl": 0.005}}
     with output_to(engine_log):  # the engine core and worker log there
         llm = LLM(model=str(tiny_model_dir), max_model_len=1024, seed=0, enforce_eager=True,
                   kv_cache_memory_bytes=12 * BLOCK_BYTES,
@@ -119,3 +131,25 @@ def test_corrupt_blob_is_recomputed_with_a_warning(llm, ids, cold_dir, engine_lo
     assert "is corrupt (checksum mismatch)" in log  # the tier's warning
     assert "missing or corrupt; vLLM recomputes from token 0" in log  # the connector's
     assert "Recovered from KV load failure" in log  # vLLM's
+
+
+def substituted(tokens, positions):
+    out = list(tokens)
+    for p in positions:
+        out[p] = (out[p] + 1) % 1000
+    return out
+
+
+def test_opted_in_request_reuses_its_tenants_near_duplicate_prefix(llm, ids, engine_log):
+    a = ids[9000:9600]
+    assert run(llm, a, salt="t1")[0] == 0
+    flood(llm, ids, 10000)  # steps for A's saves to be stored and reported
+    log_start = engine_log.stat().st_size
+    b = substituted(a, [10, 300])  # blocks 0 and 2
+    cached, out, _ = run(llm, b, salt="approx:t1")
+    assert cached == 512 and len(out) == 16  # A's 4 blocks, although B differs in two of them
+    assert "approximate reuse for request" in engine_log.read_text()[log_start:]
+    assert run(llm, b, salt="t1")[0] == 0  # no opt-in: exact reuse only
+    assert run(llm, b, salt="approx:t2")[0] == 0  # another tenant's blocks: never
+    c = substituted(a, [11, 140, 301])  # a third substitution (block 2) is over the budget
+    assert run(llm, c, salt="approx:t1")[0] == 256

@@ -14,6 +14,7 @@ from vllm_seqkv.integration.connector import (
     block_key,
 )
 from vllm_seqkv.integration.engine_codec import SinkTable
+from vllm_seqkv.plt.approximate import ApproximateIndex
 from vllm_seqkv.plt.tiers import DiskTier, MemoryTier
 
 L, NB, H, BS, S, D = 3, 6, 2, 16, 12, 8
@@ -88,12 +89,14 @@ def fake_connector(held, eviction="plt"):
     c._held = {block_key(b"ns", h): 100 for h in held}
     c._saving, c._lookup_start, c._saves, c._loads, c._accesses = set(), {}, [], [], []
     c._loading_reqs, c._failed_until = set(), {}
+    c._approx, c._approx_allowed, c._approx_plans = None, 0, {}
     return c
 
 
-def request(hashes, num_tokens, computed=0):
-    return SimpleNamespace(request_id="r", block_hashes=hashes, num_tokens=num_tokens,
-                           num_computed_tokens=computed)
+def request(hashes, num_tokens, computed=0, salt=None, tokens=None, req_id="r"):
+    return SimpleNamespace(request_id=req_id, block_hashes=hashes, num_tokens=num_tokens,
+                           num_computed_tokens=computed, cache_salt=salt,
+                           all_token_ids=list(range(num_tokens)) if tokens is None else tokens)
 
 
 def test_match_counts_held_blocks_after_the_local_hit_and_leaves_one_token():
@@ -419,3 +422,73 @@ def test_shutdown_waits_for_a_pending_load_within_a_bound(monkeypatch, caplog):
     assert time.time() - t0 < 10 and "loads still running" in caplog.text
     gate.set()
     assert not c.loader.submit(None)  # closed
+
+
+def approximate_connector(allowed=2):
+    c = fake_connector([])
+    c.cold.approximate = SimpleNamespace(salt_prefix="approx:")
+    c._approx, c._approx_allowed = ApproximateIndex(BS), allowed
+    return c
+
+
+def finish_and_store(c, hashes, tokens, salt):
+    r = request(hashes, len(tokens), computed=len(hashes) * BS, salt=salt, tokens=tokens)
+    c.request_finished(r, list(range(len(hashes) + 1)))
+    (job,) = c.build_connector_meta(None).saves
+    c.update_connector_output(SimpleNamespace(kv_connector_worker_meta=ColdTierWorkerMetadata(
+        {k: 100 for k in job.keys})))
+    return job.keys
+
+
+def test_opted_in_request_loads_a_near_match_of_its_tenants_exact_blocks():
+    c = approximate_connector(allowed=2)
+    source = list(range(100, 100 + 3 * BS + 1))
+    keys = finish_and_store(c, [b"s0", b"s1", b"s2"], source, "t1")
+    near = list(source)
+    near[3], near[BS + 2] = 7, 8  # one substitution in each of blocks 0 and 1
+    own = [b"n0", b"n1", b"n2"]  # its own hashes (its own salt): nothing held under them
+    r = request(own, len(near), salt="approx:t1", tokens=near)
+    assert c.get_num_new_matched_tokens(r, 0) == (3 * BS, True)
+    c.update_state_after_alloc(r, SimpleNamespace(get_block_ids=lambda: ([5, 6, 7, 8],)), 3 * BS)
+    (job,) = c.build_connector_meta(None).loads
+    assert job.block_ids == [5, 6, 7] and job.keys == keys  # the source's blocks
+    # no opt-in, another tenant, or a local hit already: exact reuse only
+    assert c.get_num_new_matched_tokens(request(own, len(near), salt="t1", tokens=near), 0) == (0, False)
+    assert c.get_num_new_matched_tokens(request(own, len(near), salt="approx:t2", tokens=near), 0) == (0, False)
+    assert c.get_num_new_matched_tokens(r, BS) == (0, False)
+    # beyond the gate's budget the match stops before the block of the third substitution
+    far = list(near)
+    far[2 * BS + 5] = 9
+    assert c.get_num_new_matched_tokens(request(own, len(far), salt="approx:t1", tokens=far), 0) == (2 * BS, True)
+
+
+def test_approximately_served_blocks_are_never_a_near_match_source_and_dropped_keys_are_forgotten():
+    c = approximate_connector(allowed=4)
+    source = list(range(200, 200 + 2 * BS + 1))
+    keys = finish_and_store(c, [b"s0", b"s1"], source, "t1")
+    near = list(source)
+    near[0] = 1
+    finish_and_store(c, [b"n0", b"n1"], near, "approx:t1")  # an opted-in request's own blocks
+    assert len(c._approx) == 2  # only the exact source's
+    c.update_connector_output(SimpleNamespace(kv_connector_worker_meta=ColdTierWorkerMetadata(
+        {keys[1]: None})))  # the tier dropped the source's second block
+    other = list(near)
+    other[0] = 2  # not the opted-in request: its own hashes hold nothing
+    r = request([b"m0", b"m1"], len(other), salt="approx:t1", tokens=other)
+    assert c.get_num_new_matched_tokens(r, 0) == (BS, True)
+    assert len(c._approx) == 1
+
+
+def test_gate_measured_for_another_model_is_refused_at_start_up(tmp_path, caplog):
+    from vllm_seqkv.config import ApproximateReuseConfig
+    from vllm_seqkv.integration.connector import approximate_reuse_for
+    from vllm_seqkv.plt.approximate import QualityGate
+
+    QualityGate("SmolLM2-135M-Instruct", {1: 0.001, 2: 0.01}).save(tmp_path / "g.json")
+    cfg = ApproximateReuseConfig(gate=str(tmp_path / "g.json"), max_kl=0.005)
+    served = lambda model: SimpleNamespace(model_config=SimpleNamespace(model=model))  # noqa: E731
+    with pytest.raises(ValueError, match="measured for model 'SmolLM2-135M-Instruct', not 'tiny'"):
+        approximate_reuse_for(served("/models/tiny"), cfg, BS)
+    index, allowed = approximate_reuse_for(served("/models/smollm2-135m-instruct"), cfg, BS)
+    assert isinstance(index, ApproximateIndex) and allowed == 1
+    assert approximate_reuse_for(served("x"), None, BS) == (None, 0)

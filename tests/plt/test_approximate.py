@@ -2,7 +2,7 @@
 
 import pytest
 
-from vllm_seqkv.plt.approximate import QualityGate, near_match
+from vllm_seqkv.plt.approximate import ApproximateIndex, QualityGate, near_match
 from vllm_seqkv.plt.trie import PrefixTrie
 
 BS = 4
@@ -51,3 +51,23 @@ def test_gate_allows_up_to_the_last_k_within_budget(tmp_path):
     assert gate.max_substitutions(1.0) == 8
     gate.save(tmp_path / "g.json")
     assert QualityGate.load(tmp_path / "g.json") == gate
+
+
+def test_index_matches_through_held_keys_and_forgets_dropped_leaves():
+    index = ApproximateIndex(BS)
+    a = list(range(12))
+    keys = [b"k0", b"k1", b"k2"]
+    index.insert(a + [5], "t", keys)
+    b = list(a)
+    b[5] = 99
+    found, got = index.match(b, "t", 1, held=lambda k: True)
+    assert got == keys and found.substitutions == [5]
+    found, got = index.match(b, "t", 1, held=lambda k: k != b"k1")
+    assert got == [b"k0"] and found.substitutions == [] and found.num_tokens == BS
+    assert index.match(b, "u", 1, held=lambda k: True)[1] == []  # tenants stay apart
+    index.forget(b"k1")  # an inner block: the trie keeps it for its child, unmatched
+    assert len(index) == 2 and len(index.trie) == 3
+    index.forget(b"k2")  # the leaf goes, and the inner block left without a key with it
+    assert len(index) == 1 and len(index.trie) == 1
+    assert index.match(b, "t", 1, held=lambda k: True)[1] == [b"k0"]
+    index.forget(b"unknown")  # a key never indexed: nothing to do

@@ -40,6 +40,16 @@ the tier, once per finished request, the chain of its block keys, and the learne
 (never a prefix before its extensions); ``lru`` evicts the least recently used block (a
 restored prefix's root counts as the most recent).
 
+Approximate reuse (``cold_tier.approximate``, off by default). A request whose cache salt is
+``salt_prefix + T`` opts in: when vLLM's prefix cache has nothing for it, the scheduler looks
+up a near match of its prompt among the blocks tenant ``T``'s exactly computed requests left
+in the tier (:class:`~vllm_seqkv.plt.approximate.ApproximateIndex`), within the number of
+substituted tokens that the model's measured quality gate allows at ``max_kl``, and loads
+those blocks like an exact hit when they are more than the exact hit. vLLM then caches them
+under the request's own hashes, which fold in its own salt: requests that did not opt in
+(and other tenants) never see approximate K/V, and approximate blocks are never the source
+of another near match.
+
 Where the work runs. Scheduler side: an index of the keys the worker reported stored
 (plus, for disk and Redis, the tier itself: blocks another engine stored), the load and
 save plans. Worker side: the tier and the byte copies. In ``wait_for_save`` of the step
@@ -142,6 +152,31 @@ def make_tier(cold: ColdTierConfig, codec):
     if cold.kind == "disk":
         return DiskTier(cold.path, codec, cold.capacity_bytes)
     return RedisTier(cold.url, codec, cold.capacity_bytes)
+
+
+def approximate_reuse_for(vllm_config, approx, block_size: int):
+    """The index and the number of substituted tokens the gate allows, or (None, 0) when
+    approximate reuse is off. Raises when the gate was measured for another model."""
+    from pathlib import Path
+
+    from vllm_seqkv.plt.approximate import ApproximateIndex, QualityGate
+
+    if approx is None:
+        return None, 0
+    gate = QualityGate.load(approx.gate)
+    served = Path(str(vllm_config.model_config.model)).name
+    if gate.model.lower() != served.lower():
+        raise ValueError(f"seqkv cold tier: the approximate-reuse gate {approx.gate} was measured "
+                         f"for model {gate.model!r}, not {served!r}; measure one for this model")
+    allowed = gate.max_substitutions(approx.max_kl)
+    if allowed == 0:
+        logger.warning("seqkv cold tier: the gate %s allows no substituted token within max_kl "
+                       "%.4g nats/token: approximate reuse serves exact matches only",
+                       approx.gate, approx.max_kl)
+    logger.info("seqkv cold tier: approximate reuse for cache salts '%s...': up to %d "
+                "substituted tokens (gate %s, max_kl %.4g)", approx.salt_prefix, allowed,
+                approx.gate, approx.max_kl)
+    return ApproximateIndex(block_size, approx.max_index_blocks), allowed
 
 
 def code_model_for_engine(engine, layers: int, heads: int, slot_bytes: int):
@@ -387,6 +422,11 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         self._failed_until: dict[bytes, float] = {}  # keys whose load failed: not offered
         self._probe = None
         self._probe_off_until = 0.0
+        self._approx, self._approx_allowed = None, 0
+        self._approx_plans: dict[str, list[bytes]] = {}  # req id -> source keys to load
+        if role == KVConnectorRole.SCHEDULER:
+            self._approx, self._approx_allowed = approximate_reuse_for(
+                vllm_config, self.cold.approximate, self.block_size)
         if role == KVConnectorRole.SCHEDULER and self.cold.kind == "redis":
             from vllm_seqkv.plt.tiers import RedisTier  # shared across nodes: ask the server
 
@@ -450,6 +490,12 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
                 break
             n += 1
         self._lookup_start[request.request_id] = start
+        self._approx_plans.pop(request.request_id, None)
+        if start == 0 and self._opted_in(request):
+            keys = self._near_match(request, limit)
+            if len(keys) > n:
+                self._approx_plans[request.request_id] = keys
+                n = len(keys)
         # asynchronous: vLLM parks the request (WAITING_FOR_REMOTE_KVS) until the worker
         # reports it in finished_recving
         return n * bs, n > 0
@@ -462,9 +508,27 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
             return
         n = num_external_tokens // self.block_size
         ids = blocks.get_block_ids()[0][start:start + n]
-        keys = [self._key(h) for h in request.block_hashes[start:start + n]]
+        keys = self._approx_plans.pop(request.request_id, None)
+        keys = [self._key(h) for h in request.block_hashes[start:start + n]] if keys is None else keys[:n]
         self._loads.append(BlockJob(request.request_id, list(ids), keys, start * self.block_size))
         self._loading_reqs.add(request.request_id)
+
+    def _opted_in(self, request) -> bool:
+        salt = getattr(request, "cache_salt", None)
+        return (self._approx is not None and salt is not None
+                and salt.startswith(self.cold.approximate.salt_prefix))
+
+    def _near_match(self, request, limit: int) -> list[bytes]:
+        """Keys of the longest near match of the request's first ``limit`` blocks among its
+        source tenant's exact blocks (the salt after the opt-in prefix)."""
+        source = request.cache_salt[len(self.cold.approximate.salt_prefix):]
+        tokens = request.all_token_ids[:limit * self.block_size]
+        found, keys = self._approx.match(tokens, source, self._approx_allowed, self._has)
+        if keys:
+            logger.info("seqkv cold tier: approximate reuse for request %s: %d blocks of a cached "
+                        "prefix, %d substituted tokens", request.request_id, len(keys),
+                        len(found.substitutions))
+        return keys
 
     def build_connector_meta(self, scheduler_output) -> ColdTierMetadata:
         meta = ColdTierMetadata(self._saves, self._loads, self._accesses)
@@ -482,8 +546,12 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
             # them a second time on finished_sending.
             self._loading_reqs.discard(request.request_id)
             return False, None
+        self._approx_plans.pop(request.request_id, None)
         n = min(len(request.block_hashes), len(block_ids), request.num_computed_tokens // self.block_size)
         chain = [self._key(h) for h in request.block_hashes[:n]]
+        if chain and self._approx is not None and not self._opted_in(request):
+            self._approx.insert(request.all_token_ids[:n * self.block_size],
+                                request.cache_salt or "", chain)
         if chain and self.cold.eviction == "plt":
             self._accesses.append(chain)
         ids, keys, starts = [], [], []
@@ -509,6 +577,8 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
             self._saving.discard(k)
             if n is None:
                 self._held.pop(k, None)
+                if self._approx is not None:
+                    self._approx.forget(k)
             else:
                 self._held[k] = n
         until = time.monotonic() + PROBE_BACKOFF_S

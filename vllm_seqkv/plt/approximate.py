@@ -13,7 +13,10 @@ It is off unless asked for, and bounded by a measured quality gate:
 * :class:`QualityGate` holds KL(exact || reused) of the next-token distribution per number of
   substituted tokens, measured on held-out text by ``python -m vllm_seqkv.bench.approx``
   (worst case over the kinds of substitution measured), and turns a KL budget into the
-  largest number of substitutions it allows: 0 means exact reuse only.
+  largest number of substitutions it allows: 0 means exact reuse only;
+* :class:`ApproximateIndex` is what the KV connector keeps for it: the exactly computed
+  block prefixes it holds, by tenant, each node tied to the key of its stored block
+  (``insert`` / ``match`` / ``forget``).
 
 No vLLM or CUDA import: this module is plain Python.
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from vllm_seqkv.plt.trie import Node, PrefixTrie
 
@@ -43,8 +46,15 @@ class NearMatch:
         return not self.substitutions
 
 
-def _differences(cached: tuple[int, ...], wanted: tuple[int, ...]) -> list[int]:
-    return [i for i, (a, b) in enumerate(zip(cached, wanted)) if a != b]
+def _differences(cached: tuple[int, ...], wanted: tuple[int, ...], limit: int) -> list[int]:
+    """Positions where the blocks differ, stopping once there are more than ``limit``."""
+    out = []
+    for i, (a, b) in enumerate(zip(cached, wanted)):
+        if a != b:
+            out.append(i)
+            if len(out) > limit:
+                break
+    return out
 
 
 def near_match(trie: PrefixTrie, tokens: Sequence[int], salt: str = "",
@@ -66,7 +76,7 @@ def near_match(trie: PrefixTrie, tokens: Sequence[int], salt: str = "",
             budget = max_substitutions - len(subs)
             best = None
             for key, candidate in node.children.items():
-                d = _differences(key, wanted)
+                d = _differences(key, wanted, budget)
                 if len(d) <= budget and (best is None or len(d) < len(best[1])):
                     best = (candidate, d)
             if best is None:
@@ -106,3 +116,57 @@ class QualityGate:
         raw = json.loads(Path(path).read_text())
         return cls(raw["model"], {int(k): float(v) for k, v in raw["kl_by_substitutions"].items()},
                    raw.get("command", ""))
+
+
+class ApproximateIndex:
+    """Block prefixes a cold tier holds, by tenant, for approximate reuse.
+
+    ``insert`` records a finished request's blocks (tokens, tenant salt) with the tier keys
+    they were stored under; ``match`` returns the keys of the longest near match of a
+    request's tokens, cut at the first block whose key ``held`` denies; ``forget`` drops a
+    key the tier no longer holds (and every leaf left without one).
+    NOTE: only exactly computed blocks may be inserted: a near match of a near match would
+    add substitutions the gate never measured.
+    """
+
+    def __init__(self, block_size: int, max_blocks: int | None = None):
+        self.trie = PrefixTrie(block_size, max_blocks=max_blocks)
+        self._key_of: dict[bytes, bytes] = {}  # node hash -> tier key
+        self._node_of: dict[bytes, bytes] = {}  # tier key -> node hash
+
+    def __len__(self) -> int:
+        return len(self._key_of)
+
+    def insert(self, tokens: Sequence[int], salt: str, keys: Sequence[bytes]) -> None:
+        bs = self.trie.block_size
+        for node, key in zip(self.trie.insert(tokens[:len(keys) * bs], salt), keys):
+            old = self._key_of.get(node.hash)
+            if old is not None and old != key:
+                self._node_of.pop(old, None)
+            self._key_of[node.hash] = key
+            self._node_of[key] = node.hash
+
+    def match(self, tokens: Sequence[int], salt: str, max_substitutions: int,
+              held: Callable[[bytes], bool]) -> tuple[NearMatch, list[bytes]]:
+        found = near_match(self.trie, tokens, salt, max_substitutions)
+        keys: list[bytes] = []
+        for node in found.nodes:
+            key = self._key_of.get(node.hash)
+            if key is None or not held(key):
+                break
+            keys.append(key)
+        bs = self.trie.block_size
+        subs = [p for p in found.substitutions if p < len(keys) * bs]
+        return NearMatch(found.nodes[:len(keys)], subs, bs), keys
+
+    def forget(self, key: bytes) -> None:
+        h = self._node_of.pop(key, None)
+        if h is None:
+            return
+        del self._key_of[h]
+        node = self.trie.get(h)
+        while (node is not None and node.parent is not None and node.is_leaf
+               and node.hash not in self._key_of):
+            parent = node.parent
+            self.trie.evict(node.hash)
+            node = parent if parent.parent is not None else None
