@@ -68,3 +68,17 @@ def test_approximate_reuse_needs_a_readable_gate_and_a_positive_budget(tmp_path)
     ]:
         with pytest.raises(SeqKVConfigError, match=needle.replace("(", r"\(")):
             validate(approximate(**fields))
+
+
+def test_every_additional_config_in_the_readme_is_valid(monkeypatch):
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(root)  # the examples name repository files (the approximate-reuse gate)
+    blocks = re.findall(r"```bash\n(.*?)```", (root / "README.md").read_text(), re.S)
+    found = [c for b in blocks for c in re.findall(r"--additional-config '(.*?)'", b, re.S)]
+    assert len(found) >= 3
+    for text in found:
+        from_additional_config({"kv_cache_backend": "seqkv", **json.loads(text)})

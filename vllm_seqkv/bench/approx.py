@@ -113,9 +113,10 @@ def markdown(rec: dict) -> str:
         f"Gate (`vllm_seqkv.plt.approximate.QualityGate`, worst kind per k, from "
         f"`benchmarks/approx.json`): at a KL budget equal to the codec's own "
         f"({gate['budget']}), it allows **{gate['allowed_substitutions']}** substituted "
-        f"token(s). Approximate reuse is a library function (`near_match`); it is not wired "
-        f"into vLLM: vLLM's prefix cache would register the reused blocks under the request's "
-        f"exact block hashes, so later exact requests would silently get approximate K/V.\n"
+        f"token(s). The cold tier serves approximate reuse only to requests that opt in "
+        f"(`cold_tier.approximate`, a cache salt `approx:` + tenant) within the number of "
+        f"substitutions this gate allows at the configured `max_kl`; the same measurement as "
+        f"served by vLLM is in the section \"Approximate prefix reuse through vLLM\".\n"
     )
 
 

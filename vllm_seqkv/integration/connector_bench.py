@@ -42,6 +42,20 @@ def _worker_stats(self):
             "layers": len(c.store.pages)}
 
 
+def engine_block_bytes(model_dir, block_size: int = 128) -> tuple[int, int]:
+    """Bytes of one KV block of the seqkv pages (default preset) for this model, head size."""
+    from transformers import AutoConfig
+
+    from vllm_seqkv.codec.rope import rope_theta
+    from vllm_seqkv.config import SeqKVConfig
+    from vllm_seqkv.integration.engine_codec import EngineCodec
+
+    hf = AutoConfig.from_pretrained(model_dir)
+    heads, hd = hf.num_key_value_heads, hf.hidden_size // hf.num_attention_heads
+    codec = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv"), str(model_dir), heads, hd, rope_theta(hf))
+    return hf.num_hidden_layers * heads * block_size * codec.slot_bytes, hd
+
+
 def engine_loop_during_restore(llm, restored, bystander, floods, bystander_tokens: int, run) -> dict:
     """Step the engine by hand: ``bystander`` decodes; after 4 of its steps ``restored`` (in
     the tier, not in vLLM's prefix cache after ``floods``) arrives. Step times while the
@@ -100,17 +114,9 @@ def main(argv=None) -> int:
     from vllm.inputs import TokensPrompt
 
     from vllm_seqkv import fixtures
-    from vllm_seqkv.config import SeqKVConfig
-    from vllm_seqkv.codec.rope import rope_theta
-    from vllm_seqkv.integration.engine_codec import EngineCodec
 
     d = fixtures.tiny_model_dir() if args.model == "tiny" else fixtures.smollm2_dir()
-    from transformers import AutoConfig
-
-    hf = AutoConfig.from_pretrained(d)
-    heads, hd = hf.num_key_value_heads, hf.hidden_size // hf.num_attention_heads
-    slot = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv"), str(d), heads, hd, rope_theta(hf)).slot_bytes
-    block_bytes = hf.num_hidden_layers * heads * 128 * slot
+    block_bytes, hd = engine_block_bytes(d)
     ids = AutoTokenizer.from_pretrained(d)(fixtures.corpus_path("test").read_text()[:400_000])["input_ids"]
     tmp = tempfile.mkdtemp(prefix="seqkv-cold-")
     cold = {"kind": args.tier, "capacity_bytes": 1 << 30}
