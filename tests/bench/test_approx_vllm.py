@@ -42,3 +42,6 @@ def test_markdown_has_one_row_per_k_with_its_gate():
     assert "| 2 | 1024 | 0.0100 / 0.0200 | — |" in text
     assert "the KL is 2.0-2.0x the fp32 gate's" in text
     assert "allows **2** substituted token(s), the fp32 gate 1" in text
+    costed = markdown({**res, "prefill_time_with_prompt_logprobs_over_without": 1.3}, {})
+    assert "took **1.30x** the time of a plain one" in costed
+    assert "the time of a plain one" not in text

@@ -24,6 +24,7 @@ benchmarks/plt.json under ``vllm_restore``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -101,7 +102,8 @@ def engine_loop_during_restore(llm, restored, bystander, floods, bystander_token
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="smollm2")
-    ap.add_argument("--tier", choices=["cpu", "disk"], default="cpu")
+    ap.add_argument("--tier", choices=["cpu", "disk", "redis"], default="cpu",
+                    help="redis: a local redis-server/valkey-server started for the run")
     ap.add_argument("--tokens", type=int, default=1100)
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--blocks", type=int, default=24, help="KV blocks of the engine")
@@ -110,18 +112,31 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
     from vllm_seqkv import fixtures
 
     d = fixtures.tiny_model_dir() if args.model == "tiny" else fixtures.smollm2_dir()
-    block_bytes, hd = engine_block_bytes(d)
     ids = AutoTokenizer.from_pretrained(d)(fixtures.corpus_path("test").read_text()[:400_000])["input_ids"]
     tmp = tempfile.mkdtemp(prefix="seqkv-cold-")
     cold = {"kind": args.tier, "capacity_bytes": 1 << 30}
     if args.tier == "disk":
         cold["path"] = tmp
+    with contextlib.ExitStack() as stack:
+        if args.tier == "redis":
+            from vllm_seqkv.plt.tiers.redis_server import local_redis_server, redis_binary
+
+            exe = redis_binary()
+            if exe is None:
+                raise SystemExit("--tier redis needs redis-server or valkey-server on PATH")
+            cold["url"] = stack.enter_context(local_redis_server(exe, Path(tmp)))["url"]
+        return measure(args, argv, d, ids, cold)
+
+
+def measure(args, argv, d, ids, cold: dict) -> int:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    block_bytes, hd = engine_block_bytes(d)
     llm = LLM(model=str(d), max_model_len=2048, seed=0, enforce_eager=True,
               kv_cache_memory_bytes=args.blocks * block_bytes,
               additional_config={"kv_cache_backend": "seqkv", "seqkv": {"cold_tier": cold}})

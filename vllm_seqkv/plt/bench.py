@@ -1,14 +1,22 @@
 """`python -m vllm_seqkv.plt.bench`: cold tiers, token tier and placement policy, measured.
 
-Writes benchmarks/plt.json. Model: the tiny trained Llama fixture (the only one fast enough
-for per-token range coding on 2 CPU cores); text: pydocs test split (priors fitted on train).
-Cold tier: the code-level coder (:mod:`vllm_seqkv.plt.code_model`) and, for comparison, the
-byte-level ``ColdCodec``; SmolLM2's cold-tier bits are measured too (``--no-smollm2`` skips).
+Writes benchmarks/plt.json. Per model (SmolLM2-135M with vLLM's CPU block of 128 tokens,
+the real model and what the connector holds; the tiny trained Llama fixture with blocks of
+16; ``--no-smollm2`` skips SmolLM2): text from the pydocs test split (priors fitted on
+train); the cold-tier coders' bits per element, encode and decode time and bit-exactness
+(the code-level coder of :mod:`vllm_seqkv.plt.code_model`, without its prior, the byte-level
+``ColdCodec`` with and without a fitted prior); the token tier's bits per token against the
+model's cross-entropy; restore of a block from the CPU-RAM, disk, Redis (a local server, when
+``redis-server`` or ``valkey-server`` is installed) and token tiers against recomputing it
+(a transformers prefill, fp32, same process). The top-level figures are SmolLM2's (the tiny
+model's when it is skipped); every model's record is under ``models``. Then the placement
+policy against LRU on the multi-session trace.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -21,113 +29,125 @@ from pathlib import Path
 import torch
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--requests", type=int, default=1500)
-    ap.add_argument("--out", default="benchmarks/plt.json")
-    ap.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2's cold-tier figure")
-    args = ap.parse_args(argv)
+def coder_figures(coder, blocks: list[bytes], elements: int) -> dict:
+    t0 = time.perf_counter()
+    coded = [coder.encode(b) for b in blocks]
+    t1 = time.perf_counter()
+    exact = all(coder.decode(e, len(b)) == b for e, b in zip(coded, blocks))
+    t2 = time.perf_counter()
+    return {"bits_per_element": sum(map(len, coded)) * 8 / (elements * len(blocks)),
+            "encode_s_per_block": (t1 - t0) / len(blocks),
+            "decode_s_per_block": (t2 - t1) / len(blocks), "bit_exact": exact}
+
+
+def restore_figures(tiers: dict, blocks: list[bytes], recompute_s: float) -> dict:
+    """Per tier: time to load (fetch + decode) a block, against recomputing it."""
+    out = {}
+    for name, tier in tiers.items():
+        for i, b in enumerate(blocks):
+            tier.save(i, b)
+        t0 = time.perf_counter()
+        ok = all(tier.load(i) == b for i, b in enumerate(blocks))
+        per_block = (time.perf_counter() - t0) / len(blocks)
+        out[name] = {"restore_s_per_block": per_block, "bit_exact": ok,
+                     "speedup_vs_recompute": recompute_s / per_block}
+    return out
+
+
+def measure_model(model_dir: Path, block_tokens: int, test_tokens: int, redis_url: str | None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_seqkv import fixtures
     from vllm_seqkv.plt.entropy import ColdCodec, TokenCoder
     from vllm_seqkv.plt.kvbytes import code_model_for, model_blocks
-    from vllm_seqkv.plt.policy import CostModel, LRUPolicy, OraclePolicy, PLTPolicy, simulate
-    from vllm_seqkv.plt.tiers import DiskTier, MemoryTier, TokenTier
-    from vllm_seqkv.plt.traces import TraceConfig, generate
+    from vllm_seqkv.plt.tiers import DiskTier, MemoryTier, RedisTier, TokenTier
 
-    d = fixtures.tiny_model_dir()
-    tok = AutoTokenizer.from_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     train = tok(fixtures.corpus_path("train").read_text()[:200_000])["input_ids"][:4096]
-    test = tok(fixtures.corpus_path("test").read_text()[:100_000])["input_ids"][:args.tokens]
-    btr, cols, elems = model_blocks(d, train)
-    bte, _, _ = model_blocks(d, test)
-    byte_codec = ColdCodec.fit(btr, cols)
-    codec = code_model_for(d, btr)
-    raw = sum(map(len, bte))
+    test = tok(fixtures.corpus_path("test").read_text()[:100_000])["input_ids"][:test_tokens]
+    btr, cols, elems = model_blocks(model_dir, train, block_tokens)
+    bte, _, _ = model_blocks(model_dir, test, block_tokens)
+    codec = code_model_for(model_dir, btr)
+    rec: dict = {"model": model_dir.name, "block_size": block_tokens, "test_tokens": len(test),
+                 "hot_bits_per_element": sum(map(len, bte)) * 8 / (elems * len(bte)),
+                 "hot_bytes_per_block": sum(map(len, bte)) / len(bte)}
+    rec["coders"] = {name: coder_figures(c, bte, elems) for name, c in (
+        ("code_model", codec), ("code_model_no_prior", code_model_for(model_dir, None)),
+        ("byte_codec", ColdCodec.fit(btr, cols)), ("byte_codec_uniform_prior", ColdCodec(cols)))}
+    rec["cold_bits_per_element"] = rec["coders"]["code_model"]["bits_per_element"]
 
-    def bits(c, blocks=bte, elements=elems):
-        return sum(len(c.encode(b)) for b in blocks) * 8 / (elements * len(blocks))
-
-    res: dict = {
-        "model": d.name, "block_size": 16, "test_tokens": len(test),
-        "hot_bits_per_element": raw * 8 / (elems * len(bte)),
-        "cold_bits_per_element": bits(codec),
-        "cold_bits_per_element_no_prior": bits(code_model_for(d, None)),
-        "cold_bits_per_element_byte_codec": bits(byte_codec),
-        "cold_bits_per_element_byte_codec_uniform_prior": bits(ColdCodec(cols)),
-    }
-    if not args.no_smollm2:  # 30 layers, vLLM's CPU block of 128 tokens: what the connector holds
-        s = fixtures.smollm2_dir()
-        stok = AutoTokenizer.from_pretrained(s)
-        s_train, s_cols, s_elems = model_blocks(
-            s, stok(fixtures.corpus_path("train").read_text()[:200_000])["input_ids"][:4096], 128)
-        s_test, _, _ = model_blocks(
-            s, stok(fixtures.corpus_path("test").read_text()[:100_000])["input_ids"][:1024], 128)
-        res["smollm2"] = {"model": s.name, "block_size": 128, "test_tokens": 1024,
-                          "hot_bits_per_element": sum(map(len, s_test)) * 8 / (s_elems * len(s_test))}
-        for name, c in (("code_model", code_model_for(s, s_train)),
-                        ("code_model_no_prior", code_model_for(s, None)),
-                        ("byte_codec", ColdCodec.fit(s_train, s_cols))):
-            t0 = time.perf_counter()
-            coded = [c.encode(b) for b in s_test]
-            t1 = time.perf_counter()
-            exact = all(c.decode(e, len(b)) == b for e, b in zip(coded, s_test))
-            t2 = time.perf_counter()
-            res["smollm2"][name] = {
-                "bits_per_element": sum(map(len, coded)) * 8 / (s_elems * len(s_test)),
-                "encode_s_per_block": (t1 - t0) / len(s_test),
-                "decode_s_per_block": (t2 - t1) / len(s_test), "bit_exact": exact}
-
-    # token tier vs the model's own cross-entropy
-    coder = TokenCoder(d)
-    ids = test[:args.tokens]
+    coder = TokenCoder(model_dir)
     t0 = time.perf_counter()
-    payload = coder.encode(ids)
+    payload = coder.encode(test)
     t_enc = time.perf_counter() - t0
-    ce, _ = coder.cross_entropy_bits(ids)
-    res["token_tier_bits_per_token"] = len(payload) * 8 / len(ids)
-    res["model_cross_entropy_bits_per_token"] = ce
-    res["token_tier_over_cross_entropy"] = res["token_tier_bits_per_token"] / ce
-    res["token_tier_raw_id_bits_per_token"] = math.log2(coder.vocab)
+    ce, _ = coder.cross_entropy_bits(test)
+    rec["token_tier_bits_per_token"] = len(payload) * 8 / len(test)
+    rec["model_cross_entropy_bits_per_token"] = ce
+    rec["token_tier_over_cross_entropy"] = rec["token_tier_bits_per_token"] / ce
+    rec["token_tier_raw_id_bits_per_token"] = math.log2(coder.vocab)
 
-    # restore vs recompute, same process: per block of 16 tokens at the end of the context
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    x = torch.tensor([ids])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    x = torch.tensor([test])
     with torch.inference_mode():
         model(input_ids=x)
-        reps = 5
+        reps = 3
         t0 = time.perf_counter()
         for _ in range(reps):
             model(input_ids=x)
-        recompute_block = (time.perf_counter() - t0) / reps / (len(ids) / 16)
-    speed = {}
+        recompute = (time.perf_counter() - t0) / reps / (len(test) / block_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         tiers = {"cpu": MemoryTier(codec), "disk": DiskTier(tmp, codec)}
-        for name, tier in tiers.items():
-            for i, b in enumerate(bte):
-                tier.save(i, b)
-            t0 = time.perf_counter()
-            ok = all(tier.load(i) == b for i, b in enumerate(bte))
-            per_block = (time.perf_counter() - t0) / len(bte)
-            speed[name] = {"restore_s_per_block": per_block, "bit_exact": ok,
-                           "speedup_vs_recompute": recompute_block / per_block}
-        tt = TokenTier(coder)
-        tt.save_tokens(0, ids)
-        t0 = time.perf_counter()
-        ok = tt.load_tokens(0) == ids
-        per_block = (time.perf_counter() - t0) / (len(ids) / 16) + recompute_block
-        speed["token"] = {"restore_s_per_block": per_block, "bit_exact": ok,
-                          "speedup_vs_recompute": recompute_block / per_block,
-                          "encode_s_per_token": t_enc / len(ids)}
-    res["recompute_s_per_block"] = recompute_block
-    res["restore_speedup_vs_recompute"] = {k: v["speedup_vs_recompute"] for k, v in speed.items()}
-    res["restore"] = speed
+        if redis_url is not None:
+            tiers["redis"] = RedisTier(redis_url, codec, prefix=model_dir.name.encode() + b":")
+        speed = restore_figures(tiers, bte, recompute)
+    tt = TokenTier(coder)
+    tt.save_tokens(0, test)
+    t0 = time.perf_counter()
+    ok = tt.load_tokens(0) == test
+    per_block = (time.perf_counter() - t0) / (len(test) / block_tokens) + recompute
+    speed["token"] = {"restore_s_per_block": per_block, "bit_exact": ok,
+                      "speedup_vs_recompute": recompute / per_block,
+                      "encode_s_per_token": t_enc / len(test)}
+    rec["recompute_s_per_block"] = recompute
+    rec["restore_speedup_vs_recompute"] = {k: v["speedup_vs_recompute"] for k, v in speed.items()}
+    rec["restore"] = speed
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=512, help="test tokens of the tiny model")
+    ap.add_argument("--smollm2-tokens", type=int, default=1024)
+    ap.add_argument("--requests", type=int, default=1500)
+    ap.add_argument("--out", default="benchmarks/plt.json")
+    ap.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2")
+    args = ap.parse_args(argv)
+    from vllm_seqkv import fixtures
+    from vllm_seqkv.plt.policy import CostModel, LRUPolicy, OraclePolicy, PLTPolicy, simulate
+    from vllm_seqkv.plt.tiers.redis_server import local_redis_server, redis_binary
+    from vllm_seqkv.plt.traces import TraceConfig, generate
+
+    exe = redis_binary()
+    with contextlib.ExitStack() as stack:
+        redis_url = None
+        if exe is not None:
+            redis_url = stack.enter_context(local_redis_server(exe, Path(stack.enter_context(
+                tempfile.TemporaryDirectory()))))["url"]
+        models = {"tiny": measure_model(fixtures.tiny_model_dir(), 16, args.tokens, redis_url)}
+        if not args.no_smollm2:
+            models["smollm2"] = measure_model(fixtures.smollm2_dir(), 128, args.smollm2_tokens,
+                                              redis_url)
+    top = models.get("smollm2", models["tiny"])
+    res: dict = {k: top[k] for k in (
+        "model", "block_size", "hot_bits_per_element", "cold_bits_per_element",
+        "token_tier_bits_per_token", "model_cross_entropy_bits_per_token",
+        "token_tier_over_cross_entropy", "recompute_s_per_block", "restore_speedup_vs_recompute")}
+    res["redis_tier"] = "local server" if redis_url else "not measured (no redis-server)"
+    res["models"] = models
 
     # policy vs LRU on the multi-session trace, equal memory (blocks of equal size)
     trace = generate(TraceConfig(requests=args.requests))
-    cost = CostModel(block_bytes=raw / len(bte))
+    cost = CostModel(block_bytes=models["tiny"]["hot_bytes_per_block"])  # the trace's: 16 tokens
     sims = []
     for cap in (500, 1000, 2000, 4000):
         a = simulate(trace, cap, LRUPolicy(), cost=cost)
