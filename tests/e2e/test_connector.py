@@ -153,3 +153,28 @@ def test_opted_in_request_reuses_its_tenants_near_duplicate_prefix(llm, ids, eng
     assert run(llm, b, salt="approx:t2")[0] == 0  # another tenant's blocks: never
     c = substituted(a, [11, 140, 301])  # a third substitution (block 2) is over the budget
     assert run(llm, c, salt="approx:t1")[0] == 256
+
+
+def test_trie_edge_labels_from_vllm_prompt_logprobs_match_the_model(llm, ids, tiny_model_dir):
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_seqkv.plt.trie import PrefixTrie, edge_logprobs
+
+    a = ids[12000:12300]
+    out = llm.generate([TokensPrompt(prompt_token_ids=a)], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    lp = edge_logprobs(a, out.prompt_logprobs)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(input_ids=torch.tensor([a])).logits[0, :-1].float(), -1)
+    ref = ref.gather(1, torch.tensor(a[1:])[:, None])[:, 0].numpy()
+    assert abs(lp[1:] - ref).mean() < 0.05  # the seqkv pages and bf16 against fp32
+    trie = PrefixTrie(block_size=128)
+    trie.insert(a, "t", logprobs=lp)
+    b = a[:200] + [(t + 1) % 1000 for t in a[200:]]
+    assert trie.distance(a, b, "t") == pytest.approx(-lp[:200].sum() / math.log(2))

@@ -72,3 +72,19 @@ def test_distance_is_information_of_common_prefix():
     t2.insert(a, "x")  # no log-probs given
     with pytest.raises(LookupError):
         t2.distance(a, b, "x")
+
+
+def test_edge_logprobs_read_vllm_prompt_logprobs_by_token():
+    from types import SimpleNamespace
+
+    from vllm_seqkv.plt.trie import edge_logprobs
+
+    ids = [5, 7, 9]
+    lps = [None, {7: SimpleNamespace(logprob=-0.5), 3: SimpleNamespace(logprob=-0.1)},
+           {9: SimpleNamespace(logprob=-2.0)}]
+    assert edge_logprobs(ids, lps).tolist() == [0.0, -0.5, -2.0]
+    assert edge_logprobs(ids, lps, first=-8.0)[0] == -8.0
+    with pytest.raises(ValueError, match="2 prompt log-probabilities for 3 tokens"):
+        edge_logprobs(ids, lps[:2])
+    with pytest.raises(ValueError, match="no log-probability at position 2"):
+        edge_logprobs(ids, lps[:2] + [None])

@@ -243,3 +243,7 @@ def markdown(res: dict, gate: dict, codec_kl: float | None = None) -> str:
                  f"(top {res['top']}) took **{cost:.2f}x** the time of a plain one (same runs, "
                  f"exact side, mean over all windows and k).\n")
     return text
+
+
+if __name__ == "__main__":
+    main()

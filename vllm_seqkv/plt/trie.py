@@ -6,6 +6,10 @@ hit statistics and, when the caller gives them, the model's natural-log probabil
 of their tokens (the edge labels of the paper's PLT), from which
 ``distance(s, s2) = d_T = -log2 P_M(s ∧ s2)`` is computed.
 
+Edge labels come from the caller: :func:`edge_logprobs` takes them from vLLM's prompt
+log-probabilities (``SamplingParams(prompt_logprobs=0)``: what that costs in a prefill is in
+BENCHMARKS.md, "Approximate prefix reuse through vLLM"), or any causal LM's log-softmax.
+
 Tenants are isolated by a cache salt: every salt has its own root and the salt is folded into
 every block hash, so one tenant's lookups can never reach another tenant's nodes.
 
@@ -33,6 +37,24 @@ def block_hash(parent: bytes, tokens: Sequence[int], salt: str) -> bytes:
     h.update(b"\x00")
     h.update(np.asarray(tokens, dtype="<i8").tobytes())
     return h.digest()
+
+
+def edge_logprobs(token_ids: Sequence[int], prompt_logprobs: Sequence, first: float = 0.0) -> np.ndarray:
+    """ln P_M(token i | tokens before it) per prompt token, from vLLM's
+    ``RequestOutput.prompt_logprobs`` (one dict ``token id -> Logprob`` per position, None at
+    position 0, which no context predicts: ``first`` stands for it)."""
+    if len(prompt_logprobs) != len(token_ids):
+        raise ValueError(f"{len(prompt_logprobs)} prompt log-probabilities for {len(token_ids)} tokens")
+    out = np.empty(len(token_ids), np.float64)
+    for i, (t, lp) in enumerate(zip(token_ids, prompt_logprobs)):
+        if lp is None:
+            if i:
+                raise ValueError(f"no log-probability at position {i}")
+            out[i] = first
+            continue
+        entry = lp[int(t)]
+        out[i] = getattr(entry, "logprob", entry)
+    return out
 
 
 @dataclass(eq=False)
