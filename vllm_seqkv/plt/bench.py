@@ -10,7 +10,8 @@ model's cross-entropy; restore of a block from the CPU-RAM, disk, Redis (a local
 ``redis-server`` or ``valkey-server`` is installed) and token tiers against recomputing it
 (a transformers prefill, fp32, same process). The top-level figures are SmolLM2's (the tiny
 model's when it is skipped); every model's record is under ``models``. Then the placement
-policy against LRU on the multi-session trace.
+policy against LRU on the multi-session trace at equal blocks (the policy alone), and seqkv
+pages against vLLM's stock bf16 pages in equal bytes (codec and policy together).
 """
 
 from __future__ import annotations
@@ -164,6 +165,17 @@ def main(argv=None) -> int:
     for name in ("plt", "lru", "oracle"):
         res[f"hit_rate_{name}"] = {str(r["capacity_blocks"]): r[f"hit_rate_{name}"] for r in sims}
     res["hit_rate_infinite_cache"] = simulate(trace, 10**9, LRUPolicy(), cost=cost).hit_rate
+    # the codec and the policy together: vLLM's stock prefix cache (bf16 pages, LRU) against
+    # seqkv pages (LRU, and the PLT policy) in the same bytes
+    per_bf16 = 16 / models["tiny"]["hot_bits_per_element"]
+    res["equal_bytes_vs_bf16"] = [
+        {"bf16_blocks": r["capacity_blocks"], "seqkv_blocks": int(r["capacity_blocks"] * per_bf16),
+         "hit_rate_bf16_lru": r["hit_rate_lru"],
+         "hit_rate_seqkv_lru": simulate(trace, int(r["capacity_blocks"] * per_bf16), LRUPolicy(),
+                                        cost=cost).hit_rate,
+         "hit_rate_seqkv_plt": simulate(trace, int(r["capacity_blocks"] * per_bf16), PLTPolicy(cost),
+                                        cost=cost).hit_rate}
+        for r in sims]
     res["trace_requests"] = len(trace)
     res["machine"] = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     res["date"] = datetime.date.today().isoformat()
