@@ -63,6 +63,7 @@ def test_approximate_reuse_needs_a_readable_gate_and_a_positive_budget(tmp_path)
         ({"gate": str(tmp_path / "bad.json"), "max_kl": 0.01}, "not a quality gate"),
         ({"gate": str(gate), "max_kl": 0}, "option 'cold_tier.approximate.max_kl'"),
         ({"gate": str(gate)}, "option 'cold_tier.approximate.max_kl'"),
+        ({"gate": str(gate), "max_kl": 0.01, "salt_prefix": "a/b:"}, "refuses cache salts"),
         ({"gate": str(gate), "max_kl": 0.01, "salt": "x"},
          "unknown option 'cold_tier.approximate.salt' (valid options: gate, max_index_blocks"),
     ]:

@@ -44,6 +44,13 @@ class ApproximateReuseConfig(BaseModel):
     max_index_blocks: int = Field(default=1 << 20, gt=0,
                                   description="bound on the blocks indexed for near matches")
 
+    @field_validator("salt_prefix")
+    @classmethod
+    def _salt_prefix_sendable(cls, prefix: str) -> str:
+        if any(c in prefix for c in "@/\\\0"):
+            raise ValueError("vLLM refuses cache salts with '@', '/', '\\' or NUL")
+        return prefix
+
     @field_validator("gate")
     @classmethod
     def _gate_readable(cls, path: str) -> str:

@@ -7,7 +7,10 @@ prompts is being served and saved. After the restart:
 - the three prompts come back from the tier (``cached_tokens``: the new engine's own prefix
   cache is empty) with the greedy output of the first server;
 - a blob damaged while the server was down is detected and recomputed, never served;
-- both servers report it in ``/metrics`` (saved, restored and failed loads of the cold tier).
+- both servers report it in ``/metrics`` (saved, restored and failed loads of the cold tier);
+- approximate reuse over HTTP: a request that opts in by ``cache_salt`` gets a restored
+  prompt's blocks for a prompt that differs in one token (counted in ``/metrics``), and the
+  same prompt without the opt-in does not.
 """
 
 import json
@@ -31,9 +34,12 @@ def prompt(seed: int, n: int = 600) -> list[int]:
     return [(seed * 7919 + 31 * i) % 4000 + 10 for i in range(n)]
 
 
-def complete(base_url: str, ids: list[int], max_tokens: int = 8) -> tuple[list[int], int]:
+def complete(base_url: str, ids: list[int], max_tokens: int = 8, salt: str | None = None
+             ) -> tuple[list[int], int]:
     body = {"model": load.MODEL_NAME, "prompt": ids, "max_tokens": max_tokens,
             "temperature": 0, "logprobs": 0, "return_tokens_as_token_ids": True}
+    if salt is not None:
+        body["cache_salt"] = salt
     resp = httpx.post(base_url + "/v1/completions", json=body, timeout=300)
     resp.raise_for_status()
     out = resp.json()
@@ -70,7 +76,12 @@ def wait_for_blobs(cold, count: int, timeout_s: float = 120) -> set[str]:
 
 
 def server(model, cold, log):
-    tier = {"kind": "disk", "path": str(cold), "capacity_bytes": 256 << 20}
+    from vllm_seqkv.plt.approximate import QualityGate
+
+    gate = cold.parent / "gate.json"  # plumbing: made-up KLs, 1 substitution within max_kl
+    QualityGate(model.name, {1: 0.001, 2: 1.0}).save(gate)
+    tier = {"kind": "disk", "path": str(cold), "capacity_bytes": 256 << 20,
+            "approximate": {"gate": str(gate), "max_kl": 0.01}}
     args = load.server_args("seqkv", kv_bytes=20 * BLOCK_BYTES, max_model_len=1024, max_num_seqs=8)
     return VllmServer(model, args + ["--additional-config", json.dumps({"seqkv": {"cold_tier": tier}})],
                       log)
@@ -129,6 +140,11 @@ def test_killed_server_restarts_with_its_acknowledged_cold_blocks(tiny_model_dir
         assert wait_for_metric(srv.base_url, restored, 8) >= 8
         assert wait_for_metric(srv.base_url, "vllm:seqkv_cold_tier_load_failures_total", 1) >= 1
         assert metric(srv.base_url, "vllm:seqkv_cold_tier_blocks") > 0
+        near = prompt(1)
+        near[5] += 1
+        assert complete(srv.base_url, near, salt="tenant")[1] == 0  # no opt-in: exact only
+        assert complete(srv.base_url, near, salt="approx:")[1] == 512  # prompt 1's blocks
+        assert wait_for_metric(srv.base_url, "vllm:seqkv_cold_tier_approximate_blocks_total", 4) >= 4
     log = (tmp_path / "second.log").read_text(errors="replace")
     assert "is corrupt" in log and "vLLM recomputes from token" in log
     assert "Recovered from KV load failure" in log

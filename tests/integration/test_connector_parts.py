@@ -90,6 +90,7 @@ def fake_connector(held, eviction="plt"):
     c._saving, c._lookup_start, c._saves, c._loads, c._accesses = set(), {}, [], [], []
     c._loading_reqs, c._failed_until = set(), {}
     c._approx, c._approx_allowed, c._approx_plans = None, 0, {}
+    c._approx_stats, c._approx_delta, c.store = {"approx_requests": 0, "approx_blocks": 0}, None, None
     return c
 
 
@@ -452,6 +453,8 @@ def test_opted_in_request_loads_a_near_match_of_its_tenants_exact_blocks():
     c.update_state_after_alloc(r, SimpleNamespace(get_block_ids=lambda: ([5, 6, 7, 8],)), 3 * BS)
     (job,) = c.build_connector_meta(None).loads
     assert job.block_ids == [5, 6, 7] and job.keys == keys  # the source's blocks
+    assert c.get_kv_connector_stats().data == {"approx_requests": 1, "approx_blocks": 3}
+    assert c.get_kv_connector_stats().is_empty()  # increments: nothing new
     # no opt-in, another tenant, or a local hit already: exact reuse only
     assert c.get_num_new_matched_tokens(request(own, len(near), salt="t1", tokens=near), 0) == (0, False)
     assert c.get_num_new_matched_tokens(request(own, len(near), salt="approx:t2", tokens=near), 0) == (0, False)
@@ -477,6 +480,10 @@ def test_approximately_served_blocks_are_never_a_near_match_source_and_dropped_k
     r = request([b"m0", b"m1"], len(other), salt="approx:t1", tokens=other)
     assert c.get_num_new_matched_tokens(r, 0) == (BS, True)
     assert len(c._approx) == 1
+
+
+def test_scheduler_side_reports_no_stats_without_approximate_reuse():
+    assert fake_connector([]).get_kv_connector_stats() is None
 
 
 def test_gate_measured_for_another_model_is_refused_at_start_up(tmp_path, caplog):

@@ -424,6 +424,8 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         self._probe_off_until = 0.0
         self._approx, self._approx_allowed = None, 0
         self._approx_plans: dict[str, list[bytes]] = {}  # req id -> source keys to load
+        self._approx_stats = {"approx_requests": 0, "approx_blocks": 0}
+        self._approx_delta = None
         if role == KVConnectorRole.SCHEDULER:
             self._approx, self._approx_allowed = approximate_reuse_for(
                 vllm_config, self.cold.approximate, self.block_size)
@@ -509,7 +511,12 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         n = num_external_tokens // self.block_size
         ids = blocks.get_block_ids()[0][start:start + n]
         keys = self._approx_plans.pop(request.request_id, None)
-        keys = [self._key(h) for h in request.block_hashes[start:start + n]] if keys is None else keys[:n]
+        if keys is None:
+            keys = [self._key(h) for h in request.block_hashes[start:start + n]]
+        else:
+            keys = keys[:n]
+            self._approx_stats["approx_requests"] += 1
+            self._approx_stats["approx_blocks"] += n
         self._loads.append(BlockJob(request.request_id, list(ids), keys, start * self.block_size))
         self._loading_reqs.add(request.request_id)
 
@@ -755,12 +762,17 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
             return ColdTierWorkerMetadata({k: tier.stored_bytes(k) for k in changed}, failed)
 
     def get_kv_connector_stats(self):
-        """This step's counter increments and the tier's gauges, for vLLM's ``/metrics``
-        (see :mod:`.connector_metrics`)."""
-        if self.store is None:
-            return None
+        """This step's counter increments and the tier's gauges (worker), or approximate
+        reuse's counter increments (scheduler), for vLLM's ``/metrics`` (see
+        :mod:`.connector_metrics`)."""
         from vllm_seqkv.integration.connector_metrics import StatsDelta
 
+        if self.store is None:  # the scheduler side: approximate reuse's counters
+            if self._approx is None:
+                return None
+            if self._approx_delta is None:
+                self._approx_delta = StatsDelta()
+            return self._approx_delta.take(self._approx_stats, {})
         if self._stats_delta is None:
             self._stats_delta = StatsDelta()
         s = self.worker_stats()

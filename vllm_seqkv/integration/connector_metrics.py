@@ -1,12 +1,14 @@
 """The cold tier's figures in vLLM's Prometheus ``/metrics``, through vLLM's connector-stats API.
 
 The worker hands vLLM a :class:`ColdTierStats` per step (counter increments since the last
-one, gauge snapshots); vLLM ships it to the front-end process, aggregates it (counters summed,
+one, gauge snapshots), and the scheduler side its own counters (approximate reuse); vLLM ships it to the front-end process, aggregates it (counters summed,
 gauges: the latest) and records it with :class:`ColdTierPromMetrics`:
 
 * ``vllm:seqkv_cold_tier_saved_blocks_total``, ``..._save_failures_total``,
   ``..._saves_dropped_total`` (the save queue was full), ``..._restored_blocks_total``,
-  ``..._load_failures_total`` (missing or corrupt: recomputed);
+  ``..._load_failures_total`` (missing or corrupt: recomputed),
+  ``..._approximate_requests_total`` and ``..._approximate_blocks_total`` (requests served
+  a near-duplicate prefix, and its blocks: approximate reuse);
 * ``vllm:seqkv_cold_tier_bytes``, ``..._blocks`` (held by the tier),
   ``..._pending_save_bytes`` (copies waiting for the background saver).
 """
@@ -25,6 +27,10 @@ COUNTERS = {  # connector stats key -> (metric name, help)
     "saves_dropped": ("saves_dropped", "Saves dropped because save_queue_bytes was reached"),
     "loaded_blocks": ("restored_blocks", "Blocks restored from the cold tier into vLLM's pages"),
     "load_failures": ("load_failures", "Loads that found a missing or corrupt blob (recomputed)"),
+    "approx_requests": ("approximate_requests", "Requests served blocks of a near-duplicate "
+                        "prefix (approximate reuse)"),
+    "approx_blocks": ("approximate_blocks", "Blocks of near-duplicate prefixes loaded for "
+                      "approximate reuse"),
 }
 GAUGES = {
     "tier_bytes": ("bytes", "Bytes of coded blocks the cold tier holds"),
