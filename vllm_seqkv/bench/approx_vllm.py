@@ -16,8 +16,9 @@ Steps 1-3 run twice, with other salts: plainly (``max_tokens=1``: the times to f
 and asking for the prompt log-probabilities (top ``--top``: the quality figures). The two
 exact prefills also give what prompt log-probabilities cost in a prefill (the PLT's edge
 labels, when taken from vLLM). Reported per k:
-KL(exact || approximate) over the tail, estimated on the exact run's top tokens (a token
-missing from the approximate top gets its lowest returned log-probability), the change of the
+KL(exact || approximate) over the tail, estimated on the exact run's top tokens plus one
+category for the rest of the vocabulary (a token missing from the approximate top gets its
+lowest returned log-probability), the change of the
 true tail tokens' NLL (Δppl %), how often the most likely next token agrees, the tokens
 served from the tier, and both times to first token. Merged into ``benchmarks/approx.json``
 under ``vllm`` and written to the section "Approximate prefix reuse through vLLM" of
