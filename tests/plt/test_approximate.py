@@ -71,3 +71,16 @@ def test_index_matches_through_held_keys_and_forgets_dropped_leaves():
     assert len(index) == 1 and len(index.trie) == 1
     assert index.match(b, "t", 1, held=lambda k: True)[1] == [b"k0"]
     index.forget(b"unknown")  # a key never indexed: nothing to do
+
+
+def test_index_beyond_its_bound_drops_its_oldest_leaves():
+    index = ApproximateIndex(BS, max_blocks=3)
+    a, b = list(range(8)), list(range(100, 108))
+    index.insert(a, "t", [b"a0", b"a1"])
+    index.insert(b, "t", [b"b0", b"b1"])  # one block too many: a's leaf goes
+    assert len(index.trie) == 3 and len(index) == 3
+    assert index.match(a, "t", 0, held=lambda k: True)[1] == [b"a0"]
+    assert index.match(b, "t", 0, held=lambda k: True)[1] == [b"b0", b"b1"]
+    index.insert(a, "t", [b"a0", b"a1"])  # a's block back; b's leaf (now the oldest) goes
+    assert index.match(a, "t", 0, held=lambda k: True)[1] == [b"a0", b"a1"]
+    assert index.match(b, "t", 0, held=lambda k: True)[1] == [b"b0"]

@@ -122,15 +122,17 @@ class ApproximateIndex:
     """Block prefixes a cold tier holds, by tenant, for approximate reuse.
 
     ``insert`` records a finished request's blocks (tokens, tenant salt) with the tier keys
-    they were stored under; ``match`` returns the keys of the longest near match of a
-    request's tokens, cut at the first block whose key ``held`` denies; ``forget`` drops a
-    key the tier no longer holds (and every leaf left without one).
+    they were stored under, dropping the oldest leaves beyond ``max_blocks``; ``match``
+    returns the keys of the longest near match of a request's tokens, cut at the first block
+    whose key ``held`` denies; ``forget`` drops a key the tier no longer holds (and every
+    leaf left without one).
     NOTE: only exactly computed blocks may be inserted: a near match of a near match would
     add substitutions the gate never measured.
     """
 
     def __init__(self, block_size: int, max_blocks: int | None = None):
-        self.trie = PrefixTrie(block_size, max_blocks=max_blocks)
+        self.trie = PrefixTrie(block_size)
+        self.max_blocks = max_blocks
         self._key_of: dict[bytes, bytes] = {}  # node hash -> tier key
         self._node_of: dict[bytes, bytes] = {}  # tier key -> node hash
 
@@ -139,7 +141,14 @@ class ApproximateIndex:
 
     def insert(self, tokens: Sequence[int], salt: str, keys: Sequence[bytes]) -> None:
         bs = self.trie.block_size
-        for node, key in zip(self.trie.insert(tokens[:len(keys) * bs], salt), keys):
+        tokens = tokens[:len(keys) * bs]
+        while self.max_blocks is not None and \
+                len(self.trie) + self.trie.can_insert(tokens, salt) > self.max_blocks:
+            oldest = self.trie.oldest_leaf()
+            if oldest is None:
+                break
+            self._drop(oldest)
+        for node, key in zip(self.trie.insert(tokens, salt), keys):
             old = self._key_of.get(node.hash)
             if old is not None and old != key:
                 self._node_of.pop(old, None)
@@ -158,6 +167,12 @@ class ApproximateIndex:
         bs = self.trie.block_size
         subs = [p for p in found.substitutions if p < len(keys) * bs]
         return NearMatch(found.nodes[:len(keys)], subs, bs), keys
+
+    def _drop(self, leaf: Node) -> None:
+        key = self._key_of.pop(leaf.hash, None)
+        if key is not None:
+            self._node_of.pop(key, None)
+        self.trie.evict(leaf.hash)
 
     def forget(self, key: bytes) -> None:
         h = self._node_of.pop(key, None)

@@ -148,6 +148,10 @@ class PrefixTrie:
     def leaves(self) -> list[Node]:
         return list(self._leaves.values())
 
+    def oldest_leaf(self) -> Node | None:
+        """The leaf that became a leaf first (insertion order), or None when empty."""
+        return next(iter(self._leaves.values()), None)
+
     # ---- verbs -----------------------------------------------------------------------------
     def match_prefix(self, tokens: Sequence[int], salt: str = "", touch: bool = True) -> Match:
         """Longest cached block-aligned prefix of ``tokens`` within tenant ``salt``."""
