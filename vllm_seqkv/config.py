@@ -41,9 +41,9 @@ class ApproximateReuseConfig(BaseModel):
                           "distribution; the gate turns it into a number of substituted tokens")
     salt_prefix: str = Field(default="approx:", min_length=1,
                              description="cache-salt prefix by which a request opts in")
-    max_index_blocks: int = Field(default=1 << 16, gt=0, description="bound on the blocks "
-                                  "indexed for near matches, the oldest dropped beyond (scheduler memory: ~5 KB per "
-                                  "128-token block)")
+    max_index_blocks: int = Field(
+        default=1 << 16, gt=0, description="bound on the blocks indexed for near matches, the "
+        "oldest dropped beyond (scheduler memory: ~5 KB per 128-token block)")
 
     @field_validator("salt_prefix")
     @classmethod
