@@ -99,6 +99,7 @@ def main(argv=None) -> dict:
     from vllm.inputs import TokensPrompt
 
     from vllm_seqkv import fixtures
+    from vllm_seqkv.config import ApproximateReuseConfig
     from vllm_seqkv.integration.connector_bench import engine_block_bytes
     from vllm_seqkv.plt.approximate import QualityGate
 
@@ -127,6 +128,7 @@ def main(argv=None) -> dict:
                            use_tqdm=False)[0]
         return out, time.perf_counter() - t0
 
+    opt_in = ApproximateReuseConfig.model_fields["salt_prefix"].default
     rng = random.Random(args.seed)
     run(ids[-n:], "warm-up")
     rows = []
@@ -143,9 +145,9 @@ def main(argv=None) -> dict:
                 other = rng.randrange(vocab - 1)
                 pk[pos] = other + (other >= p[pos])
             _, t_exact = run(pk, f"exact-timed-{w}-{k}", plain)
-            timed_approx, t_approx = run(pk, "approx:" + timed, plain)
+            timed_approx, t_approx = run(pk, opt_in + timed, plain)
             exact, t_exact_scored = run(pk, f"exact-{w}-{k}")
-            approx, _ = run(pk, "approx:" + tenant)
+            approx, _ = run(pk, opt_in + tenant)
             row = {"window": w, "substitutions": k, "cached_tokens": approx.num_cached_tokens,
                    "timed_cached_tokens": timed_approx.num_cached_tokens,
                    "exact_ttft_s": t_exact, "approx_ttft_s": t_approx,
@@ -174,7 +176,8 @@ def main(argv=None) -> dict:
                             / mean(rows, "exact_ttft_s"))
     res = {"model": d.name, "context": args.context, "tail": args.tail, "top": args.top,
            "runs": rows, "by_substitutions": per_k,
-           "prefill_time_with_prompt_logprobs_over_without": prompt_logprobs_cost, "machine": f"{os.cpu_count()} CPUs",
+           "prefill_time_with_prompt_logprobs_over_without": prompt_logprobs_cost,
+           "machine": f"{os.cpu_count()} CPUs",
            "date": datetime.date.today().isoformat(),
            "command": "python -m vllm_seqkv.bench.approx_vllm " + " ".join(argv or sys.argv[1:])}
     print(json.dumps(per_k, indent=2))

@@ -1,7 +1,8 @@
 """The cold tier's figures in vLLM's Prometheus ``/metrics``, through vLLM's connector-stats API.
 
 The worker hands vLLM a :class:`ColdTierStats` per step (counter increments since the last
-one, gauge snapshots), and the scheduler side its own counters (approximate reuse); vLLM ships it to the front-end process, aggregates it (counters summed,
+one, gauge snapshots), and the scheduler side its own counters (approximate reuse); vLLM
+ships it to the front-end process, aggregates it (counters summed,
 gauges: the latest) and records it with :class:`ColdTierPromMetrics`:
 
 * ``vllm:seqkv_cold_tier_saved_blocks_total``, ``..._save_failures_total``,

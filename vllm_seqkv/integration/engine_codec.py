@@ -18,6 +18,7 @@ from vllm_seqkv.codec.base import KVCodec, SlotLayout
 from vllm_seqkv.codec.rope import apply_rope, rope_tables, rope_theta, unapply_rope
 from vllm_seqkv.codec.token_table import TokenTableCodec
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
+from vllm_seqkv.integration.reads import gather_slots
 
 logger = logging.getLogger("vllm.seqkv")
 CHECK_KERNELS = os.environ.get("SEQKV_KERNELS_CHECK", "0") == "1"
@@ -314,8 +315,7 @@ class EngineCodec:
         block_size = pages.shape[2]
         params = self.kernel_params(layer, pages.device)
         if params is None or kernels.implementation(pages.device) == "torch":
-            slots = pages[blocks[rows // block_size], :, rows % block_size]
-            return self.decode_slots(layer, slots, previous)
+            return self.decode_slots(layer, gather_slots(pages, blocks, rows), previous)
         previous = _kernel_previous(params, previous)
         if previous is not None:
             previous = tuple(t.new_zeros(blocks.numel() * block_size, *t.shape[1:], dtype=torch.float32)

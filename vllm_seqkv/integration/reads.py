@@ -44,7 +44,14 @@ class ReadChunk:
 
     def slots(self, pages: torch.Tensor) -> torch.Tensor:
         """The distinct slots' bytes ``[U, H, S]`` of ``pages [N, H, block_size, S]``."""
-        return pages[self.blocks[self.rows // self.block_size], :, self.rows % self.block_size]
+        return gather_slots(pages, self.blocks, self.rows)
+
+
+def gather_slots(pages: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Slots ``[R, H, S]`` of ``pages [N, H, bs, S]`` at ``rows [R]``, indices into the
+    ``M * bs`` slots of ``blocks [M]``."""
+    block_size = pages.shape[2]
+    return pages[blocks[rows // block_size], :, rows % block_size]
 
 
 def plan_reads(seqs: list[int], seq_lens: list[int], block_table_host: torch.Tensor,

@@ -56,7 +56,7 @@ def restore_figures(tiers: dict, blocks: list[bytes], recompute_s: float) -> dic
 
 
 def measure_model(model_dir: Path, block_tokens: int, test_tokens: int, redis_url: str | None) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from vllm_seqkv import fixtures
     from vllm_seqkv.plt.entropy import ColdCodec, TokenCoder
@@ -87,7 +87,7 @@ def measure_model(model_dir: Path, block_tokens: int, test_tokens: int, redis_ur
     rec["token_tier_over_cross_entropy"] = rec["token_tier_bits_per_token"] / ce
     rec["token_tier_raw_id_bits_per_token"] = math.log2(coder.vocab)
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = coder.model  # the same fp32 model, loaded once
     x = torch.tensor([test])
     with torch.inference_mode():
         model(input_ids=x)
