@@ -28,3 +28,22 @@ def test_split_is_deterministic_and_disjoint():
 def test_tiny_model_learned_something(tiny_model_dir):
     record = json.loads((tiny_model_dir / "training.json").read_text())
     assert record["test_ppl"] < record["unigram_test_ppl"] / 5
+
+
+def test_prose_is_disjoint_english_narrative():
+    from vllm_seqkv.fixtures import prose
+
+    assert prose.split_of("emma/012") == prose.split_of("emma/012")
+    texts = {s: fixtures.prose_path(s).read_text() for s in fixtures.SPLITS}
+    assert len(texts["test"]) > 200_000 and len(texts["train"]) > 5 * len(texts["test"])
+    train = {p for p in texts["train"].split("\n\n") if len(p) >= 200}
+    for split in ("test", "valid"):
+        long_paragraphs = [p for p in texts[split].split("\n\n") if len(p) >= 200]
+        assert len(long_paragraphs) > 300
+        assert not train.intersection(long_paragraphs), f"{split} shares a paragraph with train"
+    for text in texts.values():
+        assert "Project Gutenberg" not in text and "CHAPTER" not in text and "_" not in text
+        words_and_spaces = sum(c.isalpha() or c.isspace() for c in text) / len(text)
+        code_symbols = sum(text.count(c) for c in "{}<>=#|\\/`$@^~") / len(text)
+        assert words_and_spaces > 0.94 and code_symbols < 1e-4
+        assert sum(text.count(f" {w} ") for w in ("the", "and", "of", "to", "her")) > len(text) / 60

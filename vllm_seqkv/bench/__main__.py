@@ -15,6 +15,11 @@ QUICK_TOKENS = 1024
 DEFAULT_CONTEXT = 2048
 DEFAULT_TOKENS = 4096
 DEFAULT_CALIB_TOKENS = 24576  # = vllm_seqkv.calibrate.DEFAULT_TOKENS (its files are reused)
+CHAT_PROMPTS = 60
+CHAT_MAX_NEW = 96
+QUICK_CHAT_PROMPTS = 6
+QUICK_CHAT_MAX_NEW = 16
+VLLM_PEERS = ("auto", "fp8_e4m3", "fp8_e5m2")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(quality)
     quality.add_argument("--codecs", help="comma-separated codec names (default: all baselines and presets)")
     quality.add_argument("--plot", type=Path, help="Pareto plot PNG")
+    quality.add_argument("--extra-texts", help="comma-separated more long-context texts, reported apart "
+                         "(default: the English prose test split when built; 'none' for none)")
+    quality.add_argument("--no-chat", action="store_true", help="skip the chat suite")
+    quality.add_argument("--chat-prompts", type=int, help=f"conversations of the chat suite (default all "
+                         f"{CHAT_PROMPTS}; --quick {QUICK_CHAT_PROMPTS})")
+    quality.add_argument("--chat-samples", type=int, help="T=1 answers per prompt (default 1)")
+    quality.add_argument("--chat-max-new", type=int, help=f"answer length cap (default {CHAT_MAX_NEW}; "
+                         f"--quick {QUICK_CHAT_MAX_NEW})")
+    quality.add_argument("--chat-codecs", help="codecs on the chat suite (default: all of --codecs)")
+    quality.add_argument("--vllm-peers", help="comma-separated peers run through the CPU vLLM engine "
+                         "(KV dtypes such as fp8_e4m3, or seqkv preset names; default "
+                         f"{','.join(VLLM_PEERS)},<default preset>; --quick and 'none': none)")
     entropy = sub.add_parser("entropy", help="residual entropy per predictor vs the paper's bound")
     _common(entropy)
     return parser
@@ -69,25 +86,54 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _names(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [] if value.strip() == "none" else [n.strip() for n in value.split(",") if n.strip()]
+
+
+def _extra_texts(args: argparse.Namespace) -> list[Path]:
+    from vllm_seqkv import fixtures
+
+    if args.extra_texts is not None:
+        return [Path(p) for p in _names(args.extra_texts)]
+    try:
+        return [fixtures.prose_path("test")]
+    except (AttributeError, fixtures.FixtureMissingError):
+        print("no English prose fixture built: long-context suite on one text only", file=sys.stderr)
+        return []
+
+
 def run_quality(args: argparse.Namespace, command: str) -> None:
     from vllm_seqkv.bench import report
-    from vllm_seqkv.bench.quality import QualitySettings, evaluate
+    from vllm_seqkv.bench.chat import ChatSettings
+    from vllm_seqkv.bench.quality import QualitySettings, default_preset, evaluate
     from vllm_seqkv.codec import codec_names
 
-    names = [n.strip() for n in args.codecs.split(",")] if args.codecs else codec_names()
+    names = _names(args.codecs) or codec_names()
+    chat = None if args.no_chat else ChatSettings(
+        max_new_tokens=args.chat_max_new or (QUICK_CHAT_MAX_NEW if args.quick else CHAT_MAX_NEW),
+        samples=1 if args.chat_samples is None else args.chat_samples,
+        prompts=args.chat_prompts or (QUICK_CHAT_PROMPTS if args.quick else CHAT_PROMPTS))
+    peers = _names(args.vllm_peers)
+    if peers is None:
+        peers = [] if args.quick else [*VLLM_PEERS, default_preset()]
     settings = QualitySettings(model_dir=args.model, text=args.text, calib_text=args.calib_text,
                                context=args.context, tokens=args.tokens, codecs=names,
-                               calib_tokens=args.calib_tokens, command=command)
+                               calib_tokens=args.calib_tokens, command=command,
+                               extra_texts=_extra_texts(args), chat=chat,
+                               chat_codecs=_names(args.chat_codecs), vllm_peers=peers)
     start = time.time()
     records = evaluate(settings)
     seconds = time.time() - start
     report.write_json(args.json, records)
     first = records[0]
-    report.pareto_plot(records, args.plot, f"{first['model']}, ctx {first['context']}, {first['tokens']} tokens "
-                       f"of {Path(first['text']).name}: Δppl vs bits (all-in)")
+    report.quality_plot(records, args.plot, f"{first['model']}, long context {first['context']}, "
+                        f"{first['tokens']} tokens per text; chat suite")
+    markdown = report.quality_markdown(records, seconds)
     if args.markdown:
-        report.replace_section(args.markdown, report.QUALITY_SECTION, report.quality_markdown(records, seconds))
-    print(report.quality_table(records))
+        report.replace_section(args.markdown, report.QUALITY_SECTION, markdown)
+    print(markdown)
     print(f"wrote {args.json}, {args.plot}" + (f", {args.markdown}" if args.markdown else ""))
 
 

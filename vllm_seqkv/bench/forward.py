@@ -23,17 +23,21 @@ class WindowResult:
     """``log_probs [T, vocab]`` (log-softmax of the logits), optional per-layer K/V, and per
     layer the squared attention-output error and squared exact-output norm (coded runs; over
     the last ``QUERY_CHUNK`` queries of the window, the longest contexts, where the coded
-    output is compared with the exact-cache output for the same queries)."""
+    output is compared with the exact-cache output for the same queries); with
+    ``collect_coded``, per layer what the codec returns for every position (keys post-RoPE,
+    values), ``[T, H_kv, D]`` each (the tail of an incomplete block is exact)."""
 
     log_probs: torch.Tensor
     kv: list[LayerKV] = field(default_factory=list)
     attn_err_sq: list[float] = field(default_factory=list)
     attn_ref_sq: list[float] = field(default_factory=list)
+    coded: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 @torch.inference_mode()
 def run_window(model: LlamaForward, tokens: torch.Tensor, codec: KVCodec | None = None,
-               collect_kv: bool = False, measure_attention: bool = False) -> WindowResult:
+               collect_kv: bool = False, measure_attention: bool = False,
+               collect_coded: bool = False) -> WindowResult:
     """Forward ``tokens [T]`` (positions ``0..T-1``) and return :class:`WindowResult`."""
     length = tokens.numel()
     model.check_context(length)
@@ -58,6 +62,8 @@ def run_window(model: LlamaForward, tokens: torch.Tensor, codec: KVCodec | None 
             coded_value = _roundtrip(value_codec, kv.value, previous)
             coded_key = apply_rope(framed_key, cos, sin) if codec.pre_rope_keys else framed_key
             previous = (framed_key, coded_value) if codec.cross_layer else None
+            if collect_coded:
+                result.coded.append((coded_key, coded_value))
             rows = min(QUERY_CHUNK, length) if measure_attention else 0
             got = attention(q, kv.key, kv.value, coded_key, coded_value, starts, codec.sink_tokens, rows)
             out = got[0] if measure_attention else got

@@ -53,6 +53,17 @@ class TensorCodec(ABC):
     def bits_per_element(self, num_kv_heads: int, head_dim: int) -> float:
         """Analytic all-in bits per element; tests check it equals the packed size."""
 
+    def read_bits_per_element(self, num_kv_heads: int, head_dim: int) -> float:
+        """Bits a decode step reads from memory to rebuild one element of this stream,
+        dependencies included (another layer's reconstruction, a table row); fixed per-layer
+        constants (means, bases, levels) are cached and counted apart. Default: its own code."""
+        return self.bits_per_element(num_kv_heads, head_dim)
+
+    @property
+    def needs_dense_layer_below(self) -> bool:
+        """True when decoding needs another layer's dense reconstruction (no fused read)."""
+        return False
+
     def probe_input(self, num_kv_heads: int, head_dim: int) -> torch.Tensor:
         """One token ``[1, H, D]`` this codec accepts (layouts encode it to learn the fields)."""
         return torch.zeros(1, num_kv_heads, head_dim)
@@ -132,14 +143,49 @@ class KVCodec:
         """
         coded = max(self.coded_bits_per_element(layer, num_kv_heads, head_dim)
                     for layer in range(num_layers))
-        exact = min(context, self.sink_tokens + self.exact_recent
-                    + (self.block_size / 2 if self.block_exact else 0))
+        exact = self._exact_tokens(context)
         return (coded * (context - exact) + self.exact_bits * exact) / context
 
     def coded_bits_per_element(self, layer: int, num_kv_heads: int, head_dim: int) -> float:
         key, value = self.codecs_for_layer(layer)
         return (key.bits_per_element(num_kv_heads, head_dim)
                 + value.bits_per_element(num_kv_heads, head_dim)) / 2
+
+    def decode_read_bits_per_element(self, num_kv_heads: int, head_dim: int, context: int,
+                                     num_layers: int = 1) -> float:
+        """Bits one decode step reads per cached element (one position, one layer, K or V),
+        averaged over layers, over a ``context``-token cache.
+
+        Per layer: each stream's :meth:`TensorCodec.read_bits_per_element` (its slot plus what
+        rebuilding it depends on: the layer below's dense float32 reconstruction for
+        cross-layer codecs, the table row for a token table), and ``exact_bits`` for the exact
+        windows, weighted over the context as in :meth:`bits_per_element`. A layer whose slot
+        is padded to the widest layer still reads only its own fields.
+        """
+        exact = self._exact_tokens(context)
+        total = 0.0
+        for layer in range(num_layers):
+            key, value = self.codecs_for_layer(layer)
+            coded = (key.read_bits_per_element(num_kv_heads, head_dim)
+                     + value.read_bits_per_element(num_kv_heads, head_dim)) / 2
+            total += (coded * (context - exact) + self.exact_bits * exact) / context
+        return total / num_layers
+
+    def transient_bytes_per_token(self, num_kv_heads: int, head_dim: int, num_layers: int = 1) -> int:
+        """Bytes per cached token held outside the KV pages during a decode step.
+
+        A codec whose layers decode from their own slots can be read inside the attention
+        kernel (nothing dense is kept: 0). One that needs the layer below's dense
+        reconstruction keeps two layers' float32 K and V per cached token of the running
+        sequences: the one being attended and the one handed up to the next layer.
+        """
+        chained = any(c.needs_dense_layer_below for layer in range(num_layers)
+                      for c in self.codecs_for_layer(layer))
+        return 2 * 2 * num_kv_heads * head_dim * 4 if chained else 0
+
+    def _exact_tokens(self, context: int) -> float:
+        return min(context, self.sink_tokens + self.exact_recent
+                   + (self.block_size / 2 if self.block_exact else 0))
 
 
 class SlotLayout:

@@ -116,3 +116,14 @@ class CrossLayerCodec(TensorCodec):
 
     def bits_per_element(self, num_kv_heads: int, head_dim: int) -> float:
         return self.inner.bits_per_element(num_kv_heads, head_dim)
+
+    @property
+    def needs_dense_layer_below(self) -> bool:
+        return self.predictor is not None
+
+    def read_bits_per_element(self, num_kv_heads: int, head_dim: int) -> float:
+        """Its own code, plus (with a predictor) the layer below's K and V reconstruction in
+        float32 that the prediction reads: ``weight`` maps ``2HD`` features to each of ``HD``
+        outputs, so per element of this stream 2 x 32 bits are read."""
+        own = self.inner.read_bits_per_element(num_kv_heads, head_dim)
+        return own + (2 * 32.0 if self.predictor is not None else 0.0)

@@ -59,6 +59,10 @@ class TokenTableCodec(TensorCodec):
     def bits_per_element(self, num_kv_heads: int, head_dim: int) -> float:
         return 32.0 / head_dim
 
+    def read_bits_per_element(self, num_kv_heads: int, head_dim: int) -> float:
+        """The row index plus the table row it points to (``table.dtype``, e.g. bf16: 16)."""
+        return self.bits_per_element(num_kv_heads, head_dim) + 8 * self.table.element_size()
+
     def match(self, x: torch.Tensor) -> torch.Tensor:
         """Row ids ``[T, H]`` nearest to ``x [T, H, D]``; raises when one is not a table row.
 
