@@ -244,7 +244,8 @@ class TransformCalibration:
 
 
 def fit_transform_calibration(capture: Capture, preset: str, key_bits: float, value_bits: float,
-                              cross_layer: bool = True, layer0_tokens: bool = True) -> TransformCalibration:
+                              cross_layer: bool = True, layer0_tokens: bool = True,
+                              key_rope_pairs: bool = False) -> TransformCalibration:
     """Closed-loop fit, layer by layer: the predictor of layer ``l`` is fitted on the
     reconstruction of layer ``l - 1`` by its own fitted codec (what the decoder will have),
     and the transform of layer ``l`` on the residual of that prediction. With
@@ -258,9 +259,9 @@ def fit_transform_calibration(capture: Capture, preset: str, key_bits: float, va
     previous = None
     for layer in range(capture.num_layers):
         recon = []
-        for stream, x, metric, bits in (
-                ("k", capture.keys[layer], capture.key_metric(layer), key_bits),
-                ("v", capture.values[layer], capture.value_metric[layer], value_bits)):
+        for stream, x, metric, bits, pairs in (
+                ("k", capture.keys[layer], capture.key_metric(layer), key_bits, key_rope_pairs),
+                ("v", capture.values[layer], capture.value_metric[layer], value_bits, False)):
             x = x.float()
             heads, dim = x.shape[1:]
             if cross_layer and previous is not None:
@@ -270,7 +271,7 @@ def fit_transform_calibration(capture: Capture, preset: str, key_bits: float, va
                 predictor = LinearPredictor(torch.zeros(2 * heads * dim, heads * dim),
                                             torch.zeros(heads * dim))
                 prediction = torch.zeros_like(x)
-            transform = fit_transform(x - prediction, metric, bits)
+            transform = fit_transform(x - prediction, metric, bits, rope_pairs=pairs)
             codec = TransformCodec(transform)
             recon.append(codec.decode(codec.encode(x - prediction)) + prediction)
             for name, value in (("mean", transform.mean), ("basis", transform.basis),

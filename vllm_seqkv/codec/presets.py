@@ -48,6 +48,7 @@ class TransformPreset:
     layer0_tokens: bool = True
     sink_tokens: int = 1
     fitted_as: str = ""  # another preset whose calibration this one uses (same codes)
+    key_rope_pairs: bool = False  # key basis mixes only RoPE pairs (O(D) fused scoring)
     calibration_kind: Literal["transform"] = "transform"
 
     @property
@@ -56,7 +57,15 @@ class TransformPreset:
 
     def fit(self, capture: Capture) -> TransformCalibration:
         return fit_transform_calibration(capture, self.calibration_name, self.key_bits,
-                                         self.value_bits, self.cross_layer, self.layer0_tokens)
+                                         self.value_bits, self.cross_layer, self.layer0_tokens,
+                                         self.key_rope_pairs)
+
+    @property
+    def fusable(self) -> bool:
+        """Decode reads only the layer's own slots and fixed tables: no layer below (no
+        cross-layer chain), no token-table row per token (layer 0 coded like the others),
+        and a key basis that commutes with RoPE (scored per pair in the kernel)."""
+        return not self.cross_layer and not self.layer0_tokens and self.key_rope_pairs
 
     def build(self, calibration: AnyCalibration | None) -> KVCodec:
         if not isinstance(calibration, TransformCalibration) or calibration.preset != self.calibration_name:
@@ -107,6 +116,13 @@ _MAIN = [
     TransformPreset("seqkv-3", 2.5, 3.5),
     TransformPreset("seqkv-4", 3.5, 4.5),
 ]
+# Fusable presets (seqkv-f*): decode at layer l reads only layer l's own slots (see ``fusable``).
+_FUSABLE = [
+    TransformPreset("seqkv-f2.5", 2.0, 3.0, cross_layer=False, layer0_tokens=False, key_rope_pairs=True),
+    TransformPreset("seqkv-f3", 2.5, 3.5, cross_layer=False, layer0_tokens=False, key_rope_pairs=True),
+    TransformPreset("seqkv-f3.5", 3.0, 4.0, cross_layer=False, layer0_tokens=False, key_rope_pairs=True),
+    TransformPreset("seqkv-f4", 3.5, 4.5, cross_layer=False, layer0_tokens=False, key_rope_pairs=True),
+]
 _ABLATIONS = [
     TransformPreset("seqkv-3-nox", 2.5, 3.5, cross_layer=False),
     TransformPreset("seqkv-3-nol0", 2.5, 3.5, layer0_tokens=False),
@@ -116,4 +132,4 @@ _ABLATIONS = [
                    calibration_kind="none"),
 ]
 
-PRESETS: dict[str, Preset] = {p.name: p for p in _MAIN + _ABLATIONS}
+PRESETS: dict[str, Preset] = {p.name: p for p in _MAIN + _FUSABLE + _ABLATIONS}

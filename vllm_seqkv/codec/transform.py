@@ -98,7 +98,16 @@ class Transform:
         return int(self.bits[0].sum())
 
 
-def fit_transform(samples: torch.Tensor, metric: torch.Tensor, bits_per_element: float) -> Transform:
+def rope_pair_covariance(cov: torch.Tensor) -> torch.Tensor:
+    """Keep only the entries of ``cov [D, D]`` within RoPE pairs ``{j, j + D/2}`` (zero the rest)."""
+    dim = cov.shape[-1]
+    idx = torch.arange(dim)
+    same_pair = (idx[:, None] % (dim // 2)) == (idx[None, :] % (dim // 2))
+    return cov * same_pair
+
+
+def fit_transform(samples: torch.Tensor, metric: torch.Tensor, bits_per_element: float,
+                  rope_pairs: bool = False) -> Transform:
     """Fit one stream's transform from calibration activations.
 
     ``samples [N, H, D]``; ``metric [H, D, D]``: the positive semi-definite form that turns a
@@ -107,6 +116,11 @@ def fit_transform(samples: torch.Tensor, metric: torch.Tensor, bits_per_element:
     covariance in the metric-whitened space ``M^{1/2}(x - mean)``, so squared error in the
     components is the metric-weighted error; each component gets its own Lloyd-Max quantizer
     at every width, and the widths come from the measured distortions.
+
+    ``rope_pairs`` (keys in the pre-RoPE frame, with a metric diagonal and equal within each
+    RoPE pair): the basis only mixes the two channels of a RoPE pair ``{j, j + D/2}``, so it
+    commutes with RoPE's per-pair rotation: a decode kernel scores a position in ``O(D)``
+    (rotate the pair's 2-vector) instead of rebuilding the key with a ``D x D`` product.
     """
     samples = samples.double()
     heads, dim = samples.shape[1:]
@@ -118,8 +132,14 @@ def fit_transform(samples: torch.Tensor, metric: torch.Tensor, bits_per_element:
         root = evecs @ torch.diag(evals.clamp_min(evals.max() * 1e-9).sqrt()) @ evecs.T
         centred = (samples[:, h] - mean[h]) @ root
         cov = centred.T @ centred / centred.shape[0]
+        if rope_pairs:
+            cov = rope_pair_covariance(cov)
+            if not torch.equal(rope_pair_covariance(root), root):
+                raise CodecInputError("rope_pairs needs a metric that does not mix RoPE pairs")
         _, u = torch.linalg.eigh(cov)
         basis = root @ u.flip(1)
+        if rope_pairs:  # eigh of a block-diagonal matrix can mix degenerate blocks: keep pairs apart
+            basis = _pair_basis(root, cov)
         z = ((samples[:, h] - mean[h]) @ basis).T.contiguous()  # [D, N]
         levels = torch.zeros(MAX_BITS + 1, dim, 1 << MAX_BITS)
         distortion = torch.zeros(dim, MAX_BITS + 1, dtype=torch.float64)
@@ -134,6 +154,24 @@ def fit_transform(samples: torch.Tensor, metric: torch.Tensor, bits_per_element:
         all_levels.append(levels[bits, torch.arange(dim)])
     return Transform(mean.float(), torch.stack(bases).float(), torch.stack(allocations),
                      torch.stack(all_levels))
+
+
+def _pair_basis(root: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """``root @ U`` where ``U`` diagonalises each RoPE pair's 2x2 block of ``cov`` (component
+    ``j`` and ``j + D/2`` are pair ``j``'s eigenvectors, larger variance first)."""
+    dim = cov.shape[-1]
+    half = dim // 2
+    u = torch.zeros_like(cov)
+    for j in range(half):
+        idx = torch.tensor([j, j + half])
+        _, vecs = torch.linalg.eigh(cov[idx][:, idx])
+        u[idx[:, None], idx[None, :]] = vecs.flip(1)
+    return root @ u
+
+
+def is_rope_pair_matrix(matrix: torch.Tensor) -> bool:
+    """True when every ``[D, D]`` matrix in ``matrix [..., D, D]`` only mixes RoPE pairs."""
+    return bool(torch.equal(rope_pair_covariance(matrix), matrix))
 
 
 class TransformCodec(TensorCodec):
