@@ -1,7 +1,9 @@
-"""`python -m vllm_seqkv.calibrate MODEL_DIR`: fit the predictive codec's calibration.
+"""`python -m vllm_seqkv.calibrate MODEL_DIR [--text FILE]`: fit the codec's calibration.
 
-Runs the model (transformers, fp32, CPU) over calibration text (default: the train split,
-never the test split), captures pre-RoPE K, V and query second moments per layer and head
+Runs the model (transformers, fp32, CPU) over calibration text (default: the general-domain
+set shipped with the package, ``vllm_seqkv/data/general_calibration.txt``: prose, ChatML
+dialogue, code, some non-English; ``--text`` takes a plain text file or JSONL of chats
+``{"messages": [...]}`` rendered with the model's chat template), captures pre-RoPE K, V and query second moments per layer and head
 plus ``o_proj``, fits the preset (``--preset``, default seqkv-3) and writes a checksummed
 file to :func:`default_path` (~4 minutes on 2 cores for SmolLM2-135M, 24,576 tokens).
 The vLLM backend and the ruler both load it from there. For transform presets it then fits
@@ -27,17 +29,58 @@ from vllm_seqkv.codec.token_table import verify
 DEFAULT_PRESET = "seqkv-3"
 LAYER0_TOLERANCE = 1e-3  # fp32 forward of the same weights: only rounding differs
 DEFAULT_TOKENS = 24576  # validation split, seqkv-3: +1.07 % at 8192 tokens, +0.86 % at 24576
+MIN_TOKENS = 4096  # below this the per-component quantizers are fitted on too few samples
 COLD_PRIOR_TOKENS = 4096  # SmolLM2: 2.45 bits/element at 4k tokens, 2.44 at 16k
 
 
-def default_path(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
+GENERAL_TEXT = Path(__file__).with_name("data") / "general_calibration.txt"
+
+
+def read_text(path: Path | None = None, model_dir: Path | None = None) -> str:
+    """Calibration text: ``path`` (plain text, or ``.jsonl`` of ``{"messages": [...]}`` chats
+    rendered with ``model_dir``'s chat template), default the shipped general set."""
+    path = Path(path) if path is not None else GENERAL_TEXT
+    try:
+        raw = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"calibration text {path} is unreadable: {exc}") from None
+    if path.suffix != ".jsonl":
+        return raw
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir)) if model_dir is not None else None
+    chats = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+        except (ValueError, KeyError, TypeError):
+            raise CalibrationError(f"{path}:{number}: not a JSON object with 'messages'") from None
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            chats.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        else:
+            chats.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages))
+    return "\n".join(chats)
+
+
+def text_tag(text: str) -> str:
+    """Short content hash naming a calibration by the text it was fitted on."""
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def default_path(model_dir: Path, preset: str = DEFAULT_PRESET, text: str | None = None) -> Path:
     """Where the calibration of ``preset`` for ``model_dir`` lives (rotation presets share one),
-    fitted on ``DEFAULT_TOKENS`` tokens of the train split."""
+    fitted on ``DEFAULT_TOKENS`` tokens of ``text`` (default: the general set); the text's
+    hash is in the name, so a file fitted on other text is never taken for it."""
     from vllm_seqkv.codec.presets import PRESETS
 
     spec = PRESETS[preset]
     kind = spec.calibration_name if spec.calibration_kind == "transform" else "channel"
-    return fixtures.home() / "calibration" / f"{_model_key(model_dir)}-{kind}-{DEFAULT_TOKENS}t.safetensors"
+    tag = text_tag(text if text is not None else read_text())
+    return fixtures.home() / "calibration" / f"{_model_key(model_dir)}-{kind}-{DEFAULT_TOKENS}t-{tag}.safetensors"
 
 
 def cold_prior_path(model_dir: Path, preset: str = DEFAULT_PRESET,
@@ -57,15 +100,22 @@ def _model_key(model_dir: Path) -> str:
 
 def prune_stale(model_dir: Path) -> list[Path]:
     """Delete this model's calibration files that no preset maps to any more (older
-    names, other token counts); returns what was deleted. NOTE: ``.tmp`` files are left
-    alone: another process may be writing one."""
+    names, other token counts); files fitted on other texts (another hash) are kept. Returns
+    what was deleted. NOTE: ``.tmp`` files are left alone: another process may be writing one."""
     from vllm_seqkv.codec.presets import PRESETS
 
-    current = {path for name, p in PRESETS.items() if p.calibration_kind != "none"
-               for path in (default_path(model_dir, name), cold_prior_path(model_dir, name))}
+    tag = text_tag(read_text())
+    prefixes = {default_path(model_dir, name).name.removesuffix(f"-{tag}.safetensors") + "-"
+                for name, p in PRESETS.items() if p.calibration_kind != "none"}
     folder = fixtures.home() / "calibration"
+
+    def current(f: Path) -> bool:
+        rest = next((f.name[len(p):] for p in prefixes if f.name.startswith(p)), None)
+        return rest is not None and len(rest.split(".")[0]) == 8 and rest.split(".", 1)[1] in (
+            "safetensors", "cold-prior.npz")
+
     stale = [f for f in folder.glob(_model_key(model_dir) + "-*")
-             if f not in current and f.suffix in (".safetensors", ".npz")]
+             if not current(f) and f.suffix in (".safetensors", ".npz")]
     for f in stale:
         f.unlink(missing_ok=True)
     return stale
@@ -126,10 +176,19 @@ def capture(model_dir: Path, text: str, tokens: int = DEFAULT_TOKENS, window: in
     handles = [layer.self_attn.v_proj.register_forward_hook(capture_value(i))
                for i, layer in enumerate(layers)]
     ids = tok(text[: tokens * 8])["input_ids"][:tokens]
+    if len(ids) < min(tokens, MIN_TOKENS):
+        raise CalibrationError(f"the calibration text has {len(ids)} tokens; the fit needs at least "
+                               f"{min(tokens, MIN_TOKENS)} (asked for {tokens})")
+    if len(ids) < tokens:
+        print(f"[seqkv] calibration text has {len(ids)} tokens, fewer than the {tokens} asked for",
+              file=sys.stderr)
     attn_module.apply_rotary_pos_emb = capture_rope
+    from tqdm import tqdm
+
     try:
         with torch.no_grad():
-            for start in range(0, len(ids) - 1, window):
+            for start in tqdm(range(0, len(ids) - 1, window), desc="[seqkv] calibration forward",
+                              unit="window", disable=len(ids) < 8 * window):
                 chunk = torch.tensor(ids[start : start + window]).unsqueeze(0)
                 state["layer"] = 0
                 model(input_ids=chunk)
@@ -194,11 +253,24 @@ def calibrate(model_dir: Path, text: str, preset: str = DEFAULT_PRESET, tokens: 
     from vllm_seqkv.codec.presets import PRESETS
 
     captured = captured or capture(model_dir, text, tokens)
-    return PRESETS[preset].fit(captured)
+    from tqdm import tqdm
+
+    bar = tqdm(total=captured.num_layers, desc=f"[seqkv] fitting {preset}", unit="layer",
+               disable=captured.num_layers * captured.tokens < 100_000)
+
+    def progress(layer, _total):
+        bar.update(1 if layer else 0)
+
+    try:
+        return PRESETS[preset].fit(captured, progress)
+    finally:
+        bar.update(bar.total - bar.n)
+        bar.close()
 
 
-def ensure(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
-    path = default_path(model_dir, preset)
+def ensure(model_dir: Path, preset: str = DEFAULT_PRESET, text_path: Path | None = None) -> Path:
+    text = read_text(text_path, model_dir)
+    path = default_path(model_dir, preset, text)
     if path.exists():
         try:
             load(path, preset)
@@ -207,9 +279,8 @@ def ensure(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path:
         except CalibrationError:
             path.unlink()
     cold_prior_path(model_dir, preset).unlink(missing_ok=True)  # fitted on the old codes
-    text = fixtures.corpus_path("train").read_text()
     print(f"[seqkv] fitting the {preset} calibration of {model_dir} on {DEFAULT_TOKENS} tokens "
-          "of the train split (once per model and preset)", file=sys.stderr)
+          f"of {text_path or GENERAL_TEXT} (once per model and preset)", file=sys.stderr)
     calibration = calibrate(model_dir, text, preset)
     if getattr(calibration, "layer0_check", ""):
         print(f"[seqkv] {calibration.layer0_check}", file=sys.stderr)
@@ -248,8 +319,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         choices=[n for n, p in PRESETS.items() if p.calibration_kind != "none"])
+    parser.add_argument("--text", type=Path, default=None,
+                        help="calibration text: plain text or .jsonl of {'messages': [...]} chats "
+                        "(default: the general set shipped with the package)")
     args = parser.parse_args(argv)
-    print(ensure(args.model, args.preset))
+    try:
+        print(ensure(args.model, args.preset, args.text))
+    except CalibrationError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ VLLM_PEERS = ("auto", "fp8_e4m3", "fp8_e5m2")
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="local HF checkpoint folder (default: SmolLM2-135M fixture)")
     parser.add_argument("--text", type=Path, help="evaluation text (default: held-out test split)")
-    parser.add_argument("--calib-text", type=Path, help="calibration text (default: train split)")
+    parser.add_argument("--calib-text", type=Path, help="calibration text, plain or .jsonl chats "
+                        "(default: the general set shipped with the package)")
     parser.add_argument("--context", type=int, help=f"tokens per window (default {DEFAULT_CONTEXT})")
     parser.add_argument("--tokens", type=int, help=f"evaluated tokens in all (default {DEFAULT_TOKENS})")
     parser.add_argument("--calib-tokens", type=int, help=f"calibration tokens (default {DEFAULT_CALIB_TOKENS})")
@@ -70,7 +71,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     out_dir = Path(tempfile.gettempdir()) / "seqkv-bench-quick" if args.quick else Path("benchmarks")
     args.model = args.model or (fixtures.tiny_model_dir() if args.quick else fixtures.smollm2_dir())
     args.text = args.text or fixtures.corpus_path("test")
-    args.calib_text = args.calib_text or fixtures.corpus_path("train")
+    from vllm_seqkv import calibrate
+
+    args.calib_text = args.calib_text or calibrate.GENERAL_TEXT
     if args.calib_text.resolve() == args.text.resolve():
         raise SystemExit("--calib-text must differ from --text (calibration never sees the evaluation text)")
     args.context = args.context or (QUICK_CONTEXT if args.quick else DEFAULT_CONTEXT)

@@ -96,23 +96,24 @@ class CodecTally:
 def load_codecs(settings: QualitySettings) -> tuple[dict[str, KVCodec], dict[str, str]]:
     """Build the named codecs; seqkv presets get the model's calibration for that preset.
 
-    With the default calibration text and size (the train split, ``calibrate.DEFAULT_TOKENS``)
-    the calibration files the vLLM backend uses are loaded (fitted and saved if missing);
+    With the default size (``calibrate.DEFAULT_TOKENS``) calibrations are cached under
+    :func:`vllm_seqkv.calibrate.default_path` by text hash (with the default text, the general
+    set, these are the files the vLLM backend uses): loaded, or fitted and saved if missing;
     otherwise each preset is fitted afresh in memory. Activations are captured once for all presets.
     Returns the codecs and, per codec, where its calibration came from.
     """
-    from vllm_seqkv import calibrate, fixtures
+    from vllm_seqkv import calibrate
     from vllm_seqkv.codec import needs_calibration
 
-    default_text = (Path(settings.calib_text).resolve() == fixtures.corpus_path("train").resolve()
-                    and settings.calib_tokens == calibrate.DEFAULT_TOKENS)
+    text = calibrate.read_text(settings.calib_text, settings.model_dir)
+    default_size = settings.calib_tokens == calibrate.DEFAULT_TOKENS
     captured = None
     codecs, sources = {}, {}
     for name in settings.codecs:
         calibration, sources[name] = None, "none"
         if needs_calibration(name):
-            path = calibrate.default_path(settings.model_dir, name)
-            if default_text and path.exists():
+            path = calibrate.default_path(settings.model_dir, name, text)
+            if default_size and path.exists():
                 try:
                     calibration = calibrate.load(path, name)
                     sources[name] = str(path)
@@ -120,11 +121,10 @@ def load_codecs(settings: QualitySettings) -> tuple[dict[str, KVCodec], dict[str
                     print(f"refitting: {exc}", file=sys.stderr)
             if calibration is None:
                 if captured is None:
-                    captured = calibrate.capture(settings.model_dir, Path(settings.calib_text).read_text(),
-                                                 settings.calib_tokens)
+                    captured = calibrate.capture(settings.model_dir, text, settings.calib_tokens)
                 calibration = calibrate.calibrate(settings.model_dir, "", name, captured=captured)
                 sources[name] = f"fitted on {settings.calib_tokens} tokens of {settings.calib_text}"
-                if default_text:
+                if default_size:
                     calibration.save(path)
         codecs[name] = make_codec(name, calibration)
     return codecs, sources

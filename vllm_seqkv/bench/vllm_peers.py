@@ -181,7 +181,7 @@ def peer_cost(peer: str, cfg, context: int, model_dir: Path) -> dict:
         from vllm_seqkv.bench.quality import _decode_cost
         from vllm_seqkv.codec import make_codec
 
-        codec = make_codec(peer, calibrate.load(calibrate.default_path(Path(model_dir), peer), peer))
+        codec = make_codec(peer, calibrate.load_for_model(Path(model_dir), peer))
         return _decode_cost(codec, cfg, context)
     bits = 8.0 if peer.startswith("fp8") or peer.startswith("int8") else 16.0
     return {"bits_per_element": bits, "decode_read_bits_per_element": bits, "transient_bytes_per_token": 0}

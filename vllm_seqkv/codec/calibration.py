@@ -245,7 +245,7 @@ class TransformCalibration:
 
 def fit_transform_calibration(capture: Capture, preset: str, key_bits: float, value_bits: float,
                               cross_layer: bool = True, layer0_tokens: bool = True,
-                              key_rope_pairs: bool = False) -> TransformCalibration:
+                              key_rope_pairs: bool = False, progress=None) -> TransformCalibration:
     """Closed-loop fit, layer by layer: the predictor of layer ``l`` is fitted on the
     reconstruction of layer ``l - 1`` by its own fitted codec (what the decoder will have),
     and the transform of layer ``l`` on the residual of that prediction. With
@@ -258,6 +258,8 @@ def fit_transform_calibration(capture: Capture, preset: str, key_bits: float, va
         extra = {name: t.to(torch.bfloat16).contiguous() for name, t in zip(_LAYER0, table)}
     previous = None
     for layer in range(capture.num_layers):
+        if progress is not None:
+            progress(layer, capture.num_layers)
         recon = []
         for stream, x, metric, bits, pairs in (
                 ("k", capture.keys[layer], capture.key_metric(layer), key_bits, key_rope_pairs),

@@ -55,10 +55,11 @@ class TransformPreset:
     def calibration_name(self) -> str:
         return self.fitted_as or self.name
 
-    def fit(self, capture: Capture) -> TransformCalibration:
+    def fit(self, capture: Capture, progress=None) -> TransformCalibration:
+        """``progress(layer, num_layers)``: called before each layer's fit."""
         return fit_transform_calibration(capture, self.calibration_name, self.key_bits,
                                          self.value_bits, self.cross_layer, self.layer0_tokens,
-                                         self.key_rope_pairs)
+                                         self.key_rope_pairs, progress)
 
     @property
     def fusable(self) -> bool:
@@ -89,7 +90,7 @@ class RotationPreset:
     sink_tokens: int = 1
     calibration_kind: Literal["channel", "none"] = "channel"
 
-    def fit(self, capture: Capture) -> Calibration:
+    def fit(self, capture: Capture, progress=None) -> Calibration:
         return capture.channel_calibration()
 
     def build(self, calibration: AnyCalibration | None) -> KVCodec:
