@@ -26,7 +26,7 @@ from vllm_seqkv.codec.calibration import Calibration, CalibrationError, Capture,
 from vllm_seqkv.codec.token_table import verify
 
 
-DEFAULT_PRESET = "seqkv-3"
+from vllm_seqkv.codec.presets import DEFAULT_PRESET  # noqa: E402  (re-exported)
 LAYER0_TOLERANCE = 1e-3  # fp32 forward of the same weights: only rounding differs
 DEFAULT_TOKENS = 24576  # validation split, seqkv-3: +1.07 % at 8192 tokens, +0.86 % at 24576
 MIN_TOKENS = 4096  # below this the per-component quantizers are fitted on too few samples

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vllm_seqkv.codec.presets import DEFAULT_PRESET
+
 KV_CACHE_BACKENDS = ("auto", "seqkv")
 BACKEND_KEY = "kv_cache_backend"
 OPTIONS_KEY = "seqkv"
@@ -108,7 +110,7 @@ class SeqKVConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kv_cache_backend: Literal["auto", "seqkv"] = "auto"
-    preset: str = Field(default="seqkv-3", description="named codec preset")
+    preset: str = Field(default=DEFAULT_PRESET, description="named codec preset")
     calibration: str | None = Field(
         default=None, description="calibration file; default: the one `python -m "
         "vllm_seqkv.calibrate MODEL` wrote for this model")

@@ -40,7 +40,10 @@ def test_capacity_grows_by_the_slot_ratio(seqkv_llm, auto_run, tiny_model_dir):
     from vllm_seqkv.codec import make_codec
     from vllm_seqkv.codec.base import SlotLayout
 
-    codec = make_codec("seqkv-3", load_for_model(tiny_model_dir))
+    from vllm_seqkv.config import SeqKVConfig
+
+    preset = SeqKVConfig().preset
+    codec = make_codec(preset, load_for_model(tiny_model_dir, preset))
     slot_bytes = max(SlotLayout(*codec.codecs_for_layer(layer), num_kv_heads=2, head_dim=32).slot_bytes
                      for layer in range(4))
     ratio = kv_tokens(seqkv_llm) / auto_run["tokens"]

@@ -192,7 +192,8 @@ def test_engine_keys_sinks_by_the_token_in_layer0_slot(tiny_model_dir):
     from vllm_seqkv.config import SeqKVConfig
     from vllm_seqkv.integration.engine_codec import EngineCodec
 
-    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv"), str(tiny_model_dir), 2, 32, 10000.0)
+    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv", preset="seqkv-3"), str(tiny_model_dir), 2, 32,
+                         10000.0)
     assert engine.sinks.by_token and engine.first_token(0) is None  # no pages yet
     layout = engine.layout(0)
     table = layout.key.table

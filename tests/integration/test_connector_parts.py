@@ -156,7 +156,8 @@ def test_code_level_coder_only_with_a_prior_fitted_for_these_slots(tiny_model_di
     from vllm_seqkv.integration.engine_codec import EngineCodec
     from vllm_seqkv.plt.code_model import CodeModelCodec
 
-    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv"), str(tiny_model_dir), 2, 32, 10000.0)
+    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv", preset="seqkv-3"), str(tiny_model_dir), 2, 32,
+                         10000.0)
     fake = SimpleNamespace(config=SimpleNamespace(calibration=str(tmp_path / "cal.safetensors")),
                            model_dir=str(tiny_model_dir), preset="seqkv-3", codec=engine.codec,
                            head_dim=32)

@@ -20,6 +20,10 @@ CHAT_MAX_NEW = 96
 QUICK_CHAT_PROMPTS = 6
 QUICK_CHAT_MAX_NEW = 16
 VLLM_PEERS = ("auto", "fp8_e4m3", "fp8_e5m2")
+# the default run: every peer baseline, the chain preset, its no-chain ablation and the fusable
+# presets (other ablations: --codecs); the chat suite on the main ones (--chat-codecs)
+DEFAULT_PRESETS = ("seqkv-3", "seqkv-3-nox", "seqkv-f2.5", "seqkv-f3", "seqkv-f3.5", "seqkv-f4")
+CHAT_CODECS = ("bf16", "fp8-e4m3", "kivi-4", "kivi-2", "turbo-4", "turbo-3", *DEFAULT_PRESETS)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     quality = sub.add_parser("quality", help="perplexity / KL / attention error of every codec")
     _common(quality)
-    quality.add_argument("--codecs", help="comma-separated codec names (default: all baselines and presets)")
+    quality.add_argument("--codecs", help="comma-separated codec names or 'all' (default: every baseline, "
+                         f"{', '.join(DEFAULT_PRESETS)})")
     quality.add_argument("--plot", type=Path, help="Pareto plot PNG")
     quality.add_argument("--extra-texts", help="comma-separated more long-context texts, reported apart "
                          "(default: the English prose test split when built; 'none' for none)")
@@ -53,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--chat-samples", type=int, help="T=1 answers per prompt (default 1)")
     quality.add_argument("--chat-max-new", type=int, help=f"answer length cap (default {CHAT_MAX_NEW}; "
                          f"--quick {QUICK_CHAT_MAX_NEW})")
-    quality.add_argument("--chat-codecs", help="codecs on the chat suite (default: all of --codecs)")
+    quality.add_argument("--chat-codecs", help="codecs on the chat suite (default: those of --codecs among "
+                         f"{', '.join(CHAT_CODECS)}; 'all': every one of --codecs)")
     quality.add_argument("--vllm-peers", help="comma-separated peers run through the CPU vLLM engine "
                          "(KV dtypes such as fp8_e4m3, or seqkv preset names; default "
                          f"{','.join(VLLM_PEERS)},<default preset>; --quick and 'none': none)")
@@ -113,7 +119,16 @@ def run_quality(args: argparse.Namespace, command: str) -> None:
     from vllm_seqkv.bench.quality import QualitySettings, default_preset, evaluate
     from vllm_seqkv.codec import codec_names
 
-    names = _names(args.codecs) or codec_names()
+    from vllm_seqkv.codec.baselines import BASELINES
+
+    names = _names(args.codecs) or [*BASELINES, *DEFAULT_PRESETS]
+    if names == ["all"]:
+        names = codec_names()
+    chat_codecs = _names(args.chat_codecs)
+    if chat_codecs is None:
+        chat_codecs = [n for n in names if n in CHAT_CODECS] or names
+    elif chat_codecs == ["all"]:
+        chat_codecs = names
     chat = None if args.no_chat else ChatSettings(
         max_new_tokens=args.chat_max_new or (QUICK_CHAT_MAX_NEW if args.quick else CHAT_MAX_NEW),
         samples=1 if args.chat_samples is None else args.chat_samples,
@@ -125,7 +140,7 @@ def run_quality(args: argparse.Namespace, command: str) -> None:
                                context=args.context, tokens=args.tokens, codecs=names,
                                calib_tokens=args.calib_tokens, command=command,
                                extra_texts=_extra_texts(args), chat=chat,
-                               chat_codecs=_names(args.chat_codecs), vllm_peers=peers)
+                               chat_codecs=chat_codecs, vllm_peers=peers)
     start = time.time()
     records = evaluate(settings)
     seconds = time.time() - start

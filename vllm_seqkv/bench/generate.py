@@ -36,7 +36,7 @@ class _LayerCache:
 @torch.inference_mode()
 def generate(model: LlamaForward, prompts: list[torch.Tensor], codec: KVCodec | None,
              max_new_tokens: int, temperature: float = 0.0, seeds: list[int] | None = None,
-             stop_ids: tuple[int, ...] = (), batch_size: int = 16) -> list[list[int]]:
+             stop_ids: tuple[int, ...] = (), batch_size: int = 32) -> list[list[int]]:
     """Continue each prompt (``[P_b]`` token ids) by up to ``max_new_tokens`` tokens.
 
     ``temperature`` 0: greedy; else sampling from ``softmax(logits / temperature)`` with one
@@ -55,7 +55,6 @@ def generate(model: LlamaForward, prompts: list[torch.Tensor], codec: KVCodec | 
 
 
 def _generate_batch(model, prompts, codec, max_new_tokens, temperature, seeds, stop_ids):
-    cfg = model.config
     batch = len(prompts)
     lengths = torch.tensor([p.numel() for p in prompts])
     t_max = int(lengths.max()) + max_new_tokens

@@ -26,7 +26,6 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 GARBAGE_RATIO = 10.0

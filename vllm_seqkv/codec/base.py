@@ -99,6 +99,8 @@ class KVCodec:
     - ``block_exact``: tokens of the current, partially filled block stay exact until the
       block fills (block codecs, as the vLLM backend stores them);
     - ``exact_recent``: the most recent tokens stay exact (KIVI's residual window);
+    - ``exact_page_block``: for per-token codecs, the positions of the sequence's current page
+      block (vLLM's block of that many tokens) stay exact until the block fills;
     - ``sink_tokens``: the first tokens of a sequence stay exact.
 
     ``pre_rope_keys``: keys are coded in the pre-RoPE frame (callers un-rotate them by
@@ -113,6 +115,7 @@ class KVCodec:
     value: TensorCodec
     block_exact: bool = False
     exact_recent: int = 0
+    exact_page_block: int = 0
     sink_tokens: int = 0
     exact_bits: int = 16
     pre_rope_keys: bool = False
@@ -131,6 +134,8 @@ class KVCodec:
         start = position - self.exact_recent
         if self.block_exact:
             start = min(start, position - position % self.block_size)
+        if self.exact_page_block:
+            start = min(start, position - position % self.exact_page_block)
         return max(start, 0)
 
     def bits_per_element(self, num_kv_heads: int, head_dim: int, context: int,
@@ -184,7 +189,7 @@ class KVCodec:
         return 2 * 2 * num_kv_heads * head_dim * 4 if chained else 0
 
     def _exact_tokens(self, context: int) -> float:
-        return min(context, self.sink_tokens + self.exact_recent
+        return min(context, self.sink_tokens + self.exact_recent + self.exact_page_block / 2
                    + (self.block_size / 2 if self.block_exact else 0))
 
 
