@@ -28,7 +28,32 @@ fi
 # NOTE: checked from / so that a checkout in the current directory cannot pass for an install.
 if ! (cd / && "$py" -c "import vllm_seqkv, sys; sys.exit(0 if vllm_seqkv.__file__.startswith('$SEQKV_ROOT/') else 1)") 2>/dev/null; then
   log "installing vllm-seqkv (editable) into the venv"
-  pip_q install --no-deps --no-build-isolation -e "$SEQKV_ROOT"
+  # the C++ CPU ops are built by the step below (in place, rebuilt when csrc/ changes)
+  SEQKV_NO_CPU_EXT=1 pip_q install --no-deps --no-build-isolation -e "$SEQKV_ROOT"
+fi
+# C++ CPU ops (vllm_seqkv._cpu from csrc/cpu/): built in place on every machine, again whenever
+# setup.py or a csrc/ source changes (hash stamp in the ignored build/ folder). A failed build is
+# reported here and the package runs the slow torch path (the engine warns once at start-up).
+if [ "${SEQKV_NO_CPU_EXT:-0}" != "1" ]; then
+  src_hash="$(cd "$SEQKV_ROOT" && find setup.py csrc -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.h' \
+    -o -name '*.cuh' -o -name '*.cu' \) | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)"
+  stamp="$SEQKV_ROOT/build/seqkv_cpu_ext.hash"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$src_hash" ] || ! compgen -G "$SEQKV_ROOT/vllm_seqkv/_cpu*.so" >/dev/null; then
+    log "building the C++ CPU ops vllm_seqkv._cpu (csrc/cpu/; ~1-2 minutes on 2 cores)"
+    build_log="$SEQKV_HOME/build_ext.log"
+    start=$SECONDS
+    # NOTE: no stale copy may pass for the new build (setuptools copies build/lib's after a failed
+    # optional build); unlinking also leaves processes that mapped the old file undisturbed
+    rm -f "$SEQKV_ROOT"/vllm_seqkv/_cpu*.so "$SEQKV_ROOT"/build/lib*/vllm_seqkv/_cpu*.so
+    if (cd "$SEQKV_ROOT" && "$py" setup.py build_ext --inplace --force) >"$build_log" 2>&1 \
+        && compgen -G "$SEQKV_ROOT/vllm_seqkv/_cpu*.so" >/dev/null; then
+      mkdir -p "$SEQKV_ROOT/build" && echo "$src_hash" >"$stamp"
+      log "built vllm_seqkv._cpu ($((SECONDS - start)) s)"
+    else
+      tail -n 30 "$build_log" >&2
+      log "WARNING: building the C++ CPU ops failed (log: $build_log); seqkv runs the slow torch path"
+    fi
+  fi
 fi
 ln -sfn "$SEQKV_VENV" "$SEQKV_ROOT/.venv"
 "$py" -m vllm_seqkv.fixtures all

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from vllm_seqkv import fixtures
 from vllm_seqkv.bench.report import machine, replace_section
+from vllm_seqkv.codec.presets import DEFAULT_PRESET
 
 SECTION = "## Capacity and quality through vLLM"
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
             for b in ("auto", "seqkv")}
     record = {
         "model": model.name,
-        "preset": args.preset or "seqkv-3",
+        "preset": args.preset or DEFAULT_PRESET,
         "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
         "tokens_auto": runs["auto"]["tokens"],
         "tokens_seqkv": runs["seqkv"]["tokens"],

@@ -20,9 +20,12 @@ decode-only sequences of a chunk then attend in batched matmuls (:func:`attend_d
 Writing new tokens and reading a sequence's pages go through the kernels' dispatcher
 (:meth:`~.engine_codec.EngineCodec.write` -> :func:`vllm_seqkv.kernels.write_slots`,
 :meth:`~.engine_codec.EngineCodec.reconstruct` -> :func:`vllm_seqkv.kernels.reconstruct_blocks`):
-the codec's torch reference on CPU tensors, the Triton kernels on CUDA tensors or with
-``SEQKV_KERNELS=triton`` (on CPU only under ``TRITON_INTERPRET=1``, as a test does); layer 0's
-token table is coded and read by the codec (a row index and a gather).
+the C++ CPU ops (``csrc/cpu/``) on CPU tensors when ``vllm_seqkv._cpu`` is built (else the
+codec's torch reference, warned once), the Triton kernels on CUDA tensors or with
+``SEQKV_KERNELS=triton`` (on CPU only under ``TRITON_INTERPRET=1``, as a test does). The C++ ops
+cover the transform format without cross-layer prediction (``seqkv-3-nox``: write, fused decode,
+prefill reconstruction); cross-layer layers keep the torch path on CPU; layer 0's token table
+is coded and read by the codec (a row index and a gather).
 
 The backend is device-agnostic: its metadata builder keeps host copies of what the
 per-sequence loop walks (one device-to-host copy per batch). It takes vLLM's CPU_ATTN slot

@@ -281,7 +281,7 @@ class EngineCodec:
         write_key = ("write", slots.cpu().numpy().tobytes())
         previous = self.chain.below(layer, write_key, lambda p: p[blocks, :, offsets])
         params = self.kernel_params(layer, pages.device)
-        if params is None or kernels.implementation(pages.device) == "torch":
+        if not kernels.runs_kernel(params, pages.device):
             coded = self.encode_slots(layer, key, value, previous)
             pages[blocks, :, offsets, :layout.slot_bytes] = coded
         else:
@@ -307,14 +307,14 @@ class EngineCodec:
         slots of ``blocks [M]`` (``pages [N, H, bs, S]``; one or several sequences' blocks one
         after another, see :class:`~.reads.ReadChunk`), through
         :func:`vllm_seqkv.kernels.reconstruct_blocks` when a kernel runs (Triton on CUDA
-        tensors; ``SEQKV_KERNELS`` picks), else the codec's decode of those rows only (the
-        kernels' reference). ``previous``: the layer below's reconstruction ``[R, H, D]`` pair
-        for cross-layer presets, else None."""
+        tensors, the C++ ops on CPU tensors; ``SEQKV_KERNELS`` picks), else the codec's decode
+        of those rows only (the kernels' reference). ``previous``: the layer below's
+        reconstruction ``[R, H, D]`` pair for cross-layer presets, else None."""
         from vllm_seqkv import kernels
 
         block_size = pages.shape[2]
         params = self.kernel_params(layer, pages.device)
-        if params is None or kernels.implementation(pages.device) == "torch":
+        if not kernels.runs_kernel(params, pages.device):
             return self.decode_slots(layer, gather_slots(pages, blocks, rows), previous)
         previous = _kernel_previous(params, previous)
         if previous is not None:
@@ -327,15 +327,18 @@ class EngineCodec:
 
     def fused_decode_params(self, layer: int, device: torch.device):
         """The layer's kernel params when its decode can run as one fused kernel over the pages
-        (a kernel implementation on ``device``, transform format, not cross-layer), else None.
+        (a kernel implementation on ``device``: Triton/CUDA on GPUs, the C++ ops on CPU;
+        transform format, not cross-layer), else None.
         NOTE: with a cross-layer preset every layer must hand its reconstruction up to the next
         one, so its decode reconstructs (:meth:`reconstruct`) instead."""
         from vllm_seqkv import kernels
 
-        if self.codec.cross_layer or kernels.implementation(device) == "torch":
+        if self.codec.cross_layer:
             return None
         params = self.kernel_params(layer, device)
-        return params if isinstance(params, kernels.TransformLayerParams) else None
+        if not isinstance(params, kernels.TransformLayerParams) or not kernels.runs_kernel(params, device):
+            return None
+        return params
 
     def decode_attention(self, layer: int, params, query: torch.Tensor, own_k: torch.Tensor,
                          own_v: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor,

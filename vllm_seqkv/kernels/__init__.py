@@ -31,9 +31,16 @@ transform format only):
 - ``reconstruct_blocks(pages, block_ids int [M], params, previous=None, rope=None,
   block_positions=None) -> (K, V)`` float32 ``[M*bs, H, D]`` for prefill.
 
-Implementation choice (``SEQKV_KERNELS`` = ``auto`` | ``triton`` | ``cuda`` | ``torch``):
-``auto`` uses Triton on CUDA tensors and the torch reference on CPU tensors; on a GPU without
-Triton it falls back to the reference with a warning. ``cuda`` on the transform format runs
+Implementation choice (``SEQKV_KERNELS`` = ``auto`` | ``cpp`` | ``triton`` | ``cuda`` | ``torch``):
+``auto`` uses Triton on CUDA tensors and the C++ CPU ops (``cpp``, :mod:`.cpu_ops`,
+``csrc/cpu/``) on CPU tensors when ``vllm_seqkv._cpu`` is built, else the torch reference with
+ONE warning (``seqkv: C++ CPU kernels not built (...); using the slow torch path``); on a GPU
+without Triton it falls back to the reference with a warning. ``cpp`` covers the transform
+format without cross-layer prediction (``seqkv-3-nox``; every call of :func:`write_slots`,
+:func:`paged_decode_attention`, :func:`reconstruct_blocks`); other params (rotation format,
+cross-layer layers) run the torch reference under ``cpp`` (:func:`runs_kernel` says which).
+``SEQKV_KERNELS=cpp`` where the extension does not load is an error. ``torch`` stays the
+reference. ``cuda`` on the transform format runs
 the CUDA ops for ``write_slots`` and ``paged_decode_attention`` when ``vllm_seqkv._C`` is built
 (else Triton, with a warning) and Triton for ``reconstruct_blocks`` (no CUDA op; warning).
 The CUDA ops' per-element math (``csrc/transform_format.cuh``) is checked on CPU by compiling it
@@ -61,10 +68,11 @@ from vllm_seqkv.kernels.transform_params import (
 
 __all__ = ["KernelArgumentError", "LayerKernelParams", "StreamParams", "TransformLayerParams",
            "implementation", "layer_params", "paged_decode_attention", "reconstruct_blocks",
-           "rope_cache", "write_slots"]
+           "rope_cache", "runs_kernel", "write_slots"]
 
 logger = logging.getLogger("vllm.seqkv.kernels")
-CHOICES = ("auto", "triton", "cuda", "torch")
+CHOICES = ("auto", "cpp", "triton", "cuda", "torch")
+CPP_MISSING_WARNING = "seqkv: C++ CPU kernels not built (%s); using the slow torch path"
 _announced: set[tuple[str, str]] = set()
 
 
@@ -76,13 +84,35 @@ def _triton_available() -> bool:
     return True
 
 
+def _cpp_available() -> bool:
+    from vllm_seqkv.kernels.cpu_ops import load_cpu_ops
+
+    return load_cpu_ops()
+
+
 def implementation(device: torch.device) -> str:
-    """Which implementation runs for tensors on ``device``: "triton", "cuda" or "torch"."""
+    """Which implementation runs for tensors on ``device``: "cpp", "triton", "cuda" or "torch"."""
+    device = torch.device(device)
     wanted = os.environ.get("SEQKV_KERNELS", "auto").lower()
     if wanted not in CHOICES:
         raise ValueError(f"SEQKV_KERNELS={wanted!r}; choose one of {', '.join(CHOICES)}")
+    if wanted == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"SEQKV_KERNELS=cpp runs the C++ CPU ops; tensors are on {device}")
+        if not _cpp_available():
+            from vllm_seqkv.kernels.cpu_ops import load_error
+
+            raise RuntimeError(f"SEQKV_KERNELS=cpp but the C++ CPU kernels are not built ({load_error()}); "
+                               "run `bash scripts/setup.sh` (or `python setup.py build_ext --inplace`)")
     if wanted == "auto":
-        if device.type != "cuda":
+        if device.type == "cpu":
+            chosen = "cpp" if _cpp_available() else "torch"
+            if chosen == "torch" and ("cpp-missing", "cpu") not in _announced:
+                from vllm_seqkv.kernels.cpu_ops import load_error
+
+                _announced.add(("cpp-missing", "cpu"))
+                logger.warning(CPP_MISSING_WARNING, load_error() or "vllm_seqkv._cpu not importable")
+        elif device.type != "cuda":
             chosen = "torch"
         elif _triton_available():
             chosen = "triton"
@@ -94,8 +124,27 @@ def implementation(device: torch.device) -> str:
         chosen = wanted
     if (str(device), chosen) not in _announced:
         _announced.add((str(device), chosen))
-        logger.info("seqkv kernels: %s implementation on %s", chosen, device)
+        if chosen == "cpp":
+            from vllm_seqkv.kernels.cpu_ops import active_isa
+
+            logger.info("seqkv kernels: cpp implementation on %s (C++ CPU ops, %s)", device, active_isa())
+        else:
+            logger.info("seqkv kernels: %s implementation on %s", chosen, device)
     return chosen
+
+
+def _cpp_covers(params) -> bool:
+    return isinstance(params, TransformLayerParams) and not params.cross_layer
+
+
+def runs_kernel(params, device: torch.device) -> bool:
+    """True when calls with ``params`` (None: a layer without kernel params) on ``device`` run a
+    kernel, False when they run the torch reference (``torch``, or ``cpp`` on params the C++ ops
+    do not cover): callers then use the codec directly (the same result, on the rows they need)."""
+    if params is None:
+        return False
+    kind = implementation(device)
+    return kind != "torch" and (kind != "cpp" or _cpp_covers(params))
 
 
 def layer_params(layout, device=None) -> LayerKernelParams | TransformLayerParams:
@@ -152,6 +201,9 @@ def write_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tens
     if isinstance(params, TransformLayerParams):
         _needs_previous(params, previous)
         kind = _transform_kind(pages.device)
+        if kind == "cpp" and not params.cross_layer:
+            from vllm_seqkv.kernels.cpu_ops import write_transform_slots_cpp
+            return write_transform_slots_cpp(key, value, slot_mapping, pages, params, previous)
         if kind == "cuda":
             from vllm_seqkv.kernels.cuda_ops import write_transform_slots_cuda
             return write_transform_slots_cuda(key, value, slot_mapping, pages, params, previous)
@@ -180,6 +232,10 @@ def paged_decode_attention(query: torch.Tensor, own_k: torch.Tensor, own_v: torc
         _needs_previous(params, previous)
         extra = dict(rope=rope, previous=previous, skip_first=skip_first, return_lse=return_lse)
         kind = _transform_kind(pages.device)
+        if kind == "cpp" and not params.cross_layer:
+            from vllm_seqkv.kernels.cpu_ops import transform_decode_attention_cpp
+            return transform_decode_attention_cpp(query, own_k, own_v, pages, block_table, seq_lens,
+                                                  params, scale, **extra)
         if kind == "cuda":
             from vllm_seqkv.kernels.cuda_ops import transform_decode_attention_cuda
             return transform_decode_attention_cuda(query, own_k, own_v, pages, block_table, seq_lens,
@@ -212,7 +268,11 @@ def reconstruct_blocks(pages: torch.Tensor, block_ids: torch.Tensor, params, pre
                        rope: torch.Tensor | None = None, block_positions: torch.Tensor | None = None):
     if isinstance(params, TransformLayerParams):
         _needs_previous(params, previous)
-        if _transform_kind(pages.device, has_cuda_op=False) == "triton":
+        kind = _transform_kind(pages.device, has_cuda_op=False)
+        if kind == "cpp" and not params.cross_layer:
+            from vllm_seqkv.kernels.cpu_ops import reconstruct_transform_blocks_cpp
+            return reconstruct_transform_blocks_cpp(pages, block_ids, params, previous, rope, block_positions)
+        if kind == "triton":
             from vllm_seqkv.kernels.transform_reconstruct import reconstruct_transform_blocks
             return reconstruct_transform_blocks(pages, block_ids, params, previous, rope, block_positions)
         from vllm_seqkv.kernels.reference import reconstruct_transform_reference

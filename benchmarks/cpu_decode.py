@@ -1,0 +1,200 @@
+"""Op-level CPU decode benchmark: seqkv's fused C++ decode over compressed pages vs the attention
+op vLLM's own CPU backend runs (``torch.ops._C.cpu_attention_with_kv_cache``, called by
+``vllm/v1/attention/backends/cpu_attn.py``) over a bf16 cache of the same shape.
+
+One query token per sequence, every sequence ``ctx`` tokens long (own token included), block
+size 128 for both, shuffled block tables, the same thread count for both, calls interleaved
+(A, B, A, B, ...) in one process so that load from other processes hits both alike; medians of
+``--repeats`` timed calls after warm-up. seqkv pages: a seqkv-3-nox-like slot from a random but
+valid transform (keys 2.5 bits/element, values 3.5: 3 bits/element, 48 bytes per token-head at
+D = 64; keys pre-RoPE, rotated from a rope table in the kernel), with a RoPE-pair block-diagonal
+key basis (the kernel's fast key path) and, for a few rows, a general key basis (``key=general``).
+
+Run from the repository root:
+    python benchmarks/cpu_decode.py            # writes benchmarks/cpu_decode.json
+Shapes: SmolLM2-135M layer (Hq 9, Hkv 3, D 64), Llama-8B-like layer (Hq 32, Hkv 8, D 128);
+contexts 1k/4k/16k/32k; batch 1/8/32; combinations whose bf16 cache exceeds --max-gb skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
+BLOCK = 128
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "logical_cpus": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "L2 cache", "L3 cache", "Core(s) per socket", "Socket(s)"):
+                info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    try:
+        info["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def vllm_case(q_heads, kv_heads, dim, ctx, batch, table):
+    import vllm._custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    num_blocks = int(table.max()) + 1
+    cache = torch.randn(num_blocks, kv_heads, 2 * BLOCK, dim, dtype=torch.bfloat16)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    query = torch.randn(batch, q_heads, dim, dtype=torch.bfloat16)
+    out = torch.empty_like(query)
+    starts = torch.arange(batch + 1, dtype=torch.int32)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32)
+    isa = _get_attn_isa(torch.bfloat16, BLOCK, dim, "auto")
+
+    def make_run():
+        """The op with its scheduler metadata, which fixes the thread count: build after
+        torch.set_num_threads, as vLLM's metadata builder does for every batch."""
+        metadata = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=batch, num_heads=q_heads, num_kv_heads=kv_heads, head_dim=dim, seq_lens=seq_lens,
+            dtype=torch.bfloat16, query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa,
+            enable_kv_split=True)
+
+        def run():
+            ops.cpu_attention_with_kv_cache(
+                query=query, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=starts,
+                seq_lens=seq_lens, scale=dim ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1,
+                block_table=table, softcap=0.0, scheduler_metadata=metadata, s_aux=None)
+
+        return run
+
+    return make_run, cache.numel() * 2, isa
+
+
+def seqkv_case(q_heads, kv_heads, dim, ctx, batch, table, layout):
+    from vllm_seqkv.kernels.cpu_ops import transform_decode_attention_cpp
+    from vllm_seqkv.kernels.transform_params import rope_cache, transform_layer_params
+
+    params = transform_layer_params(layout)
+    num_blocks = int(table.max()) + 1
+    pages = torch.randint(0, 256, (num_blocks, kv_heads, BLOCK, layout.slot_bytes), dtype=torch.uint8)
+    query = torch.randn(batch, q_heads, dim, dtype=torch.bfloat16)
+    own = torch.randn(batch, kv_heads, dim, dtype=torch.bfloat16)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32)
+    rope = rope_cache(ctx, dim, 100000.0)
+
+    def run():
+        transform_decode_attention_cpp(query, own, own, pages, table, seq_lens, params, dim ** -0.5, rope=rope)
+
+    return run, pages.numel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="smollm2,llama8b")
+    parser.add_argument("--contexts", default="1024,4096,16384,32768")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--threads", default=f"1,{os.cpu_count()}",
+                        help="thread counts (comma-separated); both ops run with the same count")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--max-gb", type=float, default=8.0, help="skip combos whose bf16 cache exceeds this")
+    parser.add_argument("--general-key-contexts", default="4096",
+                        help="contexts at which the general (non pair-diagonal) key path is also timed (batch 1)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "cpu_decode.json"))
+    args = parser.parse_args()
+
+    from tests.kernels.cpu_helpers import random_layout
+    from vllm_seqkv.kernels.cpu_ops import active_isa, load_cpu_ops, load_error
+
+    if not load_cpu_ops():
+        sys.exit(f"vllm_seqkv._cpu is not built ({load_error()}): run bash scripts/setup.sh")
+    rows = []
+    thread_counts = sorted({int(t) for t in args.threads.split(",")})
+    general_ctx = {int(c) for c in args.general_key_contexts.split(",") if c}
+    for shape in args.shapes.split(","):
+        q_heads, kv_heads, dim = SHAPES[shape]
+        layouts = {"pair": random_layout(kv_heads, dim, 2.5, 3.5, pair_keys=True, seed=0),
+                   "general": random_layout(kv_heads, dim, 2.5, 3.5, pair_keys=False, seed=0)}
+        for ctx in map(int, args.contexts.split(",")):
+            for batch in map(int, args.batches.split(",")):
+                bf16_bytes = batch * ctx * kv_heads * dim * 2 * 2
+                if bf16_bytes > args.max_gb * 2**30:
+                    print(f"skip {shape} ctx={ctx} batch={batch}: bf16 cache {bf16_bytes / 2**30:.1f} GiB", flush=True)
+                    continue
+                blocks_per_seq = -(-ctx // BLOCK)
+                gen = torch.Generator().manual_seed(ctx + batch)
+                table = torch.randperm(batch * blocks_per_seq, generator=gen).to(torch.int32).view(batch, -1)
+                make_vllm_run, vllm_bytes, vllm_isa = vllm_case(q_heads, kv_heads, dim, ctx, batch, table)
+                keys = ["pair"] + (["general"] if batch == 1 and ctx in general_ctx else [])
+                fns = {"vllm": None}
+                seqkv_bytes = 0
+                for key in keys:
+                    fns[key], seqkv_bytes = seqkv_case(q_heads, kv_heads, dim, ctx, batch, table, layouts[key])
+                repeats = args.repeats if bf16_bytes < 2**30 else max(5, args.repeats // 2)
+                for threads in thread_counts:
+                    torch.set_num_threads(threads)
+                    fns["vllm"] = make_vllm_run()
+                    med = interleaved(fns, repeats)
+                    for key in keys:
+                        row = {"shape": shape, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": dim,
+                               "context": ctx, "batch": batch, "threads": threads, "key_path": key,
+                               "vllm_ms": round(med["vllm"], 4), "seqkv_ms": round(med[key], 4),
+                               "speedup_vs_vllm": round(med["vllm"] / med[key], 3), "vllm_cache_bytes": vllm_bytes,
+                               "seqkv_cache_bytes": seqkv_bytes, "repeats": repeats}
+                        rows.append(row)
+                        print(f"{shape:8s} ctx={ctx:6d} batch={batch:3d} threads={threads} key={key:7s} "
+                              f"vllm {med['vllm']:9.3f} ms  seqkv {med[key]:9.3f} ms  "
+                              f"speedup {row['speedup_vs_vllm']:.2f}x", flush=True)
+                del fns, make_vllm_run
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "threads": thread_counts,
+        "load_average_at_end": os.getloadavg(),
+        "vllm_op": "torch.ops._C.cpu_attention_with_kv_cache (bf16 cache, isa %s)" % vllm_isa,
+        "seqkv_op": f"torch.ops.seqkv.cpu_transform_decode_attention ({active_isa()})",
+        "block_size": BLOCK,
+        "format": "seqkv-3-nox-like: random valid transform, K 2.5 / V 3.5 bits per element, pre-RoPE keys",
+        "rows": rows,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+// CPU ops of the transform slot format (seqkv-3-nox and the non-cross-layer layers of the
+// transform presets): plain structs shared by the op layer (transform_cpu_ops.cpp: argument
+// checks, tables, registration) and the kernels (transform_cpu_kernels.h), which are compiled
+// once per instruction set (isa_avx512.cpp, isa_avx2.cpp, isa_default.cpp) and picked at run
+// time. No torch types here: the kernels see raw pointers only.
+#pragma once
+
+#include <cstdint>
+
+namespace seqkv {
+namespace cpu {
+
+constexpr int kLevels = 256;  // entries per component in levels / cuts
+constexpr int kTile = 16;     // context positions per step of the decode kernel
+
+// One stream (K or V) of one layer. Per (head, component) extraction tables are derived by the
+// op layer from start/nbits: the byte of the code's low bits inside the SLOT (stream offset
+// included), 1 when the code spans a second byte (else 0, the same byte is read twice), the
+// right shift and the mask.
+struct Stream {
+  const float* levels;   // [H, D, 256]
+  const float* cuts;     // [H, D, 256] (+inf padded)
+  const float* inverse;  // [H, D, D]  x = z @ inverse + mean
+  const float* mean;     // [H, D]
+  const int32_t* start;  // [H, D] first bit in the stream
+  const int32_t* nbits;  // [H, D]
+  const int32_t* byte;   // [H, D] derived: offset + start / 8
+  const int32_t* extra;  // [H, D] derived: 1 if the code spans two bytes
+  const int32_t* shift;  // [H, D] derived: start % 8
+  const int32_t* mask;   // [H, D] derived: 2**nbits - 1
+  // the same fields as 32-bit words of the slot (SIMD path): word index (bit 8 * offset + start
+  // over 32), shift inside the word, 1 when the field continues in the next word
+  const int32_t* word;    // [H, D]
+  const int32_t* wshift;  // [H, D]
+  const int32_t* wspan;   // [H, D]
+  int first_word, num_words;  // words of the slot that hold the stream
+  int offset;                 // byte offset of the stream in the slot
+  int nbytes;                 // its size
+};
+
+// The key inverse as 2x2 blocks of RoPE pairs {j, j + D/2} (only when it is pair-block
+// diagonal): k[j] = z_j a + z_j' b, k[j'] = z_j c + z_j' d (j' = j + D/2), each [H, D/2].
+struct PairBlocks {
+  const float* a;
+  const float* b;
+  const float* c;
+  const float* d;
+};
+
+struct DecodeArgs {
+  const float* query;  // [B, Hq, D] float32 contiguous
+  const float* own_k;  // [B, H, D]
+  const float* own_v;  // [B, H, D]
+  const uint8_t* pages;
+  int64_t stride_pb, stride_ph, stride_pt;
+  const int64_t* block_table;  // [B, stride_bt] (contiguous rows)
+  int64_t stride_bt;
+  const int64_t* seq_lens;  // [B]
+  const float* rope;        // [P, D] or nullptr
+  int64_t num_rope_rows;
+  const uint8_t* pages_end;  // one past the last byte of the pages' storage that may be read
+  Stream k, v;
+  PairBlocks pairs;  // a == nullptr: general key path
+  int batch, heads, q_heads, dim, block_size;
+  float scale;
+  int64_t skip_first;
+  int64_t num_splits;  // 0: automatic
+  float* out;          // [B, Hq, D] float32
+  float* lse;          // [B, Hq]
+};
+
+struct ReconstructArgs {
+  const uint8_t* pages;
+  int64_t stride_pb, stride_ph, stride_pt;
+  const int64_t* block_ids;        // [M] (-1: zero rows)
+  const int64_t* block_positions;  // [M] or nullptr (with rope)
+  const float* rope;               // [P, D] or nullptr
+  int64_t num_rope_rows;
+  Stream k, v;
+  PairBlocks pairs;
+  int64_t num_ids;
+  int heads, dim, block_size;
+  float* key;    // [M * bs, H, D]
+  float* value;  // [M * bs, H, D]
+};
+
+struct WriteArgs {
+  const float* zk;  // [T, H, D] components (x - mean) @ basis, computed as the codec does
+  const float* zv;
+  const int64_t* slot_mapping;  // [T] (-1: skip)
+  uint8_t* pages;
+  int64_t stride_pb, stride_ph, stride_pt;
+  Stream k, v;
+  int64_t tokens;
+  int heads, dim, block_size;
+};
+
+// One set of kernels per instruction set (namespaces avx512, avx2, scalar).
+#define SEQKV_DECLARE_CPU_KERNELS(NS)            \
+  namespace NS {                                 \
+  void decode_attention(const DecodeArgs& args); \
+  void reconstruct(const ReconstructArgs& args); \
+  void write_slots(const WriteArgs& args);       \
+  int vector_width();                            \
+  }
+
+SEQKV_DECLARE_CPU_KERNELS(avx512)
+SEQKV_DECLARE_CPU_KERNELS(avx2)
+SEQKV_DECLARE_CPU_KERNELS(scalar)
+
+}  // namespace cpu
+}  // namespace seqkv

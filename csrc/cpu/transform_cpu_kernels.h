@@ -1,0 +1,754 @@
+// Kernels of the transform-format CPU ops, compiled once per instruction set: each isa_*.cpp
+// defines SEQKV_CPU_NS (and, for AVX2 / AVX-512, ATen's CPU_CAPABILITY macros, so that
+// at::vec::Vectorized<float> is 8 or 16 lanes of real SIMD; in the scalar build it is ATen's
+// portable array implementation) and includes this file once. Not a public header.
+//
+// Decode (one query per sequence, non-cross-layer streams):
+//   work items = (sequence, chunk of cached positions) x kv head, run by at::parallel_for, so
+//   both cores work at batch 1; each item walks its chunk in tiles of kTile positions:
+//   pass 1 (keys): codes -> levels z_k in a [D][tile] layout (positions in SIMD lanes); the
+//     pre-RoPE key is z_k @ inverse_k + mean_k (pair-block-diagonal inverse: 4 multiply-adds
+//     per RoPE pair; otherwise D^2 per position), rotated by the position's cos/sin from the
+//     rope table, and scored against the GQA group's queries (lanes = positions, no
+//     horizontal sums); scores of the whole chunk are kept;
+//   softmax of the chunk (max, exp, sum);
+//   pass 2 (values): codes -> levels z_v in a [tile][D] layout, accumulated as sum_j p_j z_v,j
+//     (lanes = components); values are never rebuilt.
+//   merge (per sequence x query head): log-sum-exp merge of the chunks with the exact own
+//   token (position seq_len - 1), inverse_v and mean_v applied once, lse written.
+// Reconstruct: per (block, kv head), whole blocks to float32 K (optionally RoPE-rotated) / V.
+// Write: per token, components -> codes (binary search over the cuts, transform_format.cuh's
+//   quantize) -> bit fields -> the slot.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../transform_format.cuh"
+#include "transform_cpu.h"
+
+namespace seqkv {
+namespace cpu {
+namespace SEQKV_CPU_NS {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int VS = Vec::size();
+constexpr int W = kTile;
+static_assert(W % VS == 0, "tile must be a whole number of vectors");
+constexpr int NV = W / VS;  // vectors per tile row
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Levels of every component of one stream for W slots, positions in lanes: z[c * W + t].
+inline void extract_lanes(const uint8_t* const* slots, const Stream& s, int h, int dim, float* z) {
+  const int64_t hd = static_cast<int64_t>(h) * dim;
+  const int32_t* byte = s.byte + hd;
+  const int32_t* extra = s.extra + hd;
+  const int32_t* shift = s.shift + hd;
+  const int32_t* mask = s.mask + hd;
+  const float* lv = s.levels + hd * kLevels;
+  for (int t = 0; t < W; ++t) {
+    const uint8_t* p = slots[t];
+    for (int c = 0; c < dim; ++c) {
+      const int i = byte[c];
+      const int word = p[i] | (p[i + extra[c]] << 8);
+      z[c * W + t] = lv[c * kLevels + ((word >> shift[c]) & mask[c])];
+    }
+  }
+}
+
+// Levels of every component of one stream for n slots, one row per slot: z[t * D + c].
+inline void extract_rows(const uint8_t* const* slots, int n, const Stream& s, int h, int dim, float* z) {
+  const int64_t hd = static_cast<int64_t>(h) * dim;
+  const int32_t* byte = s.byte + hd;
+  const int32_t* extra = s.extra + hd;
+  const int32_t* shift = s.shift + hd;
+  const int32_t* mask = s.mask + hd;
+  const float* lv = s.levels + hd * kLevels;
+  for (int t = 0; t < n; ++t) {
+    const uint8_t* p = slots[t];
+    float* row = z + static_cast<int64_t>(t) * dim;
+    for (int c = 0; c < dim; ++c) {
+      const int i = byte[c];
+      const int word = p[i] | (p[i + extra[c]] << 8);
+      row[c] = lv[c * kLevels + ((word >> shift[c]) & mask[c])];
+    }
+  }
+}
+
+// rows[n][D] (in place): z @ inverse + mean, vectorized over the output channel.
+inline void rebuild_rows(float* rows, int n, const float* inverse, const float* mean, int dim, float* tmp) {
+  for (int t = 0; t < n; ++t) {
+    float* z = rows + static_cast<int64_t>(t) * dim;
+    for (int d = 0; d < dim; d += VS) Vec::loadu(mean + d).store(tmp + d);
+    for (int c = 0; c < dim; ++c) {
+      const Vec zc(z[c]);
+      const float* inv = inverse + static_cast<int64_t>(c) * dim;
+      for (int d = 0; d < dim; d += VS) at::vec::fmadd(zc, Vec::loadu(inv + d), Vec::loadu(tmp + d)).store(tmp + d);
+    }
+    std::memcpy(z, tmp, sizeof(float) * dim);
+  }
+}
+
+// rows[n][D] (in place): pre-RoPE keys from levels with a pair-block-diagonal inverse.
+inline void rebuild_rows_pairs(float* rows, int n, const PairBlocks& pb, int h, const float* mean, int dim) {
+  const int half = dim / 2;
+  const int64_t off = static_cast<int64_t>(h) * half;
+  const float *a = pb.a + off, *b = pb.b + off, *c = pb.c + off, *d = pb.d + off;
+  for (int t = 0; t < n; ++t) {
+    float* z = rows + static_cast<int64_t>(t) * dim;
+    for (int j = 0; j < half; j += VS) {
+      const Vec lo = Vec::loadu(z + j), hi = Vec::loadu(z + half + j);
+      const Vec k_lo = at::vec::fmadd(lo, Vec::loadu(a + j), at::vec::fmadd(hi, Vec::loadu(b + j), Vec::loadu(mean + j)));
+      const Vec k_hi =
+          at::vec::fmadd(lo, Vec::loadu(c + j), at::vec::fmadd(hi, Vec::loadu(d + j), Vec::loadu(mean + half + j)));
+      k_lo.store(z + j);
+      k_hi.store(z + half + j);
+    }
+  }
+}
+
+struct Item {
+  int b;
+  int64_t lo, hi;  // cached positions [lo, hi) of sequence b
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// In place: r[i] lane j <- r[j] lane i (16 x 16 int32).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The stream's 32-bit words of the W slots (masked row loads: never past a slot), transposed to
+// one vector per word (positions in lanes): words[word * W + t].
+inline void load_words(const uint8_t* const* slots, const Stream& s, int32_t* words) {
+  for (int w0 = 0; w0 < s.num_words; w0 += 16) {
+    const int nw = std::min(16, s.num_words - w0);
+    const __mmask16 m = static_cast<__mmask16>((1u << nw) - 1u);
+    const int word = s.first_word + w0;
+    __m512 r[16];
+    for (int t = 0; t < W; ++t) r[t] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, slots[t] + 4 * word));
+    transpose16(r);
+    for (int i = 0; i < nw; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(words + (word + i) * W), r[i]);
+  }
+}
+
+// Levels of one component for the W slots whose words load_words gave.
+struct ComponentReader {
+  const int32_t *widx, *wshift, *wspan, *mask, *nbits;
+  const float* lv;
+  const int32_t* words;
+  ComponentReader(const Stream& s, int h, int dim, const int32_t* w) : words(w) {
+    const int64_t hd = static_cast<int64_t>(h) * dim;
+    widx = s.word + hd;
+    wshift = s.wshift + hd;
+    wspan = s.wspan + hd;
+    mask = s.mask + hd;
+    nbits = s.nbits + hd;
+    lv = s.levels + hd * kLevels;
+  }
+  inline __m512 operator()(int c) const { return at(c, words); }
+  inline __m512 at(int c, const int32_t* tile_words) const {
+    const int32_t* src = tile_words + widx[c] * W;
+    const int sh = wshift[c];
+    __m512i code = _mm512_srl_epi32(_mm512_loadu_si512(src), _mm_cvtsi32_si128(sh));
+    if (wspan[c]) code = _mm512_or_si512(code, _mm512_sll_epi32(_mm512_loadu_si512(src + W), _mm_cvtsi32_si128(32 - sh)));
+    code = _mm512_and_si512(code, _mm512_set1_epi32(mask[c]));
+    const float* table = lv + c * kLevels;
+    const int bits = nbits[c];
+    if (bits <= 4) return _mm512_permutexvar_ps(code, _mm512_loadu_ps(table));
+    if (bits == 5) return _mm512_permutex2var_ps(_mm512_loadu_ps(table), code, _mm512_loadu_ps(table + 16));
+    if (bits == 6) {  // two 32-entry halves, picked by bit 5
+      const __m512 lo = _mm512_permutex2var_ps(_mm512_loadu_ps(table), code, _mm512_loadu_ps(table + 16));
+      const __m512 hi = _mm512_permutex2var_ps(_mm512_loadu_ps(table + 32), code, _mm512_loadu_ps(table + 48));
+      return _mm512_mask_blend_ps(_mm512_test_epi32_mask(code, _mm512_set1_epi32(32)), lo, hi);
+    }
+    return _mm512_i32gather_ps(code, table, 4);
+  }
+};
+#endif
+
+// Levels of every component of one stream for W slots, positions in lanes: z[c * W + t].
+// words: scratch of at least (slot bytes / 4 + 17) * W int32.
+inline void extract_tile(const uint8_t* const* slots, const Stream& s, int h, int dim, float* z, int32_t* words) {
+#if defined(CPU_CAPABILITY_AVX512)
+  load_words(slots, s, words);
+  const ComponentReader read(s, h, dim, words);
+  for (int c = 0; c < dim; ++c) _mm512_storeu_ps(z + c * W, read(c));
+#else
+  (void)words;
+  extract_lanes(slots, s, h, dim, z);
+#endif
+}
+
+constexpr int kMaxValueTiles = 4;    // tiles of value levels accumulated per pass over acc
+constexpr int kValueGroupTiles = 8;  // AVX-512: tiles whose words stay in L1 during one component sweep
+
+struct DecodeScratch {
+  std::vector<float> scores, zk, key, qrot, acc, zv;
+  std::vector<int32_t> words, vwords;
+  DecodeScratch(int group, int64_t span, int dim, int slot_bytes)
+      : scores(static_cast<size_t>(group) * span),
+        zk(static_cast<size_t>(dim) * W),
+        key(static_cast<size_t>(dim) * W),
+        qrot(static_cast<size_t>(group) * dim),
+        acc(static_cast<size_t>(group) * dim * W),
+        zv(static_cast<size_t>(kMaxValueTiles) * dim * W),
+        words(static_cast<size_t>(kMaxValueTiles) * (slot_bytes / 4 + 18) * W),
+#if defined(CPU_CAPABILITY_AVX512)
+        vwords(static_cast<size_t>(kValueGroupTiles) * (slot_bytes / 4 + 18) * W)
+#else
+        vwords()
+#endif
+  {
+  }
+};
+
+// Tile geometry shared by the items of one call: RoPE rotations of the W in-tile offsets
+// (cos/sin of rows 0..W-1 of the rope table, [D/2][W]); a position p0 + t is rotated as
+// R(p0 + t) = R(p0) R(t): keys by R(t), the queries by R(p0)^T once per tile.
+struct TileRope {
+  std::vector<float> cos, sin;
+  // pair-diagonal keys: per head and pair [6][W]: R(t) B_j (m00, m01, m10, m11) and R(t) mean
+  std::vector<float> pair_blocks;
+};
+
+// Scores of NG query heads (rows of q, stride D) against the tile's keys [D][W] -> dst rows
+// (stride span), scaled; register accumulators.
+template <int NG>
+inline void score_heads(const float* q, const float* key, int dim, float scale, float* dst, int64_t span) {
+  Vec acc[NG][NV];
+  for (int i = 0; i < NG; ++i)
+    for (int u = 0; u < NV; ++u) acc[i][u] = Vec(0.f);
+  for (int d = 0; d < dim; ++d) {
+    for (int u = 0; u < NV; ++u) {
+      const Vec k = Vec::loadu(key + d * W + u * VS);
+      for (int i = 0; i < NG; ++i) acc[i][u] = at::vec::fmadd(Vec(q[i * dim + d]), k, acc[i][u]);
+    }
+  }
+  const Vec vs(scale);
+  for (int i = 0; i < NG; ++i)
+    for (int u = 0; u < NV; ++u) (acc[i][u] * vs).store(dst + i * span + u * VS);
+}
+
+// ag[c][t] += sum over NT tiles i of p[i * W + t] * zv[i][c][t] (ag: one query head's [D][W]).
+template <int NT>
+inline void accumulate_values(const float* p, const float* zv, float* ag, int dim) {
+  Vec pv[NT][NV];
+  for (int i = 0; i < NT; ++i)
+    for (int u = 0; u < NV; ++u) pv[i][u] = Vec::loadu(p + i * W + u * VS);
+  for (int c = 0; c < dim; ++c) {
+    for (int u = 0; u < NV; ++u) {
+      float* dst = ag + c * W + u * VS;
+      Vec r = Vec::loadu(dst);
+      for (int i = 0; i < NT; ++i) r = at::vec::fmadd(pv[i][u], Vec::loadu(zv + (static_cast<int64_t>(i) * dim + c) * W + u * VS), r);
+      r.store(dst);
+    }
+  }
+}
+
+
+#if defined(CPU_CAPABILITY_AVX512)
+
+// Value level sums of NG query heads over ntiles tiles, component-outer with the sums in
+// registers (4 components x NG heads), added lane-wise into acc[g][c][t] (stride dim * W per
+// head); words of tile i at words + i * stride, probabilities of head g at p + g * span.
+template <int NG>
+inline void value_sums(const ComponentReader& read, const int32_t* words, int64_t stride, int ntiles, const float* p,
+                       int64_t span, int dim, float* acc) {
+  for (int c0 = 0; c0 < dim; c0 += 4) {
+    __m512 r[4][NG];
+    for (int cc = 0; cc < 4; ++cc)
+      for (int g = 0; g < NG; ++g) r[cc][g] = _mm512_setzero_ps();
+    for (int i = 0; i < ntiles; ++i) {
+      const int32_t* tile_words = words + i * stride;
+      __m512 pv[NG];
+      for (int g = 0; g < NG; ++g) pv[g] = _mm512_loadu_ps(p + g * span + i * W);
+      for (int cc = 0; cc < 4; ++cc) {
+        const __m512 z = read.at(c0 + cc, tile_words);
+        for (int g = 0; g < NG; ++g) r[cc][g] = _mm512_fmadd_ps(pv[g], z, r[cc][g]);
+      }
+    }
+    for (int cc = 0; cc < 4; ++cc) {
+      for (int g = 0; g < NG; ++g) {
+        float* dst = acc + (static_cast<int64_t>(g) * dim + c0 + cc) * W;
+        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), r[cc][g]));
+      }
+    }
+  }
+}
+#endif
+
+// One (item, kv head): writes per query head of the group [max, sum, acc[D]] into part.
+void decode_item(const DecodeArgs& a, const Item& item, int h, int64_t span, const TileRope& tr, DecodeScratch& s,
+                 float* part) {
+  const int D = a.dim, half = D / 2, G = a.q_heads / a.heads, bs = a.block_size;
+  const float* q = a.query + (static_cast<int64_t>(item.b) * a.q_heads + static_cast<int64_t>(h) * G) * D;
+  const int64_t* bt = a.block_table + item.b * a.stride_bt;
+  const uint8_t* head_pages = a.pages + h * a.stride_ph;
+  const float* mean_k = a.k.mean + static_cast<int64_t>(h) * D;
+  const float* inv_k = a.k.inverse + static_cast<int64_t>(h) * D * D;
+  const bool pairs = a.pairs.a != nullptr;
+  const int64_t poff = static_cast<int64_t>(h) * half;
+  const float *pa = pairs ? a.pairs.a + poff : nullptr, *pb = pairs ? a.pairs.b + poff : nullptr;
+  const float *pc = pairs ? a.pairs.c + poff : nullptr, *pd = pairs ? a.pairs.d + poff : nullptr;
+  const float* rcos = tr.cos.data();
+  const float* rsin = tr.sin.data();
+  const bool rope = a.rope != nullptr;
+  float* zk = s.zk.data();
+  float* key = s.key.data();
+  float* sc = s.scores.data();
+  float* qrot = s.qrot.data();
+  int32_t* words = s.words.data();
+  const int64_t first = item.lo / W * W;  // tiles are aligned to W positions
+  const uint8_t* slots[W];
+
+  auto locate = [&](int64_t p0, const uint8_t** out) {
+    const int64_t lo = std::max(p0, item.lo), hi = std::min(p0 + W, item.hi);  // masked lanes: a read position
+    int64_t blk = lo / bs, off = lo % bs;
+    const uint8_t* base = head_pages + bt[blk] * a.stride_pb;
+    for (int64_t p = p0; p < lo; ++p) out[p - p0] = base + off * a.stride_pt;
+    for (int64_t p = lo; p < hi; ++p) {
+      out[p - p0] = base + off * a.stride_pt;
+      if (++off == bs && p + 1 < hi) {
+        off = 0;
+        base = head_pages + bt[++blk] * a.stride_pb;
+      }
+    }
+    for (int64_t p = hi; p < p0 + W; ++p) out[p - p0] = out[hi - 1 - p0];
+  };
+
+  // ---- pass 1: scores of the item's positions
+  for (int64_t p0 = first; p0 < item.hi; p0 += W) {
+    locate(p0, slots);
+#if defined(CPU_CAPABILITY_AVX512)
+    if (pairs && rope) {  // fused: levels read straight into the precomposed pair blocks
+      load_words(slots, a.k, words);
+      const ComponentReader read(a.k, h, D, words);
+      const float* m = tr.pair_blocks.data() + static_cast<int64_t>(h) * half * 6 * W;
+      for (int j = 0; j < half; ++j) {
+        const float* mj = m + j * 6 * W;
+        const __m512 lo = read(j), hi = read(j + half);
+        _mm512_storeu_ps(key + j * W, _mm512_fmadd_ps(lo, _mm512_loadu_ps(mj), _mm512_fmadd_ps(hi, _mm512_loadu_ps(mj + W), _mm512_loadu_ps(mj + 4 * W))));
+        _mm512_storeu_ps(key + (j + half) * W, _mm512_fmadd_ps(lo, _mm512_loadu_ps(mj + 2 * W), _mm512_fmadd_ps(hi, _mm512_loadu_ps(mj + 3 * W), _mm512_loadu_ps(mj + 5 * W))));
+      }
+    } else
+#endif
+    {
+    extract_tile(slots, a.k, h, D, zk, words);
+    if (pairs && rope) {  // rotated key pair = (R(t) B_j) z + R(t) mean, precomposed per lane
+      const float* m = tr.pair_blocks.data() + static_cast<int64_t>(h) * half * 6 * W;
+      for (int j = 0; j < half; ++j) {
+        const float* mj = m + j * 6 * W;
+        for (int u = 0; u < W; u += VS) {
+          const Vec lo = Vec::loadu(zk + j * W + u), hi = Vec::loadu(zk + (j + half) * W + u);
+          at::vec::fmadd(lo, Vec::loadu(mj + u), at::vec::fmadd(hi, Vec::loadu(mj + W + u), Vec::loadu(mj + 4 * W + u)))
+              .store(key + j * W + u);
+          at::vec::fmadd(lo, Vec::loadu(mj + 2 * W + u), at::vec::fmadd(hi, Vec::loadu(mj + 3 * W + u), Vec::loadu(mj + 5 * W + u)))
+              .store(key + (j + half) * W + u);
+        }
+      }
+    } else if (pairs) {  // pre-RoPE key pair from its 2x2 block
+      for (int j = 0; j < half; ++j) {
+        const Vec va(pa[j]), vb(pb[j]), vc(pc[j]), vd(pd[j]), m_lo(mean_k[j]), m_hi(mean_k[j + half]);
+        for (int u = 0; u < W; u += VS) {
+          const Vec lo = Vec::loadu(zk + j * W + u), hi = Vec::loadu(zk + (j + half) * W + u);
+          const Vec k_lo = at::vec::fmadd(lo, va, at::vec::fmadd(hi, vb, m_lo));
+          const Vec k_hi = at::vec::fmadd(lo, vc, at::vec::fmadd(hi, vd, m_hi));
+          if (rope) {
+            const Vec c = Vec::loadu(rcos + j * W + u), sv = Vec::loadu(rsin + j * W + u);
+            (k_lo * c - k_hi * sv).store(key + j * W + u);
+            at::vec::fmadd(k_hi, c, k_lo * sv).store(key + (j + half) * W + u);
+          } else {
+            k_lo.store(key + j * W + u);
+            k_hi.store(key + (j + half) * W + u);
+          }
+        }
+      }
+    } else {
+      for (int d = 0; d < D; ++d) {
+        const Vec m(mean_k[d]);
+        for (int u = 0; u < W; u += VS) m.store(key + d * W + u);
+      }
+      for (int c = 0; c < D; ++c) {
+        Vec zc[NV];
+        for (int u = 0; u < NV; ++u) zc[u] = Vec::loadu(zk + c * W + u * VS);
+        const float* inv = inv_k + static_cast<int64_t>(c) * D;
+        for (int d = 0; d < D; ++d) {
+          const Vec w(inv[d]);
+          for (int u = 0; u < NV; ++u) {
+            float* dst = key + d * W + u * VS;
+            at::vec::fmadd(zc[u], w, Vec::loadu(dst)).store(dst);
+          }
+        }
+      }
+      if (rope) {
+        for (int j = 0; j < half; ++j) {
+          for (int u = 0; u < W; u += VS) {
+            const Vec c = Vec::loadu(rcos + j * W + u), sv = Vec::loadu(rsin + j * W + u);
+            const Vec lo = Vec::loadu(key + j * W + u), hi = Vec::loadu(key + (j + half) * W + u);
+            (lo * c - hi * sv).store(key + j * W + u);
+            at::vec::fmadd(hi, c, lo * sv).store(key + (j + half) * W + u);
+          }
+        }
+      }
+    }
+    }
+    const float* qs = q;
+    if (rope) {  // queries by R(p0)^T
+      const float* row = a.rope + p0 * D;
+      for (int g = 0; g < G; ++g) {
+        const float* qg = q + static_cast<int64_t>(g) * D;
+        float* dst = qrot + static_cast<int64_t>(g) * D;
+        for (int j = 0; j < half; j += VS) {
+          const Vec c = Vec::loadu(row + j), sv = Vec::loadu(row + half + j);
+          const Vec lo = Vec::loadu(qg + j), hi = Vec::loadu(qg + half + j);
+          at::vec::fmadd(lo, c, hi * sv).store(dst + j);
+          (hi * c - lo * sv).store(dst + half + j);
+        }
+      }
+      qs = qrot;
+    }
+    float* dst = sc + (p0 - first);
+    int g = 0;
+    for (; g + 4 <= G; g += 4) score_heads<4>(qs + g * D, key, D, a.scale, dst + g * span, span);
+    switch (G - g) {
+      case 3: score_heads<3>(qs + g * D, key, D, a.scale, dst + g * span, span); break;
+      case 2: score_heads<2>(qs + g * D, key, D, a.scale, dst + g * span, span); break;
+      case 1: score_heads<1>(qs + g * D, key, D, a.scale, dst + g * span, span); break;
+      default: break;
+    }
+    const int64_t lo_lane = std::max<int64_t>(item.lo - p0, 0), hi_lane = std::min<int64_t>(item.hi - p0, W);
+    if (lo_lane > 0 || hi_lane < W) {
+      for (int gg = 0; gg < G; ++gg) {
+        for (int64_t t = 0; t < lo_lane; ++t) dst[gg * span + t] = kNegInf;
+        for (int64_t t = hi_lane; t < W; ++t) dst[gg * span + t] = kNegInf;
+      }
+    }
+  }
+
+  // ---- softmax of the item (masked lanes hold -inf and get weight 0)
+  const int64_t padded = (item.hi - first + W - 1) / W * W;
+  for (int g = 0; g < G; ++g) {
+    float* sg = sc + g * span;
+    Vec vmax(kNegInf);
+    for (int64_t i = 0; i < padded; i += VS) vmax = at::vec::maximum(vmax, Vec::loadu(sg + i));
+    float lanes[VS];
+    vmax.store(lanes);
+    float top = kNegInf;
+    for (int i = 0; i < VS; ++i) top = std::max(top, lanes[i]);
+    const Vec vtop(top);
+    Vec total(0.f);
+    for (int64_t i = 0; i < padded; i += VS) {
+      const Vec p = (Vec::loadu(sg + i) - vtop).exp();
+      p.store(sg + i);
+      total = total + p;
+    }
+    total.store(lanes);
+    float sum = 0.f;
+    for (int i = 0; i < VS; ++i) sum += lanes[i];
+    part[g * (D + 2)] = top;
+    part[g * (D + 2) + 1] = sum;
+  }
+
+  bool values_done = false;
+#if defined(CPU_CAPABILITY_AVX512)
+  {  // ---- pass 2: level sums of the values, component-outer over groups of tiles
+    float* acc = s.acc.data();
+    std::fill(acc, acc + static_cast<int64_t>(G) * D * W, 0.f);
+    const int ntiles = static_cast<int>(padded / W);
+    const int64_t stride = static_cast<int64_t>(s.vwords.size()) / kValueGroupTiles;
+    int32_t* vwords = s.vwords.data();
+    const ComponentReader read(a.v, h, D, vwords);
+    for (int i0 = 0; i0 < ntiles; i0 += kValueGroupTiles) {
+      const int n = std::min(kValueGroupTiles, ntiles - i0);
+      for (int i = 0; i < n; ++i) {
+        locate(first + static_cast<int64_t>(i0 + i) * W, slots);
+        load_words(slots, a.v, vwords + i * stride);
+      }
+      const float* p = sc + static_cast<int64_t>(i0) * W;
+      int g = 0;
+      for (; g + 4 <= G; g += 4) value_sums<4>(read, vwords, stride, n, p + g * span, span, D, acc + g * D * W);
+      switch (G - g) {
+        case 3: value_sums<3>(read, vwords, stride, n, p + g * span, span, D, acc + g * D * W); break;
+        case 2: value_sums<2>(read, vwords, stride, n, p + g * span, span, D, acc + g * D * W); break;
+        case 1: value_sums<1>(read, vwords, stride, n, p + g * span, span, D, acc + g * D * W); break;
+        default: break;
+      }
+    }
+    values_done = true;
+  }
+#endif
+  if (!values_done) {  // portable builds
+    // ---- pass 2: level sums of the values, lane-wise acc[g][c][t] (reduced at the end),
+    // nvt tiles of levels per pass over acc (tiles past the item: weight 0, levels left finite)
+    float* acc = s.acc.data();
+    float* zv = s.zv.data();
+    const int nvt = D * W * 4 * 4 <= 16384 ? 4 : D * W * 4 * 2 <= 16384 ? 2 : 1;  // <= 16 KiB of levels
+    std::fill(acc, acc + static_cast<int64_t>(G) * D * W, 0.f);
+    for (int g = 0; g < G; ++g) std::fill(sc + g * span + padded, sc + g * span + padded + nvt * W, 0.f);
+    for (int64_t p0 = first; p0 < item.hi; p0 += static_cast<int64_t>(nvt) * W) {
+      const int n = static_cast<int>(std::min<int64_t>(nvt, (item.hi - p0 + W - 1) / W));
+      for (int i = 0; i < n; ++i) {
+        locate(p0 + static_cast<int64_t>(i) * W, slots);
+        extract_tile(slots, a.v, h, D, zv + static_cast<int64_t>(i) * D * W, words);
+      }
+      for (int g = 0; g < G; ++g) {
+        const float* pg = sc + g * span + (p0 - first);
+        float* ag = acc + static_cast<int64_t>(g) * D * W;
+        if (nvt == 4) {
+          accumulate_values<4>(pg, zv, ag, D);
+        } else if (nvt == 2) {
+          accumulate_values<2>(pg, zv, ag, D);
+        } else {
+          accumulate_values<1>(pg, zv, ag, D);
+        }
+      }
+    }
+  }
+  const float* acc_all = s.acc.data();
+  for (int g = 0; g < G; ++g) {
+    float* out = part + g * (D + 2) + 2;
+    const float* ag = acc_all + static_cast<int64_t>(g) * D * W;
+    for (int c = 0; c < D; ++c) {
+      Vec r = Vec::loadu(ag + c * W);
+      for (int u = 1; u < NV; ++u) r = r + Vec::loadu(ag + c * W + u * VS);
+      float lanes[VS];
+      r.store(lanes);
+      float sum = 0.f;
+      for (int i = 0; i < VS; ++i) sum += lanes[i];
+      out[c] = sum;
+    }
+  }
+}
+
+}  // namespace
+
+int vector_width() { return VS; }
+
+void decode_attention(const DecodeArgs& a) {
+  const int B = a.batch, H = a.heads, Hq = a.q_heads, D = a.dim, G = Hq / H;
+  std::vector<int64_t> first(B + 1, 0);
+  int64_t total = 0, longest = 0;
+  for (int b = 0; b < B; ++b) {
+    const int64_t cached = std::max<int64_t>(a.seq_lens[b] - 1, 0);
+    const int64_t lo = std::min(a.skip_first, cached);
+    total += cached - lo;
+    longest = std::max(longest, cached - lo);
+  }
+  int64_t chunk;
+  if (a.num_splits > 0) {
+    chunk = (longest + a.num_splits - 1) / a.num_splits;
+  } else {
+    const int64_t workers = 4 * std::max(1, at::get_num_threads());
+    chunk = std::min<int64_t>(std::max<int64_t>((total * H + workers - 1) / workers, 128), 512);
+  }
+  chunk = std::max<int64_t>((chunk + W - 1) / W * W, W);
+  std::vector<Item> items;
+  for (int b = 0; b < B; ++b) {  // chunk boundaries at multiples of chunk: tiles stay aligned
+    first[b] = static_cast<int64_t>(items.size());
+    const int64_t cached = std::max<int64_t>(a.seq_lens[b] - 1, 0);
+    const int64_t lo = std::min(a.skip_first, cached);
+    for (int64_t c0 = lo / chunk * chunk; lo < cached && c0 < cached; c0 += chunk)
+      items.push_back(Item{b, std::max(c0, lo), std::min(c0 + chunk, cached)});  // never empty
+  }
+  first[B] = static_cast<int64_t>(items.size());
+  TileRope tr;
+  if (a.rope != nullptr) {
+    const int half = D / 2;
+    tr.cos.resize(static_cast<size_t>(half) * W);
+    tr.sin.resize(static_cast<size_t>(half) * W);
+    for (int t = 0; t < W; ++t) {
+      // rows >= the table's are only needed by masked lanes (then every position is < W)
+      const float* row = a.rope + std::min<int64_t>(t, std::max<int64_t>(a.num_rope_rows - 1, 0)) * D;
+      for (int j = 0; j < half; ++j) {
+        tr.cos[j * W + t] = row[j];
+        tr.sin[j * W + t] = row[half + j];
+      }
+    }
+  }
+  if (a.rope != nullptr && a.pairs.a != nullptr) {
+    const int half = D / 2;
+    tr.pair_blocks.resize(static_cast<size_t>(H) * half * 6 * W);
+    for (int h = 0; h < H; ++h) {
+      for (int j = 0; j < half; ++j) {
+        const int64_t i = static_cast<int64_t>(h) * half + j;
+        const float pa = a.pairs.a[i], pb = a.pairs.b[i], pc = a.pairs.c[i], pd = a.pairs.d[i];
+        const float m_lo = a.k.mean[static_cast<int64_t>(h) * D + j], m_hi = a.k.mean[static_cast<int64_t>(h) * D + half + j];
+        float* out = tr.pair_blocks.data() + i * 6 * W;
+        for (int t = 0; t < W; ++t) {
+          const float c = tr.cos[j * W + t], sn = tr.sin[j * W + t];
+          // k_lo = lo pa + hi pb + m_lo, k_hi = lo pc + hi pd + m_hi; r_lo = k_lo c - k_hi s, r_hi = k_hi c + k_lo s
+          out[t] = pa * c - pc * sn;
+          out[W + t] = pb * c - pd * sn;
+          out[2 * W + t] = pc * c + pa * sn;
+          out[3 * W + t] = pd * c + pb * sn;
+          out[4 * W + t] = m_lo * c - m_hi * sn;
+          out[5 * W + t] = m_hi * c + m_lo * sn;
+        }
+      }
+    }
+  }
+  const int64_t row = D + 2;
+  const int64_t span = chunk + 5 * W;  // a chunk, its alignment and the value pass' padding tiles
+  const int slot_bytes = std::max(a.k.offset + a.k.nbytes, a.v.offset + a.v.nbytes);
+  std::vector<float> part(items.size() * H * G * row);
+  const int64_t tasks = static_cast<int64_t>(items.size()) * H;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    DecodeScratch scratch(G, span, D, slot_bytes);
+    for (int64_t task = begin; task < end; ++task)
+      decode_item(a, items[task / H], static_cast<int>(task % H), span, tr, scratch, part.data() + task * G * row);
+  });
+
+  at::parallel_for(0, static_cast<int64_t>(B) * Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> maxes, sums, accz(D), cached(D);
+    for (int64_t r = begin; r < end; ++r) {
+      const int b = static_cast<int>(r / Hq), hq = static_cast<int>(r % Hq), h = hq / G, g = hq % G;
+      const float* q = a.query + r * D;
+      const float* own_k = a.own_k + (static_cast<int64_t>(b) * H + h) * D;
+      const float* own_v = a.own_v + (static_cast<int64_t>(b) * H + h) * D;
+      float own_score = 0.f;
+      for (int d = 0; d < D; ++d) own_score += q[d] * own_k[d];
+      own_score *= a.scale;
+      maxes.clear();
+      sums.clear();
+      for (int64_t i = first[b]; i < first[b + 1]; ++i) {
+        const float* p = part.data() + ((i * H + h) * G + g) * row;
+        maxes.push_back(p[0]);
+        sums.push_back(p[1]);
+      }
+      const auto m = transform::merge_splits(maxes.data(), sums.data(), static_cast<int>(maxes.size()), own_score);
+      std::fill(accz.begin(), accz.end(), 0.f);
+      for (int64_t i = first[b]; i < first[b + 1]; ++i) {
+        const float* p = part.data() + ((i * H + h) * G + g) * row;
+        const Vec w(transform::split_weight(m, p[0]));
+        for (int c = 0; c < D; c += VS) at::vec::fmadd(w, Vec::loadu(p + 2 + c), Vec::loadu(accz.data() + c)).store(accz.data() + c);
+      }
+      const float* inv_v = a.v.inverse + static_cast<int64_t>(h) * D * D;
+      const float* mean_v = a.v.mean + static_cast<int64_t>(h) * D;
+      const Vec mass(m.mass);
+      for (int d = 0; d < D; d += VS) (Vec::loadu(mean_v + d) * mass).store(cached.data() + d);
+      for (int c = 0; c < D; ++c) {
+        const Vec zc(accz[c]);
+        const float* inv = inv_v + static_cast<int64_t>(c) * D;
+        for (int d = 0; d < D; d += VS) at::vec::fmadd(zc, Vec::loadu(inv + d), Vec::loadu(cached.data() + d)).store(cached.data() + d);
+      }
+      float* out = a.out + r * D;
+      for (int d = 0; d < D; ++d) out[d] = transform::merged_output(m, cached[d], own_v[d]);
+      a.lse[r] = transform::merged_lse(m);
+    }
+  });
+}
+
+void reconstruct(const ReconstructArgs& a) {
+  const int H = a.heads, D = a.dim, bs = a.block_size, half = D / 2;
+  at::parallel_for(0, a.num_ids * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> zk(static_cast<size_t>(bs) * D), zv(static_cast<size_t>(bs) * D), tmp(D);
+    std::vector<const uint8_t*> slots(bs);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t m = task / H;
+      const int h = static_cast<int>(task % H);
+      const int64_t id = a.block_ids[m];
+      auto out_row = [&](float* base, int s) { return base + ((m * bs + s) * H + h) * D; };
+      if (id < 0) {
+        for (int s = 0; s < bs; ++s) {
+          std::fill(out_row(a.key, s), out_row(a.key, s) + D, 0.f);
+          std::fill(out_row(a.value, s), out_row(a.value, s) + D, 0.f);
+        }
+        continue;
+      }
+      for (int s = 0; s < bs; ++s) slots[s] = a.pages + id * a.stride_pb + h * a.stride_ph + s * a.stride_pt;
+      extract_rows(slots.data(), bs, a.k, h, D, zk.data());
+      extract_rows(slots.data(), bs, a.v, h, D, zv.data());
+      const float* mean_k = a.k.mean + static_cast<int64_t>(h) * D;
+      if (a.pairs.a != nullptr) {
+        rebuild_rows_pairs(zk.data(), bs, a.pairs, h, mean_k, D);
+      } else {
+        rebuild_rows(zk.data(), bs, a.k.inverse + static_cast<int64_t>(h) * D * D, mean_k, D, tmp.data());
+      }
+      rebuild_rows(zv.data(), bs, a.v.inverse + static_cast<int64_t>(h) * D * D, a.v.mean + static_cast<int64_t>(h) * D,
+                   D, tmp.data());
+      for (int s = 0; s < bs; ++s) {
+        float* krow = zk.data() + static_cast<int64_t>(s) * D;
+        if (a.rope != nullptr) {
+          const float* rope_row = a.rope + (a.block_positions[m] + s) * D;
+          for (int j = 0; j < half; ++j) transform::rope_pair(krow, rope_row, j, D);
+        }
+        std::memcpy(out_row(a.key, s), krow, sizeof(float) * D);
+        std::memcpy(out_row(a.value, s), zv.data() + static_cast<int64_t>(s) * D, sizeof(float) * D);
+      }
+    }
+  });
+}
+
+namespace {
+// Codes of one token-head's stream packed into its slot bytes.
+inline void pack_stream(const float* z, const Stream& s, int h, int dim, uint8_t* slot, uint8_t* buf) {
+  const int64_t hd = static_cast<int64_t>(h) * dim;
+  std::memset(buf, 0, s.nbytes + 1);
+  for (int c = 0; c < dim; ++c) {
+    const int bits = s.nbits[hd + c];
+    if (bits <= 0) continue;
+    const int code = transform::quantize(s.cuts + (hd + c) * kLevels, z[c]);
+    const int start = s.start[hd + c];
+    const uint32_t v = static_cast<uint32_t>(code) << (start & 7);
+    buf[start >> 3] |= static_cast<uint8_t>(v & 0xFFu);
+    buf[(start >> 3) + 1] |= static_cast<uint8_t>(v >> 8);
+  }
+  std::memcpy(slot + s.offset, buf, s.nbytes);
+}
+}  // namespace
+
+void write_slots(const WriteArgs& a) {
+  const int H = a.heads, D = a.dim;
+  at::parallel_for(0, a.tokens, 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> buf(std::max(a.k.nbytes, a.v.nbytes) + 2);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = a.slot_mapping[t];
+      if (slot < 0) continue;
+      const int64_t blk = slot / a.block_size, off = slot % a.block_size;
+      for (int h = 0; h < H; ++h) {
+        uint8_t* dst = a.pages + blk * a.stride_pb + h * a.stride_ph + off * a.stride_pt;
+        const int64_t row = (t * H + h) * D;
+        pack_stream(a.zk + row, a.k, h, D, dst, buf.data());
+        pack_stream(a.zv + row, a.v, h, D, dst, buf.data());
+      }
+    }
+  });
+}
+
+}  // namespace SEQKV_CPU_NS
+}  // namespace cpu
+}  // namespace seqkv

@@ -1,0 +1,348 @@
+// seqkv CPU ops over transform-format pages (module vllm_seqkv._cpu; importing it registers them
+// under torch.ops.seqkv, CPU dispatch key). Python side: vllm_seqkv/kernels/cpu_ops.py.
+//
+//   cpu_transform_decode_attention(query, own_k, own_v, pages, block_table, seq_lens, rope?,
+//       k_tables, v_tables, k_format, v_format, key_pairs?, scale, num_splits, skip_first)
+//       -> (out [B, Hq, D] query dtype, lse [B, Hq] float32)
+//   cpu_reconstruct_transform_blocks(pages, block_ids, rope?, block_positions?, k_tables,
+//       v_tables, k_format, v_format, key_pairs?) -> (K, V) float32 [M * bs, H, D]
+//   cpu_write_transform_slots(zk, zv, slot_mapping, pages!, k_tables, v_tables, k_format,
+//       v_format) -> ()   (zk/zv: float32 [T, H, D] components, computed by the wrapper with the
+//       codec's own einsum so that the bytes equal the codec's)
+//   cpu_kernel_isa(wanted) -> active ISA ("avx512" | "avx2" | "scalar"; "" only asks,
+//       "auto" picks the best the CPU has)
+//
+// Tables and formats as the CUDA transform ops take them (transform_args.h: [start, nbits, levels,
+// cuts, basis, inverse, mean, pred_w, pred_b], [offset, nbytes, has_pred]); cross-layer
+// predicted streams (has_pred) are refused. key_pairs: float32 [4, H, D/2], the 2x2 blocks
+// (a, b, c, d) of a pair-block-diagonal key inverse (see PairBlocks), or None for the general
+// path. The kernels run the ISA picked at first use (best supported; SEQKV_CPU_ISA overrides).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../transform_args.h"
+#include "transform_cpu.h"
+
+namespace seqkv {
+namespace cpu {
+namespace {
+
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+#if defined(SEQKV_CPU_PORTABLE_ONLY)
+#define SEQKV_CPU_DISPATCH(fn, args) scalar::fn(args)
+#else
+#define SEQKV_CPU_DISPATCH(fn, args)          \
+  switch (active_isa()) {                      \
+    case kAvx512: avx512::fn(args); break;     \
+    case kAvx2: avx2::fn(args); break;         \
+    default: scalar::fn(args);                 \
+  }
+#endif
+std::atomic<int> g_isa{-1};
+
+bool cpu_has(Isa isa) {
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(SEQKV_CPU_PORTABLE_ONLY)
+  __builtin_cpu_init();
+  if (isa == kAvx512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+  if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return true;
+#else
+  return isa == kScalar;
+#endif
+}
+
+const char* isa_name(int isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "scalar"; }
+
+int best_isa() { return cpu_has(kAvx512) ? kAvx512 : cpu_has(kAvx2) ? kAvx2 : kScalar; }
+
+int parse_isa(const std::string& name) {
+  if (name == "avx512") return kAvx512;
+  if (name == "avx2") return kAvx2;
+  if (name == "scalar") return kScalar;
+  TORCH_CHECK(false, "seqkv CPU kernels: unknown ISA '", name, "' (avx512, avx2, scalar, auto)");
+}
+
+int active_isa() {
+  int isa = g_isa.load();
+  if (isa < 0) {
+    isa = best_isa();
+    if (const char* env = std::getenv("SEQKV_CPU_ISA"); env != nullptr && *env && std::string(env) != "auto") {
+      const int wanted = parse_isa(env);
+      TORCH_CHECK(cpu_has(static_cast<Isa>(wanted)), "SEQKV_CPU_ISA=", env, " but this CPU lacks it");
+      isa = wanted;
+    }
+    g_isa.store(isa);
+  }
+  return isa;
+}
+
+std::string kernel_isa(c10::string_view wanted_view) {
+  const std::string wanted(wanted_view);
+  if (wanted == "auto") {
+    g_isa.store(best_isa());
+  } else if (!wanted.empty()) {
+    const int isa = parse_isa(wanted);
+    TORCH_CHECK(cpu_has(static_cast<Isa>(isa)), "seqkv CPU kernels: this CPU lacks ", wanted);
+    g_isa.store(isa);
+  }
+  return isa_name(active_isa());
+}
+
+// Extraction tables of one stream ([H, D] each), owned here, pointed to by Stream.
+struct StreamStore {
+  std::vector<int32_t> byte, extra, shift, mask, word, wshift, wspan;
+  Stream stream;
+};
+
+void build_stream(at::TensorList tables, at::IntArrayRef format, const at::Tensor& pages, int64_t heads,
+                  int64_t dim, StreamStore& out) {
+  const transform::StreamTables t = transform::stream_tables(tables, format, pages, heads, dim);
+  TORCH_CHECK(!t.has_pred, "seqkv CPU ops read streams without cross-layer prediction (has_pred must be 0); "
+              "cross-layer presets use the torch path");
+  const int64_t n = heads * dim;
+  out.byte.resize(n);
+  out.extra.resize(n);
+  out.shift.resize(n);
+  out.mask.resize(n);
+  out.word.resize(n);
+  out.wshift.resize(n);
+  out.wspan.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int start = t.start[i], bits = t.nbits[i];
+    TORCH_CHECK(bits >= 0 && bits <= 8 && start >= 0 && (bits == 0 || start + bits <= 8 * t.nbytes),
+                "transform table start/nbits out of range for a ", t.nbytes, "-byte stream");
+    out.byte[i] = t.offset + (start >> 3);
+    out.extra[i] = (start & 7) + bits > 8 ? 1 : 0;
+    out.shift[i] = start & 7;
+    out.mask[i] = (1 << bits) - 1;
+    const int bit = 8 * t.offset + (bits > 0 ? start : 0);
+    out.word[i] = bit >> 5;
+    out.wshift[i] = bit & 31;
+    out.wspan[i] = (bit & 31) + bits > 32 ? 1 : 0;
+  }
+  const int first_word = t.offset / 4, last_word = (8 * (t.offset + t.nbytes) - 1) >> 5;
+  out.stream = Stream{t.levels, t.cuts, t.inverse, t.mean, t.start, t.nbits, out.byte.data(), out.extra.data(),
+                      out.shift.data(), out.mask.data(), out.word.data(), out.wshift.data(), out.wspan.data(),
+                      first_word, last_word - first_word + 1, t.offset, t.nbytes};
+}
+
+PairBlocks pair_blocks(const std::optional<at::Tensor>& key_pairs, int64_t heads, int64_t dim, const at::Tensor& pages) {
+  if (!key_pairs.has_value() || !key_pairs->defined()) return PairBlocks{nullptr, nullptr, nullptr, nullptr};
+  const at::Tensor& p = *key_pairs;
+  TORCH_CHECK(p.scalar_type() == at::kFloat && p.is_contiguous() && p.device() == pages.device() &&
+                  p.sizes() == at::IntArrayRef({4, heads, dim / 2}),
+              "key_pairs must be a contiguous float32 [4, H, D/2] tensor on the pages' device");
+  const float* base = p.data_ptr<float>();
+  const int64_t step = heads * (dim / 2);
+  return PairBlocks{base, base + step, base + 2 * step, base + 3 * step};
+}
+
+// One past the last byte of the pages view (a 4-byte SIMD read must not pass it).
+const uint8_t* pages_end(const at::Tensor& pages) {
+  if (pages.numel() == 0) return pages.data_ptr<uint8_t>();
+  int64_t last = 0;
+  for (int64_t i = 0; i < pages.dim(); ++i) last += (pages.size(i) - 1) * pages.stride(i);
+  return pages.data_ptr<uint8_t>() + last + 1;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "seqkv CPU ops: ", name, " must be a CPU tensor, got ", t.device());
+}
+
+void check_rope(const std::optional<at::Tensor>& rope, int64_t dim, int64_t rows_needed, const at::Tensor& pages) {
+  if (!rope.has_value() || !rope->defined()) return;
+  TORCH_CHECK(rope->dim() == 2 && rope->size(1) == dim && rope->scalar_type() == at::kFloat && rope->is_contiguous() &&
+                  rope->device() == pages.device(),
+              "rope must be a contiguous float32 [P, D] table on the pages' device");
+  TORCH_CHECK(rope->size(0) >= rows_needed, "rope table has ", rope->size(0), " rows, positions up to ",
+              rows_needed - 1, " are read");
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention(
+    const at::Tensor& query_in, const at::Tensor& own_k_in, const at::Tensor& own_v_in, const at::Tensor& pages,
+    const at::Tensor& block_table_in, const at::Tensor& seq_lens_in, const std::optional<at::Tensor>& rope,
+    at::TensorList k_tables, at::TensorList v_tables, at::IntArrayRef k_format, at::IntArrayRef v_format,
+    const std::optional<at::Tensor>& key_pairs, double scale, int64_t num_splits, int64_t skip_first) {
+  check_cpu(pages, "pages");
+  transform::check_pages(pages);
+  const int64_t heads = pages.size(1), block_size = pages.size(2);
+  TORCH_CHECK(query_in.dim() == 3 && transform::is_float(query_in) && query_in.device() == pages.device(),
+              "query must be float [B, Hq, D] on the pages' device");
+  const int64_t batch = query_in.size(0), q_heads = query_in.size(1), dim = query_in.size(2);
+  transform::check_head_dim(dim);
+  TORCH_CHECK(q_heads % heads == 0, "query heads must be a multiple of kv heads");
+  for (const auto* t : {&own_k_in, &own_v_in}) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({batch, heads, dim}) && transform::is_float(*t) &&
+                    t->device() == pages.device(), "own_k/own_v must be float [B, H, D] on the pages' device");
+  }
+  TORCH_CHECK(block_table_in.dim() == 2 && block_table_in.size(0) == batch &&
+                  (block_table_in.scalar_type() == at::kInt || block_table_in.scalar_type() == at::kLong) &&
+                  block_table_in.device() == pages.device(), "block_table must be int [B, max_blocks]");
+  TORCH_CHECK(seq_lens_in.dim() == 1 && seq_lens_in.size(0) == batch &&
+                  (seq_lens_in.scalar_type() == at::kInt || seq_lens_in.scalar_type() == at::kLong) &&
+                  seq_lens_in.device() == pages.device(), "seq_lens must be int [B]");
+  TORCH_CHECK(skip_first >= 0, "skip_first must be >= 0");
+  StreamStore ks, vs;
+  build_stream(k_tables, k_format, pages, heads, dim, ks);
+  build_stream(v_tables, v_format, pages, heads, dim, vs);
+  const PairBlocks pairs = pair_blocks(key_pairs, heads, dim, pages);
+  auto out = at::empty({batch, q_heads, dim}, query_in.options());
+  auto lse = at::empty({batch, q_heads}, query_in.options().dtype(at::kFloat));
+  if (batch == 0) return {out, lse};
+
+  const auto block_table = block_table_in.to(at::kLong).contiguous();
+  const auto seq_lens = seq_lens_in.to(at::kLong).contiguous();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t capacity = block_table.size(1) * block_size;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= capacity, "seq_lens[", b, "] = ", lens[b], " is outside [1, ",
+                capacity, "] (the block table's capacity)");
+    longest = std::max(longest, lens[b]);
+  }
+  {  // every block the kernel reads must exist
+    const int64_t* bt = block_table.data_ptr<int64_t>();
+    const int64_t num_blocks = pages.size(0);
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t cached = lens[b] - 1, lo = std::min(skip_first, cached);
+      if (lo >= cached) continue;
+      for (int64_t i = lo / block_size; i <= (cached - 1) / block_size; ++i) {
+        const int64_t id = bt[b * block_table.size(1) + i];
+        TORCH_CHECK(id >= 0 && id < num_blocks, "block_table[", b, ", ", i, "] = ", id, " is not a block of the ",
+                    num_blocks, "-block pages");
+      }
+    }
+  }
+  check_rope(rope, dim, longest - 1, pages);
+  const bool has_rope = rope.has_value() && rope->defined();
+  const auto query = query_in.to(at::kFloat).contiguous();
+  const auto own_k = own_k_in.to(at::kFloat).contiguous();
+  const auto own_v = own_v_in.to(at::kFloat).contiguous();
+  auto out_f = query_in.scalar_type() == at::kFloat ? out : at::empty({batch, q_heads, dim}, query.options());
+
+  DecodeArgs args{query.data_ptr<float>(), own_k.data_ptr<float>(), own_v.data_ptr<float>(), pages.data_ptr<uint8_t>(),
+                  pages.stride(0), pages.stride(1), pages.stride(2), block_table.data_ptr<int64_t>(), block_table.size(1),
+                  lens, has_rope ? rope->data_ptr<float>() : nullptr, has_rope ? rope->size(0) : 0, pages_end(pages),
+                  ks.stream, vs.stream, pairs,
+                  static_cast<int>(batch), static_cast<int>(heads), static_cast<int>(q_heads), static_cast<int>(dim),
+                  static_cast<int>(block_size), static_cast<float>(scale), skip_first, num_splits,
+                  out_f.data_ptr<float>(), lse.data_ptr<float>()};
+  SEQKV_CPU_DISPATCH(decode_attention, args);
+  if (!out_f.is_same(out)) out.copy_(out_f);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> reconstruct_blocks(
+    const at::Tensor& pages, const at::Tensor& block_ids_in, const std::optional<at::Tensor>& rope,
+    const std::optional<at::Tensor>& block_positions_in, at::TensorList k_tables, at::TensorList v_tables,
+    at::IntArrayRef k_format, at::IntArrayRef v_format, const std::optional<at::Tensor>& key_pairs) {
+  check_cpu(pages, "pages");
+  transform::check_pages(pages);
+  const int64_t heads = pages.size(1), block_size = pages.size(2);
+  const int64_t dim = k_tables.size() > 6 ? k_tables[6].size(-1) : 0;
+  transform::check_head_dim(dim);
+  TORCH_CHECK(block_ids_in.dim() == 1 && (block_ids_in.scalar_type() == at::kInt || block_ids_in.scalar_type() == at::kLong) &&
+                  block_ids_in.device() == pages.device(), "block_ids must be int [M]");
+  StreamStore ks, vs;
+  build_stream(k_tables, k_format, pages, heads, dim, ks);
+  build_stream(v_tables, v_format, pages, heads, dim, vs);
+  const PairBlocks pairs = pair_blocks(key_pairs, heads, dim, pages);
+  const auto block_ids = block_ids_in.to(at::kLong).contiguous();
+  const int64_t num_ids = block_ids.numel();
+  const int64_t* ids = block_ids.data_ptr<int64_t>();
+  for (int64_t m = 0; m < num_ids; ++m)
+    TORCH_CHECK(ids[m] < pages.size(0), "block_ids[", m, "] = ", ids[m], " is not a block of the ", pages.size(0),
+                "-block pages");
+  const bool has_rope = rope.has_value() && rope->defined();
+  at::Tensor positions;
+  if (has_rope) {
+    TORCH_CHECK(block_positions_in.has_value() && block_positions_in->defined() && block_positions_in->dim() == 1 &&
+                    block_positions_in->numel() == num_ids && block_positions_in->device() == pages.device(),
+                "rope needs block_positions int [M] (position of each block's first slot)");
+    positions = block_positions_in->to(at::kLong).contiguous();
+    int64_t needed = 0;
+    for (int64_t m = 0; m < num_ids; ++m) {
+      TORCH_CHECK(ids[m] < 0 || positions.data_ptr<int64_t>()[m] >= 0, "block_positions must be >= 0");
+      if (ids[m] >= 0) needed = std::max(needed, positions.data_ptr<int64_t>()[m] + block_size);
+    }
+    check_rope(rope, dim, needed, pages);
+  }
+  const auto f32 = pages.options().dtype(at::kFloat);
+  auto key = at::empty({num_ids * block_size, heads, dim}, f32);
+  auto value = at::empty({num_ids * block_size, heads, dim}, f32);
+  if (num_ids == 0) return {key, value};
+  ReconstructArgs args{pages.data_ptr<uint8_t>(), pages.stride(0), pages.stride(1), pages.stride(2), ids,
+                       has_rope ? positions.data_ptr<int64_t>() : nullptr, has_rope ? rope->data_ptr<float>() : nullptr,
+                       has_rope ? rope->size(0) : 0, ks.stream, vs.stream, pairs, num_ids, static_cast<int>(heads),
+                       static_cast<int>(dim), static_cast<int>(block_size), key.data_ptr<float>(), value.data_ptr<float>()};
+  SEQKV_CPU_DISPATCH(reconstruct, args);
+  return {key, value};
+}
+
+void write_slots(const at::Tensor& zk_in, const at::Tensor& zv_in, const at::Tensor& slot_mapping_in, const at::Tensor& pages,
+                 at::TensorList k_tables, at::TensorList v_tables, at::IntArrayRef k_format, at::IntArrayRef v_format) {
+  check_cpu(pages, "pages");
+  transform::check_pages(pages);
+  const int64_t heads = pages.size(1), block_size = pages.size(2);
+  TORCH_CHECK(zk_in.dim() == 3 && zk_in.size(1) == heads && zk_in.scalar_type() == at::kFloat &&
+                  zk_in.device() == pages.device(), "zk must be float32 [T, H, D] on the pages' device");
+  const int64_t tokens = zk_in.size(0), dim = zk_in.size(2);
+  transform::check_head_dim(dim);
+  TORCH_CHECK(zv_in.sizes() == zk_in.sizes() && zv_in.scalar_type() == at::kFloat && zv_in.device() == pages.device(),
+              "zv must be float32 [T, H, D] like zk");
+  TORCH_CHECK(slot_mapping_in.dim() == 1 && slot_mapping_in.size(0) == tokens &&
+                  (slot_mapping_in.scalar_type() == at::kInt || slot_mapping_in.scalar_type() == at::kLong) &&
+                  slot_mapping_in.device() == pages.device(), "slot_mapping must be int [T]");
+  StreamStore ks, vs;
+  build_stream(k_tables, k_format, pages, heads, dim, ks);
+  build_stream(v_tables, v_format, pages, heads, dim, vs);
+  if (tokens == 0) return;
+  const auto zk = zk_in.contiguous();
+  const auto zv = zv_in.contiguous();
+  const auto slot_mapping = slot_mapping_in.to(at::kLong).contiguous();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(slots[t] < pages.size(0) * block_size, "slot_mapping[", t, "] = ", slots[t], " is beyond the pages");
+  WriteArgs args{zk.data_ptr<float>(), zv.data_ptr<float>(), slots, pages.data_ptr<uint8_t>(), pages.stride(0),
+                 pages.stride(1), pages.stride(2), ks.stream, vs.stream, tokens, static_cast<int>(heads),
+                 static_cast<int>(dim), static_cast<int>(block_size)};
+  SEQKV_CPU_DISPATCH(write_slots, args);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace seqkv
+
+TORCH_LIBRARY_FRAGMENT(seqkv, m) {
+  m.def("cpu_transform_decode_attention(Tensor query, Tensor own_k, Tensor own_v, Tensor pages, Tensor block_table, "
+        "Tensor seq_lens, Tensor? rope, Tensor[] k_tables, Tensor[] v_tables, int[] k_format, int[] v_format, "
+        "Tensor? key_pairs, float scale, int num_splits, int skip_first) -> (Tensor, Tensor)");
+  m.def("cpu_reconstruct_transform_blocks(Tensor pages, Tensor block_ids, Tensor? rope, Tensor? block_positions, "
+        "Tensor[] k_tables, Tensor[] v_tables, int[] k_format, int[] v_format, Tensor? key_pairs) -> (Tensor, Tensor)");
+  m.def("cpu_write_transform_slots(Tensor zk, Tensor zv, Tensor slot_mapping, Tensor(a!) pages, Tensor[] k_tables, "
+        "Tensor[] v_tables, int[] k_format, int[] v_format) -> ()");
+  m.def("cpu_kernel_isa(str wanted) -> str", &seqkv::cpu::kernel_isa);
+}
+
+TORCH_LIBRARY_IMPL(seqkv, CPU, m) {
+  m.impl("cpu_transform_decode_attention", &seqkv::cpu::decode_attention);
+  m.impl("cpu_reconstruct_transform_blocks", &seqkv::cpu::reconstruct_blocks);
+  m.impl("cpu_write_transform_slots", &seqkv::cpu::write_slots);
+}
+
+// An empty Python module named _cpu (the build names the extension vllm_seqkv._cpu).
+extern "C" PyMODINIT_FUNC PyInit__cpu(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "seqkv CPU ops (torch.ops.seqkv.cpu_*)", -1, nullptr};
+  return PyModule_Create(&module);
+}

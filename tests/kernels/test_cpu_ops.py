@@ -1,0 +1,228 @@
+"""The C++ CPU ops (csrc/cpu/, vllm_seqkv._cpu) against the torch reference, on every ISA the
+CPU has (AVX-512, AVX2, portable): fused decode attention, write (identical bytes) and block
+reconstruction, on odd shapes (head sizes, GQA/MQA, block sizes, mixed lengths, sinks, pair-
+diagonal and general key inverses, random page bytes), plus torch.library.opcheck and the
+wrappers' argument checks. The extension is built by scripts/setup.sh on every machine; these
+tests fail (not skip) when it does not load, unless SEQKV_NO_CPU_EXT=1."""
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.kernels.cpu_helpers import random_layout, random_paged_case
+from tests.kernels.transform_helpers import TRANSFORM_TOLERANCES, build_transform_cache
+from vllm_seqkv.kernels import cpu_ops
+from vllm_seqkv.kernels.checks import KernelArgumentError
+from vllm_seqkv.kernels.reference import (
+    reconstruct_transform_reference,
+    transform_decode_attention_reference,
+    write_transform_reference,
+)
+from vllm_seqkv.kernels.transform_params import rope_cache, transform_layer_params
+
+pytestmark = pytest.mark.skipif(os.environ.get("SEQKV_NO_CPU_EXT") == "1", reason="SEQKV_NO_CPU_EXT=1")
+THETA = 10000.0
+
+
+def _isas() -> list[str]:
+    assert cpu_ops.load_cpu_ops(), f"vllm_seqkv._cpu does not load: {cpu_ops.load_error()}"
+    found = []
+    for isa in ("avx512", "avx2", "scalar"):
+        try:
+            torch.ops.seqkv.cpu_kernel_isa(isa)
+        except RuntimeError:
+            continue
+        found.append(isa)
+    torch.ops.seqkv.cpu_kernel_isa("auto")
+    return found
+
+
+ISAS = _isas() if os.environ.get("SEQKV_NO_CPU_EXT") != "1" else []
+
+
+def each_isa():
+    """Runs the body once per ISA the CPU has (the reference is computed once per test)."""
+    try:
+        for isa in ISAS:
+            torch.ops.seqkv.cpu_kernel_isa(isa)
+            yield isa
+    finally:
+        torch.ops.seqkv.cpu_kernel_isa("auto")
+
+
+# (kv heads, head_dim, GQA group, block size, seq_lens, skip_first, pair keys, rope, query dtype, splits)
+DECODE_CASES = [
+    (2, 32, 1, 16, [1, 16, 17, 40], 0, False, True, torch.float32, None),
+    (3, 64, 3, 32, [5, 33, 100], 1, True, True, torch.float32, None),
+    (2, 128, 4, 128, [1, 129, 300], 1, True, False, torch.bfloat16, None),
+    (1, 64, 8, 16, [2, 77], 0, False, True, torch.float16, None),  # MQA
+    (1, 128, 3, 16, [250], 0, False, True, torch.float32, 4),
+    (2, 32, 4, 32, [1, 1, 2], 1, True, True, torch.float32, None),  # nothing cached / sink only
+    (2, 64, 2, 16, [47, 3, 160, 1], 2, True, True, torch.float32, 3),
+]
+
+
+def _decode_inputs(heads, dim, group, batch, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, heads * group, dim, generator=gen).to(dtype)
+    own_k = torch.randn(batch, heads, dim, generator=gen).to(dtype)
+    own_v = torch.randn(batch, heads, dim, generator=gen).to(dtype)
+    return query, own_k, own_v
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"H{c[0]}-D{c[1]}-G{c[2]}-bs{c[3]}-skip{c[5]}-"
+                         f"{'pair' if c[6] else 'general'}")
+def test_decode_matches_reference(case):
+    heads, dim, group, block_size, lens, skip, pair, use_rope, dtype, splits = case
+    layout = random_layout(heads, dim, pair_keys=pair, seed=dim + heads)
+    params = transform_layer_params(layout)
+    assert (cpu_ops.key_pairs(params) is not None) == pair
+    pages, table, seq_lens = random_paged_case(layout, lens, block_size, seed=len(lens))
+    query, own_k, own_v = _decode_inputs(heads, dim, group, len(lens), dtype, seed=dim)
+    rope = rope_cache(-(-max(lens) // block_size) * block_size, dim, THETA) if use_rope else None  # reference: whole blocks
+    ref, ref_lse = transform_decode_attention_reference(query, own_k, own_v, pages, table, seq_lens, layout, 0.17,
+                                                        rope=rope, skip_first=skip, return_lse=True)
+    atol, rtol = TRANSFORM_TOLERANCES[dtype]
+    for _ in each_isa():
+        out, lse = cpu_ops.transform_decode_attention_cpp(query, own_k, own_v, pages, table, seq_lens, params, 0.17,
+                                                          rope=rope, skip_first=skip, num_splits=splits,
+                                                          return_lse=True)
+        assert out.dtype == dtype and out.shape == query.shape
+        torch.testing.assert_close(out.float(), ref.float(), atol=max(atol, 1e-4), rtol=max(rtol, 1e-4))
+        torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_pair_path_equals_general_path():
+    """The same pair-diagonal key inverse through the O(1)-per-pair path and the D^2 path."""
+    layout = random_layout(2, 64, pair_keys=True, seed=5)
+    params = transform_layer_params(layout)
+    pages, table, seq_lens = random_paged_case(layout, [90, 31], 32, seed=2)
+    query, own_k, own_v = _decode_inputs(2, 64, 2, 2, torch.float32, seed=3)
+    rope = rope_cache(128, 64, THETA)
+    k, v = params.key, params.value
+    args = (query, own_k, own_v, pages, table, seq_lens, rope, cpu_ops.stream_tables(k), cpu_ops.stream_tables(v),
+            cpu_ops.stream_format(k), cpu_ops.stream_format(v))
+    for _ in each_isa():
+        fast = torch.ops.seqkv.cpu_transform_decode_attention(*args, cpu_ops.key_pairs(params), 0.2, 0, 1)
+        slow = torch.ops.seqkv.cpu_transform_decode_attention(*args, None, 0.2, 0, 1)
+        for a, b in zip(fast, slow):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow  # ~12 s: fitting the synthetic calibration
+def test_real_preset_layer_matches_reference():
+    """seqkv-3-nox as calibrated (synthetic calibration): the preset's own codecs and slot format."""
+    cache = build_transform_cache("seqkv-3-nox", 1, 32, 32, [3, 70, 33], seed=4)
+    layout = cache.layouts[1]
+    params = cache.params(1, "cpu")
+    query, own_k, own_v = _decode_inputs(1, 32, 3, 3, torch.float32, seed=4)
+    rope = rope_cache(96, 32, THETA)
+    ref, ref_lse = transform_decode_attention_reference(query, own_k, own_v, cache.pages[1], cache.block_table,
+                                                        cache.seq_lens, layout, 0.125, rope=rope, skip_first=1,
+                                                        return_lse=True)
+    for _ in each_isa():
+        out, lse = cpu_ops.transform_decode_attention_cpp(query, own_k, own_v, cache.pages[1], cache.block_table,
+                                                          cache.seq_lens, params, 0.125, rope=rope, skip_first=1,
+                                                          return_lse=True)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads,dim,block_size,dtype", [(1, 32, 16, torch.float32), (3, 64, 32, torch.bfloat16),
+                                                        (2, 128, 128, torch.float16)])
+def test_write_bytes_identical_to_reference(heads, dim, block_size, dtype):
+    layout = random_layout(heads, dim, key_bits=2.5, value_bits=3.5, seed=dim)
+    params = transform_layer_params(layout)
+    pages, _, _ = random_paged_case(layout, [3 * block_size], block_size, seed=1)
+    gen = torch.Generator().manual_seed(dim)
+    tokens = 37
+    key = (torch.randn(tokens, heads, dim, generator=gen) * 2).to(dtype)
+    value = (torch.randn(tokens, heads, dim, generator=gen) * 2).to(dtype)
+    slots = torch.randperm(pages.shape[0] * block_size, generator=gen)[:tokens]
+    slots[[0, 11, 36]] = -1
+    expected = pages.clone()
+    write_transform_reference(key, value, slots, expected, layout)
+    for _ in each_isa():
+        ours = pages.clone()
+        cpu_ops.write_transform_slots_cpp(key, value, slots, ours, params)
+        assert torch.equal(ours, expected)
+        cpu_ops.write_transform_slots_cpp(key[:0], value[:0], slots[:0], ours, params)  # nothing to write
+        assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("pair,use_rope", [(False, True), (True, True), (True, False)])
+def test_reconstruct_matches_reference(pair, use_rope):
+    layout = random_layout(2, 64, pair_keys=pair, seed=9)
+    params = transform_layer_params(layout)
+    pages, table, _ = random_paged_case(layout, [100], 32, seed=9)
+    ids = torch.cat([table[0], torch.tensor([-1], dtype=torch.int32)])
+    positions = torch.arange(ids.numel()) * 32 if use_rope else None
+    rope = rope_cache(ids.numel() * 32, 64, THETA) if use_rope else None
+    ref_k, ref_v = reconstruct_transform_reference(pages, ids, layout, rope=rope, block_positions=positions)[:2]
+    for _ in each_isa():
+        key, value = cpu_ops.reconstruct_transform_blocks_cpp(pages, ids, params, rope=rope,
+                                                              block_positions=positions)
+        torch.testing.assert_close(key, ref_k, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(value, ref_v, atol=1e-4, rtol=1e-4)
+        assert not key[-32:].any() and not value[-32:].any()
+
+
+def test_opcheck():
+    layout = random_layout(2, 32, pair_keys=True, seed=1)
+    params = transform_layer_params(layout)
+    pages, table, seq_lens = random_paged_case(layout, [20, 5], 16, seed=1)
+    query, own_k, own_v = _decode_inputs(2, 32, 2, 2, torch.float32, seed=1)
+    k, v = params.key, params.value
+    tables = (cpu_ops.stream_tables(k), cpu_ops.stream_tables(v), cpu_ops.stream_format(k), cpu_ops.stream_format(v))
+    rope = rope_cache(32, 32, THETA)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.seqkv.cpu_transform_decode_attention,
+                          (query, own_k, own_v, pages, table, seq_lens, rope, *tables, cpu_ops.key_pairs(params),
+                           0.3, 0, 1), test_utils=tests)
+    torch.library.opcheck(torch.ops.seqkv.cpu_reconstruct_transform_blocks,
+                          (pages, table[0], rope, torch.tensor([0, 16]), *tables, None), test_utils=tests)
+    z = torch.randn(3, 2, 32)
+    torch.library.opcheck(torch.ops.seqkv.cpu_write_transform_slots,
+                          (z, z.clone(), torch.tensor([0, -1, 7]), pages.clone(), *tables), test_utils=tests)
+
+
+def test_wrappers_check_arguments():
+    layout = random_layout(2, 32, seed=2)
+    params = transform_layer_params(layout)
+    pages, table, seq_lens = random_paged_case(layout, [20], 16, seed=2)
+    query, own_k, own_v = _decode_inputs(2, 32, 2, 1, torch.float32, seed=2)
+    decode = cpu_ops.transform_decode_attention_cpp
+    with pytest.raises(KernelArgumentError, match="query"):
+        decode(query[..., :16], own_k, own_v, pages, table, seq_lens, params, 0.1)
+    with pytest.raises(KernelArgumentError, match="own_k"):
+        decode(query, own_k[:, :1], own_v, pages, table, seq_lens, params, 0.1)
+    with pytest.raises(KernelArgumentError, match="block_table"):
+        decode(query, own_k, own_v, pages, table.float(), seq_lens, params, 0.1)
+    with pytest.raises(KernelArgumentError, match="pages"):
+        decode(query, own_k, own_v, pages.to(torch.int8), table, seq_lens, params, 0.1)
+    with pytest.raises(KernelArgumentError, match="rope"):
+        decode(query, own_k, own_v, pages, table, seq_lens, params, 0.1, rope=rope_cache(4, 32, THETA))
+    with pytest.raises(RuntimeError, match="seq_lens"):  # beyond the block table's capacity: the op refuses
+        decode(query, own_k, own_v, pages, table, seq_lens + 100, params, 0.1)
+    cross = replace(params, key=replace(params.key, has_pred=True))  # a cross-layer predicted layer
+    with pytest.raises(KernelArgumentError, match="cross-layer"):
+        cpu_ops.write_transform_slots_cpp(own_k, own_v, torch.tensor([0]), pages, cross)
+    with pytest.raises(KernelArgumentError, match="cross-layer"):
+        decode(query, own_k, own_v, pages, table, seq_lens, cross, 0.1)
+    with pytest.raises(KernelArgumentError, match="slot_mapping"):
+        cpu_ops.write_transform_slots_cpp(own_k, own_v, torch.tensor([0.0]), pages, params)
+    with pytest.raises(KernelArgumentError, match="block_positions"):
+        cpu_ops.reconstruct_transform_blocks_cpp(pages, table[0], params, rope=rope_cache(64, 32, THETA))
+
+
+def test_pair_blocks_detection():
+    inverse = torch.zeros(1, 4, 4)
+    inverse[0, [0, 1, 2, 3], [0, 1, 2, 3]] = 1.0
+    inverse[0, 0, 2] = 0.5  # pair {0, 2}
+    blocks = cpu_ops.pair_blocks(inverse)
+    assert blocks is not None and blocks.shape == (4, 1, 2)
+    assert blocks[2, 0, 0] == 0.5  # c = inverse[j, j + D/2]
+    inverse[0, 0, 1] = 1e-30  # not a pair
+    assert cpu_ops.pair_blocks(inverse) is None

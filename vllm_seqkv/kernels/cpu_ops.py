@@ -1,0 +1,223 @@
+"""Python side of the C++ CPU ops (``torch.ops.seqkv.cpu_*``, built as ``vllm_seqkv._cpu`` from
+``csrc/cpu/`` on every machine by ``setup.py``).
+
+Transform format (:class:`TransformLayerParams`), streams WITHOUT cross-layer prediction
+(``seqkv-3-nox`` and every non-predicted layer); the same contracts as the Triton wrappers:
+
+- :func:`transform_decode_attention_cpp`: the fused paged decode (``fused_transform_decode_attention``);
+- :func:`write_transform_slots_cpp`: the write (bytes identical to the codec's: the components
+  ``z = (x - mean) @ basis`` are computed here with the codec's own einsum, the op quantizes,
+  packs and stores);
+- :func:`reconstruct_transform_blocks_cpp`: whole blocks to float32 K (optionally RoPE-rotated)
+  and V, for prefill.
+
+``load_cpu_ops()`` imports the extension once and returns False (never raises) when it is
+missing or fails to load; :func:`load_error` says why. Keys whose inverse basis is
+"RoPE-pair block diagonal" (``inverse[c, d] == 0`` unless ``c`` and ``d`` are in the same pair
+``{j, j + D/2}``) take the kernels' O(1)-per-pair key path: detected once per params
+(:func:`key_pairs`). Argument errors raise :class:`KernelArgumentError`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_seqkv.kernels.checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    KernelArgumentError,
+    check_pages,
+    check_tensor,
+    expect,
+)
+from vllm_seqkv.kernels.transform_params import TransformLayerParams, TransformStreamParams
+
+_loaded: bool | None = None
+_error: str = ""
+_pairs: dict[int, tuple[TransformLayerParams, torch.Tensor | None]] = {}
+
+
+def load_cpu_ops() -> bool:
+    """Import ``vllm_seqkv._cpu`` (registers torch.ops.seqkv.cpu_*) once; False when it is not
+    built or does not load (then :func:`load_error` says why)."""
+    global _loaded, _error
+    if _loaded is None:
+        try:
+            import vllm_seqkv._cpu  # noqa: F401
+        except Exception as e:  # ImportError, OSError (bad .so), undefined symbols...
+            _loaded, _error = False, f"{type(e).__name__}: {e}"
+        else:
+            try:
+                _register_fakes()
+            except Exception as e:  # a torch without register_fake: the ops still run eagerly
+                _error = f"fake implementations not registered ({e})"
+            _loaded = True
+    return _loaded
+
+
+def load_error() -> str:
+    return _error
+
+
+def active_isa() -> str:
+    """The instruction set the kernels run ("avx512", "avx2" or "scalar")."""
+    return torch.ops.seqkv.cpu_kernel_isa("") if load_cpu_ops() else "none"
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("seqkv::cpu_transform_decode_attention")
+    def _(query, *args):
+        return query.new_empty(query.shape), query.new_empty(query.shape[:2], dtype=torch.float32)
+
+    @torch.library.register_fake("seqkv::cpu_reconstruct_transform_blocks")
+    def _(pages, block_ids, *args):
+        shape = (block_ids.shape[0] * pages.shape[2], pages.shape[1], args[2][6].shape[-1])
+        return pages.new_empty(shape, dtype=torch.float32), pages.new_empty(shape, dtype=torch.float32)
+
+    @torch.library.register_fake("seqkv::cpu_write_transform_slots")
+    def _(*args):
+        return None
+
+
+def _require_ops() -> None:
+    if not load_cpu_ops():
+        raise RuntimeError(f"seqkv C++ CPU kernels are not built ({_error}); run `bash scripts/setup.sh` "
+                           "or `python setup.py build_ext --inplace`")
+
+
+def stream_tables(stream: TransformStreamParams) -> list[torch.Tensor]:
+    """A stream's tables in the order the ops take them (csrc/transform_args.h)."""
+    return [stream.start, stream.nbits, stream.levels, stream.cuts, stream.basis, stream.inverse,
+            stream.mean, stream.pred_w, stream.pred_b]
+
+
+def stream_format(stream: TransformStreamParams) -> list[int]:
+    return [stream.offset, stream.nbytes, int(stream.has_pred)]
+
+
+def pair_blocks(inverse: torch.Tensor) -> torch.Tensor | None:
+    """``inverse [H, D, D]`` -> its 2x2 RoPE-pair blocks float32 ``[4, H, D/2]`` (a, b, c, d:
+    ``k[j] = z_j a + z_j' b``, ``k[j'] = z_j c + z_j' d``, ``j' = j + D/2``), or None when some
+    entry outside the pairs is nonzero."""
+    heads, dim, _ = inverse.shape
+    half = dim // 2
+    j = torch.arange(dim)
+    partner = (j + half) % dim
+    outside = torch.ones(dim, dim, dtype=torch.bool)
+    outside[j, j] = False
+    outside[j, partner] = False
+    if bool((inverse[:, outside] != 0).any()):
+        return None
+    lo, hi = torch.arange(half), torch.arange(half, dim)
+    inv = inverse.float()
+    return torch.stack([inv[:, lo, lo], inv[:, hi, lo], inv[:, lo, hi], inv[:, hi, hi]]).contiguous()
+
+
+def key_pairs(params: TransformLayerParams) -> torch.Tensor | None:
+    """:func:`pair_blocks` of the key inverse, computed once per params object."""
+    entry = _pairs.get(id(params))
+    if entry is None or entry[0] is not params:
+        if len(_pairs) > 1024:
+            _pairs.clear()
+        entry = (params, pair_blocks(params.key.inverse))
+        _pairs[id(params)] = entry
+    return entry[1]
+
+
+def _check_common(pages: torch.Tensor, params: TransformLayerParams, what: str) -> None:
+    expect(isinstance(params, TransformLayerParams), f"{what}: transform-format params expected, got "
+           f"{type(params).__name__}")
+    expect(not params.cross_layer, f"{what}: the C++ CPU ops read layers without cross-layer prediction; "
+           "cross-layer presets use the torch path")
+    check_pages(pages, params)
+    expect(pages.device.type == "cpu", f"{what}: the C++ CPU ops take CPU tensors, pages are on {pages.device}")
+    expect(pages.stride(3) == 1, f"pages: last dimension must be contiguous, strides {pages.stride()}")
+
+
+def _check_rope(rope, rows: int, dim: int, device) -> None:
+    check_tensor("rope", rope, (None, dim), (torch.float32,), device)
+    expect(rope.is_contiguous(), "rope: must be contiguous")
+    expect(rope.shape[0] >= rows, f"rope: {rope.shape[0]} rows, positions up to {rows - 1} are read")
+
+
+def transform_decode_attention_cpp(query, own_k, own_v, pages, block_table, seq_lens,
+                                   params: TransformLayerParams, scale: float, rope=None, previous=None,
+                                   num_splits: int | None = None, skip_first: int = 0,
+                                   return_lse: bool = False):
+    """query ``[B, Hq, D]`` (post-RoPE), own_k/own_v ``[B, H, D]`` (exact K/V of position
+    ``seq_lens - 1``), pages uint8 ``[N, H, bs, S]``, block_table int ``[B, max_blocks]``,
+    seq_lens int ``[B]`` (>= 1) -> ``[B, Hq, D]`` in the query's dtype (float32 math); with
+    ``return_lse`` also the log of each softmax denominator float32 ``[B, Hq]``. ``rope``: a
+    ``rope_cache`` table for pre-RoPE keys; ``skip_first``: cached positions not read;
+    ``num_splits``: context chunks per sequence (default: enough work items for every thread)."""
+    _require_ops()
+    _check_common(pages, params, "decode attention")
+    expect(previous is None, "previous: the C++ CPU decode reads layers without cross-layer prediction")
+    device, heads, dim = pages.device, params.num_kv_heads, params.head_dim
+    check_tensor("query", query, (None, None, dim), FLOAT_DTYPES, device)
+    batch, q_heads = query.shape[:2]
+    expect(q_heads % heads == 0, f"query heads {q_heads} are not a multiple of kv heads {heads}")
+    check_tensor("own_k", own_k, (batch, heads, dim), FLOAT_DTYPES, device)
+    check_tensor("own_v", own_v, (batch, heads, dim), FLOAT_DTYPES, device)
+    check_tensor("block_table", block_table, (batch, None), INDEX_DTYPES, device)
+    check_tensor("seq_lens", seq_lens, (batch,), INDEX_DTYPES, device)
+    expect(block_table.numel() > 0 or batch == 0, "block_table is empty")
+    expect(skip_first >= 0, f"skip_first must be >= 0, got {skip_first}")
+    if batch and rope is not None:
+        _check_rope(rope, int(seq_lens.max()) - 1, dim, device)
+    k, v = params.key, params.value
+    out, lse = torch.ops.seqkv.cpu_transform_decode_attention(
+        query, own_k, own_v, pages, block_table, seq_lens, rope, stream_tables(k), stream_tables(v),
+        stream_format(k), stream_format(v), key_pairs(params), float(scale), int(num_splits or 0),
+        int(skip_first))
+    return (out, lse) if return_lse else out
+
+
+def write_transform_slots_cpp(key, value, slot_mapping, pages, params: TransformLayerParams,
+                              previous=None) -> None:
+    """key (coding frame) / value ``[T, H, D]``, slot_mapping int ``[T]`` (-1 = skip), pages
+    written in place with the bytes the codec's encode gives."""
+    _require_ops()
+    _check_common(pages, params, "write")
+    expect(previous is None, "previous: the C++ CPU write codes layers without cross-layer prediction")
+    heads, dim = params.num_kv_heads, params.head_dim
+    check_tensor("key", key, (None, heads, dim), FLOAT_DTYPES, pages.device)
+    tokens = key.shape[0]
+    check_tensor("value", value, (tokens, heads, dim), FLOAT_DTYPES, pages.device)
+    check_tensor("slot_mapping", slot_mapping, (tokens,), INDEX_DTYPES, pages.device)
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):  # as the reference: the codec codes the valid tokens only
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    if key.shape[0] == 0:
+        return
+    k, v = params.key, params.value
+    # NOTE: the codec's own expression (TransformCodec.encode), so codes at a decision
+    # threshold come out exactly as the codec's
+    zk = torch.einsum("thd,hde->the", key.float() - k.mean, k.basis)
+    zv = torch.einsum("thd,hde->the", value.float() - v.mean, v.basis)
+    torch.ops.seqkv.cpu_write_transform_slots(zk, zv, slot_mapping, pages, stream_tables(k), stream_tables(v),
+                                              stream_format(k), stream_format(v))
+
+
+def reconstruct_transform_blocks_cpp(pages, block_ids, params: TransformLayerParams, previous=None,
+                                     rope=None, block_positions=None):
+    """``block_ids`` int ``[M]`` (-1: zero rows) -> K, V float32 ``[M * bs, H, D]`` in slot order;
+    with ``rope`` keys are rotated at ``block_positions[m] + slot``."""
+    _require_ops()
+    _check_common(pages, params, "reconstruct")
+    expect(previous is None, "previous: the C++ CPU reconstruction reads layers without cross-layer prediction")
+    check_tensor("block_ids", block_ids, (None,), INDEX_DTYPES, pages.device)
+    if rope is not None:
+        expect(block_positions is not None, "rope needs block_positions (position of each block's first slot)")
+        check_tensor("block_positions", block_positions, (block_ids.shape[0],), INDEX_DTYPES, pages.device)
+        valid = block_ids >= 0
+        rows = int((block_positions[valid].max() + pages.shape[2])) if bool(valid.any()) else 0
+        _check_rope(rope, rows, params.head_dim, pages.device)
+    k, v = params.key, params.value
+    return torch.ops.seqkv.cpu_reconstruct_transform_blocks(
+        pages, block_ids, rope, block_positions if rope is not None else None, stream_tables(k), stream_tables(v),
+        stream_format(k), stream_format(v), key_pairs(params))
+
+
+__all__ = ["KernelArgumentError", "active_isa", "key_pairs", "load_cpu_ops", "load_error", "pair_blocks",
+           "reconstruct_transform_blocks_cpp", "transform_decode_attention_cpp", "write_transform_slots_cpp"]
