@@ -3,7 +3,8 @@
 Runs the model (transformers, fp32, CPU) over calibration text (default: the general-domain
 set shipped with the package, ``vllm_seqkv/data/general_calibration.txt``: prose, ChatML
 dialogue, code, some non-English; ``--text`` takes a plain text file or JSONL of chats
-``{"messages": [...]}`` rendered with the model's chat template), captures pre-RoPE K, V and query second moments per layer and head
+``{"messages": [...]}`` rendered with the model's chat template), captures pre-RoPE K, V and
+query second moments per layer and head
 plus ``o_proj``, fits the preset (``--preset``, default seqkv-3) and writes a checksummed
 file to :func:`default_path` (~4 minutes on 2 cores for SmolLM2-135M, 24,576 tokens).
 The vLLM backend and the ruler both load it from there. For transform presets it then fits

@@ -29,7 +29,8 @@ class Block16(Bf16Codec):
 
 
 @pytest.mark.parametrize("windows", [{}, {"exact_recent": 9}, {"sink_tokens": 3, "exact_recent": 5},
-                                     {"block_exact": True}, {"sink_tokens": 40}, {"sink_tokens": 4, "block_exact": True}])
+                                     {"block_exact": True}, {"sink_tokens": 40},
+                                     {"sink_tokens": 4, "block_exact": True}])
 def test_vectorised_attention_equals_token_by_token_decode(windows, monkeypatch):
     import vllm_seqkv.bench.attention as attention_module
 

@@ -1,7 +1,6 @@
 """Pieces of the backend that need no engine: metadata, backend selection rules, token
 positions and the exact sink table."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -81,7 +81,8 @@ def test_decode_matches_reference(case):
     assert (cpu_ops.key_pairs(params) is not None) == pair
     pages, table, seq_lens = random_paged_case(layout, lens, block_size, seed=len(lens))
     query, own_k, own_v = _decode_inputs(heads, dim, group, len(lens), dtype, seed=dim)
-    rope = rope_cache(-(-max(lens) // block_size) * block_size, dim, THETA) if use_rope else None  # reference: whole blocks
+    # the reference reads whole blocks
+    rope = rope_cache(-(-max(lens) // block_size) * block_size, dim, THETA) if use_rope else None
     ref, ref_lse = transform_decode_attention_reference(query, own_k, own_v, pages, table, seq_lens, layout, 0.17,
                                                         rope=rope, skip_first=skip, return_lse=True)
     atol, rtol = TRANSFORM_TOLERANCES[dtype]

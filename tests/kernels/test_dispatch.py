@@ -83,7 +83,8 @@ def test_transform_public_api_cpp_equals_torch(monkeypatch):
         kernels.write_slots(own, own * 2, torch.tensor([5, -1]), written, params)
         out, lse = kernels.paged_decode_attention(query, own, own, written, table, seq_lens, params, 0.2, rope=rope,
                                                   skip_first=1, return_lse=True)
-        k, v = kernels.reconstruct_blocks(written, table[1], params, rope=rope, block_positions=torch.tensor([0, 16, 32]))
+        k, v = kernels.reconstruct_blocks(written, table[1], params, rope=rope,
+                                          block_positions=torch.tensor([0, 16, 32]))
         results[choice] = (written, out, lse, k, v)
     assert torch.equal(results["torch"][0], results["cpp"][0])
     for a, b in zip(results["torch"][1:], results["cpp"][1:]):

@@ -243,7 +243,8 @@ def test_write_is_bit_exact_on_a_dyadic_grid(device):
                           transform_layer_params(layout, device), tuple(p.to(device) for p in previous))
     assert torch.equal(pages.cpu(), expected)
     heads = key.shape[1]
-    codes = stream_codes(expected.transpose(1, 2).reshape(-1, heads, layout.slot_bytes), transform_layer_params(layout), "key")
+    codes = stream_codes(expected.transpose(1, 2).reshape(-1, heads, layout.slot_bytes),
+                         transform_layer_params(layout), "key")
     assert codes.max() > 128  # 8-bit components exercised (codes spanning two bytes)
 
 

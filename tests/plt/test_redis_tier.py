@@ -1,6 +1,5 @@
 import logging
 
-import pytest
 
 from vllm_seqkv.plt.entropy import ColdCodec
 from vllm_seqkv.plt.tiers import RedisTier

@@ -177,7 +177,10 @@ def _cross_layer_rows(streams, calib, steps, layer0_exact: bool) -> tuple[list[d
         layer0 = stacked[:, :, 0] if layer0_exact else None
         res = P.cross_layer(stacked, step, maps, layer0)
         heads = streams["V"].shape[3]
-        split = lambda t, part: t[..., :heads, :] if part == 0 else t[..., heads:, :]
+
+        def split(t, part):
+            return t[..., :heads, :] if part == 0 else t[..., heads:, :]
+
         total = 0.0
         for part, stream in ((0, key_stream), (1, "V")):
             piece = P.Residuals(split(res.symbols, part), res.paid, split(res.reconstruction, part),

@@ -3,7 +3,8 @@
 With a codec, every layer ``l`` codes its K (post-RoPE, as cached; pre-RoPE and rotated
 back after decoding when ``codec.pre_rope_keys``) and V with ``codec.codecs_for_layer(l)``
 (cross-layer codecs get the reconstruction of layer ``l - 1``, as the decoder has it)
-(encode -> decode over the whole window; block codecs see aligned blocks from position 0) and attention reads them with the decode-path semantics of
+(encode -> decode over the whole window; block codecs see aligned blocks from position 0)
+and attention reads them with the decode-path semantics of
 :mod:`vllm_seqkv.bench.attention`.
 """
 

@@ -93,7 +93,8 @@ def markdown(r: dict) -> str:
                     f"{p['prefix_cache_hit_tokens']:.0f} |")
     return (
         f"Command: `{r['command']}`  \nMachine: {r['machine']}. Date: {r['date']}.\n\n"
-        f"Real `vllm serve --kv-cache-backend seqkv` (tiny test model, no eviction). The victim (`cache_salt` victim) sends {r['prompts']} secret prompts of "
+        "Real `vllm serve --kv-cache-backend seqkv` (tiny test model, no eviction). The victim "
+        f"(`cache_salt` victim) sends {r['prompts']} secret prompts of "
         f"{r['tokens']} random token ids once. Attack: another tenant sends those prompts and "
         f"{r['prompts']} fresh ones of the same length, interleaved at random, one at a time, "
         f"`max_tokens` 1, and times each request. Control: the victim does the same with its own "

@@ -17,7 +17,8 @@ non-empty text. The run is bounded: a per-request timeout and a deadline for the
 
 Reported per backend: output tokens/s, requests/s, p50/p99 time to first token (TTFT) and
 inter-token latency (ITL: per response, the time from its first to its last token
-divided by the tokens after the first, i.e. time per output token), prefix-cache hit rate and preemptions from the server's /metrics; and the ratios
+divided by the tokens after the first, i.e. time per output token), prefix-cache hit rate and
+preemptions from the server's /metrics; and the ratios
 seqkv/auto. Writes ``benchmarks/load.json`` and the section "Serving under load" of
 BENCHMARKS.md.
 """

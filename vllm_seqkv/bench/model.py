@@ -80,7 +80,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @dataclass
 class LayerKV:
-    """One layer's K/V for a window: ``key_pre`` (pre-RoPE), ``key`` (post-RoPE, as cached), ``value``; each ``[T, H_kv, D]``."""
+    """One layer's K/V for a window: ``key_pre`` (pre-RoPE), ``key`` (post-RoPE, as cached),
+    ``value``; each ``[T, H_kv, D]``."""
 
     key_pre: torch.Tensor
     key: torch.Tensor

@@ -97,7 +97,8 @@ def fit_cross_layer(inputs: torch.Tensor, targets: torch.Tensor, ridge: float = 
     return maps
 
 
-def cross_layer(x: torch.Tensor, step: torch.Tensor, maps: list[torch.Tensor], layer0: torch.Tensor | None = None) -> Residuals:
+def cross_layer(x: torch.Tensor, step: torch.Tensor, maps: list[torch.Tensor],
+                layer0: torch.Tensor | None = None) -> Residuals:
     """Closed loop over layers: layer ``l`` predicted by ``maps[l]`` from the reconstruction of
     layer ``l-1`` (all heads, K and V together: ``x`` stacks them on the head axis).
 

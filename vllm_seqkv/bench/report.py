@@ -24,7 +24,8 @@ def machine() -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return f"{platform.machine()}, {torch.get_num_threads()} cores ({model or 'CPU'}), torch {torch.__version__}, fp32, no GPU"
+    return (f"{platform.machine()}, {torch.get_num_threads()} cores ({model or 'CPU'}), "
+            f"torch {torch.__version__}, fp32, no GPU")
 
 
 def run_header(module: str, argv: list[str] | None) -> dict:

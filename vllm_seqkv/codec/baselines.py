@@ -5,13 +5,16 @@ post-RoPE as a paged cache stores them). Codes are really bit-packed
 (:mod:`vllm_seqkv.codec.packing`), so ``Packed.nbytes`` is the true size and
 ``bits_per_element`` equals ``8 * nbytes / numel``.
 
-| name | paper | code |
-| --- | --- | --- |
-| ``bf16`` | - | bfloat16 copy (the uncompressed cache of a bf16 model) |
-| ``fp8-e4m3`` | arXiv 2209.05433 (FP8 formats) | e4m3 values, one fp32 amax scale per 16-token block of the whole tensor |
-| ``int8-token`` / ``int4-token`` | per-token-head symmetric (as vLLM's int8/int4 KV) | fp16 scale = amax / qmax per token and head |
-| ``kivi-2`` / ``kivi-4`` | arXiv 2402.02750 (KIVI) | keys per channel over 32-token groups, values per token in 32-channel groups, fp16 scale + zero; recent 32 tokens exact |
-| ``turbo-4/3/2.5/2`` | arXiv 2504.19874 (TurboQuant, MSE variant) | randomized Hadamard rotation (seed 0), fp16 norm per vector, Lloyd-Max codebook for one coordinate of a random unit vector |
+- ``bf16``: bfloat16 copy (the uncompressed cache of a bf16 model);
+- ``fp8-e4m3`` (arXiv 2209.05433, FP8 formats): e4m3 values, one fp32 amax scale per
+  16-token block of the whole tensor;
+- ``int8-token`` / ``int4-token`` (per-token-head symmetric, as vLLM's int8/int4 KV): fp16
+  scale = amax / qmax per token and head;
+- ``kivi-2`` / ``kivi-4`` (arXiv 2402.02750, KIVI): keys per channel over 32-token groups,
+  values per token in 32-channel groups, fp16 scale + zero; recent 32 tokens exact;
+- ``turbo-4/3/2.5/2`` (arXiv 2504.19874, TurboQuant, MSE variant): randomized Hadamard
+  rotation (seed 0), fp16 norm per vector, Lloyd-Max codebook for one coordinate of a random
+  unit vector.
 """
 
 from __future__ import annotations

@@ -226,13 +226,13 @@ def bench_case(context: int, batch: int, layout, params, use_cuda_op: bool) -> R
         cuda_us = time_us(lambda: paged_decode_attention_cuda(
             query, own_k, own_v, pages, block_table, seq_lens, params, scale))
     compressed = pages.numel()
-    del pages
+    pages = None  # free the pages before the dense cache is made
     dense_k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device=device, dtype=torch.bfloat16)
     dense_v = torch.randn_like(dense_k)
     q4 = query[:, :, None]  # [B, Hq, 1, D]
     bf16_us = time_us(lambda: torch.nn.functional.scaled_dot_product_attention(
         q4, dense_k, dense_v, scale=scale, enable_gqa=True))
-    del dense_k, dense_v
+    dense_k = dense_v = None
     torch.cuda.empty_cache()
     return summarize(context, batch, seqkv_us, bf16_us, compressed, cuda_us)
 
@@ -364,7 +364,7 @@ def bench_transform_case(context: int, batch: int, layouts, cross_layer: bool,
     dense_v = torch.randn_like(dense_k)
     bf16_us = time_us(lambda: torch.nn.functional.scaled_dot_product_attention(
         query, dense_k, dense_v, scale=HEAD_DIM ** -0.5, enable_gqa=True))
-    del dense_k, dense_v
+    dense_k = dense_v = None
     torch.cuda.empty_cache()
     preset = "seqkv-3" if cross_layer else "seqkv-3-nox"
     rows = [summarize(context, batch, times["transform-recon+sdpa"], bf16_us, compressed,

@@ -28,7 +28,8 @@ def check_tensor(name: str, t: torch.Tensor, shape: tuple, dtypes: tuple, device
     expect(t.dtype in dtypes, f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     expect(t.device == device, f"{name}: on {t.device}, expected {device} (all kernel inputs on one device)")
     if inner_contiguous and t.dim():
-        expect(t.stride(-1) == 1 or t.shape[-1] == 1, f"{name}: last dimension must be contiguous, strides {t.stride()}")
+        expect(t.stride(-1) == 1 or t.shape[-1] == 1,
+               f"{name}: last dimension must be contiguous, strides {t.stride()}")
 
 
 def check_pages(pages: torch.Tensor, params: LayerKernelParams) -> None:

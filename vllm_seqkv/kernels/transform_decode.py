@@ -93,7 +93,8 @@ def transform_decode_partial_kernel(
         TILE: tl.constexpr, D: tl.constexpr, K_OFF: tl.constexpr, V_OFF: tl.constexpr,
         K_PRED: tl.constexpr, V_PRED: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax of one GQA group over tiles ``[split * tiles_per_split, ...)`` of its
-    context, positions ``>= skip_first``. Writes acc ``[B, Hq, splits, D]`` (level sum ``sum_j p_j z_v,j``), pred_acc (same,
+    context, positions ``>= skip_first``. Writes acc ``[B, Hq, splits, D]`` (level sum
+    ``sum_j p_j z_v,j``), pred_acc (same,
     ``sum_j p_j pred_v,j``; cross-layer values only), max and sum ``[B, Hq, splits]``."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)

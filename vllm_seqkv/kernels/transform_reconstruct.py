@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from vllm_seqkv.kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_pages, check_tensor, expect
-from vllm_seqkv.kernels.transform_params import LEVELS, TransformLayerParams
+from vllm_seqkv.kernels.transform_params import TransformLayerParams
 
 # fp32 (exact tests), tf32, bf16 / fp16 operands (tensor cores; fp32 accumulation). Triton's
 # CPU interpreter multiplies bf16 operands as raw uint16 bits, so "bf16" is only checked on a

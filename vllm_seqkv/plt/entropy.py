@@ -95,14 +95,14 @@ class ColdCodec:
         st_hi, st_lo = self.prior_hi.copy(), self.prior_lo.copy()
         syms, probs = [], []
         for r0 in range(0, raw.shape[0], self.chunk_rows):
-            h, l = hi[r0:r0 + self.chunk_rows], lo[r0:r0 + self.chunk_rows]
+            h, low = hi[r0:r0 + self.chunk_rows], lo[r0:r0 + self.chunk_rows]
             colg = np.broadcast_to(cols, h.shape)
             syms.append(h.ravel())
             probs.append(st_hi[colg.ravel()])
-            syms.append(l.ravel())
+            syms.append(low.ravel())
             probs.append(st_lo[colg.ravel(), h.ravel()])
             np.add.at(st_hi, (colg, h), self.increment)
-            np.add.at(st_lo, (colg, h, l), self.increment)
+            np.add.at(st_lo, (colg, h, low), self.increment)
         enc = constriction.stream.stack.AnsCoder()
         if syms:
             enc.encode_reverse(np.concatenate(syms).astype(np.int32), _CAT,
@@ -130,11 +130,11 @@ class ColdCodec:
             colg = np.broadcast_to(cols, (n, self.columns))
             h = np.asarray(dec.decode(_CAT, st_hi[colg.ravel()].astype(np.float64)),
                            np.int64).reshape(n, self.columns)
-            l = np.asarray(dec.decode(_CAT, st_lo[colg.ravel(), h.ravel()].astype(np.float64)),
-                           np.int64).reshape(n, self.columns)
-            out[r0:r0 + n] = (h << 4 | l).astype(np.uint8)
+            low = np.asarray(dec.decode(_CAT, st_lo[colg.ravel(), h.ravel()].astype(np.float64)),
+                             np.int64).reshape(n, self.columns)
+            out[r0:r0 + n] = (h << 4 | low).astype(np.uint8)
             np.add.at(st_hi, (colg, h), self.increment)
-            np.add.at(st_lo, (colg, h, l), self.increment)
+            np.add.at(st_lo, (colg, h, low), self.increment)
         return out.tobytes()
 
 
