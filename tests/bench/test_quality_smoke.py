@@ -48,8 +48,18 @@ def test_cli_writes_json_plot_and_markdown(tmp_path):
             "--json", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png"), "--markdown", str(markdown)]
     main(argv)
     records = json.loads((tmp_path / "q.json").read_text())
-    assert [r["codec"] for r in records] == ["bf16", "turbo-3"]
+    suites = [(r["suite"], r["text"].split("/")[-2], r["codec"]) for r in records]
+    assert suites == [("long", "pydocs", "bf16"), ("long", "pydocs", "turbo-3"),
+                      ("long", "prose", "bf16"), ("long", "prose", "turbo-3"),
+                      ("chat", "bench", "bf16"), ("chat", "bench", "turbo-3")]
     assert records[0]["command"].startswith("python -m vllm_seqkv.bench quality --quick")
+    for r in records:
+        assert r["decode_read_bits_per_element"] == pytest.approx(r["bits_per_element"])  # no dependencies
+        assert r["transient_bytes_per_token"] == 0
+    chat = {r["codec"]: r for r in records if r["suite"] == "chat"}
+    assert chat["turbo-3"]["chat_kl"] > chat["bf16"]["chat_kl"] >= 0
+    assert set(records[0]["delta_ppl_pct_by_position"]) == {"0-63", "64-255"}  # context 128
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = markdown.read_text()
     assert "## Other\n\nkeep me" in text and "## Quality (ruler)" in text and "| turbo-3 |" in text
+    assert "### Chat suite" in text and "### Side by side" in text

@@ -13,6 +13,14 @@ the model's layer 0 depends on the token id alone; its slot is padded to the oth
 (pages are uniform), so it is counted at the same bits. Every preset is per-token
 (``block_size`` 1), so vLLM writes each token's slot as it arrives.
 
+Fusable presets (``seqkv-f2.5``, ``-f3``, ``-f3.5``, ``-f4``): what attention can read straight
+from the page bytes (the design card's rule 3a). No cross-layer prediction (each layer decodes
+from its own slots), layer 0 transform-coded like the others (a token-table row per token
+would be a 16-bit read per element), and the key basis restricted to the two channels of each
+RoPE pair, so that it commutes with RoPE: a kernel scores a cached key in ``O(D)`` (rotate each
+pair's 2-vector by the position) instead of rebuilding it with a ``D x D`` product; the value
+basis stays full (values are summed in the coded space and rotated back once per query).
+
 Ablations keep the bits and drop one idea each: ``seqkv-3-nox`` (no cross-layer prediction:
 every layer decodes on its own, what a fused GPU kernel reads), ``seqkv-3-nol0`` (layer 0
 transform-coded like the others instead of its token table), ``seqkv-3-nosink`` (same

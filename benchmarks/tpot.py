@@ -1,0 +1,90 @@
+"""Time per output token through the CPU vLLM engine: `auto` vs `seqkv`, long contexts.
+
+    python benchmarks/tpot.py [--contexts 4096,8192] [--batches 1,16] [--preset P] [--tokens 32]
+
+For each backend, one in-process engine (same KV budget, prefix caching on). Per (context,
+batch): one prompt of ``context`` held-out tokens, shared by ``batch`` requests that differ
+in their last token (so vLLM prefills the shared blocks once); a warm-up request with
+``max_tokens=1`` prefills it, then the batch runs with ``max_tokens=1`` and with
+``max_tokens=1+N``, and time per output token is the difference over ``N`` (prefill and
+scheduling cancel). Ratios are seqkv / auto from the same process. Writes
+``benchmarks/tpot.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from datetime import date
+from pathlib import Path
+
+
+def run_backend(model: Path, backend: str, preset: str | None, contexts, batches, new_tokens, ids) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    extra = {"kv_cache_backend": backend}
+    if backend == "seqkv" and preset:
+        extra["seqkv"] = {"preset": preset}
+    llm = LLM(model=str(model), max_model_len=max(contexts) + new_tokens + 64,
+              kv_cache_memory_bytes=4 << 30, additional_config=extra, seed=0,
+              max_num_seqs=max(batches), enable_prefix_caching=True)
+    out = {}
+    try:
+        for context in contexts:
+            prompt = ids[:context - 1]
+            warm = SamplingParams(max_tokens=1, temperature=0)
+            llm.generate([TokensPrompt(prompt_token_ids=prompt + [ids[context]])], warm, use_tqdm=False)
+            for batch in batches:
+                prompts = [TokensPrompt(prompt_token_ids=prompt + [ids[context + i]]) for i in range(batch)]
+                timings = {}
+                for n in (1, 1 + new_tokens):
+                    params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0, ignore_eos=True)
+                    start = time.perf_counter()
+                    llm.generate(prompts, params, use_tqdm=False)
+                    timings[n] = time.perf_counter() - start
+                out[f"{context}x{batch}"] = (timings[1 + new_tokens] - timings[1]) / new_tokens
+                print(backend, context, batch, f"{1000 * out[f'{context}x{batch}']:.1f} ms/token", flush=True)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    return out
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    from vllm_seqkv import fixtures
+    from vllm_seqkv.bench.report import machine
+    from vllm_seqkv.codec.presets import DEFAULT_PRESET
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--contexts", default="4096,8192")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--preset", default=DEFAULT_PRESET)
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/tpot.json"))
+    args = parser.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    model = fixtures.smollm2_dir()
+    text = fixtures.corpus_path("test").read_text()
+    ids = AutoTokenizer.from_pretrained(model)(text[: 12 * max(contexts)])["input_ids"]
+    runs = {b: run_backend(model, b, args.preset, contexts, batches, args.tokens, ids) for b in ("auto", "seqkv")}
+    record = {
+        "date": date.today().isoformat(), "machine": machine(), "model": model.name, "preset": args.preset,
+        "command": "python benchmarks/tpot.py " + " ".join(
+            f"--{k} {v}" for k, v in (("contexts", args.contexts), ("batches", args.batches),
+                                      ("tokens", args.tokens), ("preset", args.preset))),
+        "seconds_per_token": runs,
+        "ratio_seqkv_over_auto": {k: runs["seqkv"][k] / runs["auto"][k] for k in runs["auto"]},
+    }
+    args.json.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record["ratio_seqkv_over_auto"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
