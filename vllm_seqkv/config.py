@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vllm_seqkv.codec.presets import DEFAULT_PRESET
+# the preset `--kv-cache-backend seqkv` stores pages with (see vllm_seqkv.codec.presets);
+# here so that loading the plugin imports neither torch nor the codecs
+DEFAULT_PRESET = "seqkv-f4"
 
 KV_CACHE_BACKENDS = ("auto", "seqkv")
 BACKEND_KEY = "kv_cache_backend"

@@ -93,7 +93,7 @@ def test_layer_chain_rebuilds_what_it_was_not_handed(tiny_model_dir):
     from vllm_seqkv.config import SeqKVConfig
     from vllm_seqkv.integration.engine_codec import EngineCodec
 
-    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv"), str(tiny_model_dir), 2, 32, 10000.0)
+    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv", preset="seqkv-3"), str(tiny_model_dir), 2, 32, 10000.0)
     assert engine.codec.cross_layer
     gen = torch.Generator().manual_seed(0)
     blocks, offsets = torch.tensor([3, 3, 5]), torch.tensor([0, 1, 4])

@@ -142,4 +142,4 @@ _ABLATIONS = [
 ]
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _MAIN + _FUSABLE + _ABLATIONS}
-DEFAULT_PRESET = "seqkv-f4"
+from vllm_seqkv.config import DEFAULT_PRESET  # noqa: E402,F401  (re-exported)
