@@ -13,6 +13,7 @@ from vllm_seqkv.kernels.checks import KernelArgumentError
 from vllm_seqkv.kernels.reference import reconstruct_transform_reference, transform_decode_attention_reference
 from vllm_seqkv.kernels.transform_decode import TILE, fused_transform_decode_attention
 from vllm_seqkv.kernels.transform_params import rope_cache
+from vllm_seqkv.codec.presets import PRESETS
 from vllm_seqkv.kernels.transform_reconstruct import table_block_ids
 
 # (preset, kv heads, head_dim, GQA group, block size, layer, query dtype, rope, splits):
@@ -23,6 +24,7 @@ CASES = [
     ("seqkv-3", 2, 64, 1, 16, 1, torch.float32, True, 3),
     ("seqkv-2.5", 3, 32, 4, 8, 1, torch.float16, True, 2),
     ("seqkv-4", 1, 32, 3, 32, 0, torch.bfloat16, True, 4),
+    ("seqkv-f4", 2, 64, 3, 16, 1, torch.float32, True, 2),  # the default preset's format
 ]
 
 
@@ -57,7 +59,7 @@ def reference(cache, layer, query, own_k, own_v, rope, previous):
 def setup_case(preset, heads, dim, group, block_size, layer, dtype, rope, device):
     cache = build_transform_cache(preset, heads, dim, block_size, lengths_for(block_size), seed=dim).to(device)
     params = cache.params(layer, device)
-    assert params.cross_layer == (layer == 1 and preset != "seqkv-3-nox")
+    assert params.cross_layer == (layer == 1 and PRESETS[preset].cross_layer)
     previous = coding_frame_previous(cache, device) if params.cross_layer else None
     rows = cache.block_table.shape[1] * block_size  # the reference rotates whole pages
     table = rope_cache(rows, dim, THETA, device) if rope else None

@@ -6,6 +6,8 @@ Small on purpose: every case runs in Triton's interpreter on CPU (TRITON_INTERPR
 import pytest
 import torch
 
+from vllm_seqkv.codec.presets import PRESETS
+
 from tests.kernels.conftest import ON_GPU
 from tests.kernels.transform_helpers import (
     THETA,
@@ -42,6 +44,7 @@ RECONSTRUCT_CASES = [
     ("seqkv-4", 1, 128, 128, torch.float32, True),
     ("seqkv-2.5", 2, 128, 16, torch.float16, True),
     ("seqkv-3-nox", 1, 32, 128, torch.float32, False),
+    ("seqkv-f4", 2, 64, 16, torch.float32, True),  # the default: RoPE-pair key basis, layer 0 coded
 ]
 
 
@@ -64,7 +67,7 @@ def test_reconstruct_table_matches_codec_decode_both_layers(preset, heads, dim, 
     previous_ref = previous_out = None
     for layer in range(2):
         params = cache.params(layer, device)
-        assert params.cross_layer == (layer == 1 and preset != "seqkv-3-nox")
+        assert params.cross_layer == (layer == 1 and PRESETS[preset].cross_layer)
         ref = reconstruct_transform_reference(cache.pages[layer], ids, cache.layouts[layer],
                                               previous_ref, table, positions, keep_code_frame=rope)
         out = reconstruct_transform_table(cache.pages[layer], cache.block_table, cache.seq_lens, params,
@@ -118,6 +121,7 @@ WRITE_CASES = [
     ("seqkv-2", 3, 32, 128, torch.bfloat16),
     ("seqkv-4", 1, 128, 16, torch.float32),
     ("seqkv-2.5", 2, 128, 16, torch.float16),
+    ("seqkv-f4", 3, 64, 16, torch.float32),
 ]
 
 

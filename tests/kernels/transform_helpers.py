@@ -25,6 +25,7 @@ FUSED_DECODE_CASES = [
     ("seqkv-3-nox", 1, 64, 4, 8, 1, torch.float32, True, None, 5),
     ("seqkv-2.5", 3, 32, 2, 16, 0, torch.bfloat16, False, 2, 0),
     ("seqkv-4", 1, 128, 1, 32, 1, torch.float16, True, 1, 40),
+    ("seqkv-f4", 2, 64, 2, 16, 1, torch.float32, True, 2, 1),  # the default preset's format
 ]
 
 
