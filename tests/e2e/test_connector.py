@@ -173,7 +173,9 @@ def test_trie_edge_labels_from_vllm_prompt_logprobs_match_the_model(llm, ids, ti
     with torch.inference_mode():
         ref = torch.log_softmax(model(input_ids=torch.tensor([a])).logits[0, :-1].float(), -1)
     ref = ref.gather(1, torch.tensor(a[1:])[:, None])[:, 0].numpy()
-    assert abs(lp[1:] - ref).mean() < 0.05  # the seqkv pages and bf16 against fp32
+    # the default seqkv pages and bf16 against fp32: 0.072 measured with seqkv-f4 on the tiny
+    # model (0.05 bound with seqkv-3); a label off by one position is off by nats
+    assert abs(lp[1:] - ref).mean() < 0.15
     trie = PrefixTrie(block_size=128)
     trie.insert(a, "t", logprobs=lp)
     b = a[:200] + [(t + 1) % 1000 for t in a[200:]]

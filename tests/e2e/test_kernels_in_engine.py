@@ -1,7 +1,7 @@
 """The backend runs its kernels inside a real vLLM engine (interpreted on CPU:
 ``SEQKV_KERNELS=triton TRITON_INTERPRET=1``), compared with the same engine on the torch path:
 
-* ``seqkv-3`` (cross-layer, the default): the Triton write and reconstruction kernels;
+* ``seqkv-3`` (cross-layer): the Triton write and reconstruction kernels;
 * ``seqkv-3-nox`` (no cross-layer prediction): the Triton write kernel and, for every decode
   step, the fused paged decode attention (exact sink rows merged in by the log-sum-exp).
 
@@ -73,8 +73,9 @@ def prompts(tiny_model_dir, test_text):
 @pytest.mark.e2e
 def test_triton_write_and_reconstruction_in_the_engine_match_the_torch_path(tiny_model_dir, prompts):
     pytest.importorskip("triton")
-    reference, ref_log = run_engine(tiny_model_dir, prompts[:1], {}, "torch")
-    triton_run, log = run_engine(tiny_model_dir, prompts[:1], {}, "triton")
+    chain = {"preset": "seqkv-3"}
+    reference, ref_log = run_engine(tiny_model_dir, prompts[:1], chain, "torch")
+    triton_run, log = run_engine(tiny_model_dir, prompts[:1], chain, "triton")
     assert "seqkv kernels: triton implementation on cpu" in log
     assert "seqkv kernels: torch implementation on cpu" in ref_log
     errors = kernel_errors(log, "reconstruction")
