@@ -9,7 +9,7 @@ from vllm_seqkv.codec.token_table import TokenTableCodec
 
 
 def test_tiny_models_layer_0_is_its_token_table(tiny_model_dir):
-    calibration = calibrate.load_for_model(tiny_model_dir)
+    calibration = calibrate.load_for_model(tiny_model_dir, "seqkv-3")  # the preset with the table
     assert calibration.layer0_tokens, calibration.layer0_check
     assert "verified" in calibration.layer0_check
     model = LlamaForward(tiny_model_dir)

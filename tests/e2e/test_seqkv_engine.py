@@ -48,7 +48,7 @@ def test_capacity_grows_by_the_slot_ratio(seqkv_llm, auto_run, tiny_model_dir):
                      for layer in range(4))
     ratio = kv_tokens(seqkv_llm) / auto_run["tokens"]
     assert ratio == pytest.approx(2 * 2 * 32 / slot_bytes, rel=0.01)
-    assert ratio > 4.5
+    assert ratio > 3.5  # seqkv-f4: 4.0
 
 
 def test_perplexity_close_to_uncompressed(seqkv_llm, auto_run, token_windows):
