@@ -24,6 +24,7 @@ import torch
 from vllm_seqkv.bench.forward import run_window
 from vllm_seqkv.bench.generate import generate
 from vllm_seqkv.bench.model import LlamaForward
+from vllm_seqkv.bench.vllm_path import agreement  # noqa: F401  (greedy agreement, re-exported)
 from vllm_seqkv.codec.base import KVCodec
 
 SUITE_PATH = Path(__file__).with_name("chat_suite.json")
@@ -152,8 +153,9 @@ def answer_log_probs(model: LlamaForward, answer: Answer, codec: KVCodec | None)
 
 
 def answer_nll(log_probs: torch.Tensor, answer: Answer) -> torch.Tensor:
-    targets = torch.tensor(answer.tokens, dtype=torch.long)
-    return -log_probs.gather(1, targets[:, None])[:, 0]
+    from vllm_seqkv.bench.quality import token_nll
+
+    return token_nll(log_probs, torch.tensor(answer.tokens, dtype=torch.long))
 
 
 def teacher_forced(model: LlamaForward, answers: list[Answer], codecs: dict[str, KVCodec],
@@ -189,15 +191,6 @@ def score_by_exact(model: LlamaForward, answers: list[Answer]) -> dict[str, Tall
     for answer in answers:
         tallies.setdefault(answer.mode, Tally()).add(answer_nll(answer_log_probs(model, answer, None), answer))
     return tallies
-
-
-def agreement(reference: list[list[int]], got: list[list[int]]) -> float:
-    """Mean fraction of each reference answer matched before the first divergence."""
-    fractions = []
-    for x, y in zip(reference, got):
-        same = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
-        fractions.append(same / max(len(x), 1))
-    return sum(fractions) / max(len(fractions), 1)
 
 
 def delta_pct(tally: Tally, ref: Tally) -> tuple[float, float]:
