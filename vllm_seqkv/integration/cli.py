@@ -16,6 +16,7 @@ from vllm_seqkv.config import (
     SeqKVConfigError,
     from_additional_config,
 )
+from vllm_seqkv.integration import compat
 from vllm_seqkv.integration.compat import EngineArgs
 
 FLAG = "--kv-cache-backend"
@@ -23,18 +24,21 @@ _DEST = "kv_cache_backend"
 
 
 def install() -> None:
-    if getattr(EngineArgs, "_seqkv_cli_installed", False):
-        return
-    original_add = EngineArgs.add_cli_args
-    original_from = EngineArgs.from_cli_args.__func__
+    compat.wrap_method(EngineArgs, "add_cli_args", _with_flag)
+    compat.wrap_method(EngineArgs, "from_cli_args", _with_backend_choice)
 
+
+def _with_flag(original):
     def add_cli_args(parser, *args, **kwargs):
-        parser = original_add(parser, *args, **kwargs)
+        parser = original(parser, *args, **kwargs)
         add_flag(parser)
         return parser
+    return add_cli_args
 
+
+def _with_backend_choice(original):
     def from_cli_args(cls, args: argparse.Namespace):
-        engine_args = original_from(cls, args)
+        engine_args = original(cls, args)
         choice = getattr(args, _DEST, None)
         if choice is not None:
             engine_args.additional_config = with_backend(engine_args.additional_config, choice)
@@ -43,14 +47,11 @@ def install() -> None:
         except SeqKVConfigError as exc:
             raise SystemExit(f"error: {exc}") from None
         return engine_args
-
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)
-    EngineArgs.from_cli_args = classmethod(from_cli_args)
-    EngineArgs._seqkv_cli_installed = True
+    return from_cli_args
 
 
 def add_flag(parser: argparse.ArgumentParser) -> None:
-    if any(FLAG in action.option_strings for action in parser._actions):
+    if compat.parser_has_option(parser, FLAG):
         return
     parser.add_argument(
         FLAG,

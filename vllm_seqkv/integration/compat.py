@@ -7,7 +7,28 @@ upgrade that moves one fails at import with a clear message instead of deep insi
 
 from __future__ import annotations
 
+import functools
+
 import vllm
+
+SUPPORTED_MINOR = "0.32"
+
+
+class UnsupportedVLLMError(ImportError):
+    pass
+
+
+def check_version(version: str) -> None:
+    """One clear line before any internal name is imported: a vLLM of another minor version
+    moves internals the plugin relies on."""
+    if ".".join(version.split(".")[:2]) != SUPPORTED_MINOR:
+        raise UnsupportedVLLMError(
+            f"vllm-seqkv supports vLLM {SUPPORTED_MINOR}.x, but vLLM {version} is installed: "
+            f"install vllm=={SUPPORTED_MINOR}.* (or uninstall vllm-seqkv to serve without it)")
+
+
+check_version(vllm.__version__)
+
 from vllm.config import KVTransferConfig, VllmConfig, get_current_vllm_config
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -70,10 +91,15 @@ __all__ = [
     "backend_slot",
     "override_backend",
     "clear_backend_override",
+    "check_version",
+    "UnsupportedVLLMError",
+    "wrap_method",
+    "on_attention_init",
+    "parser_has_option",
+    "connector_registered",
 ]
 
 VLLM_VERSION = vllm.__version__
-SUPPORTED_MINOR = "0.32"
 
 
 def is_cpu() -> bool:
@@ -102,3 +128,40 @@ def clear_backend_override(class_path: str) -> None:
     if slot.is_overridden() and slot.get_path() == class_path:
         slot.clear_override()
         _cached_get_attn_backend.cache_clear()
+
+
+# ---- monkeypatches: every replacement of a vLLM attribute goes through here ---------------
+_MARK = "_seqkv_wrapped"
+
+
+def wrap_method(owner: type, name: str, make_wrapper) -> None:
+    """Replace ``owner.name`` by ``make_wrapper(original)`` once per process (idempotent:
+    vLLM calls plugins several times). Keeps a static- or classmethod a static- or
+    classmethod; ``original`` is the plain function (for a classmethod, call it with ``cls``)."""
+    current = owner.__dict__[name]
+    kind = type(current) if isinstance(current, (staticmethod, classmethod)) else None
+    function = current.__func__ if kind else current
+    if getattr(function, _MARK, False):
+        return
+    wrapper = functools.wraps(function)(make_wrapper(function))
+    setattr(wrapper, _MARK, True)
+    setattr(owner, name, kind(wrapper) if kind else wrapper)
+
+
+def on_attention_init(callback) -> None:
+    """Call ``callback(get_current_vllm_config())`` before every ``Attention`` layer is built
+    (where vLLM picks the layer's attention backend)."""
+    def make(original):
+        def __init__(self, *args, **kwargs):
+            callback(get_current_vllm_config())
+            original(self, *args, **kwargs)
+        return __init__
+    wrap_method(Attention, "__init__", make)
+
+
+def parser_has_option(parser, flag: str) -> bool:
+    return any(flag in action.option_strings for action in parser._actions)
+
+
+def connector_registered(name: str) -> bool:
+    return name in KVConnectorFactory._registry

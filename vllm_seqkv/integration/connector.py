@@ -95,6 +95,7 @@ import numpy as np
 import torch
 
 from vllm_seqkv.config import ColdTierConfig, SeqKVConfig, from_additional_config
+from vllm_seqkv.integration import compat
 from vllm_seqkv.integration.compat import (
     CacheHitSource,
     KVConnectorBase_V1,
@@ -126,7 +127,7 @@ def kv_transfer_config_for() -> KVTransferConfig:
 
 def register() -> None:
     """Make ``{"kv_connector": "SeqKVColdTierConnector"}`` resolvable without a module path."""
-    if CONNECTOR_NAME not in KVConnectorFactory._registry:
+    if not compat.connector_registered(CONNECTOR_NAME):
         KVConnectorFactory.register_connector(CONNECTOR_NAME, MODULE_PATH, "SeqKVColdTierConnector")
 
 

@@ -9,8 +9,6 @@ attention backend to seqkv (and routes it back for an ``auto`` engine in the sam
 
 from __future__ import annotations
 
-import functools
-
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 
 BACKEND_CLASS = "vllm_seqkv.integration.backend.SeqKVAttentionBackend"
@@ -36,13 +34,12 @@ def register() -> None:
 def _hook_engine_config(compat) -> None:
     """In the front-end, before any engine starts: validate options, refuse unsupported
     models, export the cache figures as metrics."""
-    original = compat.EngineArgs.create_engine_config
-    if getattr(original, "_seqkv_hook", False):
-        return
+    compat.wrap_method(compat.EngineArgs, "create_engine_config", _checked_engine_config)
 
+
+def _checked_engine_config(original):
     from vllm_seqkv.integration import metrics
 
-    @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         config = from_additional_config(self.additional_config)
         if config.enabled:
@@ -62,9 +59,7 @@ def _hook_engine_config(compat) -> None:
                 config.preset, figures.bits_per_element, figures.ratio_vs_bf16, STATUS,
             )
         return vllm_config
-
-    create_engine_config._seqkv_hook = True
-    compat.EngineArgs.create_engine_config = create_engine_config
+    return create_engine_config
 
 
 def select_attention_backend(engine_args) -> None:
@@ -118,17 +113,7 @@ def logger():
 
 
 def _hook_attention_constructor(compat) -> None:
-    original_init = compat.Attention.__init__
-    if getattr(original_init, "_seqkv_hook", False):
-        return
-
-    @functools.wraps(original_init)
-    def __init__(self, *args, **kwargs):
-        select_backend_for(compat.get_current_vllm_config())
-        original_init(self, *args, **kwargs)
-
-    __init__._seqkv_hook = True
-    compat.Attention.__init__ = __init__
+    compat.on_attention_init(select_backend_for)
 
 
 def select_backend_for(vllm_config) -> SeqKVConfig:
