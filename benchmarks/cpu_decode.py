@@ -11,7 +11,7 @@ D = 64; keys pre-RoPE, rotated from a rope table in the kernel), with a RoPE-pai
 key basis (the kernel's fast key path) and, for a few rows, a general key basis (``key=general``).
 
 Run from the repository root:
-    python benchmarks/cpu_decode.py            # writes benchmarks/cpu_decode.json
+    python -m benchmarks.cpu_decode            # writes benchmarks/cpu_decode.json
 Shapes: SmolLM2-135M layer (Hq 9, Hkv 3, D 64), Llama-8B-like layer (Hq 32, Hkv 8, D 128);
 contexts 1k/4k/16k/32k; batch 1/8/32; combinations whose bf16 cache exceeds --max-gb skipped.
 """
@@ -123,7 +123,7 @@ def seqkv_case(q_heads, kv_heads, dim, ctx, batch, table, layout):
     return run, pages.numel()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="smollm2,llama8b")
     parser.add_argument("--contexts", default="1024,4096,16384,32768")
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--general-key-contexts", default="4096",
                         help="contexts at which the general (non pair-diagonal) key path is also timed (batch 1)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "cpu_decode.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from tests.kernels.cpu_helpers import random_layout
     from vllm_seqkv.kernels.cpu_ops import active_isa, load_cpu_ops, load_error

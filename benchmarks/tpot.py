@@ -1,6 +1,6 @@
 """Time per output token through the CPU vLLM engine: `auto` vs `seqkv`, long contexts.
 
-    python benchmarks/tpot.py [--contexts 4096,8192] [--batches 1,16] [--preset P] [--tokens 32]
+    python -m benchmarks.tpot [--contexts 4096,8192] [--batches 1,16] [--preset P] [--tokens 32]
 
 For each backend, one in-process engine (same KV budget, prefix caching on). Per (context,
 batch): one prompt of ``context`` held-out tokens, shared by ``batch`` requests that differ
@@ -54,11 +54,11 @@ def run_backend(model: Path, backend: str, preset: str | None, contexts, batches
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
-    from vllm_seqkv import fixtures
-    from vllm_seqkv.bench.report import machine
+    import seqkv_fixtures as fixtures
+    from benchmarks.report import machine
     from vllm_seqkv.codec.presets import DEFAULT_PRESET
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--preset", default=DEFAULT_PRESET)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/tpot.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     model = fixtures.smollm2_dir()
@@ -76,7 +76,7 @@ def main() -> None:
     runs = {b: run_backend(model, b, args.preset, contexts, batches, args.tokens, ids) for b in ("auto", "seqkv")}
     record = {
         "date": date.today().isoformat(), "machine": machine(), "model": model.name, "preset": args.preset,
-        "command": "python benchmarks/tpot.py " + " ".join(
+        "command": "python -m benchmarks.tpot " + " ".join(
             f"--{k} {v}" for k, v in (("contexts", args.contexts), ("batches", args.batches),
                                       ("tokens", args.tokens), ("preset", args.preset))),
         "seconds_per_token": runs,

@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--preset", default="seqkv-3")
     args = parser.parse_args()
     if args.model is None:
-        from vllm_seqkv import fixtures
+        import seqkv_fixtures as fixtures
 
         args.model = str(fixtures.smollm2_dir())
     auto = capacity(args.model, "auto", args.kv_cache_memory_bytes, args.preset)

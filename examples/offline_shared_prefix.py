@@ -30,6 +30,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         main(sys.argv[1])
     else:
-        from vllm_seqkv import fixtures
+        import seqkv_fixtures as fixtures
 
         main(str(fixtures.smollm2_dir()))

@@ -48,7 +48,7 @@ fi
 
 step "benchmark decode attention"
 budget=$(left 75)
-timeout "$(left 5)" $PY -m vllm_seqkv.kernels.bench_gpu --out benchmarks/gpu_decode.json --budget-s "$budget" || status=1
+timeout "$(left 5)" $PY -m benchmarks.gpu_kernels --out benchmarks/gpu_decode.json --budget-s "$budget" || status=1
 
 step "done: status $status (${SECONDS}s)"
 exit $status

@@ -4,14 +4,14 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 bash "$SEQKV_ROOT/scripts/setup.sh"
-model="$("$SEQKV_VENV/bin/python" -c 'from vllm_seqkv import fixtures; print(fixtures.smollm2_dir())')"
+model="$("$SEQKV_VENV/bin/python" -c 'import seqkv_fixtures as fixtures; print(fixtures.smollm2_dir())')"
 port="${PORT:-8000}"
 # the default preset's calibration (fitted once, ~4 minutes on 2 cores; seconds when cached)
 "$SEQKV_VENV/bin/python" -m vllm_seqkv.calibrate "$model" >&2
 cat >&2 <<MSG
 [seqkv] serving $model at http://127.0.0.1:$port/v1  (model name: smollm2)
 [seqkv] try:  curl http://127.0.0.1:$port/v1/chat/completions -H 'Content-Type: application/json' \\
-                -d '{"model": "smollm2", "messages": [{"role": "user", "content": "What is a Python list?"}], "max_tokens": 64}'
+                -d '{"model": "smollm2", "messages": [{"role": "user", "content": "What is a Python list?"}], "max_tokens": 96, "temperature": 0.2, "top_p": 0.9}'
 MSG
 exec "$SEQKV_VENV/bin/vllm" serve "$model" --served-model-name smollm2 \
   --host 127.0.0.1 --port "$port" --dtype bfloat16 --max-model-len 4096 \

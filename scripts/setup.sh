@@ -56,4 +56,4 @@ if [ "${SEQKV_NO_CPU_EXT:-0}" != "1" ]; then
   fi
 fi
 ln -sfn "$SEQKV_VENV" "$SEQKV_ROOT/.venv"
-"$py" -m vllm_seqkv.fixtures all
+"$py" -m seqkv_fixtures all

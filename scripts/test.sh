@@ -5,7 +5,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 bash "$SEQKV_ROOT/scripts/setup.sh"
 cd "$SEQKV_ROOT"
-"$SEQKV_VENV/bin/ruff" check vllm_seqkv tests benchmarks examples scripts
+"$SEQKV_VENV/bin/ruff" check vllm_seqkv seqkv_fixtures tests benchmarks examples scripts
 # Kernel tests run in their own process with TRITON_INTERPRET=1 set from the start: in a
 # process where vLLM already imported Triton without it, the interpreter cannot take over.
 if [ "$#" -eq 0 ]; then

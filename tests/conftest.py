@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from vllm_seqkv import fixtures
+import seqkv_fixtures as fixtures
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -2,8 +2,8 @@
 
 import json
 
-from vllm_seqkv import fixtures
-from vllm_seqkv.fixtures import corpus, smollm2
+import seqkv_fixtures as fixtures
+from seqkv_fixtures import corpus, smollm2
 
 
 def test_smollm2_is_the_verified_checkpoint(smollm2_dir):
@@ -31,7 +31,7 @@ def test_tiny_model_learned_something(tiny_model_dir):
 
 
 def test_prose_is_disjoint_english_narrative():
-    from vllm_seqkv.fixtures import prose
+    from seqkv_fixtures import prose
 
     assert prose.split_of("emma/012") == prose.split_of("emma/012")
     texts = {s: fixtures.prose_path(s).read_text() for s in fixtures.SPLITS}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_seqkv import fixtures
+from vllm_seqkv import paths
 from vllm_seqkv.codec.calibration import Calibration, CalibrationError, Capture, TransformCalibration
 from vllm_seqkv.codec.token_table import verify
 
@@ -81,7 +81,7 @@ def default_path(model_dir: Path, preset: str = DEFAULT_PRESET, text: str | None
     spec = PRESETS[preset]
     kind = spec.calibration_name if spec.calibration_kind == "transform" else "channel"
     tag = text_tag(text if text is not None else read_text())
-    return fixtures.home() / "calibration" / f"{_model_key(model_dir)}-{kind}-{DEFAULT_TOKENS}t-{tag}.safetensors"
+    return paths.home() / "calibration" / f"{_model_key(model_dir)}-{kind}-{DEFAULT_TOKENS}t-{tag}.safetensors"
 
 
 def cold_prior_path(model_dir: Path, preset: str = DEFAULT_PRESET,
@@ -108,7 +108,7 @@ def prune_stale(model_dir: Path) -> list[Path]:
     tag = text_tag(read_text())
     prefixes = {default_path(model_dir, name).name.removesuffix(f"-{tag}.safetensors") + "-"
                 for name, p in PRESETS.items() if p.calibration_kind != "none"}
-    folder = fixtures.home() / "calibration"
+    folder = paths.home() / "calibration"
 
     def current(f: Path) -> bool:
         rest = next((f.name[len(p):] for p in prefixes if f.name.startswith(p)), None)
@@ -139,6 +139,13 @@ def load_for_model(model_dir: Path, preset: str = DEFAULT_PRESET):
             f"`python -m vllm_seqkv.calibrate {model_dir} --preset {preset}`"
         )
     return load(path, preset)
+
+
+def codec_for_model(model_dir: Path, preset: str = DEFAULT_PRESET):
+    """``preset``'s KV codec with the model's calibration (CalibrationError if never fitted)."""
+    from vllm_seqkv.codec import make_codec, needs_calibration
+
+    return make_codec(preset, load_for_model(model_dir, preset) if needs_calibration(preset) else None)
 
 
 def capture(model_dir: Path, text: str, tokens: int = DEFAULT_TOKENS, window: int = 512) -> Capture:
@@ -301,11 +308,11 @@ def ensure_cold_prior(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path | N
     path = cold_prior_path(model_dir, preset)
     if path.exists():
         return path
-    from vllm_seqkv.plt.kvbytes import fit_cold_prior  # NOTE: plt builds on this module
+    from vllm_seqkv.plt.cold_prior import fit_cold_prior
 
     print(f"[seqkv] fitting the cold tier's coder prior of {preset} for {model_dir} on "
-          f"{COLD_PRIOR_TOKENS} tokens of the train split", file=sys.stderr)
-    codec = fit_cold_prior(model_dir, preset, COLD_PRIOR_TOKENS)
+          f"{COLD_PRIOR_TOKENS} tokens of the calibration text", file=sys.stderr)
+    codec = fit_cold_prior(model_dir, codec_for_model(model_dir, preset), read_text(), COLD_PRIOR_TOKENS)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         codec.save_prior(f)

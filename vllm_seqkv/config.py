@@ -40,7 +40,7 @@ class ApproximateReuseConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     gate: str = Field(description="quality gate measured for this model (JSON with "
-                      "kl_by_substitutions, as `python -m vllm_seqkv.bench.approx` writes it)")
+                      "kl_by_substitutions, as `python -m benchmarks.approx` writes it)")
     max_kl: float = Field(gt=0, description="KL budget, nats per token, of the next-token "
                           "distribution; the gate turns it into a number of substituted tokens")
     salt_prefix: str = Field(default="approx:", min_length=1,
@@ -65,7 +65,7 @@ class ApproximateReuseConfig(BaseModel):
             QualityGate.load(path)
         except FileNotFoundError:
             raise ValueError("no such file (measure one with `python -m "
-                             "vllm_seqkv.bench.approx --json PATH`)") from None
+                             "benchmarks.approx --json PATH`)") from None
         except OSError as e:
             raise ValueError(f"cannot read it ({e.strerror})") from None
         except (ValueError, KeyError, TypeError) as e:

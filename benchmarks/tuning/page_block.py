@@ -1,17 +1,18 @@
 """Ruler-only experiment: the chat suite (teacher-forced + free-running) for codecs with the
 sequence's current page block read exact (``KVCodec.exact_page_block``), not built in the engine.
 
-    python benchmarks/tuning/page_block.py CODEC[:BLOCK],... PROMPTS MAX_NEW OUT.json
+    python -m benchmarks.tuning.page_block CODEC[:BLOCK],... PROMPTS MAX_NEW OUT.json
 """
 
 import dataclasses
 import json
 import sys
 from pathlib import Path
-from vllm_seqkv import calibrate, fixtures
-from vllm_seqkv.bench.chat import ChatSettings, prepare
-from vllm_seqkv.bench.quality import QualitySettings, _chat_suite
-from vllm_seqkv.bench.model import LlamaForward
+import seqkv_fixtures as fixtures
+from vllm_seqkv import calibrate
+from benchmarks.chat import ChatSettings, prepare
+from benchmarks.quality import QualitySettings, _chat_suite
+from benchmarks.model import LlamaForward
 from vllm_seqkv.codec import make_codec
 
 model_dir = fixtures.smollm2_dir()

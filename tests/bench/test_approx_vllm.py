@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from vllm_seqkv.bench.approx_vllm import compare, markdown
+from benchmarks.approx_vllm import compare, markdown
 
 
 def dist(*probs):

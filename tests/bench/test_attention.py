@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vllm_seqkv.bench.attention import attention, check_causal, read_starts
+from benchmarks.attention import attention, check_causal, read_starts
 from vllm_seqkv.codec import make_codec
 from vllm_seqkv.codec.base import KVCodec
 from vllm_seqkv.codec.baselines import Bf16Codec, KiviKeyCodec, KiviValueCodec
@@ -32,7 +32,7 @@ class Block16(Bf16Codec):
                                      {"block_exact": True}, {"sink_tokens": 40},
                                      {"sink_tokens": 4, "block_exact": True}])
 def test_vectorised_attention_equals_token_by_token_decode(windows, monkeypatch):
-    import vllm_seqkv.bench.attention as attention_module
+    import benchmarks.attention as attention_module
 
     monkeypatch.setattr(attention_module, "QUERY_CHUNK", 32)  # several chunks, a ragged last one
     gen = torch.Generator().manual_seed(0)

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from vllm_seqkv import fixtures
-from vllm_seqkv.bench import chat
-from vllm_seqkv.bench.forward import run_window
-from vllm_seqkv.bench.generate import generate
-from vllm_seqkv.bench.model import LlamaForward
-from vllm_seqkv.bench.quality import PositionTally
+import seqkv_fixtures as fixtures
+from benchmarks import chat
+from benchmarks.forward import run_window
+from benchmarks.generate import generate
+from benchmarks.model import LlamaForward
+from benchmarks.quality import PositionTally
 from vllm_seqkv.codec import make_codec
 from vllm_seqkv.codec.base import KVCodec, Packed, SlotLayout, TensorCodec
 

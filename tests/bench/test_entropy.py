@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from vllm_seqkv import fixtures
-from vllm_seqkv.bench import predictors as P
-from vllm_seqkv.bench.entropy import EntropySettings, channel_entropy, entropy_markdown, measure
+import seqkv_fixtures as fixtures
+from benchmarks import predictors as P
+from benchmarks.entropy import EntropySettings, channel_entropy, entropy_markdown, measure
 
 SHAPE = (2, 64, 3, 2, 8)  # windows, positions, layers, kv heads, head_dim
 

@@ -1,7 +1,7 @@
 import torch
 
-from vllm_seqkv.bench.forward import run_window
-from vllm_seqkv.bench.model import LlamaForward
+from benchmarks.forward import run_window
+from benchmarks.model import LlamaForward
 from vllm_seqkv.codec import make_codec
 
 

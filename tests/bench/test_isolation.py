@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from vllm_seqkv.bench.isolation import permutation_p
+from benchmarks.isolation import permutation_p
 
 
 def test_permutation_p_separates_shifted_samples_and_not_equal_ones():

@@ -4,7 +4,7 @@ table with transformers' forward; the ruler's own forward (another implementatio
 import torch
 
 from vllm_seqkv import calibrate
-from vllm_seqkv.bench.model import LlamaForward, rope_tables
+from benchmarks.model import LlamaForward, rope_tables
 from vllm_seqkv.codec.token_table import TokenTableCodec
 
 

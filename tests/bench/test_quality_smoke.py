@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from vllm_seqkv import fixtures
-from vllm_seqkv.bench.__main__ import main
-from vllm_seqkv.bench.quality import QualitySettings, evaluate
+import seqkv_fixtures as fixtures
+from benchmarks.__main__ import main
+from benchmarks.quality import QualitySettings, evaluate
 
 RECORD_KEYS = {"codec", "bits_per_element", "ppl", "ppl_ref", "delta_ppl_pct", "kl", "model", "text",
                "context", "date", "command"}
@@ -51,8 +51,8 @@ def test_cli_writes_json_plot_and_markdown(tmp_path):
     suites = [(r["suite"], r["text"].split("/")[-2], r["codec"]) for r in records]
     assert suites == [("long", "pydocs", "bf16"), ("long", "pydocs", "turbo-3"),
                       ("long", "prose", "bf16"), ("long", "prose", "turbo-3"),
-                      ("chat", "bench", "bf16"), ("chat", "bench", "turbo-3")]
-    assert records[0]["command"].startswith("python -m vllm_seqkv.bench quality --quick")
+                      ("chat", "benchmarks", "bf16"), ("chat", "benchmarks", "turbo-3")]
+    assert records[0]["command"].startswith("python -m benchmarks quality --quick")
     for r in records:
         assert r["decode_read_bits_per_element"] == pytest.approx(r["bits_per_element"])  # no dependencies
         assert r["transient_bytes_per_token"] == 0

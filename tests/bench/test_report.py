@@ -1,4 +1,4 @@
-from vllm_seqkv.bench.report import replace_section
+from benchmarks.report import replace_section
 
 
 def test_replace_section_touches_only_its_section(tmp_path):

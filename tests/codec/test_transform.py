@@ -69,11 +69,11 @@ def test_packed_bytes_equal_claimed_bits_and_slots_are_independent(dim, bits):
 
 
 def bit_plane_stream(codec, codes):
-    """The slot layout as defined (what the kernels read through ``_comp``/``_plane``): bit
-    ``j`` of component ``_comp[h, k]``'s code at stream position ``k`` (``j = _plane[h, k]``),
+    """The slot layout as defined (what the kernels read): bit ``j`` of component
+    ``plane_component[h, k]``'s code at stream position ``k`` (``j = plane_index[h, k]``),
     stream bit ``k`` = bit ``k % 8`` of byte ``k // 8``."""
     tokens = codes.shape[0]
-    bits = (codes.long().gather(-1, codec._comp.expand(tokens, -1, -1)) >> codec._plane) & 1
+    bits = (codes.long().gather(-1, codec.plane_component.expand(tokens, -1, -1)) >> codec.plane_index) & 1
     weights = 1 << torch.arange(8)
     return (bits.reshape(*bits.shape[:-1], -1, 8) * weights).sum(-1).to(torch.uint8)
 

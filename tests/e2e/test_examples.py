@@ -36,7 +36,7 @@ def test_capacity_gain(tiny_model_dir):
 
 
 def test_openai_chat_against_the_server(tiny_model_dir, tmp_path):
-    from vllm_seqkv.bench.server import VllmServer
+    from benchmarks.server import VllmServer
 
     args = ["--served-model-name", "tiny", "--max-model-len", "512",
             "--kv-cache-memory-bytes", str(32 << 20), "--kv-cache-backend", "seqkv"]

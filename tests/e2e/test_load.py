@@ -11,8 +11,8 @@ import urllib.request
 import httpx
 import pytest
 
-from vllm_seqkv.bench.server import VllmServer
-from vllm_seqkv.bench import load
+from benchmarks.server import VllmServer
+from benchmarks import load
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -22,8 +22,8 @@ import time
 import httpx
 import pytest
 
-from vllm_seqkv.bench import load
-from vllm_seqkv.bench.server import VllmServer
+from benchmarks import load
+from benchmarks.server import VllmServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

@@ -5,7 +5,7 @@ import re
 import openai
 import pytest
 
-from vllm_seqkv.bench.server import VllmServer
+from benchmarks.server import VllmServer
 from vllm_seqkv.integration.backend import ACTIVE_MARKER
 
 pytestmark = pytest.mark.e2e

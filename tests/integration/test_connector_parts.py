@@ -7,10 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_seqkv.integration.connector import (
+from vllm_seqkv.integration.cold_tier import (
+    BlockJob,
     BlockStore,
+    ColdTierMetadata,
+    ColdTierScheduler,
+    ColdTierWorker,
     ColdTierWorkerMetadata,
-    SeqKVColdTierConnector,
     block_key,
 )
 from vllm_seqkv.integration.engine_codec import SinkTable
@@ -82,15 +85,15 @@ def test_keys_depend_on_namespace_and_hash():
     assert block_key(b"n1", b"h") != block_key(b"n2", b"h") != block_key(b"n1", b"g")
 
 
-def fake_connector(held, eviction="plt"):
-    c = SeqKVColdTierConnector.__new__(SeqKVColdTierConnector)
-    c.block_size, c.ns, c._probe, c._probe_off_until = BS, b"ns", None, 0.0
-    c.cold = SimpleNamespace(kind="cpu", eviction=eviction)
-    c._held = {block_key(b"ns", h): 100 for h in held}
-    c._saving, c._lookup_start, c._saves, c._loads, c._accesses = set(), {}, [], [], []
-    c._loading_reqs, c._failed_until = set(), {}
-    c._approx, c._approx_allowed, c._approx_plans = None, 0, {}
-    c._approx_stats, c._approx_delta, c.store = {"approx_requests": 0, "approx_blocks": 0}, None, None
+def cold_options(**overrides):
+    return SimpleNamespace(**{"kind": "cpu", "eviction": "plt", "save_queue_bytes": 1 << 30,
+                              "approximate": None, **overrides})
+
+
+def fake_connector(held, eviction="plt", **kwargs):
+    """The scheduler side, holding the blocks of hashes ``held``."""
+    c = ColdTierScheduler(cold_options(eviction=eviction), b"ns", BS, **kwargs)
+    c.held = {block_key(b"ns", h): 100 for h in held}
     return c
 
 
@@ -126,7 +129,8 @@ def test_finished_request_saves_only_blocks_not_held_and_holds_its_blocks():
     assert c.request_finished(r, [4, 5, 6, 7]) == (False, None)  # in flight: not again
     c.update_connector_output(SimpleNamespace(kv_connector_worker_meta=ColdTierWorkerMetadata(
         {job.keys[0]: 123, job.keys[1]: None})))
-    assert job.keys[0] in c._held and job.keys[1] not in c._held and not c._saving
+    assert job.keys[0] in c.held and job.keys[1] not in c.held
+    assert c.request_finished(r, [4, 5, 6, 7])[0]  # the dropped block is saved again
 
 
 def test_redis_down_is_a_miss_with_a_warning(caplog):
@@ -143,8 +147,7 @@ def test_redis_down_is_a_miss_with_a_warning(caplog):
         assert not st.save(b"r" * 20, 0)  # worker: save fails, no exception
         assert not st.load(b"r" * 20, 0)  # worker: load misses -> vLLM recomputes
     assert "failed" in caplog.text
-    c = fake_connector([])
-    c._probe, c.cold = st.tier, SimpleNamespace(kind="redis", url=url)
+    c = ColdTierScheduler(cold_options(kind="redis", url=url), b"ns", BS, probe=st.tier)
     r = request([b"h0", b"h1"], 2 * BS + 1)
     assert c.get_num_new_matched_tokens(r, 0) == (0, False)  # scheduler: nothing to load
     assert c._probe_off_until > 0  # and no probe (timeout) per request for a while
@@ -152,7 +155,7 @@ def test_redis_down_is_a_miss_with_a_warning(caplog):
 
 def test_code_level_coder_only_with_a_prior_fitted_for_these_slots(tiny_model_dir, tmp_path):
     from vllm_seqkv.config import SeqKVConfig
-    from vllm_seqkv.integration.connector import code_model_for_engine
+    from vllm_seqkv.integration.cold_tier import code_model_for_engine
     from vllm_seqkv.integration.engine_codec import EngineCodec
     from vllm_seqkv.plt.code_model import CodeModelCodec
 
@@ -193,58 +196,40 @@ def test_lru_eviction_sends_no_key_chains():
 
 def worker_connector(tier, blocks_held: int):
     from vllm_seqkv.plt.placement import LearnedEviction
-    from vllm_seqkv.plt.tiers import BackgroundSaver
 
     st = store(tier, entropy=False)
     tier.capacity_bytes = blocks_held * len(tier.encode(b"k" * 20, st.read(0, False)))
     tier.set_placement(LearnedEviction(BS))
-    c = fake_connector([])
-    c.store, c.saver = st, BackgroundSaver(tier, st.lock, 1 << 30)
-    c._changed, c._done_sending = set(), set()
-    c.stats = {"saves_dropped": 0, "copy_s": 0.0}
-    return c
+    return ColdTierWorker(cold_options(), BS, st)
 
 
 def test_worker_hands_key_chains_to_the_tier_placement_before_saving():
-    from vllm_seqkv.integration.connector import BlockJob, ColdTierMetadata
-
     tier = MemoryTier()
     c = worker_connector(tier, blocks_held=3)
     chains = [[block_key(b"ns", h) for h in hs] for hs in ([b"s", b"a"], [b"s", b"b"])]
     for chain, blocks in zip(chains, ([0, 1], [0, 2])):
-        c._connector_metadata = ColdTierMetadata(
-            saves=[BlockJob("r", blocks, chain, starts=[True, False])], accesses=[chain])
-        c.wait_for_save()
+        c.wait_for_save(ColdTierMetadata(
+            saves=[BlockJob("r", blocks, chain, starts=[True, False])], accesses=[chain]))
         assert c.saver.flush(30)
     placement = tier.placement
     assert placement.now == 2 and {n.hash for n in placement.trie.leaves()} == {
         chains[0][1], chains[1][1]}
     assert len(tier) == 3 and not placement.untracked
-    c._connector_metadata = ColdTierMetadata(
+    c.wait_for_save(ColdTierMetadata(
         saves=[BlockJob("r", [3], [block_key(b"ns", b"c")], starts=[False])],
-        accesses=[[chains[0][0], block_key(b"ns", b"c")]])
-    c.wait_for_save()
+        accesses=[[chains[0][0], block_key(b"ns", b"c")]]))
     assert c.saver.close(30)
     assert len(tier) == 3 and chains[0][0] in tier  # a leaf went, never the shared root
 
 
 # ---- asynchronous loads (the loader thread) ----------------------------------------------
 def loading_connector(tier, seed=1):
-    """A worker-side connector on ``pages(seed)`` with its saver and loader threads."""
-    from vllm_seqkv.plt.tiers import BackgroundSaver, JobThread
-
-    c = fake_connector([])
-    c._init_worker_state()
-    c._inventory_sent = True
-    c.store = BlockStore(tier, pages(seed), SinkTable(1), D)
-    c.saver = BackgroundSaver(tier, c.store.lock, 1 << 30)
-    c.loader = JobThread(c._run_load, name="seqkv-cold-loader")
-    return c
+    """The worker side on ``pages(seed)`` with its saver and loader threads."""
+    return ColdTierWorker(cold_options(), BS, BlockStore(tier, pages(seed), SinkTable(1), D),
+                          inventory_sent=True)
 
 
 def load_meta(req_id, block_ids, keys):
-    from vllm_seqkv.integration.connector import BlockJob, ColdTierMetadata
-
     return ColdTierMetadata(loads=[BlockJob(req_id, list(block_ids), list(keys))])
 
 
@@ -294,8 +279,7 @@ def test_load_runs_on_the_loader_thread_and_is_reported_once_pages_and_sinks_are
     before = [p[[5, 1]].clone() for p in dst.pages]
     gate, seen = threading.Event(), []
     gate_loads(c, gate, seen)
-    c._connector_metadata = load_meta("r", [5, 1], keys)
-    c.start_load_kv(None)  # returns at once: the thread waits for the gate
+    c.start_load_kv(load_meta("r", [5, 1], keys))  # returns at once: the thread waits for the gate
     assert step(c) == (set(), set())  # not reported while loading, nothing written yet
     assert all(torch.equal(p[[5, 1]], b) for p, b in zip(dst.pages, before))
     gate.set()
@@ -330,9 +314,8 @@ def test_failed_block_is_reported_with_finished_recving_and_later_blocks_stay_un
     c = loading_connector(DiskTier(tmp_path, src.tier.codec))
     dst = c.store
     before = [p.clone() for p in dst.pages]
-    c._connector_metadata = load_meta("r", [3, 4, 5, 1], keys)
     with caplog.at_level("WARNING"):
-        c.start_load_kv(None)
+        c.start_load_kv(load_meta("r", [3, 4, 5, 1], keys))
         reported = {}
         for i in range(200):  # steps until the request is reported
             recving, errors = step(c)
@@ -353,9 +336,9 @@ def test_failed_block_is_reported_with_finished_recving_and_later_blocks_stay_un
     meta = c.build_connector_worker_meta()
     assert meta.failed == {keys[1]} and meta.held[keys[1]] is None
     s = fake_connector([])
-    s._held = {k: 1 for k in keys}
+    s.held = {k: 1 for k in keys}
     s.update_connector_output(SimpleNamespace(finished_recving={"r"}, kv_connector_worker_meta=meta))
-    s._key = lambda h: h  # the test's keys stand for the block hashes
+    s.key_of = lambda h: h  # the test's keys stand for the block hashes
     r = request(keys, 4 * BS + 1)
     assert s.get_num_new_matched_tokens(r, 0) == (BS, True)  # block 0 only
     c.shutdown()
@@ -367,8 +350,7 @@ def test_request_finished_while_loading_skips_the_rest_and_is_reported_for_freei
     before = [p.clone() for p in c.store.pages]
     gate, seen = threading.Event(), []
     gate_loads(c, gate, seen)
-    c._connector_metadata = load_meta("r", [3, 4, 5], keys)
-    c.start_load_kv(None)
+    c.start_load_kv(load_meta("r", [3, 4, 5], keys))
     deadline = time.time() + 30
     while not seen and time.time() < deadline:  # the thread is inside the first block
         time.sleep(0.01)
@@ -386,7 +368,7 @@ def test_request_finished_while_loading_skips_the_rest_and_is_reported_for_freei
     s = fake_connector([])
     r = request([b"h0", b"h1", b"h2"], 3 * BS + 1)
     assert s.get_num_new_matched_tokens(r, 0) == (0, False)
-    s._held = {block_key(b"ns", h): 1 for h in (b"h0", b"h1")}
+    s.held = {block_key(b"ns", h): 1 for h in (b"h0", b"h1")}
     assert s.get_num_new_matched_tokens(r, 0) == (2 * BS, True)
     s.update_state_after_alloc(r, SimpleNamespace(get_block_ids=lambda: ([3, 4, 5, 6],)), 2 * BS)
     r.num_computed_tokens = 2 * BS
@@ -395,7 +377,7 @@ def test_request_finished_while_loading_skips_the_rest_and_is_reported_for_freei
 
 
 def test_shutdown_waits_for_a_pending_load_within_a_bound(monkeypatch, caplog):
-    import vllm_seqkv.integration.connector as connector
+    import vllm_seqkv.integration.cold_tier.worker as worker
 
     src, keys = saved_source(MemoryTier(), {0: True, 1: False})
     c = loading_connector(src.tier)
@@ -406,8 +388,7 @@ def test_shutdown_waits_for_a_pending_load_within_a_bound(monkeypatch, caplog):
         return inner(key, block)
 
     c.store.load_pages = slow
-    c._connector_metadata = load_meta("r", [4, 5], keys)
-    c.start_load_kv(None)
+    c.start_load_kv(load_meta("r", [4, 5], keys))
     c.shutdown()  # waits for both blocks
     assert c.stats["loaded_blocks"] == 2 and c.loader.pending == 0
     assert torch.equal(c.store.pages[0][5], src.pages[0][1])
@@ -415,9 +396,8 @@ def test_shutdown_waits_for_a_pending_load_within_a_bound(monkeypatch, caplog):
     c = loading_connector(src.tier)
     gate, seen = threading.Event(), []
     gate_loads(c, gate, seen)
-    monkeypatch.setattr(connector, "SHUTDOWN_LOAD_TIMEOUT_S", 0.5)
-    c._connector_metadata = load_meta("r", [4, 5], keys)
-    c.start_load_kv(None)
+    monkeypatch.setattr(worker, "SHUTDOWN_LOAD_TIMEOUT_S", 0.5)
+    c.start_load_kv(load_meta("r", [4, 5], keys))
     t0 = time.time()
     with caplog.at_level("WARNING"):
         c.shutdown()
@@ -427,10 +407,8 @@ def test_shutdown_waits_for_a_pending_load_within_a_bound(monkeypatch, caplog):
 
 
 def approximate_connector(allowed=2):
-    c = fake_connector([])
-    c.cold.approximate = SimpleNamespace(salt_prefix="approx:")
-    c._approx, c._approx_allowed = ApproximateIndex(BS), allowed
-    return c
+    return ColdTierScheduler(cold_options(approximate=SimpleNamespace(salt_prefix="approx:")), b"ns", BS,
+                             approx=ApproximateIndex(BS), approx_allowed=allowed)
 
 
 def finish_and_store(c, hashes, tokens, salt):
@@ -473,14 +451,14 @@ def test_approximately_served_blocks_are_never_a_near_match_source_and_dropped_k
     near = list(source)
     near[0] = 1
     finish_and_store(c, [b"n0", b"n1"], near, "approx:t1")  # an opted-in request's own blocks
-    assert len(c._approx) == 2  # only the exact source's
+    assert len(c.approx) == 2  # only the exact source's
     c.update_connector_output(SimpleNamespace(kv_connector_worker_meta=ColdTierWorkerMetadata(
         {keys[1]: None})))  # the tier dropped the source's second block
     other = list(near)
     other[0] = 2  # not the opted-in request: its own hashes hold nothing
     r = request([b"m0", b"m1"], len(other), salt="approx:t1", tokens=other)
     assert c.get_num_new_matched_tokens(r, 0) == (BS, True)
-    assert len(c._approx) == 1
+    assert len(c.approx) == 1
 
 
 def test_scheduler_side_reports_no_stats_without_approximate_reuse():
@@ -489,7 +467,7 @@ def test_scheduler_side_reports_no_stats_without_approximate_reuse():
 
 def test_gate_measured_for_another_model_is_refused_at_start_up(tmp_path, caplog):
     from vllm_seqkv.config import ApproximateReuseConfig
-    from vllm_seqkv.integration.connector import approximate_reuse_for
+    from vllm_seqkv.integration.cold_tier import approximate_reuse_for
     from vllm_seqkv.plt.approximate import QualityGate
 
     QualityGate("SmolLM2-135M-Instruct", {1: 0.001, 2: 0.01}).save(tmp_path / "g.json")

@@ -2,7 +2,7 @@
 
 import json
 
-from vllm_seqkv.kernels import bench_gpu
+from benchmarks import gpu_kernels as bench_gpu
 
 
 def test_layout_is_the_preset_bit_budget():

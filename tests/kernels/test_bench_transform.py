@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vllm_seqkv.kernels import bench_gpu
+from benchmarks import gpu_kernels as bench_gpu
 from vllm_seqkv.kernels.reference import transform_decode_attention_reference
 
 
@@ -87,6 +87,6 @@ def test_gpu_script_parses_and_calls_the_bench_with_known_flags(tmp_path):
     script = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    assert "vllm_seqkv.kernels.bench_gpu" in text and "--budget-s" in text
+    assert "benchmarks.gpu_kernels" in text and "--budget-s" in text
     if not torch.cuda.is_available():  # flags parse, then the bench refuses without a GPU
         assert bench_gpu.main(["--out", str(tmp_path / "x.json"), "--budget-s", "5", "--skip-rot"]) == 2

@@ -1,6 +1,6 @@
 import pytest
 
-from vllm_seqkv.plt.tiers.redis_server import local_redis_server, redis_binary
+from seqkv_fixtures.redis_server import local_redis_server, redis_binary
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 import os
 
-from vllm_seqkv.plt.bench import coder_figures, restore_figures
+from benchmarks.plt import coder_figures, restore_figures
 from vllm_seqkv.plt.entropy import ColdCodec, RawCodec
 from vllm_seqkv.plt.tiers import DiskTier, MemoryTier
 

@@ -15,16 +15,18 @@ def coded():
     """Real seqkv-3 blocks of the tiny trained model: layouts from its codec, prior on train."""
     from transformers import AutoTokenizer
 
-    from vllm_seqkv import fixtures
-    from vllm_seqkv.plt.kvbytes import code_model_for, model_blocks
+    import seqkv_fixtures as fixtures
+    from vllm_seqkv.calibrate import codec_for_model
+    from vllm_seqkv.plt.cold_prior import code_model_for, model_blocks
 
     d = fixtures.tiny_model_dir()
     tok = AutoTokenizer.from_pretrained(d)
     train = tok(fixtures.corpus_path("train").read_text()[:40000])["input_ids"][:1024]
     test = tok(fixtures.corpus_path("test").read_text()[:8000])["input_ids"][:128]
-    btr, cols, elems = model_blocks(d, train)
-    bte, _, _ = model_blocks(d, test)
-    codec = code_model_for(d, btr)  # layouts from the model's seqkv-3 codec, prior on train
+    kv = codec_for_model(d, "seqkv-3")
+    btr, cols, elems = model_blocks(d, train, 16, kv)
+    bte, _, _ = model_blocks(d, test, 16, kv)
+    codec = code_model_for(d, btr, kv)  # layouts from the model's seqkv-3 codec, prior on train
     heads, slot = codec.heads, codec.slot_bytes
     assert heads * slot == cols
     return {"codec": codec, "layouts": codec.layouts, "heads": heads, "slot": slot,

@@ -3,9 +3,9 @@
 import pytest
 
 from vllm_seqkv.plt.placement import KeyTrie, LearnedEviction
-from vllm_seqkv.plt.replay import key_chain, replay
+from benchmarks.replay import key_chain, replay
 from vllm_seqkv.plt.tiers import MemoryTier
-from vllm_seqkv.plt.traces import TraceConfig, generate
+from benchmarks.traces import TraceConfig, generate
 
 BLOCK = bytes(64)
 
@@ -118,7 +118,7 @@ def test_sampled_victims_are_held_leaves_outside_the_current_chain():
 def test_replay_cli_records_the_seed_and_the_single_cache_bounds(tmp_path):
     import json
 
-    from vllm_seqkv.plt.replay import main
+    from benchmarks.replay import main
 
     out = tmp_path / "plt.json"
     out.write_text(json.dumps({"kept": 1}))

@@ -3,7 +3,7 @@ import pytest
 
 from vllm_seqkv.plt.policy import CostModel, LRUPolicy, OraclePolicy, PLTPolicy, simulate
 from vllm_seqkv.plt.trie import PrefixTrie
-from vllm_seqkv.plt.traces import TraceConfig, generate
+from benchmarks.traces import TraceConfig, generate
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,17 @@ def kv_blocks():
     """Real hot-code bytes of the tiny trained model (train text fits the prior, test is coded)."""
     from transformers import AutoTokenizer
 
-    from vllm_seqkv import fixtures
-    from vllm_seqkv.plt.kvbytes import model_blocks
+    import seqkv_fixtures as fixtures
+    from vllm_seqkv.calibrate import codec_for_model
+    from vllm_seqkv.plt.cold_prior import model_blocks
 
     d = fixtures.tiny_model_dir()
     tok = AutoTokenizer.from_pretrained(d)
     train = tok(fixtures.corpus_path("train").read_text()[:8000])["input_ids"][:256]
     test = tok(fixtures.corpus_path("test").read_text()[:8000])["input_ids"][:128]
-    btr, cols, elems = model_blocks(d, train)
-    bte, _, _ = model_blocks(d, test)
+    kv = codec_for_model(d, "seqkv-3")
+    btr, cols, elems = model_blocks(d, train, 16, kv)
+    bte, _, _ = model_blocks(d, test, 16, kv)
     return ColdCodec.fit(btr, cols), bte, elems
 
 

@@ -10,7 +10,7 @@ from vllm_seqkv.plt.tiers import TokenTier
 def coder_and_ids():
     from transformers import AutoTokenizer
 
-    from vllm_seqkv import fixtures
+    import seqkv_fixtures as fixtures
 
     d = fixtures.tiny_model_dir()
     ids = AutoTokenizer.from_pretrained(d)(fixtures.corpus_path("test").read_text()[:3000])["input_ids"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -193,11 +194,23 @@ class KVCodec:
                    + (self.block_size / 2 if self.block_exact else 0))
 
 
+class SlotField(NamedTuple):
+    """One field of a slot: ``nbytes`` per token-head of ``dtype``; ``trailing``: its shape
+    after ``[tokens, heads]``, or None for a flat token-major field."""
+
+    name: str
+    dtype: torch.dtype
+    nbytes: int
+    trailing: tuple | None
+
+
 class SlotLayout:
-    """Byte layout of one token-head slot for per-token codecs (``block_size == 1``).
+    """Byte layout of one token-head slot for per-token codecs (``block_size == 1``): the
+    public slot format that kernels, the cold coder and tests read.
 
     vLLM pages are ``[num_blocks, num_kv_heads, block_size, slot_bytes]``; a slot holds the
-    fields of one token-head concatenated in ``Packed.fields`` order (K fields, then V).
+    fields of one token-head concatenated in ``Packed.fields`` order: ``fields[0]`` (K) from
+    byte 0, then ``fields[1]`` (V) from ``key_bytes``.
     """
 
     def __init__(self, key: TensorCodec, value: TensorCodec, num_kv_heads: int, head_dim: int):
@@ -206,23 +219,22 @@ class SlotLayout:
         zeros = torch.zeros(1, num_kv_heads, head_dim)
         self.key, self.value = key, value
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self._fields = [
+        self.fields: tuple[tuple[SlotField, ...], tuple[SlotField, ...]] = tuple(
             self._field_specs(_encode(codec, codec.probe_input(num_kv_heads, head_dim), (zeros, zeros)))
-            for codec in (key, value)]
-        self.key_bytes = sum(n for _, _, n, _ in self._fields[0])
-        self.slot_bytes = self.key_bytes + sum(n for _, _, n, _ in self._fields[1])
+            for codec in (key, value))
+        self.key_bytes = sum(f.nbytes for f in self.fields[0])
+        self.slot_bytes = self.key_bytes + sum(f.nbytes for f in self.fields[1])
 
-    def _field_specs(self, packed: Packed):
-        """(name, dtype, bytes per slot, trailing shape or None for flat token-major fields)."""
+    def _field_specs(self, packed: Packed) -> tuple[SlotField, ...]:
         specs = []
         for name, t in packed.fields.items():
             nbytes = t.numel() * t.element_size()
             if nbytes % self.num_kv_heads:
                 raise CodecInputError(f"field {name!r} does not split into whole bytes per head")
             shaped = t.dim() >= 2 and tuple(t.shape[:2]) == (1, self.num_kv_heads)
-            specs.append((name, t.dtype, nbytes // self.num_kv_heads,
-                          tuple(t.shape[2:]) if shaped else None))
-        return specs
+            specs.append(SlotField(name, t.dtype, nbytes // self.num_kv_heads,
+                                   tuple(t.shape[2:]) if shaped else None))
+        return tuple(specs)
 
     def encode(self, key: torch.Tensor, value: torch.Tensor, previous=None) -> torch.Tensor:
         """``[T, H, D]`` K and V -> ``uint8 [T, H, slot_bytes]``; ``previous``: the layer
@@ -238,7 +250,7 @@ class SlotLayout:
         """``uint8 [T, H, slot_bytes]`` -> K, V as float32 ``[T, H, D]``."""
         tokens, heads = slots.shape[:2]
         out, start = [], 0
-        for codec, specs in ((self.key, self._fields[0]), (self.value, self._fields[1])):
+        for codec, specs in zip((self.key, self.value), self.fields):
             fields = {}
             for name, dtype, nbytes, trailing in specs:
                 raw = slots[..., start:start + nbytes].contiguous()

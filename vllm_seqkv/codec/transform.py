@@ -188,13 +188,16 @@ class TransformCodec(TensorCodec):
             pairs = [(int(c), j) for c in order[h] for j in range(int(t.bits[h, c]))]
             comp.append([c for c, _ in pairs])
             plane.append([j for _, j in pairs])
-        self._comp = torch.tensor(comp, dtype=torch.long)  # [H, B]
-        self._plane = torch.tensor(plane, dtype=torch.long)
-        # NOTE: a component's planes are consecutive in the stream, so its code is the bit
-        # field at its first plane's offset: at most 8 bits from a byte and the next one
+        # the slot format: bit p of a head's code bytes is plane plane_index[h, p] (LSB = 0)
+        # of component plane_component[h, p]; a component's planes are consecutive, so its
+        # code is the field_bits[h, c]-bit field at bit field_offset[h, c]
+        self.plane_component = torch.tensor(comp, dtype=torch.long)  # [H, B]
+        self.plane_index = torch.tensor(plane, dtype=torch.long)
         ordered_bits = t.bits.gather(-1, order)
         offset = torch.zeros_like(t.bits).scatter_(-1, order, ordered_bits.cumsum(-1) - ordered_bits)
         offset = torch.where(t.bits > 0, offset, 0)  # a 0-bit field reads nothing from byte 0
+        self.field_offset = offset.to(torch.int32)  # [H, D]
+        self.field_bits = t.bits.to(torch.int32)
         self._field_byte = offset // 8  # [H, D]
         self._field_shift = (offset % 8).to(torch.int32)
         self._field_mask = ((1 << t.bits) - 1).to(torch.int32)

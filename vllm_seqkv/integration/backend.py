@@ -8,7 +8,7 @@ The spec's ``state_content_bytes`` is ``slot_bytes``, so vLLM's own block count 
 NOTE: what attention reads, for prefill, chunked prefill and decode alike: every cached
 position through encode→decode, except the query's own position (its K/V are in hand) and
 the preset's sink tokens (kept exact in :class:`~.engine_codec.SinkTable`). This is the rule
-the ruler (``vllm_seqkv.bench``) measures. Keys of pre-RoPE presets are un-rotated by their
+the ruler (``benchmarks``) measures. Keys of pre-RoPE presets are un-rotated by their
 position before encoding and rotated back after decoding. Cross-layer presets code layer
 ``l`` against the reconstruction of layer ``l - 1`` for the same slots, which
 :class:`~.engine_codec.LayerChain` hands up from the layer that just ran.

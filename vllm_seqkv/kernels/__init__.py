@@ -1,52 +1,31 @@
-"""Decode-time kernels over compressed KV pages, with a pure-torch fallback.
+"""Kernels over compressed KV pages: one entry point per op, dispatched by the table
+:data:`KERNELS` over (slot format, op, implementation), with the torch reference of
+:data:`REFERENCES` as the fallback and the ground truth of every test.
 
-Two slot formats, told apart by the layer's params (build them with :func:`layer_params`
-from the engine's SlotLayout, once per layer, on the cache's device):
+Slot formats (told apart by the layer's params; build them once per layer with
+:func:`layer_params` from the engine's SlotLayout): the *transform* format of the seqkv
+presets (:class:`TransformLayerParams`) and the *rotation* format of the ``seqkv-3-rot``
+ablation (:class:`LayerKernelParams`). Layer 0 of a token-table preset is a row gather
+with no kernel params (``layer_params`` refuses it, naming the codec).
 
-- rotation format (``seqkv-3-rot``, ``-rot-none``): :class:`LayerKernelParams`; Triton and
-  CUDA (``csrc/``) kernels, including a fused paged decode attention;
-- transform format (``seqkv-2/2.5/3/4``, ``seqkv-3-nox``): :class:`TransformLayerParams`;
-  Triton kernels for writing and reconstructing pages and a fused paged decode attention
-  (:mod:`.transform_decode`; every layer, cross-layer ones included), and CUDA ops
-  (``csrc/transform_*.cu``, :mod:`.cuda_ops`) for the write and the fused decode (float32
-  math; reconstruction has no CUDA op). The older "reconstruct + torch SDPA" decode stays in
-  :mod:`.transform_reconstruct` (benchmark baseline).
-
-Layer 0 of the transform presets is a token table (:mod:`vllm_seqkv.codec.token_table`):
-its slot is a row index, reconstructed by a table gather; it has no kernel params yet
-(``layer_params`` refuses it, naming the codec).
-
-Backend-facing API (``previous``: the layer below's reconstruction of the same rows in the
-coding frame, needed by cross-layer transform layers; ``rope``: a
-:func:`~vllm_seqkv.kernels.transform_params.rope_cache` table to return keys RoPE-rotated,
-transform format only):
+Ops (``previous``: the layer below's reconstruction in the coding frame, for cross-layer
+transform layers; ``rope``: a :func:`rope_cache` table, to return pre-RoPE keys rotated):
 
 - ``write_slots(key [T,H,D], value [T,H,D], slot_mapping int [T], pages uint8 [N,H,bs,S],
-  params, previous=None)`` codes new tokens into their slots in place (slot -1 = padding);
+  params, previous=None)``: code new tokens into their slots in place (slot -1 = padding);
 - ``paged_decode_attention(query [B,Hq,D], own_k [B,H,D], own_v [B,H,D], pages, block_table
-  int [B,max_blocks], seq_lens int [B], params, scale, rope=None, previous=None) -> [B,Hq,D]``:
-  one query per sequence; the last position (``seq_lens - 1``) is read exactly from
-  own_k/own_v (transform format: ``previous`` is ``[B, max_blocks * bs, H, D]``; also
-  ``skip_first`` (positions not read) and ``return_lse`` (-> ``(out, lse [B, Hq])``));
+  int [B,max_blocks], seq_lens int [B], params, scale, rope=None, previous=None,
+  skip_first=0, return_lse=False) -> [B,Hq,D]`` (and ``lse [B,Hq]``): one query per sequence,
+  position ``seq_lens - 1`` read exactly from own_k/own_v;
 - ``reconstruct_blocks(pages, block_ids int [M], params, previous=None, rope=None,
   block_positions=None) -> (K, V)`` float32 ``[M*bs, H, D]`` for prefill.
 
-Implementation choice (``SEQKV_KERNELS`` = ``auto`` | ``cpp`` | ``triton`` | ``cuda`` | ``torch``):
-``auto`` uses Triton on CUDA tensors and the C++ CPU ops (``cpp``, :mod:`.cpu_ops`,
-``csrc/cpu/``) on CPU tensors when ``vllm_seqkv._cpu`` is built, else the torch reference with
-ONE warning (``seqkv: C++ CPU kernels not built (...); using the slow torch path``); on a GPU
-without Triton it falls back to the reference with a warning. ``cpp`` covers the transform
-format without cross-layer prediction (``seqkv-3-nox``; every call of :func:`write_slots`,
-:func:`paged_decode_attention`, :func:`reconstruct_blocks`); other params (rotation format,
-cross-layer layers) run the torch reference under ``cpp`` (:func:`runs_kernel` says which).
-``SEQKV_KERNELS=cpp`` where the extension does not load is an error. ``torch`` stays the
-reference. ``cuda`` on the transform format runs
-the CUDA ops for ``write_slots`` and ``paged_decode_attention`` when ``vllm_seqkv._C`` is built
-(else Triton, with a warning) and Triton for ``reconstruct_blocks`` (no CUDA op; warning).
-The CUDA ops' per-element math (``csrc/transform_format.cuh``) is checked on CPU by compiling it
-with g++ into a host test (tests/kernels/test_transform_host.py); their thread/block structure
-only on a GPU (tests/kernels/test_cuda_ops.py, never run so far). The choice is logged once
-per device.
+Implementation (``SEQKV_KERNELS`` = ``auto`` | ``cpp`` | ``triton`` | ``cuda`` | ``torch``):
+``auto`` is Triton on CUDA tensors and the C++ CPU ops (``csrc/cpu/``) on CPU tensors, or the
+torch reference with ONE warning when those are missing. ``cpp`` covers transform layers
+without cross-layer prediction (others run the reference; :func:`runs_kernel` says which);
+``cuda`` runs the CUDA ops (``csrc/*.cu``) where the table has one and Triton otherwise, with
+a warning. The choice is logged once per device.
 """
 
 from __future__ import annotations
@@ -164,23 +143,66 @@ def _layout(params):
     return params.layout
 
 
-def _transform_kind(device: torch.device, has_cuda_op: bool = True) -> str:
-    """Implementation of one transform-format call; ``cuda`` runs the CUDA op when the
-    extension is built and the call has one (write, fused decode), else Triton with a warning."""
-    kind = implementation(device)
-    if kind != "cuda":
-        return kind
-    from vllm_seqkv.kernels.cuda_ops import load_cuda_ops
+# (slot format, op, implementation) -> "module:function" of this package; the torch reference
+# of each (format, op) takes the params' SlotLayout where the kernels take the params
+KERNELS = {
+    ("transform", "write", "cpp"): "cpu_ops:write_transform_slots_cpp",
+    ("transform", "write", "cuda"): "cuda_ops:write_transform_slots_cuda",
+    ("transform", "write", "triton"): "transform_write:write_transform_slots",
+    ("transform", "decode", "cpp"): "cpu_ops:transform_decode_attention_cpp",
+    ("transform", "decode", "cuda"): "cuda_ops:transform_decode_attention_cuda",
+    ("transform", "decode", "triton"): "transform_decode:fused_transform_decode_attention",
+    ("transform", "reconstruct", "cpp"): "cpu_ops:reconstruct_transform_blocks_cpp",
+    ("transform", "reconstruct", "triton"): "transform_reconstruct:reconstruct_transform_blocks",
+    ("rotation", "write", "cuda"): "cuda_ops:write_slots_cuda",
+    ("rotation", "write", "triton"): "write_kernel:write_slots_triton",
+    ("rotation", "decode", "cuda"): "cuda_ops:paged_decode_attention_cuda",
+    ("rotation", "decode", "triton"): "decode_attention:paged_decode_attention_triton",
+    ("rotation", "reconstruct", "triton"): "reconstruct:reconstruct_blocks_triton",
+}
+REFERENCES = {
+    ("transform", "write"): "reference:write_transform_reference",
+    ("transform", "decode"): "reference:transform_decode_attention_reference",
+    ("transform", "reconstruct"): "reference:reconstruct_transform_reference",
+    ("rotation", "write"): "reference:write_slots_reference",
+    ("rotation", "decode"): "reference:paged_decode_attention_reference",
+    ("rotation", "reconstruct"): "reference:reconstruct_blocks_reference",
+}
 
-    if has_cuda_op and load_cuda_ops():
-        return "cuda"
-    why = "no CUDA op for it" if load_cuda_ops() else "vllm_seqkv._C is not built"
-    key = ("cuda-transform", f"{device}:{why}")
-    if key not in _announced:
-        _announced.add(key)
-        logger.warning("seqkv kernels: transform format with SEQKV_KERNELS=cuda but %s; using Triton on %s",
-                       why, device)
-    return "triton"
+
+def _function(path: str):
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def _kernel_for(fmt: str, op: str, params, device: torch.device):
+    """The kernel of one call, or None for the torch reference. ``cuda`` without a CUDA op for
+    the call (or without the built extension) runs Triton, with one warning per device."""
+    kind = implementation(device)
+    if kind == "cpp" and fmt == "transform" and not _cpp_covers(params):
+        return None
+    if kind == "cuda":
+        from vllm_seqkv.kernels.cuda_ops import load_cuda_ops
+
+        if (fmt, op, "cuda") not in KERNELS or not load_cuda_ops():
+            why = "vllm_seqkv._C is not built" if not load_cuda_ops() else f"no CUDA op for {fmt} {op}"
+            key = ("cuda-fallback", f"{device}:{why}")
+            if key not in _announced:
+                _announced.add(key)
+                logger.warning("seqkv kernels: SEQKV_KERNELS=cuda but %s; using Triton on %s", why, device)
+            kind = "triton"
+    path = KERNELS.get((fmt, op, kind))
+    return _function(path) if path else None
+
+
+def _run(fmt: str, op: str, params, device: torch.device, head: tuple, tail: tuple = (), **extra):
+    """``kernel(*head, params, *tail, **extra)`` or ``reference(*head, layout, *tail, **extra)``."""
+    kernel = _kernel_for(fmt, op, params, device)
+    if kernel is not None:
+        return kernel(*head, params, *tail, **extra)
+    return _function(REFERENCES[(fmt, op)])(*head, _layout(params), *tail, **extra)
 
 
 def _needs_previous(params: TransformLayerParams, previous) -> None:
@@ -198,90 +220,34 @@ def _rotation_only(rope, previous) -> None:
 
 def write_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
                 pages: torch.Tensor, params, previous=None) -> None:
+    head = (key, value, slot_mapping, pages)
     if isinstance(params, TransformLayerParams):
         _needs_previous(params, previous)
-        kind = _transform_kind(pages.device)
-        if kind == "cpp" and not params.cross_layer:
-            from vllm_seqkv.kernels.cpu_ops import write_transform_slots_cpp
-            return write_transform_slots_cpp(key, value, slot_mapping, pages, params, previous)
-        if kind == "cuda":
-            from vllm_seqkv.kernels.cuda_ops import write_transform_slots_cuda
-            return write_transform_slots_cuda(key, value, slot_mapping, pages, params, previous)
-        if kind == "triton":
-            from vllm_seqkv.kernels.transform_write import write_transform_slots
-            return write_transform_slots(key, value, slot_mapping, pages, params, previous)
-        from vllm_seqkv.kernels.reference import write_transform_reference
-        return write_transform_reference(key, value, slot_mapping, pages, _layout(params), previous)
+        return _run("transform", "write", params, pages.device, head, (previous,))
     _rotation_only(None, previous)
-    kind = implementation(pages.device)
-    if kind == "triton":
-        from vllm_seqkv.kernels.write_kernel import write_slots_triton
-        return write_slots_triton(key, value, slot_mapping, pages, params)
-    if kind == "cuda":
-        from vllm_seqkv.kernels.cuda_ops import write_slots_cuda
-        return write_slots_cuda(key, value, slot_mapping, pages, params)
-    from vllm_seqkv.kernels.reference import write_slots_reference
-    return write_slots_reference(key, value, slot_mapping, pages, _layout(params))
+    return _run("rotation", "write", params, pages.device, head)
 
 
 def paged_decode_attention(query: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
                            pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                            params, scale: float, rope: torch.Tensor | None = None,
                            previous=None, skip_first: int = 0, return_lse: bool = False):
+    head = (query, own_k, own_v, pages, block_table, seq_lens)
     if isinstance(params, TransformLayerParams):
         _needs_previous(params, previous)
-        extra = dict(rope=rope, previous=previous, skip_first=skip_first, return_lse=return_lse)
-        kind = _transform_kind(pages.device)
-        if kind == "cpp" and not params.cross_layer:
-            from vllm_seqkv.kernels.cpu_ops import transform_decode_attention_cpp
-            return transform_decode_attention_cpp(query, own_k, own_v, pages, block_table, seq_lens,
-                                                  params, scale, **extra)
-        if kind == "cuda":
-            from vllm_seqkv.kernels.cuda_ops import transform_decode_attention_cuda
-            return transform_decode_attention_cuda(query, own_k, own_v, pages, block_table, seq_lens,
-                                                   params, scale, **extra)
-        if kind == "triton":
-            from vllm_seqkv.kernels.transform_decode import fused_transform_decode_attention
-            return fused_transform_decode_attention(query, own_k, own_v, pages, block_table, seq_lens,
-                                                    params, scale, **extra)
-        from vllm_seqkv.kernels.reference import transform_decode_attention_reference
-        return transform_decode_attention_reference(query, own_k, own_v, pages, block_table, seq_lens,
-                                                    _layout(params), scale, **extra)
+        return _run("transform", "decode", params, pages.device, head, (scale,), rope=rope,
+                    previous=previous, skip_first=skip_first, return_lse=return_lse)
     _rotation_only(rope, previous)
     if skip_first or return_lse:
         raise KernelArgumentError("skip_first/return_lse apply to the transform format only")
-    kind = implementation(pages.device)
-    if kind == "triton":
-        from vllm_seqkv.kernels.decode_attention import paged_decode_attention_triton
-        return paged_decode_attention_triton(query, own_k, own_v, pages, block_table, seq_lens,
-                                             params, scale)
-    if kind == "cuda":
-        from vllm_seqkv.kernels.cuda_ops import paged_decode_attention_cuda
-        return paged_decode_attention_cuda(query, own_k, own_v, pages, block_table, seq_lens,
-                                           params, scale)
-    from vllm_seqkv.kernels.reference import paged_decode_attention_reference
-    return paged_decode_attention_reference(query, own_k, own_v, pages, block_table, seq_lens,
-                                            _layout(params), scale)
+    return _run("rotation", "decode", params, pages.device, head, (scale,))
 
 
 def reconstruct_blocks(pages: torch.Tensor, block_ids: torch.Tensor, params, previous=None,
                        rope: torch.Tensor | None = None, block_positions: torch.Tensor | None = None):
     if isinstance(params, TransformLayerParams):
         _needs_previous(params, previous)
-        kind = _transform_kind(pages.device, has_cuda_op=False)
-        if kind == "cpp" and not params.cross_layer:
-            from vllm_seqkv.kernels.cpu_ops import reconstruct_transform_blocks_cpp
-            return reconstruct_transform_blocks_cpp(pages, block_ids, params, previous, rope, block_positions)
-        if kind == "triton":
-            from vllm_seqkv.kernels.transform_reconstruct import reconstruct_transform_blocks
-            return reconstruct_transform_blocks(pages, block_ids, params, previous, rope, block_positions)
-        from vllm_seqkv.kernels.reference import reconstruct_transform_reference
-        return reconstruct_transform_reference(pages, block_ids, _layout(params), previous, rope,
-                                               block_positions)
+        return _run("transform", "reconstruct", params, pages.device, (pages, block_ids),
+                    (previous, rope, block_positions))
     _rotation_only(rope, previous)
-    kind = implementation(pages.device)
-    if kind == "triton":
-        from vllm_seqkv.kernels.reconstruct import reconstruct_blocks_triton
-        return reconstruct_blocks_triton(pages, block_ids, params)
-    from vllm_seqkv.kernels.reference import reconstruct_blocks_reference
-    return reconstruct_blocks_reference(pages, block_ids, _layout(params))
+    return _run("rotation", "reconstruct", params, pages.device, (pages, block_ids))

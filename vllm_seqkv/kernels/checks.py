@@ -38,3 +38,23 @@ def check_pages(pages: torch.Tensor, params: LayerKernelParams) -> None:
                  (torch.uint8,), pages.device)
     expect(params.device == pages.device,
            f"layer params on {params.device} but pages on {pages.device}: call params.to(device)")
+
+
+def check_decode_inputs(query, own_k, own_v, block_table, seq_lens, rope, skip_first: int,
+                        heads: int, dim: int, device: torch.device) -> None:
+    """The decode-attention inputs every implementation takes: query ``[B, Hq, D]`` with
+    ``Hq`` a multiple of ``heads``, own_k/own_v ``[B, H, D]``, block_table ``[B, max_blocks]``,
+    seq_lens ``[B]`` (contiguous), a float32 ``rope`` table ``[P, D]`` or None."""
+    check_tensor("query", query, (None, None, dim), FLOAT_DTYPES, device)
+    batch, q_heads = query.shape[:2]
+    expect(q_heads % heads == 0, f"query heads {q_heads} are not a multiple of kv heads {heads}")
+    check_tensor("own_k", own_k, (batch, heads, dim), FLOAT_DTYPES, device)
+    check_tensor("own_v", own_v, (batch, heads, dim), FLOAT_DTYPES, device)
+    check_tensor("block_table", block_table, (batch, None), INDEX_DTYPES, device)
+    check_tensor("seq_lens", seq_lens, (batch,), INDEX_DTYPES, device)
+    expect(seq_lens.is_contiguous(), "seq_lens must be contiguous")
+    expect(block_table.numel() > 0 or batch == 0, "block_table is empty")
+    expect(skip_first >= 0, f"skip_first must be >= 0, got {skip_first}")
+    if rope is not None:
+        check_tensor("rope", rope, (None, dim), (torch.float32,), device)
+        expect(rope.is_contiguous(), "rope: must be contiguous")

@@ -26,6 +26,7 @@ from vllm_seqkv.kernels.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     KernelArgumentError,
+    check_decode_inputs,
     check_pages,
     check_tensor,
     expect,
@@ -154,15 +155,8 @@ def transform_decode_attention_cpp(query, own_k, own_v, pages, block_table, seq_
     _check_common(pages, params, "decode attention")
     expect(previous is None, "previous: the C++ CPU decode reads layers without cross-layer prediction")
     device, heads, dim = pages.device, params.num_kv_heads, params.head_dim
-    check_tensor("query", query, (None, None, dim), FLOAT_DTYPES, device)
-    batch, q_heads = query.shape[:2]
-    expect(q_heads % heads == 0, f"query heads {q_heads} are not a multiple of kv heads {heads}")
-    check_tensor("own_k", own_k, (batch, heads, dim), FLOAT_DTYPES, device)
-    check_tensor("own_v", own_v, (batch, heads, dim), FLOAT_DTYPES, device)
-    check_tensor("block_table", block_table, (batch, None), INDEX_DTYPES, device)
-    check_tensor("seq_lens", seq_lens, (batch,), INDEX_DTYPES, device)
-    expect(block_table.numel() > 0 or batch == 0, "block_table is empty")
-    expect(skip_first >= 0, f"skip_first must be >= 0, got {skip_first}")
+    check_decode_inputs(query, own_k, own_v, block_table, seq_lens, rope, skip_first, heads, dim, device)
+    batch = query.shape[0]
     if batch and rope is not None:
         _check_rope(rope, int(seq_lens.max()) - 1, dim, device)
     k, v = params.key, params.value

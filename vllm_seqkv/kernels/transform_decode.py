@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_seqkv.kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_pages, check_tensor, expect
+from vllm_seqkv.kernels.checks import check_decode_inputs, check_pages, expect
 from vllm_seqkv.kernels.decode_attention import choose_splits
 from vllm_seqkv.kernels.transform_params import TransformLayerParams
 from vllm_seqkv.kernels.transform_reconstruct import (
@@ -179,20 +179,9 @@ def check_fused_args(query, own_k, own_v, pages, block_table, seq_lens, params: 
     check_pages(pages, params)
     device, heads, dim = pages.device, params.num_kv_heads, params.head_dim
     expect(pages.stride(3) == 1, f"pages: last dimension must be contiguous, strides {pages.stride()}")
-    check_tensor("query", query, (None, None, dim), FLOAT_DTYPES, device)
-    batch, q_heads = query.shape[:2]
-    expect(q_heads % heads == 0, f"query heads {q_heads} are not a multiple of kv heads {heads}")
-    check_tensor("own_k", own_k, (batch, heads, dim), FLOAT_DTYPES, device)
-    check_tensor("own_v", own_v, (batch, heads, dim), FLOAT_DTYPES, device)
-    check_tensor("block_table", block_table, (batch, None), INDEX_DTYPES, device)
-    check_tensor("seq_lens", seq_lens, (batch,), INDEX_DTYPES, device)
-    expect(seq_lens.is_contiguous(), "seq_lens must be contiguous")
-    expect(block_table.numel() > 0 or batch == 0, "block_table is empty")
-    if rope is not None:
-        check_tensor("rope", rope, (None, dim), (torch.float32,), device)
-        expect(rope.is_contiguous(), "rope: must be contiguous")
+    check_decode_inputs(query, own_k, own_v, block_table, seq_lens, rope, skip_first, heads, dim, device)
+    batch = query.shape[0]
     expect(precision in PRECISIONS, f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
-    expect(skip_first >= 0, f"skip_first must be >= 0, got {skip_first}")
     return check_previous(previous, (batch, block_table.shape[1] * pages.shape[2], heads, dim), params,
                           device)
 

@@ -8,8 +8,9 @@ byte. Components are stored in descending-width order (stable), each component's
 
     code = (stream >> start[h, c]) & (2**bits[h, c] - 1)       (at most 2 bytes wide: bits <= 8)
 
-and ``start`` is read off the codec's own ``_comp``/``_plane`` tables (checked here, so a
-codec change that breaks the assumption fails loudly instead of decoding garbage). A stream
+and ``start`` is the codec's public ``field_offset``, checked here against its bit-plane order
+(``plane_component``/``plane_index``), so a codec change that breaks the assumption fails
+loudly instead of decoding garbage. A stream
 decodes as ``levels[h, c, code] @ inverse[h] + mean[h] (+ prev @ pred_w + pred_b)``.
 Nothing here depends on vLLM or Triton.
 """
@@ -98,21 +99,16 @@ def _split(codec: TensorCodec, strict: bool = True):
 
 
 def bit_starts(codec: TransformCodec) -> tuple[torch.Tensor, torch.Tensor]:
-    """``start``, ``nbits`` int32 ``[H, D]`` from the codec's bit-plane order (checked)."""
-    bits = codec.transform.bits.long()
-    heads, dim = bits.shape
-    start = torch.zeros(heads, dim, dtype=torch.int32)
-    comp, plane = codec._comp, codec._plane  # [H, B]: the codec's own (component, plane) order
-    for h in range(heads):
-        first = {}
-        for p, (c, j) in enumerate(zip(comp[h].tolist(), plane[h].tolist())):
-            first.setdefault(c, p)
-            if p != first[c] + j:
-                raise CodecInputError("transform slot: a component's bit planes are not contiguous "
-                                      "LSB-first (codec bit order changed?)")
-        for c, p in first.items():
-            start[h, c] = p
-    return start, bits.to(torch.int32)
+    """``start``, ``nbits`` int32 ``[H, D]``: the codec's slot format, checked against its
+    bit-plane order (a kernel reads a component as one bit field)."""
+    start, nbits = codec.field_offset, codec.field_bits
+    comp, plane = codec.plane_component, codec.plane_index  # [H, B]
+    heads = start.shape[0]
+    rows = torch.arange(heads)[:, None]
+    if not torch.equal(start[rows, comp].long() + plane, torch.arange(comp.shape[1]).expand_as(comp)):
+        raise CodecInputError("transform slot: a component's bit planes are not contiguous LSB-first "
+                              "(codec bit order changed?)")
+    return start.clone(), nbits.clone()
 
 
 def _stream(codec: TensorCodec, heads: int, dim: int, offset: int) -> TransformStreamParams:

@@ -11,7 +11,7 @@ It is off unless asked for, and bounded by a measured quality gate:
   the longest block path within ``max_substitutions`` token substitutions of the request
   (greedy: an exact child first, else the child with the fewest differing tokens);
 * :class:`QualityGate` holds KL(exact || reused) of the next-token distribution per number of
-  substituted tokens, measured on held-out text by ``python -m vllm_seqkv.bench.approx``
+  substituted tokens, measured on held-out text by ``python -m benchmarks.approx``
   (worst case over the kinds of substitution measured), and turns a KL budget into the
   largest number of substitutions it allows: 0 means exact reuse only;
 * :class:`ApproximateIndex` is what the KV connector keeps for it: the exactly computed

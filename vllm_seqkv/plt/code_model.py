@@ -115,13 +115,12 @@ def layer_layout(key, value, heads: int, head_dim: int, slot_bytes: int | None =
     pos, wid, lev, stage, extra, ids = [], [], [], [], [], []
     covered = np.zeros(width, bool)
     offset = 0
-    # NOTE: SlotLayout._fields is the field order of the slot (K fields, then V)
-    for s, (codec, specs) in enumerate(zip((key, value), lay._fields)):
+    for s, (codec, specs) in enumerate(zip((key, value), lay.fields)):
         inner = codec.inner if isinstance(codec, CrossLayerCodec) else codec
         nbytes = sum(n for _, _, n, _ in specs)
         if isinstance(inner, TransformCodec) and [n for n, *_ in specs] == ["codes"]:
             t = inner.transform
-            comp, plane = inner._comp.numpy(), inner._plane.numpy()
+            comp, plane = inner.plane_component.numpy(), inner.plane_index.numpy()
             bits = t.bits.numpy()
             levels = t.levels.double().numpy()
             for h in range(heads):

@@ -1,4 +1,4 @@
-"""`python -m vllm_seqkv.bench.approx`: what approximate prefix reuse costs in quality (the gate).
+"""`python -m benchmarks.approx`: what approximate prefix reuse costs in quality (the gate).
 
 SmolLM2 (transformers, fp32, CPU) on held-out text. For each window of ``--context``
 tokens s: the exact next-token distributions of its last ``--tail`` positions; then, for k
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_seqkv import fixtures
-from vllm_seqkv.bench.report import replace_section, run_header, write_json
+import seqkv_fixtures as fixtures
+from benchmarks.report import replace_section, run_header, write_json
 from vllm_seqkv.plt.approximate import QualityGate
 
 SECTION = "## Approximate prefix reuse"
@@ -121,7 +121,7 @@ def markdown(rec: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m vllm_seqkv.bench.approx",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.approx",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--context", type=int, default=1024)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     ks = [int(k) for k in args.ks.split(",")]
     results = measure(model, windows, args.tail, ks, args.seed)
     worst = {k: max(r["kl_nats_per_token"] for r in results if r["substitutions"] == k) for k in ks}
-    header = run_header("vllm_seqkv.bench.approx", argv)
+    header = run_header("benchmarks.approx", argv)
     gate = QualityGate(d.name, worst, header["command"])
     scale = codec_kl()
     budget = scale if scale is not None else 0.01

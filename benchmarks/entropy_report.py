@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_seqkv.bench.report import machine
+from benchmarks.report import machine
 
 PAPER_HEADLINE_RATIO = 914_000  # the paper's claimed ratio over TurboQuant "at the limit"
 

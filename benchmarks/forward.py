@@ -5,7 +5,7 @@ back after decoding when ``codec.pre_rope_keys``) and V with ``codec.codecs_for_
 (cross-layer codecs get the reconstruction of layer ``l - 1``, as the decoder has it)
 (encode -> decode over the whole window; block codecs see aligned blocks from position 0)
 and attention reads them with the decode-path semantics of
-:mod:`vllm_seqkv.bench.attention`.
+:mod:`benchmarks.attention`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_seqkv.bench.attention import QUERY_CHUNK, attention, check_causal, read_starts
-from vllm_seqkv.bench.model import LayerKV, LlamaForward, apply_rope, rope_tables
+from benchmarks.attention import QUERY_CHUNK, attention, check_causal, read_starts
+from benchmarks.model import LayerKV, LlamaForward, apply_rope, rope_tables
 from vllm_seqkv.codec.base import KVCodec
 
 

@@ -1,6 +1,6 @@
 """Serving under load: a bounded load test of the real `vllm serve`, seqkv vs auto.
 
-`python -m vllm_seqkv.bench.load [--sessions 200] [--turns 2] [--max-tokens 24]`
+`python -m benchmarks.load [--sessions 200] [--turns 2] [--max-tokens 24]`
 
 For each backend (``auto`` first, then ``seqkv``, same arguments otherwise) it starts
 `vllm serve` with the tiny test model on loopback, warms it up, then runs ``--sessions``
@@ -36,9 +36,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_seqkv import fixtures
-from vllm_seqkv.bench.report import replace_section, run_header, write_json
-from vllm_seqkv.bench.server import VllmServer
+import seqkv_fixtures as fixtures
+from benchmarks.report import replace_section, run_header, write_json
+from benchmarks.server import VllmServer
 
 SECTION = "## Serving under load"
 MODEL_NAME = "tiny"
@@ -352,7 +352,7 @@ def optional_path(text: str) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m vllm_seqkv.bench.load",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.load",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="default: the tiny test model")
     parser.add_argument("--sessions", type=int, default=200)
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = args.model or fixtures.tiny_model_dir()
     systems = system_prompts(args.systems, args.system_chars)
     record: dict = {
-        **run_header("vllm_seqkv.bench.load", argv),
+        **run_header("benchmarks.load", argv),
         "model": Path(model).name,
         "params": {"sessions": args.sessions, "turns": args.turns, "max_tokens": args.max_tokens,
                    "systems": args.systems, "system_chars": args.system_chars,

@@ -1,4 +1,4 @@
-"""`python -m vllm_seqkv.plt.replay`: the connector's cold-tier eviction, replayed on traces.
+"""`python -m benchmarks.replay`: the connector's cold-tier eviction, replayed on traces.
 
 Replays a multi-session trace (:mod:`.traces`) through the same calls the KV connector makes
 (:mod:`vllm_seqkv.integration.connector`), on a real :class:`~.tiers.MemoryTier`:
@@ -28,7 +28,7 @@ from pathlib import Path
 from vllm_seqkv.plt.placement import LearnedEviction
 from vllm_seqkv.plt.policy import CostModel, LRUPolicy, OraclePolicy, PLTPolicy, simulate
 from vllm_seqkv.plt.tiers import MemoryTier
-from vllm_seqkv.plt.traces import TraceConfig, generate
+from benchmarks.traces import TraceConfig, generate
 from vllm_seqkv.plt.trie import block_hash
 
 BLOCK_BYTES = 64
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     record = {"requests": len(trace), "seed": args.seed, "sample": args.sample,
               "hit_rate_infinite": replay(trace, 1, 10**9, "lru").hit_rate,
               "results": rows, "date": datetime.date.today().isoformat(),
-              "command": "python -m vllm_seqkv.plt.replay " + " ".join(argv or sys.argv[1:])}
+              "command": "python -m benchmarks.replay " + " ".join(argv or sys.argv[1:])}
     if args.sim:
         record["single_cache"] = single_cache(trace)
         print(json.dumps(record["single_cache"]))

@@ -1,4 +1,4 @@
-"""`python -m vllm_seqkv.plt.bench`: cold tiers, token tier and placement policy, measured.
+"""`python -m benchmarks.plt`: cold tiers, token tier and placement policy, measured.
 
 Writes benchmarks/plt.json. Per model (SmolLM2-135M with vLLM's CPU block of 128 tokens,
 the real model and what the connector holds; the tiny trained Llama fixture with blocks of
@@ -58,22 +58,24 @@ def restore_figures(tiers: dict, blocks: list[bytes], recompute_s: float) -> dic
 def measure_model(model_dir: Path, block_tokens: int, test_tokens: int, redis_url: str | None) -> dict:
     from transformers import AutoTokenizer
 
-    from vllm_seqkv import fixtures
+    import seqkv_fixtures as fixtures
     from vllm_seqkv.plt.entropy import ColdCodec, TokenCoder
-    from vllm_seqkv.plt.kvbytes import code_model_for, model_blocks
+    from vllm_seqkv.calibrate import codec_for_model
+    from vllm_seqkv.plt.cold_prior import code_model_for, model_blocks
     from vllm_seqkv.plt.tiers import DiskTier, MemoryTier, RedisTier, TokenTier
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     train = tok(fixtures.corpus_path("train").read_text()[:200_000])["input_ids"][:4096]
     test = tok(fixtures.corpus_path("test").read_text()[:100_000])["input_ids"][:test_tokens]
-    btr, cols, elems = model_blocks(model_dir, train, block_tokens)
-    bte, _, _ = model_blocks(model_dir, test, block_tokens)
-    codec = code_model_for(model_dir, btr)
+    kv = codec_for_model(model_dir, "seqkv-3")
+    btr, cols, elems = model_blocks(model_dir, train, block_tokens, kv)
+    bte, _, _ = model_blocks(model_dir, test, block_tokens, kv)
+    codec = code_model_for(model_dir, btr, kv)
     rec: dict = {"model": model_dir.name, "block_size": block_tokens, "test_tokens": len(test),
                  "hot_bits_per_element": sum(map(len, bte)) * 8 / (elems * len(bte)),
                  "hot_bytes_per_block": sum(map(len, bte)) / len(bte)}
     rec["coders"] = {name: coder_figures(c, bte, elems) for name, c in (
-        ("code_model", codec), ("code_model_no_prior", code_model_for(model_dir, None)),
+        ("code_model", codec), ("code_model_no_prior", code_model_for(model_dir, None, kv)),
         ("byte_codec", ColdCodec.fit(btr, cols)), ("byte_codec_uniform_prior", ColdCodec(cols)))}
     rec["cold_bits_per_element"] = rec["coders"]["code_model"]["bits_per_element"]
 
@@ -123,10 +125,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/plt.json")
     ap.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2")
     args = ap.parse_args(argv)
-    from vllm_seqkv import fixtures
+    import seqkv_fixtures as fixtures
     from vllm_seqkv.plt.policy import CostModel, LRUPolicy, OraclePolicy, PLTPolicy, simulate
-    from vllm_seqkv.plt.tiers.redis_server import local_redis_server, redis_binary
-    from vllm_seqkv.plt.traces import TraceConfig, generate
+    from seqkv_fixtures.redis_server import local_redis_server, redis_binary
+    from benchmarks.traces import TraceConfig, generate
 
     exe = redis_binary()
     with contextlib.ExitStack() as stack:
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
     res["trace_requests"] = len(trace)
     res["machine"] = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     res["date"] = datetime.date.today().isoformat()
-    res["command"] = "python -m vllm_seqkv.plt.bench " + " ".join(argv or sys.argv[1:])
+    res["command"] = "python -m benchmarks.plt " + " ".join(argv or sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():  # keep the records of connector_bench (vllm_restore) and plt.replay

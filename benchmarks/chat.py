@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from vllm_seqkv.bench.forward import run_window
-from vllm_seqkv.bench.generate import generate
-from vllm_seqkv.bench.model import LlamaForward
-from vllm_seqkv.bench.vllm_path import agreement  # noqa: F401  (greedy agreement, re-exported)
+from benchmarks.forward import run_window
+from benchmarks.generate import generate
+from benchmarks.model import LlamaForward
+from benchmarks.vllm_path import agreement  # noqa: F401  (greedy agreement, re-exported)
 from vllm_seqkv.codec.base import KVCodec
 
 SUITE_PATH = Path(__file__).with_name("chat_suite.json")
@@ -153,7 +153,7 @@ def answer_log_probs(model: LlamaForward, answer: Answer, codec: KVCodec | None)
 
 
 def answer_nll(log_probs: torch.Tensor, answer: Answer) -> torch.Tensor:
-    from vllm_seqkv.bench.quality import token_nll
+    from benchmarks.quality import token_nll
 
     return token_nll(log_probs, torch.tensor(answer.tokens, dtype=torch.long))
 

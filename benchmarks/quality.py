@@ -19,7 +19,7 @@ and ``transient_bytes_per_token`` (held outside the pages during a step).
 Long suite: for each window of ``context`` tokens of held-out text, the exact (uncompressed, fp32) run
 gives the reference log-probabilities; then every codec runs the same window with every
 layer's attention reading its cached past through the codec (decode-path semantics, see
-:mod:`vllm_seqkv.bench.attention`: coded before ``exact_window_start(t)`` except sinks, exact
+:mod:`benchmarks.attention`: coded before ``exact_window_start(t)`` except sinks, exact
 inside the window, own K/V always exact). Reported per codec:
 
 - ``ppl`` / ``delta_ppl_pct`` versus ``ppl_ref``, with a paired standard error over
@@ -47,15 +47,15 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from vllm_seqkv.bench.data import windows
-from vllm_seqkv.bench.forward import run_window
-from vllm_seqkv.bench.model import LlamaForward
+from benchmarks.data import windows
+from benchmarks.forward import run_window
+from benchmarks.model import LlamaForward
 from vllm_seqkv.codec import make_codec
 from vllm_seqkv.codec.base import KVCodec
 from vllm_seqkv.codec.calibration import CalibrationError
 
 if TYPE_CHECKING:
-    from vllm_seqkv.bench.chat import ChatSettings
+    from benchmarks.chat import ChatSettings
 
 SE_CHUNK = 256  # tokens per chunk for the paired standard error of Δppl
 
@@ -141,7 +141,7 @@ def evaluate(settings: QualitySettings) -> list[dict]:
         records += _long_suite(model, codecs, text, settings)
     state = None
     if settings.chat is not None:
-        from vllm_seqkv.bench.chat import prepare
+        from benchmarks.chat import prepare
 
         print("chat suite: the exact model writes the reference answers", file=sys.stderr)
         state = prepare(model, settings.model_dir, settings.chat)
@@ -150,7 +150,7 @@ def evaluate(settings: QualitySettings) -> list[dict]:
     for record in records:
         record["calibration"] = calibration[record["codec"]]
     if settings.vllm_peers:
-        from vllm_seqkv.bench.vllm_peers import peer_records
+        from benchmarks.vllm_peers import peer_records
 
         records += peer_records(model, settings, state)
     default = default_preset()
@@ -197,7 +197,7 @@ def _long_suite(model: LlamaForward, codecs: dict[str, KVCodec], text: Path,
 
 def _chat_suite(model: LlamaForward, codecs: dict[str, KVCodec], settings: QualitySettings,
                 state: dict) -> list[dict]:
-    from vllm_seqkv.bench import chat
+    from benchmarks import chat
 
     chat_settings = settings.chat
     prompts, reference, stop_ids = state["prompts"], state["reference"], state["stop_ids"]

@@ -1,6 +1,6 @@
 """Tenant isolation by timing: can one tenant tell, from latency, which prefixes another cached?
 
-`python -m vllm_seqkv.bench.isolation [--prompts 48] [--tokens 1024]`
+`python -m benchmarks.isolation [--prompts 48] [--tokens 1024]`
 
 One real `vllm serve --kv-cache-backend seqkv` (tiny test model, a KV budget that holds
 every prompt, so nothing is evicted; the cold tier's keys carry the salt the same way, see
@@ -30,10 +30,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from vllm_seqkv import fixtures
-from vllm_seqkv.bench.load import MODEL_NAME, scrape_metrics, server_args
-from vllm_seqkv.bench.report import replace_section, run_header, write_json
-from vllm_seqkv.bench.server import VllmServer
+import seqkv_fixtures as fixtures
+from benchmarks.load import MODEL_NAME, scrape_metrics, server_args
+from benchmarks.report import replace_section, run_header, write_json
+from benchmarks.server import VllmServer
 
 SECTION = "## Tenant isolation (timing)"
 HITS = "vllm:prefix_cache_hits_total"
@@ -105,7 +105,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m vllm_seqkv.bench.isolation",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.isolation",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--tokens", type=int, default=1024)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
                "latency difference" if isolated else "NOT isolated: see the attack row")
     verdict += ("; the control shows the probe detects a same-tenant hit" if sensitive else
                 "; the control did not detect same-tenant hits, so this run proves little")
-    record = {**run_header("vllm_seqkv.bench.isolation", argv),
+    record = {**run_header("benchmarks.isolation", argv),
               "model": fixtures.tiny_model_dir().name,
               "prompts": args.prompts, "tokens": args.tokens, "attack": attack, "control": control,
               "isolated": isolated, "probe_is_sensitive": sensitive, "verdict": verdict}

@@ -1,7 +1,7 @@
 """Free-running generation through the ruler's forward, with a KV codec in the cache.
 
 What a user sees when the model talks on top of its own compressed cache: the prompt is
-prefilled with the codec's decode-path reads (:func:`~vllm_seqkv.bench.forward.run_window`),
+prefilled with the codec's decode-path reads (:func:`~benchmarks.forward.run_window`),
 then each new token attends over the cache in which every earlier position is read as the
 codec decodes it (coded before ``exact_window_start``, sinks and own K/V exact; block codecs
 code a block once it is complete), batched over sequences.
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_seqkv.bench.forward import run_window
-from vllm_seqkv.bench.model import LlamaForward, apply_rope, rope_tables
+from benchmarks.forward import run_window
+from benchmarks.model import LlamaForward, apply_rope, rope_tables
 from vllm_seqkv.codec.base import KVCodec
 
 

@@ -1,6 +1,6 @@
 """Capacity and quality through the real vLLM engine: `--kv-cache-backend seqkv` vs `auto`.
 
-`python -m vllm_seqkv.bench.vllm_path [--model DIR] [--context 2048] [--windows 4]`
+`python -m benchmarks.vllm_path [--model DIR] [--context 2048] [--windows 4]`
 
 For each backend, one engine with the same ``kv_cache_memory_bytes`` reports
 - capacity: the number of KV tokens vLLM fits (its own block count x block size, the figure
@@ -22,8 +22,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from vllm_seqkv import fixtures
-from vllm_seqkv.bench.report import machine, replace_section
+import seqkv_fixtures as fixtures
+from benchmarks.report import machine, replace_section
 from vllm_seqkv.codec.presets import DEFAULT_PRESET
 
 SECTION = "## Capacity and quality through vLLM"
@@ -108,7 +108,7 @@ def markdown(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m vllm_seqkv.bench.vllm_path")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.vllm_path")
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--text", type=Path, default=None)
     parser.add_argument("--context", type=int, default=2048)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         "greedy_agreement": agreement(runs["auto"]["generations"], runs["seqkv"]["generations"]),
         "greedy_prompts": len(prompts),
         "date": dt.date.today().isoformat(),
-        "command": "python -m vllm_seqkv.bench.vllm_path " + shlex.join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.vllm_path " + shlex.join(argv or sys.argv[1:]),
     }
     if args.json:
         records = json.loads(args.json.read_text()) if args.json.exists() else []

@@ -1,10 +1,12 @@
-"""Real hot-code bytes for cold-tier tests and the bench: run a model, code its K/V.
+"""The cold tier's code-level coder prior, fitted on real hot codes of a model.
 
-``model_blocks(model_dir, ids, block_size)`` runs transformers (fp32, CPU) over ``ids``, takes
-the post-RoPE K/V of every layer from the cache, codes them with the seqkv hot codec through
-:class:`~vllm_seqkv.codec.base.SlotLayout` and returns one ``bytes`` per block of
+``model_blocks(model_dir, ids, block_size, kv)`` runs transformers (fp32, CPU) over ``ids``,
+takes the post-RoPE K/V of every layer from the cache, codes them with the hot codec ``kv``
+through :class:`~vllm_seqkv.codec.base.SlotLayout` and returns one ``bytes`` per block of
 ``block_size`` tokens laid out ``[layer, token, head, slot_bytes]`` (what a connector would
 hand to ``save``), plus the columns (``heads * slot_bytes``) and the K+V elements per block.
+The codec is passed in (``calibrate.codec_for_model``), so this module never imports the
+calibration that builds on it.
 """
 
 from __future__ import annotations
@@ -15,18 +17,13 @@ import numpy as np
 import torch
 
 
-def model_blocks(model_dir: Path, ids: list[int], block_size: int = 16,
-                 codec: str = "seqkv-3") -> tuple[list[bytes], int, int]:
+def model_blocks(model_dir: Path, ids: list[int], block_size: int, kv) -> tuple[list[bytes], int, int]:
     from transformers import AutoModelForCausalLM
 
-    from vllm_seqkv.calibrate import load_for_model
-    from vllm_seqkv.codec import make_codec
     from vllm_seqkv.codec.base import SlotLayout
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     from vllm_seqkv.codec.rope import rope_tables, rope_theta, unapply_rope
 
-    kv = make_codec(codec, load_for_model(model_dir, codec))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     n = len(ids) // block_size * block_size
     with torch.inference_mode():
         cache = model(input_ids=torch.tensor([ids[:n]]), use_cache=True).past_key_values
@@ -51,29 +48,24 @@ def model_blocks(model_dir: Path, ids: list[int], block_size: int = 16,
     return blocks, H * S, L * block_size * H * D * 2
 
 
-def code_model_for(model_dir: Path, train_blocks: list[bytes] | None, codec: str = "seqkv-3"):
-    """The code-level cold coder of ``codec``'s slots for ``model_dir``, fitted on
+def code_model_for(model_dir: Path, train_blocks: list[bytes] | None, kv):
+    """The code-level cold coder of ``kv``'s slots for ``model_dir``, fitted on
     ``train_blocks`` (records of :func:`model_blocks`); None: the structural one (no prior)."""
     from transformers import AutoConfig
 
-    from vllm_seqkv.calibrate import load_for_model
-    from vllm_seqkv.codec import make_codec
     from vllm_seqkv.plt.code_model import CodeModelCodec
 
     cfg = AutoConfig.from_pretrained(model_dir)
-    kv = make_codec(codec, load_for_model(model_dir, codec))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return CodeModelCodec.for_kv_codec(kv, cfg.num_hidden_layers, cfg.num_key_value_heads,
                                        head_dim, samples=train_blocks)
 
 
-def fit_cold_prior(model_dir: Path, codec: str = "seqkv-3", tokens: int = 4096):
-    """:func:`code_model_for` fitted on ``tokens`` tokens of the train split (never test)."""
+def fit_cold_prior(model_dir: Path, kv, text: str, tokens: int = 4096):
+    """:func:`code_model_for` fitted on the first ``tokens`` tokens of ``text`` (the
+    calibration text, never an evaluation text)."""
     from transformers import AutoTokenizer
 
-    from vllm_seqkv import fixtures
-
-    text = fixtures.corpus_path("train").read_text()[:40 * tokens]
-    ids = AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"][:tokens]
-    blocks, _, _ = model_blocks(model_dir, ids, 128, codec)
-    return code_model_for(model_dir, blocks, codec)
+    ids = AutoTokenizer.from_pretrained(model_dir)(text[:40 * tokens])["input_ids"][:tokens]
+    blocks, _, _ = model_blocks(model_dir, ids, 128, kv)
+    return code_model_for(model_dir, blocks, kv)

@@ -13,7 +13,7 @@ What is measured here, on the evaluation text with the exact fp32 forward:
   (``sigma_c * sqrt(12 m)``), the other is the step of a 3-bit per-channel uniform quantizer
   of the raw stream (``range / 7``), both from the calibration text. The reconstruction error
   is then about the same for every predictor (reported as ``recon_rel_mse``);
-- per predictor (:mod:`vllm_seqkv.bench.predictors`): the empirical entropy of the residual
+- per predictor (:mod:`benchmarks.predictors`): the empirical entropy of the residual
   symbols, one histogram per (layer, kv head, channel), in bits/element (side information
   such as int8 anchors included) and in bits per token position (summed over layers x kv
   heads x head_dim, and K + V for the totals); the residual-to-raw variance ratio
@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vllm_seqkv.bench import predictors as P
-from vllm_seqkv.bench.data import windows
-from vllm_seqkv.bench.forward import run_window
-from vllm_seqkv.bench.model import LlamaForward
+from benchmarks import predictors as P
+from benchmarks.data import windows
+from benchmarks.forward import run_window
+from benchmarks.model import LlamaForward
 from vllm_seqkv.codec.baselines import TurboCodec
 
 PAPER_CLAIM_BITS_PER_TOKEN = (3.3, 4.3)  # the paper's bound at perplexity 10-20 (its claim, not ours)
@@ -262,6 +262,6 @@ def measure(settings: EntropySettings) -> dict:
 
 
 def entropy_markdown(result: dict) -> str:
-    from vllm_seqkv.bench.entropy_report import render
+    from benchmarks.entropy_report import render
 
     return render(result)

@@ -1,4 +1,9 @@
-"""``python -m vllm_seqkv.bench {quality,entropy}`` (console script ``seqkv-bench``)."""
+"""``python -m benchmarks COMMAND [ARGS]``: every benchmark of vllm-seqkv, run from the repo root.
+
+``quality`` (the ruler) and ``entropy`` are parsed here; every other command is a module of
+this package with its own ``--help`` (``python -m benchmarks load --help`` =
+``python -m benchmarks.load --help``).
+"""
 
 from __future__ import annotations
 
@@ -42,9 +47,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help=f"tiny model, context {QUICK_CONTEXT}, {QUICK_TOKENS} tokens, outputs in a temp folder")
 
 
+# command -> module of this package whose main(argv) runs it
+MODULES = {
+    "load": "load", "isolation": "isolation", "approx": "approx", "approx-vllm": "approx_vllm",
+    "vllm-path": "vllm_path", "plt": "plt", "replay": "replay", "connector": "connector",
+    "cpu-decode": "cpu_decode", "tpot": "tpot", "gpu-kernels": "gpu_kernels",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seqkv-bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in MODULES.items():
+        sub.add_parser(name, help=f"benchmarks/{module}.py (its own --help)", add_help=False)
     quality = sub.add_parser("quality", help="perplexity / KL / attention error of every codec")
     _common(quality)
     quality.add_argument("--codecs", help="comma-separated codec names or 'all' (default: every baseline, "
@@ -70,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill defaults; ``--quick`` switches model, sizes and output folder."""
-    from vllm_seqkv import fixtures
+    import seqkv_fixtures as fixtures
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -102,7 +118,7 @@ def _names(value: str | None) -> list[str] | None:
 
 
 def _extra_texts(args: argparse.Namespace) -> list[Path]:
-    from vllm_seqkv import fixtures
+    import seqkv_fixtures as fixtures
 
     if args.extra_texts is not None:
         return [Path(p) for p in _names(args.extra_texts)]
@@ -114,9 +130,9 @@ def _extra_texts(args: argparse.Namespace) -> list[Path]:
 
 
 def run_quality(args: argparse.Namespace, command: str) -> None:
-    from vllm_seqkv.bench import report
-    from vllm_seqkv.bench.chat import ChatSettings
-    from vllm_seqkv.bench.quality import QualitySettings, default_preset, evaluate
+    from benchmarks import report
+    from benchmarks.chat import ChatSettings
+    from benchmarks.quality import QualitySettings, default_preset, evaluate
     from vllm_seqkv.codec import codec_names
 
     from vllm_seqkv.codec.baselines import BASELINES
@@ -156,8 +172,8 @@ def run_quality(args: argparse.Namespace, command: str) -> None:
 
 
 def run_entropy(args: argparse.Namespace, command: str) -> None:
-    from vllm_seqkv.bench import report
-    from vllm_seqkv.bench.entropy import EntropySettings, entropy_markdown, measure
+    from benchmarks import report
+    from benchmarks.entropy import EntropySettings, entropy_markdown, measure
 
     settings = EntropySettings(model_dir=args.model, text=args.text, calib_text=args.calib_text,
                                context=args.context, tokens=args.tokens, calib_tokens=args.calib_tokens,
@@ -173,8 +189,13 @@ def run_entropy(args: argparse.Namespace, command: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in MODULES:
+        import importlib
+
+        importlib.import_module(f"benchmarks.{MODULES[argv[0]]}").main(argv[1:])
+        return
     args = _resolve(build_parser().parse_args(argv))
-    command = shlex.join(["python", "-m", "vllm_seqkv.bench", *argv])
+    command = shlex.join(["python", "-m", "benchmarks", *argv])
     {"quality": run_quality, "entropy": run_entropy}[args.command](args, command)
 
 

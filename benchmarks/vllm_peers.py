@@ -34,10 +34,10 @@ KV_BYTES = 256 << 20
 
 def peer_records(model, settings, state: dict | None) -> list[dict]:
     """Records of every peer in ``settings.vllm_peers`` (and ``auto``); ``state``: the chat
-    suite's prompts and reference answers (:func:`vllm_seqkv.bench.chat.prepare`), or None."""
-    from vllm_seqkv.bench import chat
-    from vllm_seqkv.bench.data import windows
-    from vllm_seqkv.bench.quality import POSITION_BUCKETS, bucket_name
+    suite's prompts and reference answers (:func:`benchmarks.chat.prepare`), or None."""
+    from benchmarks import chat
+    from benchmarks.data import windows
+    from benchmarks.quality import POSITION_BUCKETS, bucket_name
 
     texts = [settings.text, *settings.extra_texts]
     long_windows = {str(t): [w[:-1].tolist() for w in windows(settings.model_dir, t, settings.context,
@@ -120,7 +120,7 @@ def run_peer(settings, peer: str, long_windows: dict[str, list[list[int]]], stat
         greedy = SamplingParams(max_tokens=max_new, temperature=0, stop_token_ids=stops)
         out["free"] = {"greedy": [list(r.outputs[0].token_ids)
                                   for r in llm.generate(prompts, greedy, use_tqdm=False)]}
-        from vllm_seqkv.bench.chat import sample_seed
+        from benchmarks.chat import sample_seed
 
         for i in range(settings.chat.samples):
             params = [SamplingParams(max_tokens=max_new, temperature=1.0, seed=sample_seed(settings.chat, n, i),
@@ -135,7 +135,7 @@ def run_peer(settings, peer: str, long_windows: dict[str, list[list[int]]], stat
 
 
 def _answers(free: dict[str, list[list[int]]], state: dict) -> dict:
-    from vllm_seqkv.bench.chat import Answer
+    from benchmarks.chat import Answer
 
     prompts = state["prompts"]
     answers = {}
@@ -177,7 +177,7 @@ def peer_cost(peer: str, cfg, context: int, model_dir: Path) -> dict:
     attention kernel, nothing transient), or the seqkv preset's own definition."""
     if peer.startswith("seqkv"):
         from vllm_seqkv import calibrate
-        from vllm_seqkv.bench.quality import _decode_cost
+        from benchmarks.quality import _decode_cost
         from vllm_seqkv.codec import make_codec
 
         codec = make_codec(peer, calibrate.load_for_model(Path(model_dir), peer))

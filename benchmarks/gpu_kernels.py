@@ -1,6 +1,6 @@
 """GPU decode-attention benchmark: compressed pages vs a dense bf16 cache.
 
-Run on a GPU machine (scripts/gpu_check.sh does): ``python -m vllm_seqkv.kernels.bench_gpu``.
+Run on a GPU machine (scripts/gpu_check.sh does): ``python -m benchmarks.gpu_kernels``.
 Writes ``benchmarks/gpu_decode.json`` and prints a Markdown table. Importable without vLLM
 and without a GPU (the planning and reporting helpers are tested on CPU).
 
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = bench_transform_case(context, batch, layouts, cross, use_cuda_op)
         results.extend(rows)
         print("\n".join(markdown_table(rows).splitlines()[2:]), flush=True)
-    command = "python -m vllm_seqkv.kernels.bench_gpu " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.gpu_kernels " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report(results, torch.cuda.get_device_name(), command.strip()), indent=2) + "\n")

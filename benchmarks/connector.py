@@ -1,4 +1,4 @@
-"""`python -m vllm_seqkv.integration.connector_bench`: cold-tier restore vs recompute, through vLLM.
+"""`python -m benchmarks.connector`: cold-tier restore vs recompute, through vLLM.
 
 One engine (seqkv pages, a cold tier, a KV budget of a few dozen blocks), one process, CPU.
 For each of ``--prompts`` prompts P (``--tokens`` tokens from the held-out split):
@@ -37,10 +37,10 @@ from pathlib import Path
 def _worker_stats(self):
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    c = get_kv_transfer_group()
-    c.saver.flush(60)
-    return {**c.worker_stats(), "page_bytes": c.store.page_bytes, "heads": c.store.heads,
-            "layers": len(c.store.pages)}
+    w = get_kv_transfer_group().worker
+    w.saver.flush(60)
+    return {**w.worker_stats(), "page_bytes": w.store.page_bytes, "heads": w.store.heads,
+            "layers": len(w.store.pages)}
 
 
 def engine_block_bytes(model_dir, block_size: int = 128) -> tuple[int, int]:
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from transformers import AutoTokenizer
 
-    from vllm_seqkv import fixtures
+    import seqkv_fixtures as fixtures
 
     d = fixtures.tiny_model_dir() if args.model == "tiny" else fixtures.smollm2_dir()
     ids = AutoTokenizer.from_pretrained(d)(fixtures.corpus_path("test").read_text()[:400_000])["input_ids"]
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         cold["path"] = tmp
     with contextlib.ExitStack() as stack:
         if args.tier == "redis":
-            from vllm_seqkv.plt.tiers.redis_server import local_redis_server, redis_binary
+            from seqkv_fixtures.redis_server import local_redis_server, redis_binary
 
             exe = redis_binary()
             if exe is None:
@@ -194,7 +194,7 @@ def measure(args, argv, d, ids, cold: dict) -> int:
         "engine_loop_during_restore": stall,
         "machine": f"{os.cpu_count()} CPUs",
         "date": datetime.date.today().isoformat(),
-        "command": "python -m vllm_seqkv.integration.connector_bench " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.connector " + " ".join(argv or sys.argv[1:]),
     }
     print(json.dumps(res, indent=2))
     out = Path(args.out)

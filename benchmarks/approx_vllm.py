@@ -1,6 +1,6 @@
-"""`python -m vllm_seqkv.bench.approx_vllm`: approximate prefix reuse as served by vLLM.
+"""`python -m benchmarks.approx_vllm`: approximate prefix reuse as served by vLLM.
 
-The gate of ``python -m vllm_seqkv.bench.approx`` is measured with transformers in fp32; this
+The gate of ``python -m benchmarks.approx`` is measured with transformers in fp32; this
 runs the served path: one vLLM engine (seqkv pages, a CPU cold tier with
 ``cold_tier.approximate`` on, the gate of ``benchmarks/approx.json``, a budget that lets every
 measured k through), CPU. For each of ``--windows`` held-out windows P of ``--context`` +
@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_seqkv.bench.report import replace_section
+from benchmarks.report import replace_section
 
 SECTION = "## Approximate prefix reuse through vLLM"
 
@@ -74,7 +74,7 @@ def compare(exact: list[dict[int, float]], approx: list[dict[int, float]], targe
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m vllm_seqkv.bench.approx_vllm",
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.approx_vllm",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="smollm2")
     ap.add_argument("--windows", type=int, default=4)
@@ -98,9 +98,9 @@ def main(argv=None) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_seqkv import fixtures
+    import seqkv_fixtures as fixtures
     from vllm_seqkv.config import ApproximateReuseConfig
-    from vllm_seqkv.integration.connector_bench import engine_block_bytes
+    from benchmarks.connector import engine_block_bytes
     from vllm_seqkv.plt.approximate import QualityGate
 
     d = fixtures.tiny_model_dir() if args.model == "tiny" else fixtures.smollm2_dir()
@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
            "prefill_time_with_prompt_logprobs_over_without": prompt_logprobs_cost,
            "machine": f"{os.cpu_count()} CPUs",
            "date": datetime.date.today().isoformat(),
-           "command": "python -m vllm_seqkv.bench.approx_vllm " + " ".join(argv or sys.argv[1:])}
+           "command": "python -m benchmarks.approx_vllm " + " ".join(argv or sys.argv[1:])}
     print(json.dumps(per_k, indent=2))
     data = json.loads(args.out.read_text()) if args.out.exists() else {}
     data["vllm" if args.model == "smollm2" else f"vllm_{args.model}"] = res
