@@ -4,7 +4,7 @@ Writes benchmarks/plt.json. Per model (SmolLM2-135M with vLLM's CPU block of 128
 the real model and what the connector holds; the tiny trained Llama fixture with blocks of
 16; ``--no-smollm2`` skips SmolLM2): text from the pydocs test split (priors fitted on
 train); the cold-tier coders' bits per element, encode and decode time and bit-exactness
-(the code-level coder of :mod:`vllm_seqkv.plt.code_model`, without its prior, the byte-level
+(the code-level coder of :mod:`vllm_seqkv.tiers.code_model`, without its prior, the byte-level
 ``ColdCodec`` with and without a fitted prior); the token tier's bits per token against the
 model's cross-entropy; restore of a block from the CPU-RAM, disk, Redis (a local server, when
 ``redis-server`` or ``valkey-server`` is installed) and token tiers against recomputing it
@@ -59,10 +59,10 @@ def measure_model(model_dir: Path, block_tokens: int, test_tokens: int, redis_ur
     from transformers import AutoTokenizer
 
     import seqkv_fixtures as fixtures
-    from vllm_seqkv.plt.entropy import ColdCodec, TokenCoder
+    from vllm_seqkv.tiers.coders import ColdCodec, TokenCoder
     from vllm_seqkv.calibrate import codec_for_model
-    from vllm_seqkv.plt.cold_prior import code_model_for, model_blocks
-    from vllm_seqkv.plt.tiers import DiskTier, MemoryTier, RedisTier, TokenTier
+    from vllm_seqkv.tiers.cold_prior import code_model_for, model_blocks
+    from vllm_seqkv.tiers import DiskTier, MemoryTier, RedisTier, TokenTier
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     train = tok(fixtures.corpus_path("train").read_text()[:200_000])["input_ids"][:4096]

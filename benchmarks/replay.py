@@ -27,7 +27,7 @@ from pathlib import Path
 
 from vllm_seqkv.plt.placement import LearnedEviction
 from vllm_seqkv.plt.policy import CostModel, LRUPolicy, OraclePolicy, PLTPolicy, simulate
-from vllm_seqkv.plt.tiers import MemoryTier
+from vllm_seqkv.tiers import MemoryTier
 from benchmarks.traces import TraceConfig, generate
 from vllm_seqkv.plt.trie import block_hash
 

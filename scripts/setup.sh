@@ -26,7 +26,7 @@ if [ ! -f "$SEQKV_VENV/.complete" ]; then
 fi
 # Editable, no deps: vllm is satisfied by the CPU build + shim, never pulled from PyPI here.
 # NOTE: checked from / so that a checkout in the current directory cannot pass for an install.
-if ! (cd / && "$py" -c "import vllm_seqkv, sys; sys.exit(0 if vllm_seqkv.__file__.startswith('$SEQKV_ROOT/') else 1)") 2>/dev/null; then
+if ! (cd / && env -u PYTHONPATH "$py" -c "import vllm_seqkv, sys; sys.exit(0 if vllm_seqkv.__file__.startswith('$SEQKV_ROOT/') else 1)") 2>/dev/null; then
   log "installing vllm-seqkv (editable) into the venv"
   # the C++ CPU ops are built by the step below (in place, rebuilt when csrc/ changes)
   SEQKV_NO_CPU_EXT=1 pip_q install --no-deps --no-build-isolation -e "$SEQKV_ROOT"

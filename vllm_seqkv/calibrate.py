@@ -308,7 +308,7 @@ def ensure_cold_prior(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path | N
     path = cold_prior_path(model_dir, preset)
     if path.exists():
         return path
-    from vllm_seqkv.plt.cold_prior import fit_cold_prior
+    from vllm_seqkv.tiers.cold_prior import fit_cold_prior
 
     print(f"[seqkv] fitting the cold tier's coder prior of {preset} for {model_dir} on "
           f"{COLD_PRIOR_TOKENS} tokens of the calibration text", file=sys.stderr)

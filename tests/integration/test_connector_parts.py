@@ -18,7 +18,7 @@ from vllm_seqkv.integration.cold_tier import (
 )
 from vllm_seqkv.integration.engine_codec import SinkTable
 from vllm_seqkv.plt.approximate import ApproximateIndex
-from vllm_seqkv.plt.tiers import DiskTier, MemoryTier
+from vllm_seqkv.tiers import DiskTier, MemoryTier
 
 L, NB, H, BS, S, D = 3, 6, 2, 16, 12, 8
 
@@ -137,7 +137,7 @@ def test_redis_down_is_a_miss_with_a_warning(caplog):
     pytest.importorskip("redis")
     import socket
 
-    from vllm_seqkv.plt.tiers import RedisTier
+    from vllm_seqkv.tiers import RedisTier
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
@@ -157,7 +157,7 @@ def test_code_level_coder_only_with_a_prior_fitted_for_these_slots(tiny_model_di
     from vllm_seqkv.config import SeqKVConfig
     from vllm_seqkv.integration.cold_tier import code_model_for_engine
     from vllm_seqkv.integration.engine_codec import EngineCodec
-    from vllm_seqkv.plt.code_model import CodeModelCodec
+    from vllm_seqkv.tiers.code_model import CodeModelCodec
 
     engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv", preset="seqkv-3"), str(tiny_model_dir), 2, 32,
                          10000.0)

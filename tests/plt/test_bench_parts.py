@@ -3,8 +3,8 @@
 import os
 
 from benchmarks.plt import coder_figures, restore_figures
-from vllm_seqkv.plt.entropy import ColdCodec, RawCodec
-from vllm_seqkv.plt.tiers import DiskTier, MemoryTier
+from vllm_seqkv.tiers.coders import ColdCodec, RawCodec
+from vllm_seqkv.tiers import DiskTier, MemoryTier
 
 
 def test_coder_figures_count_payload_bits_per_element_and_check_the_roundtrip():

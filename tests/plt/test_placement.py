@@ -4,7 +4,7 @@ import pytest
 
 from vllm_seqkv.plt.placement import KeyTrie, LearnedEviction
 from benchmarks.replay import key_chain, replay
-from vllm_seqkv.plt.tiers import MemoryTier
+from vllm_seqkv.tiers import MemoryTier
 from benchmarks.traces import TraceConfig, generate
 
 BLOCK = bytes(64)

@@ -3,10 +3,10 @@
 What it does. When a request finishes, every full block of it that the cold tier does not hold
 yet is copied out of vLLM's pages (the seqkv hot code, as bytes) plus, for a sequence's first
 block, its exact sink rows (:class:`~.engine_codec.SinkTable`), entropy-coded losslessly
-(constriction ANS: the code-level coder of :mod:`vllm_seqkv.plt.code_model` when
+(constriction ANS: the code-level coder of :mod:`vllm_seqkv.tiers.code_model` when
 ``python -m vllm_seqkv.calibrate`` fitted its prior for these slots, else the byte-level
-``ColdCodec``), framed with checksums (:mod:`vllm_seqkv.plt.blob`) and stored in a
-:mod:`vllm_seqkv.plt.tiers` tier (CPU RAM, local disk with atomic writes, or Redis). vLLM's
+``ColdCodec``), framed with checksums (:mod:`vllm_seqkv.tiers.blob`) and stored in a
+:mod:`vllm_seqkv.tiers` tier (CPU RAM, local disk with atomic writes, or Redis). vLLM's
 prefix cache keeps the pages until it needs them for other requests (its LRU eviction).
 When a request arrives, vLLM first takes its own prefix-cache hit; the connector reports
 the blocks after that which the cold tier holds as an asynchronous load: vLLM parks the
@@ -57,12 +57,12 @@ itself: blocks another engine stored), the load and save plans. Worker side: the
 the byte copies. In ``wait_for_save`` of the step after a request finishes (its blocks are
 held until then: ``request_finished`` returns True) the engine thread only copies the
 blocks' bytes out of the pages and releases them; a background thread
-(:class:`~vllm_seqkv.plt.tiers.BackgroundSaver`) entropy-codes and stores the copies, and a
+(:class:`~vllm_seqkv.tiers.BackgroundSaver`) entropy-codes and stores the copies, and a
 key counts as held once the worker reports it stored. Pending copies are bounded
 (``cold_tier.save_queue_bytes``): beyond that a save is dropped with a warning (a later
 recompute), never a stall. At shutdown the queued saves are finished. Loads:
 ``start_load_kv`` only hands each step's load jobs to one loader thread
-(:class:`~vllm_seqkv.plt.tiers.JobThread`), which, per block, fetches and decodes the blob
+(:class:`~vllm_seqkv.tiers.JobThread`), which, per block, fetches and decodes the blob
 under ``BlockStore.lock`` (the saver shares the tier) and copies its page bytes into the
 parked request's blocks (no forward touches them meanwhile). The sink rows
 (:class:`~.engine_codec.SinkTable`, not thread-safe) are only parsed there: the engine
@@ -157,7 +157,7 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             approx, allowed = approximate_reuse_for(vllm_config, self.cold.approximate, self.block_size)
             if self.cold.kind == "redis":
-                from vllm_seqkv.plt.tiers import RedisTier  # shared across nodes: ask the server
+                from vllm_seqkv.tiers import RedisTier  # shared across nodes: ask the server
 
                 probe = RedisTier(self.cold.url)
         self.scheduler = ColdTierScheduler(self.cold, namespace(vllm_config, self.config), self.block_size,

@@ -26,8 +26,7 @@ Decode cost, honestly (no GPU figure has been measured for this kernel yet):
   Reconstruction costs ``D * D`` multiply-adds per token-head per stream (K and V: ``2 D^2``;
   32k MAC for D = 128), which has to run on tensor cores (``tl.dot``; ``precision="tf32"``,
   ``"bf16"`` or ``"fp16"``: the fp32 ``"ieee"`` default is for exact tests and runs on CUDA cores), against
-  ``sum(bits) / 8`` bytes read per stream (20 B + 28 B at seqkv-3,
-  D = 64). Decode is compute-bound, not bandwidth-bound as the issue's 70 % HBM target assumes.
+  ``sum(bits) / 8`` bytes read per stream: decode is compute-bound, not bandwidth-bound.
 - Cross-layer presets (``seqkv-2/2.5/3/4``) add the prediction: ``W`` is dense ``[2HD, HD]``,
   i.e. ``2 H D^2`` MACs per token-head per stream (H = 8, D = 128: 262k MACs, 16x the
   reconstruction itself), and it needs the previous layer's reconstruction of the same

@@ -1,8 +1,8 @@
-"""Probabilistic language trie (PLT) over cached prefixes, cold tiers and placement policy.
+"""Probabilistic language trie (PLT) over cached prefixes, the learned placement policy that
+chooses what a cold tier evicts, and the approximate-prefix index.
 
-Plain Python + numpy + constriction: no vLLM or CUDA import (transformers only for the
-token tier's model). A KV connector calls the tiers' ``save(block_hash, bytes)`` /
-``load(block_hash) -> bytes | None``.
+Plain Python + numpy: no vLLM or CUDA import. The cold tiers themselves (coders, framing,
+storage) live in :mod:`vllm_seqkv.tiers`.
 """
 
 from vllm_seqkv.plt.trie import Match, Node, PrefixTrie, block_hash

@@ -42,7 +42,7 @@ class BlockStore:
                   head=None):
         """Raw bytes, or the page bytes through ``head`` (default: the byte-level
         ``ColdCodec``) and the sink rows raw."""
-        from vllm_seqkv.plt.entropy import ColdCodec, RawCodec, SplitCodec
+        from vllm_seqkv.tiers.coders import ColdCodec, RawCodec, SplitCodec
 
         if not entropy:
             return RawCodec()

@@ -23,7 +23,7 @@ SHUTDOWN_LOAD_TIMEOUT_S = 30.0
 
 
 def make_tier(cold, codec):
-    from vllm_seqkv.plt.tiers import DiskTier, MemoryTier, RedisTier
+    from vllm_seqkv.tiers import DiskTier, MemoryTier, RedisTier
 
     if cold.kind == "cpu":
         return MemoryTier(codec, cold.capacity_bytes)
@@ -39,7 +39,7 @@ def code_model_for_engine(engine, layers: int, heads: int, slot_bytes: int):
     from pathlib import Path
 
     from vllm_seqkv.calibrate import cold_prior_path
-    from vllm_seqkv.plt.code_model import CodeModelCodec, kv_layouts, layouts_digest
+    from vllm_seqkv.tiers.code_model import CodeModelCodec, kv_layouts, layouts_digest
 
     path = cold_prior_path(Path(engine.model_dir), engine.preset, engine.config.calibration)
     if not path.exists():
@@ -81,7 +81,7 @@ class ColdTierWorker:
     """
 
     def __init__(self, cold, block_size: int, store: BlockStore, inventory_sent: bool = False):
-        from vllm_seqkv.plt.tiers import BackgroundSaver, JobThread
+        from vllm_seqkv.tiers import BackgroundSaver, JobThread
 
         self.cold = cold
         self.block_size = block_size

@@ -1,8 +1,8 @@
 """Lossless cold-tier coder that models the hot code's *symbols*, not its bytes.
 
-:class:`~vllm_seqkv.plt.entropy.ColdCodec` models slot bytes as two nibbles per byte column;
+:class:`~vllm_seqkv.tiers.coders.ColdCodec` models slot bytes as two nibbles per byte column;
 on the transform presets (``seqkv-*``) a slot holds tightly packed quantizer codes whose
-boundaries do not align with bytes, so it gains ~2 %. :class:`CodeModelCodec` (codec id 4)
+boundaries do not align with bytes, so it gains little (BENCHMARKS.md). :class:`CodeModelCodec` (codec id 4)
 unpacks each slot into what the hot codec actually wrote and codes those symbols
 (``constriction`` ANS), one model per (layer, symbol):
 

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from vllm_seqkv.plt.tiers import BackgroundSaver, DiskTier, MemoryTier
+from vllm_seqkv.tiers import BackgroundSaver, DiskTier, MemoryTier
 
 
 class SlowTier(MemoryTier):

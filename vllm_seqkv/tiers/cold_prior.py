@@ -53,7 +53,7 @@ def code_model_for(model_dir: Path, train_blocks: list[bytes] | None, kv):
     ``train_blocks`` (records of :func:`model_blocks`); None: the structural one (no prior)."""
     from transformers import AutoConfig
 
-    from vllm_seqkv.plt.code_model import CodeModelCodec
+    from vllm_seqkv.tiers.code_model import CodeModelCodec
 
     cfg = AutoConfig.from_pretrained(model_dir)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

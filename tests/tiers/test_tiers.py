@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from vllm_seqkv.plt import blob
-from vllm_seqkv.plt.entropy import ColdCodec
-from vllm_seqkv.plt.tiers import DiskTier, MemoryTier
-from vllm_seqkv.plt.tiers import disk as disk_mod
+from vllm_seqkv.tiers import blob
+from vllm_seqkv.tiers.coders import ColdCodec
+from vllm_seqkv.tiers import DiskTier, MemoryTier
+from vllm_seqkv.tiers import disk as disk_mod
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def kv_blocks():
 
     import seqkv_fixtures as fixtures
     from vllm_seqkv.calibrate import codec_for_model
-    from vllm_seqkv.plt.cold_prior import model_blocks
+    from vllm_seqkv.tiers.cold_prior import model_blocks
 
     d = fixtures.tiny_model_dir()
     tok = AutoTokenizer.from_pretrained(d)
@@ -143,7 +143,7 @@ def test_disk_quota_evicts(tmp_path, kv_blocks):
 _WRITER = """
 import sys, os
 sys.path.insert(0, {root!r})
-from vllm_seqkv.plt.tiers import disk
+from vllm_seqkv.tiers import disk
 real = disk._os_write
 def slow(fd, data):
     n = real(fd, data[:4096])

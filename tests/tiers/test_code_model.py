@@ -1,11 +1,11 @@
-"""CodeModelCodec: symbol-level lossless coder of the hot code (vllm_seqkv/plt/code_model.py)."""
+"""CodeModelCodec: symbol-level lossless coder of the hot code (vllm_seqkv/tiers/code_model.py)."""
 
 import numpy as np
 import pytest
 
-from vllm_seqkv.plt.code_model import CodeModelCodec, _floor_bins
-from vllm_seqkv.plt.entropy import ColdCodec, SplitCodec
-from vllm_seqkv.plt.tiers import MemoryTier
+from vllm_seqkv.tiers.code_model import CodeModelCodec, _floor_bins
+from vllm_seqkv.tiers.coders import ColdCodec, SplitCodec
+from vllm_seqkv.tiers import MemoryTier
 
 HEADER = 5  # mode byte + 4 tag bytes
 
@@ -17,7 +17,7 @@ def coded():
 
     import seqkv_fixtures as fixtures
     from vllm_seqkv.calibrate import codec_for_model
-    from vllm_seqkv.plt.cold_prior import code_model_for, model_blocks
+    from vllm_seqkv.tiers.cold_prior import code_model_for, model_blocks
 
     d = fixtures.tiny_model_dir()
     tok = AutoTokenizer.from_pretrained(d)

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from vllm_seqkv.plt.entropy import TokenCoder
-from vllm_seqkv.plt.tiers import TokenTier
+from vllm_seqkv.tiers.coders import TokenCoder
+from vllm_seqkv.tiers import TokenTier
 
 
 @pytest.fixture(scope="module")

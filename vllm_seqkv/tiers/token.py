@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vllm_seqkv.plt.tiers.base import MemoryTier
+from vllm_seqkv.tiers.base import MemoryTier
 
 
 class _IdsCodec:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vllm_seqkv.plt.tiers.base import Tier
+from vllm_seqkv.tiers.base import Tier
 
 
 class RedisTier(Tier):
@@ -29,7 +29,7 @@ class RedisTier(Tier):
         self.client.delete(self.prefix + k)
 
     def __contains__(self, key) -> bool:  # the server is the truth (other writers, TTLs)
-        from vllm_seqkv.plt.blob import key_bytes
+        from vllm_seqkv.tiers.blob import key_bytes
 
         try:
             return bool(self.client.exists(self.prefix + key_bytes(key)))

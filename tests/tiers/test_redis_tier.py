@@ -1,8 +1,8 @@
 import logging
 
 
-from vllm_seqkv.plt.entropy import ColdCodec
-from vllm_seqkv.plt.tiers import RedisTier
+from vllm_seqkv.tiers.coders import ColdCodec
+from vllm_seqkv.tiers import RedisTier
 
 
 def _blocks(n=4, cols=24):

@@ -16,7 +16,7 @@ import os
 import uuid
 from pathlib import Path
 
-from vllm_seqkv.plt.tiers.base import Tier, log
+from vllm_seqkv.tiers.base import Tier, log
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 _os_write = os.write  # module-level so tests can simulate a full disk

@@ -1,6 +1,6 @@
 """Tier API a KV connector calls: ``save(block_hash, bytes) -> bool``, ``load(block_hash) -> bytes | None``.
 
-Every tier stores framed blobs (:mod:`vllm_seqkv.plt.blob`) of the entropy-coded bytes.
+Every tier stores framed blobs (:mod:`vllm_seqkv.tiers.blob`) of the entropy-coded bytes.
 Contract: ``load`` never returns bytes other than those saved under that key - any
 corruption, truncation, foreign blob or backend failure is a miss (``None``) with a warning,
 never an exception to the caller. ``save`` returns False (and warns) when it could not store.
@@ -12,8 +12,8 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from vllm_seqkv.plt import blob as _blob
-from vllm_seqkv.plt.entropy import RawCodec
+from vllm_seqkv.tiers import blob as _blob
+from vllm_seqkv.tiers.coders import RawCodec
 
 log = logging.getLogger("vllm_seqkv.plt")
 
