@@ -206,7 +206,7 @@ def time_us(fn) -> float:
 
 
 def bench_case(context: int, batch: int, layout, params, use_cuda_op: bool) -> Result:
-    from vllm_seqkv.kernels.decode_attention import paged_decode_attention_triton
+    from vllm_seqkv.kernels.rotation.decode_attention import paged_decode_attention_triton
 
     device = torch.device("cuda")
     blocks_per_seq = context // BLOCK_SIZE
@@ -239,7 +239,7 @@ def bench_case(context: int, batch: int, layout, params, use_cuda_op: bool) -> R
 
 def check_correctness(params, layout, use_cuda_op: bool) -> None:
     """Small op-vs-reference check on the GPU before timing (raises on mismatch)."""
-    from vllm_seqkv.kernels.decode_attention import paged_decode_attention_triton
+    from vllm_seqkv.kernels.rotation.decode_attention import paged_decode_attention_triton
     from vllm_seqkv.kernels.reference import paged_decode_attention_reference
 
     gen = torch.Generator().manual_seed(0)

@@ -17,12 +17,12 @@ if not ON_GPU:
     _previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        import vllm_seqkv.kernels.decode_attention  # noqa: F401  (decorated as interpreted)
-        import vllm_seqkv.kernels.reconstruct  # noqa: F401
+        import vllm_seqkv.kernels.rotation.decode_attention  # noqa: F401  (decorated as interpreted)
+        import vllm_seqkv.kernels.rotation.reconstruct  # noqa: F401
         import vllm_seqkv.kernels.transform_decode  # noqa: F401
         import vllm_seqkv.kernels.transform_reconstruct  # noqa: F401
         import vllm_seqkv.kernels.transform_write  # noqa: F401
-        import vllm_seqkv.kernels.write_kernel  # noqa: F401
+        import vllm_seqkv.kernels.rotation.write  # noqa: F401
     finally:
         if _previous is None:
             os.environ.pop("TRITON_INTERPRET")

@@ -5,7 +5,8 @@ import torch
 
 from tests.kernels.helpers import TOLERANCES, build_cache
 from vllm_seqkv.kernels.checks import KernelArgumentError
-from vllm_seqkv.kernels.decode_attention import choose_splits, paged_decode_attention_triton
+from vllm_seqkv.kernels.rotation.decode_attention import paged_decode_attention_triton
+from vllm_seqkv.kernels.shared import choose_splits
 from vllm_seqkv.kernels.reference import paged_decode_attention_reference
 
 

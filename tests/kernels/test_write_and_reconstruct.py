@@ -7,9 +7,9 @@ from tests.kernels.conftest import ON_GPU
 from tests.kernels.helpers import build_cache, seqkv3_layout
 from vllm_seqkv.kernels import layer_params
 from vllm_seqkv.kernels.checks import KernelArgumentError
-from vllm_seqkv.kernels.reconstruct import reconstruct_blocks_triton
+from vllm_seqkv.kernels.rotation.reconstruct import reconstruct_blocks_triton
 from vllm_seqkv.kernels.reference import reconstruct_blocks_reference, write_slots_reference
-from vllm_seqkv.kernels.write_kernel import write_slots_triton
+from vllm_seqkv.kernels.rotation.write import write_slots_triton
 
 
 def new_tokens(tokens, heads, dim, dtype, seed=0):

@@ -36,8 +36,8 @@ import os
 import torch
 
 from vllm_seqkv.kernels.checks import KernelArgumentError
-from vllm_seqkv.kernels.params import LayerKernelParams, StreamParams
-from vllm_seqkv.kernels.params import layer_params as rotation_layer_params
+from vllm_seqkv.kernels.rotation.params import LayerKernelParams, StreamParams
+from vllm_seqkv.kernels.rotation.params import layer_params as rotation_layer_params
 from vllm_seqkv.kernels.transform_params import (
     TransformLayerParams,
     is_transform_layout,
@@ -155,10 +155,10 @@ KERNELS = {
     ("transform", "reconstruct", "cpp"): "cpu_ops:reconstruct_transform_blocks_cpp",
     ("transform", "reconstruct", "triton"): "transform_reconstruct:reconstruct_transform_blocks",
     ("rotation", "write", "cuda"): "cuda_ops:write_slots_cuda",
-    ("rotation", "write", "triton"): "write_kernel:write_slots_triton",
+    ("rotation", "write", "triton"): "rotation.write:write_slots_triton",
     ("rotation", "decode", "cuda"): "cuda_ops:paged_decode_attention_cuda",
-    ("rotation", "decode", "triton"): "decode_attention:paged_decode_attention_triton",
-    ("rotation", "reconstruct", "triton"): "reconstruct:reconstruct_blocks_triton",
+    ("rotation", "decode", "triton"): "rotation.decode_attention:paged_decode_attention_triton",
+    ("rotation", "reconstruct", "triton"): "rotation.reconstruct:reconstruct_blocks_triton",
 }
 REFERENCES = {
     ("transform", "write"): "reference:write_transform_reference",

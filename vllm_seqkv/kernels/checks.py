@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from vllm_seqkv.kernels.params import LayerKernelParams
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -32,8 +31,8 @@ def check_tensor(name: str, t: torch.Tensor, shape: tuple, dtypes: tuple, device
                f"{name}: last dimension must be contiguous, strides {t.stride()}")
 
 
-def check_pages(pages: torch.Tensor, params: LayerKernelParams) -> None:
-    """``pages`` uint8 ``[num_blocks, num_kv_heads, block_size, slot_bytes]``."""
+def check_pages(pages: torch.Tensor, params) -> None:
+    """``pages`` uint8 ``[num_blocks, num_kv_heads, block_size, slot_bytes]`` of either format's ``params``."""
     check_tensor("pages", pages, (None, params.num_kv_heads, None, params.slot_bytes),
                  (torch.uint8,), pages.device)
     expect(params.device == pages.device,

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from vllm_seqkv.kernels.decode_attention import check_decode_args
-from vllm_seqkv.kernels.params import LayerKernelParams, StreamParams
+from vllm_seqkv.kernels.rotation.decode_attention import check_decode_args
+from vllm_seqkv.kernels.rotation.params import LayerKernelParams, StreamParams
 from vllm_seqkv.kernels.transform_params import TransformLayerParams, TransformStreamParams
-from vllm_seqkv.kernels.write_kernel import check_write_args, rotate_stream
+from vllm_seqkv.kernels.rotation.write import check_write_args, rotate_stream
 
 _loaded: bool | None = None
 

@@ -31,7 +31,7 @@ Costs per token-head: ``D^2`` multiply-adds to rebuild the key (``precision`` pi
 for the score and the level sum; cross-layer layers add ``2 H D^2`` per stream for the
 prediction, as in reconstruction. The key's inverse basis ``[D, D]`` is loaded again for
 every tile (not hoisted out of the loop). No GPU time has been measured for this kernel; tile
-size, warps and the split heuristic (:func:`~.decode_attention.choose_splits` counted in
+size, warps and the split heuristic (:func:`~.shared.choose_splits` counted in
 tiles, so at least 4 tiles per split) are untuned.
 """
 
@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from vllm_seqkv.kernels.checks import check_decode_inputs, check_pages, expect
-from vllm_seqkv.kernels.decode_attention import choose_splits
+from vllm_seqkv.kernels.shared import choose_splits
 from vllm_seqkv.kernels.transform_params import TransformLayerParams
 from vllm_seqkv.kernels.transform_reconstruct import (
     PRECISIONS,
@@ -203,7 +203,7 @@ def fused_transform_decode_attention(query: torch.Tensor, own_k: torch.Tensor, o
     (copied when not contiguous), the layer below's coding-frame reconstruction, required
     exactly when the layer is cross-layer predicted. ``precision``: ``tl.dot`` operands
     (:data:`~.transform_reconstruct.PRECISIONS`; the reduction is float32 whatever it is).
-    ``num_splits``: split-K factor (default: :func:`~.decode_attention.choose_splits` over tiles).
+    ``num_splits``: split-K factor (default: :func:`~.shared.choose_splits` over tiles).
     ``skip_first``: cached positions ``< skip_first`` are not read (the caller attends to them,
     e.g. exact sink tokens, and merges by the log-sum-exp). ``return_lse``: also return the
     log of each softmax denominator, float32 ``[B, Hq]`` (scores scaled by ``scale``).

@@ -24,7 +24,7 @@ import torch
 from vllm_seqkv.codec.base import CodecInputError, SlotLayout, TensorCodec
 from vllm_seqkv.codec.crosslayer import CrossLayerCodec
 from vllm_seqkv.codec.transform import MAX_BITS, TransformCodec
-from vllm_seqkv.kernels.params import tensors_to
+from vllm_seqkv.kernels.shared import tensors_to
 
 LEVELS = 1 << MAX_BITS  # 256 entries per component in ``levels`` / ``cuts``
 

@@ -1,5 +1,5 @@
 """``@triton.jit`` helpers shared by the kernels: reading the rotation slot format (see
-:mod:`vllm_seqkv.kernels.params`) and merging split-K decode partials."""
+:mod:`vllm_seqkv.kernels.rotation.params`) and merging split-K decode partials."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from vllm_seqkv.kernels.checks import INDEX_DTYPES, check_pages, check_tensor
-from vllm_seqkv.kernels.params import LayerKernelParams
+from vllm_seqkv.kernels.rotation.params import LayerKernelParams
 from vllm_seqkv.kernels.triton_common import load_centroids, load_norm
 
 

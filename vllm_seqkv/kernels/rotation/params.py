@@ -12,22 +12,17 @@ little-endian bit stream) and ``codes_b`` (last ``D/2``, ``bits_b`` bits). A str
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from vllm_seqkv.kernels.shared import tensors_to
 from vllm_seqkv.codec.base import CodecInputError, SlotLayout, TensorCodec
 from vllm_seqkv.codec.baselines import TurboCodec, lloyd_max_codebook
 from vllm_seqkv.codec.hadamard import RandomizedHadamard, fwht
 from vllm_seqkv.codec.predictive import ChannelPredictor, PredictiveCodec
 
 NORM_BYTES = 2
-
-
-def tensors_to(params, device):
-    """A copy of the frozen dataclass ``params`` with every tensor field on ``device``."""
-    return replace(params, **{f.name: getattr(params, f.name).to(device) for f in fields(params)
-                              if isinstance(getattr(params, f.name), torch.Tensor)})
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_seqkv.kernels.shared import choose_splits
 from vllm_seqkv.kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_pages, check_tensor, expect
-from vllm_seqkv.kernels.params import LayerKernelParams
+from vllm_seqkv.kernels.rotation.params import LayerKernelParams
 from vllm_seqkv.kernels.triton_common import NEG_BIG, load_centroids, load_norm, split_weights
 
-TARGET_PROGRAMS = 512  # enough (B * H_kv * splits) programs to fill an H100/H200 (132 SMs)
-MIN_PAGES_PER_SPLIT = 4
 
 
 @triton.jit
@@ -128,12 +127,6 @@ def decode_reduce_kernel(q_ptr, own_k_ptr, own_v_ptr, out_ptr, acc_ptr, max_ptr,
     cached += tl.load(mean_ptr + kvh * D + d) * cached_mass
     out = (cached + own_weight * own_v) / (cached_mass + own_weight)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + d, out.to(out_ptr.dtype.element_ty))
-
-
-def choose_splits(batch: int, kv_heads: int, max_pages: int) -> int:
-    """Split-K factor: enough programs to fill the GPU, at least MIN_PAGES_PER_SPLIT pages each."""
-    wanted = triton.cdiv(TARGET_PROGRAMS, max(batch * kv_heads, 1))
-    return max(1, min(wanted, triton.cdiv(max_pages, MIN_PAGES_PER_SPLIT)))
 
 
 def check_decode_args(query, own_k, own_v, pages, block_table, seq_lens, params: LayerKernelParams):

@@ -15,7 +15,7 @@ import triton.language as tl
 from vllm_seqkv.codec.baselines import TINY
 from vllm_seqkv.codec.hadamard import fwht
 from vllm_seqkv.kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_pages, check_tensor
-from vllm_seqkv.kernels.params import LayerKernelParams, StreamParams
+from vllm_seqkv.kernels.rotation.params import LayerKernelParams, StreamParams
 
 
 def rotate_stream(x: torch.Tensor, stream: StreamParams) -> tuple[torch.Tensor, torch.Tensor]:
