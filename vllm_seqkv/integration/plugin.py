@@ -54,6 +54,10 @@ def _hook_engine_config(compat) -> None:
             from vllm_seqkv.integration.support import check_model_supported
 
             check_model_supported(vllm_config.model_config, vllm_config)
+            from vllm_seqkv.integration.first_start import ensure_calibrated
+
+            ensure_calibrated(config, vllm_config.model_config.model,
+                              vllm_config.parallel_config.tensor_parallel_size, logger().info)
             figures = cache_figures(config, vllm_config.model_config)
             metrics.export(figures, vllm_config.cache_config)
             logger().info(
