@@ -357,7 +357,7 @@ def ensure(model_dir: Path, preset: str = DEFAULT_PRESET, text_path: Path | None
         cold_prior_path(model_dir, preset).unlink(missing_ok=True)  # fitted on the old codes
         print(f"[seqkv] fitting the {preset} calibration of {model_dir} on {DEFAULT_TOKENS} tokens "
               f"of {text_path or GENERAL_TEXT} through vLLM (once per model and preset)", file=sys.stderr)
-        calibration = calibrate(model_dir, text, preset, **capture_options)
+        calibration = calibrate(model_dir, text, preset, DEFAULT_TOKENS, **capture_options)
         if getattr(calibration, "layer0_check", ""):
             print(f"[seqkv] {calibration.layer0_check}", file=sys.stderr)
         calibration.save(path)
