@@ -107,3 +107,38 @@ def test_concurrent_calibrations_write_one_valid_file(tiny_model_dir, tmp_path):
     files = sorted(p.name for p in (tmp_path / "calibration").iterdir() if not p.name.endswith(".lock"))
     assert files == [os.path.basename(paths.pop())]
     assert calibrate.load(tmp_path / "calibration" / files[0], "seqkv-f4").tokens == SMALL
+
+
+def test_first_start_calibrates_then_serves(tiny_model_dir, tmp_path, monkeypatch):
+    """An empty cache: ``LLM(..., kv_cache_backend="seqkv")`` fits the calibration in a
+    subprocess (through vLLM), writes it to the cache, then serves with it."""
+    from vllm import SamplingParams
+
+    from tests.e2e.engines import engine
+
+    monkeypatch.setenv("SEQKV_HOME", str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(sys.path))
+    path = calibrate.default_path(tiny_model_dir, calibrate.DEFAULT_PRESET)
+    assert not path.exists()
+    with engine(tiny_model_dir, "seqkv") as llm:
+        assert calibrate.load(path, calibrate.DEFAULT_PRESET).tokens == calibrate.DEFAULT_TOKENS
+        out = llm.generate(["The os module provides"], SamplingParams(max_tokens=8, temperature=0))
+        assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_auto_calibrate_off_keeps_the_error(tiny_model_dir, tmp_path, monkeypatch):
+    from vllm_seqkv.config import validate
+    from vllm_seqkv.integration.first_start import ensure_calibrated
+
+    monkeypatch.setenv("SEQKV_HOME", str(tmp_path))
+    config = validate({"kv_cache_backend": "seqkv", "auto_calibrate": False})
+    assert ensure_calibrated(config, str(tiny_model_dir)) is None
+    with pytest.raises(CalibrationError, match="python -m vllm_seqkv.calibrate"):
+        calibrate.load_for_model(tiny_model_dir, config.preset)
+    path = calibrate.default_path(tiny_model_dir, config.preset)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a calibration")
+    with pytest.raises(CalibrationError, match="unreadable.*refit it with"):
+        ensure_calibrated(config, str(tiny_model_dir))
+    with pytest.raises(CalibrationError, match="no config.json"):
+        ensure_calibrated(validate({"kv_cache_backend": "seqkv"}), str(tmp_path))
