@@ -1,0 +1,136 @@
+"""Calibration cost through vLLM and robustness to the calibration domain.
+
+    python benchmarks/calibration.py [--models tiny,smollm2] [--json benchmarks/calibration.json]
+
+Per model:
+- ``seconds`` / ``peak_rss_bytes``: ``python -m vllm_seqkv.calibrate MODEL --no-cold-prior``
+  (default preset, general set, vLLM capture) in a fresh cache folder, wall time and the peak
+  of the summed RSS of its process tree (engine processes included), sampled every 0.2 s;
+  the load average before and after is recorded (these cores are shared).
+- ``robustness``: Δppl of the default preset calibrated on the general set vs on the evaluation
+  domain (the docs train split, fitted the same way), evaluated by the ruler's long suite on
+  the docs test split and the English prose test split, and teacher-forced on the exact model's
+  greedy answers to the first ``--chat-prompts`` conversations of the chat suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+
+
+def timed_calibration(model_dir: Path, home: Path, text: Path | None = None) -> dict:
+    """Run the calibration CLI in a subprocess; wall seconds, peak tree RSS, file path."""
+    command = [sys.executable, "-m", "vllm_seqkv.calibrate", str(model_dir), "--no-cold-prior"]
+    if text is not None:
+        command += ["--text", str(text)]
+    env = {**os.environ, "SEQKV_HOME": str(home), "PYTHONPATH": os.pathsep.join(sys.path)}
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample():
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
+    seconds = time.monotonic() - started
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"calibration failed (exit {proc.returncode}): {shlex.join(command)}")
+    return {"path": out.strip().splitlines()[-1], "seconds": round(seconds, 1), "peak_rss_bytes": peak[0],
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def robustness(model_dir: Path, preset: str, calibrations: dict[str, str], context: int, tokens: int,
+               chat_prompts: int, command: str) -> list[dict]:
+    from vllm_seqkv import calibrate, fixtures
+    from vllm_seqkv.bench import chat
+    from vllm_seqkv.bench.model import LlamaForward
+    from vllm_seqkv.bench.quality import QualitySettings, _long_suite
+    from vllm_seqkv.codec import make_codec
+
+    model = LlamaForward(model_dir)
+    codecs = {name: make_codec(preset, calibrate.load(Path(path), preset))
+              for name, path in calibrations.items()}
+    out = []
+    for label, text in (("docs-test", fixtures.corpus_path("test")), ("prose-test", fixtures.prose_path("test"))):
+        settings = QualitySettings(model_dir=model_dir, text=text, calib_text=Path("-"), context=context,
+                                   tokens=tokens, codecs=list(codecs), calib_tokens=calibrate.DEFAULT_TOKENS,
+                                   command=command)
+        for record in _long_suite(model, codecs, text, settings):
+            out.append({"calibrated_on": record["codec"], "evaluated_on": label,
+                        "delta_ppl_pct": round(record["delta_ppl_pct"], 3),
+                        "delta_ppl_se_pct": round(record.get("delta_ppl_se_pct", float("nan")), 3),
+                        "tokens": record.get("tokens", tokens)})
+    state = chat.prepare(model, model_dir, chat.ChatSettings(max_new_tokens=64, samples=0, prompts=chat_prompts))
+    pooled, _ = chat.teacher_forced(model, state["reference"], codecs)
+    for name in codecs:
+        delta, se = chat.delta_pct(pooled[name], pooled["exact"])
+        out.append({"calibrated_on": name, "evaluated_on": "chat-answers", "delta_ppl_pct": round(delta, 3),
+                    "delta_ppl_se_pct": round(se, 3), "tokens": pooled["exact"].tokens})
+    return out
+
+
+def main() -> None:
+    from vllm_seqkv import calibrate, fixtures
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,smollm2")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=2048, help="evaluated tokens per text")
+    parser.add_argument("--chat-prompts", type=int, default=12)
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/calibration.json"))
+    args = parser.parse_args()
+    command = "python benchmarks/calibration.py " + shlex.join(sys.argv[1:])
+    dirs = {"tiny": fixtures.tiny_model_dir, "smollm2": fixtures.smollm2_dir}
+    preset = calibrate.DEFAULT_PRESET
+    records = []
+    for name in args.models.split(","):
+        model_dir = dirs[name]()
+        with tempfile.TemporaryDirectory(prefix="seqkv-calib-bench-") as home:
+            general = timed_calibration(model_dir, Path(home))
+            print(f"{name}: general set {general}", file=sys.stderr)
+            domain = timed_calibration(model_dir, Path(home), fixtures.corpus_path("train"))
+            print(f"{name}: docs train split {domain}", file=sys.stderr)
+            rob = robustness(model_dir, preset, {"general": general["path"], "docs-train": domain["path"]},
+                             args.context, args.tokens, args.chat_prompts, command)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        records.append({
+            "model": model_dir.name, "path": "vllm", "device": f"cpu ({os.cpu_count()} cores, shared)",
+            "preset": preset, "seconds": general["seconds"], "peak_rss_bytes": general["peak_rss_bytes"],
+            "tokens": calibrate.DEFAULT_TOKENS, "dtype": "float32",
+            "load_average_before": general["load_average_before"],
+            "load_average_after": general["load_average_after"],
+            "in_domain_fit": {k: domain[k] for k in ("seconds", "peak_rss_bytes")},
+            "shape": {k: cfg.get(k) for k in ("num_hidden_layers", "num_key_value_heads", "head_dim",
+                                              "hidden_size", "vocab_size")},
+            "robustness": rob, "context": args.context,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "command": command})
+        print(json.dumps(records[-1], indent=1), file=sys.stderr)
+    args.json.write_text(json.dumps(records, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
