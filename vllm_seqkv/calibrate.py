@@ -336,10 +336,13 @@ def ensure(model_dir: Path, preset: str = DEFAULT_PRESET, text_path: Path | None
         raise CalibrationError(f"{model_dir} is not a model directory (no config.json)")
     text = read_text(text_path, model_dir)
     path = default_path(model_dir, preset, text)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path(path)))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
+    except OSError as exc:
+        raise CalibrationError(f"cannot write to the calibration folder {path.parent}: {exc} "
+                               "(set SEQKV_HOME to a writable folder)") from None
     except Timeout:
         print(f"[seqkv] another process is calibrating {model_dir} ({lock.lock_file}); waiting "
               "to reuse its file", file=sys.stderr)
