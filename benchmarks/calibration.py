@@ -93,6 +93,44 @@ def robustness(model_dir: Path, preset: str, calibrations: dict[str, str], conte
     return out
 
 
+TEXTS = ("general", "docs-train")  # calibration texts: the shipped general set, the docs train split
+
+
+def fits(model_dir: Path, home: Path, parallel: bool, reuse: bool) -> dict[str, dict]:
+    """Timed calibrations of ``model_dir`` on each of :data:`TEXTS` into ``home``; recorded in
+    ``home/<model>-fits.json`` and, with ``reuse``, taken from there when its files exist."""
+    from vllm_seqkv import fixtures
+
+    record = home / f"{model_dir.name}-fits.json"
+    if reuse and record.exists():
+        done = json.loads(record.read_text())
+        if all(Path(done[label]["path"]).exists() for label in TEXTS):
+            return done
+    texts = {"general": None, "docs-train": fixtures.corpus_path("train")}
+    done: dict[str, dict] = {}
+
+    def run(label):
+        done[label] = {**timed_calibration(model_dir, home, texts[label]),
+                       "concurrent_fits": len(TEXTS) if parallel else 1,
+                       "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+        print(f"{model_dir.name}: {label} {done[label]}", file=sys.stderr)
+
+    if parallel:
+        threads = [threading.Thread(target=run, args=(label,)) for label in TEXTS]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    else:
+        for label in TEXTS:
+            run(label)
+    if set(done) != set(TEXTS):
+        raise SystemExit("a calibration failed (see above)")
+    home.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(done, indent=1) + "\n")
+    return done
+
+
 def main() -> None:
     from vllm_seqkv import calibrate, fixtures
 
@@ -101,34 +139,38 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--tokens", type=int, default=2048, help="evaluated tokens per text")
     parser.add_argument("--chat-prompts", type=int, default=12)
+    parser.add_argument("--home", type=Path, help="calibration cache folder of the fits (default: a "
+                        "fresh temporary folder, so every fit really runs)")
+    parser.add_argument("--parallel", action="store_true", help="run the two fits of a model at once")
+    parser.add_argument("--reuse", action="store_true", help="take the fits recorded in --home")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/calibration.json"))
     args = parser.parse_args()
     command = "python benchmarks/calibration.py " + shlex.join(sys.argv[1:])
     dirs = {"tiny": fixtures.tiny_model_dir, "smollm2": fixtures.smollm2_dir}
     preset = calibrate.DEFAULT_PRESET
     records = []
-    for name in args.models.split(","):
-        model_dir = dirs[name]()
-        with tempfile.TemporaryDirectory(prefix="seqkv-calib-bench-") as home:
-            general = timed_calibration(model_dir, Path(home))
-            print(f"{name}: general set {general}", file=sys.stderr)
-            domain = timed_calibration(model_dir, Path(home), fixtures.corpus_path("train"))
-            print(f"{name}: docs train split {domain}", file=sys.stderr)
-            rob = robustness(model_dir, preset, {"general": general["path"], "docs-train": domain["path"]},
+    with tempfile.TemporaryDirectory(prefix="seqkv-calib-bench-") as temporary:
+        home = args.home or Path(temporary)
+        for name in args.models.split(","):
+            model_dir = dirs[name]()
+            timings = fits(model_dir, home, args.parallel, args.reuse)
+            rob = robustness(model_dir, preset, {label: timings[label]["path"] for label in TEXTS},
                              args.context, args.tokens, args.chat_prompts, command)
-        cfg = json.loads((model_dir / "config.json").read_text())
-        records.append({
-            "model": model_dir.name, "path": "vllm", "device": f"cpu ({os.cpu_count()} cores, shared)",
-            "preset": preset, "seconds": general["seconds"], "peak_rss_bytes": general["peak_rss_bytes"],
-            "tokens": calibrate.DEFAULT_TOKENS, "dtype": "float32",
-            "load_average_before": general["load_average_before"],
-            "load_average_after": general["load_average_after"],
-            "in_domain_fit": {k: domain[k] for k in ("seconds", "peak_rss_bytes")},
-            "shape": {k: cfg.get(k) for k in ("num_hidden_layers", "num_key_value_heads", "head_dim",
-                                              "hidden_size", "vocab_size")},
-            "robustness": rob, "context": args.context,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "command": command})
-        print(json.dumps(records[-1], indent=1), file=sys.stderr)
+            cfg = json.loads((model_dir / "config.json").read_text())
+            general = timings["general"]
+            records.append({
+                "model": model_dir.name, "path": "vllm", "device": f"cpu ({os.cpu_count()} cores, shared)",
+                "preset": preset, "seconds": general["seconds"], "peak_rss_bytes": general["peak_rss_bytes"],
+                "tokens": calibrate.DEFAULT_TOKENS, "dtype": "float32",
+                "load_average_before": general["load_average_before"],
+                "load_average_after": general["load_average_after"],
+                "concurrent_fits": general.get("concurrent_fits", 1),
+                "in_domain_fit": {k: timings["docs-train"][k] for k in ("seconds", "peak_rss_bytes")},
+                "shape": {k: cfg.get(k) for k in ("num_hidden_layers", "num_key_value_heads", "head_dim",
+                                                  "hidden_size", "vocab_size")},
+                "robustness": rob, "context": args.context,
+                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "command": command})
+            print(json.dumps(records[-1], indent=1), file=sys.stderr)
     args.json.write_text(json.dumps(records, indent=1) + "\n")
 
 
