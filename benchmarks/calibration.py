@@ -93,6 +93,80 @@ def robustness(model_dir: Path, preset: str, calibrations: dict[str, str], conte
     return out
 
 
+SCALING = """How it scales (a formula, not a measurement beyond the models above): memory = the engine
+(weights in the capture dtype + `kv_cache_memory_bytes` for one chunk of 8 windows of 512
+tokens + ~1 GB of torch/vLLM per process) + the captured K/V held by the front-end,
+`T x L x H_kv x D x 2 x b` bytes (T = 24,576 tokens, b = 4 for float32 on CPU, 2 for bf16 on
+GPU), plus one layer converted to float32 during the fit. For Llama-3.1-8B (L 32, H_kv 8,
+D 128) in bf16 on a GPU that is 3.2 GB of host memory for the capture (16 GB of weights stay
+on the device). Time = engine start + the forward of T tokens (2 x parameters x T FLOPs on
+the device) + the fit on the host, proportional to L x H_kv x T x D (covariances, per-component
+quantizers) plus L x H_kv x D^3 (eigenbases).
+"""
+
+
+def markdown_section(recs: list[dict]) -> str:
+    """The BENCHMARKS.md section of these records."""
+    commands = ", ".join(f"`{c}`" for c in sorted({r["command"] for r in recs}))
+    lines = [
+        "## Calibration", "",
+        f"Command: {commands}  ",
+        "Machine: x86_64, 2 cores shared with other jobs (load average recorded per run). "
+        f"Date: {recs[0]['date']}.", "",
+        "Calibration through vLLM's CPU engine (`python -m vllm_seqkv.calibrate MODEL --no-cold-prior`, "
+        "default preset, 24,576 tokens of the shipped general set, float32 capture) in a fresh cache "
+        "folder: wall time and peak RSS summed over the process tree (front-end + engine process), "
+        "sampled every 0.2 s. The fit of the transform codec (per layer and KV head) dominates the "
+        "time on these cores. Raw figures: `benchmarks/calibration.json`.", "",
+        "| model | layers x KV heads x head_dim | seconds | peak RSS (GiB) | load average (1 min) before / after |",
+        "| --- | --- | ---: | ---: | --- |",
+    ]
+    for r in recs:
+        shape = r["shape"]
+        note = " (a second fit ran alongside for part of it)" if r.get("concurrent_fits", 1) > 1 else ""
+        lines.append(f"| {r['model']}{note} | {shape['num_hidden_layers']} x {shape['num_key_value_heads']} x "
+                     f"{shape['head_dim']} | {r['seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+                     f"{r['load_average_before'][0]} / {r['load_average_after'][0]} |")
+    lines += [
+        "",
+        "Robustness (Δppl % of the default preset vs the exact model; ± paired standard error): "
+        "calibrated on the general set vs on the evaluation domain (Python docs train split), "
+        "evaluated on the docs test split and Jane Austen (ruler's long suite, one 2048-token window "
+        "each) and on the exact model's greedy answers to the first chat-suite conversations "
+        "(teacher-forced).", "",
+        "| model | evaluated on | calibrated on general | calibrated on docs train | gap (points) "
+        "| general / docs-train |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in recs:
+        by = {(x["calibrated_on"], x["evaluated_on"]): x for x in r["robustness"]}
+        for evaluated in ("docs-test", "prose-test", "chat-answers"):
+            if ("general", evaluated) not in by:
+                continue
+            g, d = by[("general", evaluated)], by[("docs-train", evaluated)]
+            gd, dd = g["delta_ppl_pct"], d["delta_ppl_pct"]
+            ratio = f"{gd / dd:.2f}" if gd > 0 and dd > 0 else "n/a (a Δ ≤ 0)"
+            lines.append(f"| {r['model']} | {evaluated} ({g['tokens']} tokens) "
+                         f"| {gd:+.2f} ± {g['delta_ppl_se_pct']:.2f} | {dd:+.2f} ± {d['delta_ppl_se_pct']:.2f} "
+                         f"| {gd - dd:+.2f} | {ratio} |")
+    lines += ["", *SCALING.splitlines(), ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, recs: list[dict]) -> None:
+    """Replace (or insert before the ruler) the ``## Calibration`` section of ``path``."""
+    section = markdown_section(recs)
+    text = path.read_text()
+    start = text.find("## Calibration\n")
+    if start >= 0:
+        end = text.index("\n## ", start + 5) + 1
+        text = text[:start] + section + text[end:]
+    else:
+        at = text.index("## Quality (ruler)")
+        text = text[:at] + section + "\n" + text[at:]
+    path.write_text(text)
+
+
 TEXTS = ("general", "docs-train")  # calibration texts: the shipped general set, the docs train split
 
 
@@ -144,6 +218,8 @@ def main() -> None:
     parser.add_argument("--parallel", action="store_true", help="run the two fits of a model at once")
     parser.add_argument("--reuse", action="store_true", help="take the fits recorded in --home")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/calibration.json"))
+    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"),
+                        help="BENCHMARKS.md whose Calibration section is rewritten ('none': none)")
     args = parser.parse_args()
     command = "python benchmarks/calibration.py " + shlex.join(sys.argv[1:])
     dirs = {"tiny": fixtures.tiny_model_dir, "smollm2": fixtures.smollm2_dir}
@@ -172,6 +248,8 @@ def main() -> None:
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "command": command})
             print(json.dumps(records[-1], indent=1), file=sys.stderr)
     args.json.write_text(json.dumps(records, indent=1) + "\n")
+    if str(args.markdown) != "none":
+        write_markdown(args.markdown, records)
 
 
 if __name__ == "__main__":
