@@ -18,10 +18,13 @@ SMALL = 4096  # = calibrate.MIN_TOKENS: the cheapest fit the file path accepts
 
 @pytest.fixture(scope="module")
 def captures(tiny_model_dir):
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    """The vLLM capture runs with the engine in its own process (as the CLI does: results
+    cross the engine's RPC encoding) and the oracle in this one."""
     text = fixtures.corpus_path("train").read_text()
-    ours = calibrate.capture(tiny_model_dir, text, 2048, layer0_table=True, dtype="float32",
-                             progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+        ours = calibrate.capture(tiny_model_dir, text, 2048, layer0_table=True, dtype="float32",
+                                 progress=False)
     oracle = calibrate.capture_transformers(tiny_model_dir, text, 2048)
     return ours, oracle
 

@@ -192,10 +192,11 @@ def worker_finish(model: torch.nn.Module) -> dict:
     return {"query_sq": state.query_sq, "value_metric": torch.stack(metrics)}
 
 
-def worker_layer0_table(model: torch.nn.Module, vocab: int,
-                        chunk: int = TABLE_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer 0's pre-RoPE K and V ``[vocab, kv_local, D]`` for every vocabulary id at
-    position 0 (the forward stops at layer 0's attention, before any cache access)."""
+def worker_layer0_table(model: torch.nn.Module, vocab: int, chunk: int = TABLE_CHUNK) -> dict:
+    """Layer 0's pre-RoPE K and V ``{"keys", "values"}: [vocab, kv_local, D]`` for every
+    vocabulary id at position 0 (the forward stops at layer 0's attention, before any cache
+    access). NOTE: a dict, as :func:`worker_drain`: the engine's RPC encoding keeps dicts of
+    tensors but not tuples of them."""
     state: _WorkerState = getattr(model, _STATE)
     state.mode = "table"
     device = next(model.parameters()).device
@@ -213,7 +214,7 @@ def worker_layer0_table(model: torch.nn.Module, vocab: int,
                 state.keys, state.values, state.ids = {}, {}, []
     finally:
         state.mode = "sequence"
-    return torch.cat(keys), torch.cat(values)
+    return {"keys": torch.cat(keys), "values": torch.cat(values)}
 
 
 # --- driver side ---------------------------------------------------------------------------
@@ -330,7 +331,8 @@ def capture(model_dir: Path, ids: list[int], *, window: int = 512, dtype: str = 
         if layer0_table:
             vocab = llm.llm_engine.model_config.get_vocab_size()
             parts = llm.apply_model(functools.partial(worker_layer0_table, vocab=vocab))
-            table = (_merge_heads([p[0] for p in parts], layouts), _merge_heads([p[1] for p in parts], layouts))
+            table = (_merge_heads([p["keys"] for p in parts], layouts),
+                     _merge_heads([p["values"] for p in parts], layouts))
         finals = llm.apply_model(worker_finish)
     finally:
         _close(llm)
