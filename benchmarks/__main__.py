@@ -51,7 +51,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 MODULES = {
     "load": "load", "isolation": "isolation", "approx": "approx", "approx-vllm": "approx_vllm",
     "vllm-path": "vllm_path", "plt": "plt", "replay": "replay", "connector": "connector",
-    "cpu-decode": "cpu_decode", "tpot": "tpot", "gpu-kernels": "gpu_kernels",
+    "cpu-decode": "cpu_decode", "tpot": "tpot", "gpu-kernels": "gpu_kernels", "calibration": "calibration",
 }
 
 

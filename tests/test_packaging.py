@@ -18,6 +18,19 @@ def test_dockerfile_lints_clean_and_serves_seqkv():
     assert '"--kv-cache-backend", "seqkv"' in text
 
 
+def test_docker_image_calibrates_into_the_documented_volume():
+    """First start calibrates into SEQKV_HOME: it must be inside a VOLUME, and the README's
+    `docker run` must mount that volume (else every container start refits)."""
+    text = (ROOT / "Dockerfile").read_text()
+    home = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ENV SEQKV_HOME="))
+    volume = next(line for line in text.splitlines() if line.startswith("VOLUME"))
+    mount = volume.split('"')[1]
+    assert home.startswith(mount + "/")
+    readme = (ROOT / "README.md").read_text()
+    runs = [line for line in readme.splitlines() if line.startswith("docker run")]
+    assert runs and all(f":{mount}" in line and "--gpus" in line for line in runs), runs
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (ROOT / "README.md").read_text().splitlines()
     commands = [line for line in readme[:20] if line.startswith("bash scripts/")]

@@ -1,15 +1,18 @@
 """`python -m vllm_seqkv.calibrate MODEL_DIR [--text FILE]`: fit the codec's calibration.
 
-Runs the model (transformers, fp32, CPU) over calibration text (default: the general-domain
-set shipped with the package, ``vllm_seqkv/data/general_calibration.txt``: prose, ChatML
-dialogue, code, some non-English; ``--text`` takes a plain text file or JSONL of chats
-``{"messages": [...]}`` rendered with the model's chat template), captures pre-RoPE K, V and
-query second moments per layer and head
-plus ``o_proj``, fits the preset (``--preset``, default seqkv-3) and writes a checksummed
-file to :func:`default_path` (~4 minutes on 2 cores for SmolLM2-135M, 24,576 tokens).
-The vLLM backend and the ruler both load it from there. For transform presets it then fits
-the cold tier's code-level coder on the hot codes of 4,096 train tokens
-(:func:`cold_prior_path`, ~1 min for SmolLM2), which the cold-tier connector uses.
+Runs the calibration text (default: the general-domain set shipped with the package,
+``vllm_seqkv/data/general_calibration.txt``: prose, ChatML dialogue, code, some non-English;
+``--text`` takes a plain text file or JSONL of chats ``{"messages": [...]}`` rendered with
+the model's chat template) through vLLM's own engine (:mod:`vllm_seqkv.integration.capture`:
+its device, dtype and tensor-parallel layout, exact cache), which captures pre-RoPE K, V and
+query second moments per layer and head plus ``o_proj``; fits the preset (``--preset``,
+default seqkv-f4) and writes a checksummed file atomically to :func:`default_path`, under a
+file lock (concurrent runs wait and reuse it). ``vllm serve ... --kv-cache-backend seqkv``
+runs this module in a subprocess at first start when the file is missing
+(:mod:`vllm_seqkv.integration.first_start`). The vLLM backend and the ruler load it from
+there. For transform presets it then fits the cold tier's code-level coder on the hot codes
+of 4,096 tokens of the general calibration text (a transformers forward;
+:func:`cold_prior_path`; ``--no-cold-prior`` skips it), which the cold-tier connector uses.
 """
 
 from __future__ import annotations
@@ -148,11 +151,63 @@ def codec_for_model(model_dir: Path, preset: str = DEFAULT_PRESET):
     return make_codec(preset, load_for_model(model_dir, preset) if needs_calibration(preset) else None)
 
 
-def capture(model_dir: Path, text: str, tokens: int = DEFAULT_TOKENS, window: int = 512) -> Capture:
-    """Pre-RoPE K, V and query statistics of the model over ``tokens`` of ``text``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def calibration_ids(model_dir: Path, text: str, tokens: int = DEFAULT_TOKENS) -> list[int]:
+    """The first ``tokens`` token ids of ``text`` (raises :class:`CalibrationError` below
+    ``min(tokens, MIN_TOKENS)``: too few samples for the per-component quantizers)."""
+    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"cannot read the tokenizer of {model_dir}: {exc}") from None
+    ids = tok(text[: tokens * 8])["input_ids"][:tokens]
+    if len(ids) < min(tokens, MIN_TOKENS):
+        raise CalibrationError(f"the calibration text has {len(ids)} tokens; the fit needs at least "
+                               f"{min(tokens, MIN_TOKENS)} (asked for {tokens})")
+    if len(ids) < tokens:
+        print(f"[seqkv] calibration text has {len(ids)} tokens, fewer than the {tokens} asked for",
+              file=sys.stderr)
+    return ids
+
+
+def needs_layer0_table(preset: str) -> bool:
+    """Does ``preset``'s fit use the layer-0 token table (a forward of the whole vocabulary)?"""
+    from vllm_seqkv.codec.presets import PRESETS
+
+    return bool(getattr(PRESETS[preset], "layer0_tokens", False))
+
+
+def default_dtype() -> str:
+    """The capture's model dtype: float32 on CPU (cheap, and what the fit was designed on),
+    the serving dtype (vLLM's ``auto``) on accelerators."""
+    from vllm_seqkv.integration import compat
+
+    return "float32" if compat.is_cpu() else "auto"
+
+
+def capture(model_dir: Path, text: str, tokens: int = DEFAULT_TOKENS, window: int = 512, *,
+            layer0_table: bool = True, dtype: str | None = None, tensor_parallel_size: int = 1,
+            progress: bool = True) -> Capture:
+    """Pre-RoPE K, V and query statistics of the model over ``tokens`` of ``text``, captured
+    inside a vLLM engine (:mod:`vllm_seqkv.integration.capture`; ``dtype`` default
+    :func:`default_dtype`). ``layer0_table``: also the layer-0 token table (see
+    :func:`needs_layer0_table`)."""
+    from vllm_seqkv.integration import capture as vllm_capture
+
+    ids = calibration_ids(model_dir, text, tokens)
+    return vllm_capture.capture(model_dir, ids, window=window, dtype=dtype or default_dtype(),
+                                layer0_table=layer0_table, tensor_parallel_size=tensor_parallel_size,
+                                layer0_tolerance=LAYER0_TOLERANCE, progress=progress)
+
+
+def capture_transformers(model_dir: Path, text: str, tokens: int = DEFAULT_TOKENS,
+                         window: int = 512) -> Capture:
+    """TEST ORACLE ONLY: the same statistics by a transformers fp32 forward of the whole
+    model (patched ``apply_rotary_pos_emb``, ``v_proj`` hooks); the tests compare
+    :func:`capture` against it."""
+    from transformers import AutoModelForCausalLM
+
+    ids = calibration_ids(model_dir, text, tokens)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     cfg = model.config
     layers = model.model.layers
@@ -183,20 +238,10 @@ def capture(model_dir: Path, text: str, tokens: int = DEFAULT_TOKENS, window: in
 
     handles = [layer.self_attn.v_proj.register_forward_hook(capture_value(i))
                for i, layer in enumerate(layers)]
-    ids = tok(text[: tokens * 8])["input_ids"][:tokens]
-    if len(ids) < min(tokens, MIN_TOKENS):
-        raise CalibrationError(f"the calibration text has {len(ids)} tokens; the fit needs at least "
-                               f"{min(tokens, MIN_TOKENS)} (asked for {tokens})")
-    if len(ids) < tokens:
-        print(f"[seqkv] calibration text has {len(ids)} tokens, fewer than the {tokens} asked for",
-              file=sys.stderr)
     attn_module.apply_rotary_pos_emb = capture_rope
-    from tqdm import tqdm
-
     try:
         with torch.no_grad():
-            for start in tqdm(range(0, len(ids) - 1, window), desc="[seqkv] calibration forward",
-                              unit="window", disable=len(ids) < 8 * window):
+            for start in range(0, len(ids) - 1, window):
                 chunk = torch.tensor(ids[start : start + window]).unsqueeze(0)
                 state["layer"] = 0
                 model(input_ids=chunk)
@@ -256,11 +301,13 @@ def _layer0_table(model, attn_module, kv_heads: int, head_dim: int, chunk: int =
 
 
 def calibrate(model_dir: Path, text: str, preset: str = DEFAULT_PRESET, tokens: int = DEFAULT_TOKENS,
-              captured: Capture | None = None):
-    """Fit ``preset``'s calibration for the model (reusing ``captured`` activations if given)."""
+              captured: Capture | None = None, **capture_options):
+    """Fit ``preset``'s calibration for the model (reusing ``captured`` activations if given;
+    ``capture_options`` go to :func:`capture`)."""
     from vllm_seqkv.codec.presets import PRESETS
 
-    captured = captured or capture(model_dir, text, tokens)
+    capture_options.setdefault("layer0_table", needs_layer0_table(preset))
+    captured = captured or capture(model_dir, text, tokens, **capture_options)
     from tqdm import tqdm
 
     bar = tqdm(total=captured.num_layers, desc=f"[seqkv] fitting {preset}", unit="layer",
@@ -276,27 +323,60 @@ def calibrate(model_dir: Path, text: str, preset: str = DEFAULT_PRESET, tokens: 
         bar.close()
 
 
-def ensure(model_dir: Path, preset: str = DEFAULT_PRESET, text_path: Path | None = None) -> Path:
+def lock_path(path: Path) -> Path:
+    """The lock file guarding the calibration file ``path`` (one fit per file at a time)."""
+    return path.with_name(path.name + ".lock")
+
+
+def ensure(model_dir: Path, preset: str = DEFAULT_PRESET, text_path: Path | None = None, *,
+           cold_prior: bool = True, **capture_options) -> Path:
+    """The calibration file of ``preset`` for ``model_dir`` fitted on ``text_path`` (default:
+    the general set): reused when it loads (checksum, format, preset), else fitted (a corrupt
+    or foreign file is reported and refitted, never trusted) and written atomically. A file
+    lock next to it makes concurrent callers wait for one fit and reuse its file.
+    ``cold_prior``: also fit the cold tier's coder prior (transform presets)."""
+    from filelock import FileLock, Timeout
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CalibrationError(f"{model_dir} is not a model directory (no config.json)")
     text = read_text(text_path, model_dir)
     path = default_path(model_dir, preset, text)
-    if path.exists():
-        try:
-            load(path, preset)
+    lock = FileLock(str(lock_path(path)))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire(timeout=0)
+    except OSError as exc:
+        raise CalibrationError(f"cannot write to the calibration folder {path.parent}: {exc} "
+                               "(set SEQKV_HOME to a writable folder)") from None
+    except Timeout:
+        print(f"[seqkv] another process is calibrating {model_dir} ({lock.lock_file}); waiting "
+              "to reuse its file", file=sys.stderr)
+        lock.acquire()
+    try:
+        if path.exists():
+            try:
+                load(path, preset)
+                if cold_prior:
+                    ensure_cold_prior(model_dir, preset)
+                return path
+            except CalibrationError as exc:
+                print(f"[seqkv] {exc}; refitting it", file=sys.stderr)
+                path.unlink()
+        cold_prior_path(model_dir, preset).unlink(missing_ok=True)  # fitted on the old codes
+        print(f"[seqkv] fitting the {preset} calibration of {model_dir} on {DEFAULT_TOKENS} tokens "
+              f"of {text_path or GENERAL_TEXT} through vLLM (once per model and preset)", file=sys.stderr)
+        calibration = calibrate(model_dir, text, preset, DEFAULT_TOKENS, **capture_options)
+        if getattr(calibration, "layer0_check", ""):
+            print(f"[seqkv] {calibration.layer0_check}", file=sys.stderr)
+        calibration.save(path)
+        for stale in prune_stale(model_dir):
+            print(f"[seqkv] removed stale calibration {stale}", file=sys.stderr)
+        if cold_prior:
             ensure_cold_prior(model_dir, preset)
-            return path
-        except CalibrationError:
-            path.unlink()
-    cold_prior_path(model_dir, preset).unlink(missing_ok=True)  # fitted on the old codes
-    print(f"[seqkv] fitting the {preset} calibration of {model_dir} on {DEFAULT_TOKENS} tokens "
-          f"of {text_path or GENERAL_TEXT} (once per model and preset)", file=sys.stderr)
-    calibration = calibrate(model_dir, text, preset)
-    if getattr(calibration, "layer0_check", ""):
-        print(f"[seqkv] {calibration.layer0_check}", file=sys.stderr)
-    calibration.save(path)
-    for stale in prune_stale(model_dir):
-        print(f"[seqkv] removed stale calibration {stale}", file=sys.stderr)
-    ensure_cold_prior(model_dir, preset)
-    return path
+        return path
+    finally:
+        lock.release()
 
 
 def ensure_cold_prior(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path | None:
@@ -323,16 +403,24 @@ def ensure_cold_prior(model_dir: Path, preset: str = DEFAULT_PRESET) -> Path | N
 def main(argv: list[str] | None = None) -> None:
     from vllm_seqkv.codec.presets import PRESETS
 
-    parser = argparse.ArgumentParser(prog="python -m vllm_seqkv.calibrate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vllm_seqkv.calibrate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         choices=[n for n, p in PRESETS.items() if p.calibration_kind != "none"])
     parser.add_argument("--text", type=Path, default=None,
                         help="calibration text: plain text or .jsonl of {'messages': [...]} chats "
                         "(default: the general set shipped with the package)")
+    parser.add_argument("--dtype", default=None,
+                        help="vLLM model dtype of the capture (default: float32 on CPU, the "
+                        "serving dtype 'auto' on accelerators)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--no-cold-prior", dest="cold_prior", action="store_false",
+                        help="skip the cold tier's coder prior (without it the cold tier codes bytes, not codes)")
     args = parser.parse_args(argv)
     try:
-        print(ensure(args.model, args.preset, args.text))
+        print(ensure(args.model, args.preset, args.text, cold_prior=args.cold_prior,
+                     dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size))
     except CalibrationError as exc:
         raise SystemExit(f"error: {exc}") from None
 

@@ -116,6 +116,10 @@ class SeqKVConfig(BaseModel):
     calibration: str | None = Field(
         default=None, description="calibration file; default: the one `python -m "
         "vllm_seqkv.calibrate MODEL` wrote for this model")
+    auto_calibrate: bool = Field(
+        default=True, description="when the model has no calibration for the preset, fit it "
+        "at engine start (a `python -m vllm_seqkv.calibrate` subprocess through vLLM, minutes; "
+        "written to the cache and reused); false: fail with the command to run instead")
 
     sink_table_bytes: int = Field(
         default=64 << 20, ge=0, description="bound on the exact sink rows (first token of each "

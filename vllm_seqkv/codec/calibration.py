@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,10 +296,14 @@ def save_checked(path: Path, tensors: dict[str, torch.Tensor], fmt: str, meta: d
     tensors = {n: t.contiguous() for n, t in tensors.items()}
     meta = {**meta, "format": fmt, "sha256": _digest(tensors)}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a read-only cache: nothing half-written is left
+        tmp.unlink(missing_ok=True)
+        raise CalibrationError(f"cannot write calibration file {path}: {exc}") from None
 
 
 def load_checked(path: Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

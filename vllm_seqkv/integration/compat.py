@@ -165,3 +165,38 @@ def parser_has_option(parser, flag: str) -> bool:
 
 def connector_registered(name: str) -> bool:
     return name in KVConnectorFactory._registry
+
+
+# --- calibration capture (vllm_seqkv.integration.capture) ------------------------------
+# Public entry points (LLM, SamplingParams, LLM.apply_model) plus the names the capture
+# hooks rely on: each attention layer is an ``Attention`` module named ``...layers.N.<attn>``
+# whose parent holds ``rotary_emb`` (called as ``rotary_emb(positions, q, k)`` after any q/k
+# norm) and ``o_proj`` (a RowParallelLinear: input columns split across TP ranks).
+def offline_engine():
+    """``(LLM, SamplingParams)``, imported on use (the plugin loads in every process)."""
+    from vllm import LLM, SamplingParams
+
+    return LLM, SamplingParams
+
+
+def tensor_parallel_rank_and_size() -> tuple[int, int]:
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+def local_linear_weight(linear):
+    """``[out, in_local]`` weight of this rank's part of a vLLM linear layer, read through its
+    own ``quant_method.apply`` on an identity input (the CPU build repacks weights into
+    ``cpu_linear`` and frees ``.weight``; a quantized layer gives its dequantized weight).
+    No TP reduction: ``RowParallelLinear.forward`` all-reduces after this call."""
+    import torch
+
+    params = next(linear.parameters())
+    eye = torch.eye(linear.input_size_per_partition, dtype=linear.params_dtype, device=params.device)
+    with torch.no_grad():
+        columns = linear.quant_method.apply(linear, eye, None)  # [in_local, out] = W^T
+    return columns.T
+
+
+__all__ += ["offline_engine", "tensor_parallel_rank_and_size", "local_linear_weight"]

@@ -51,6 +51,10 @@ def _checked_engine_config(original):
             from vllm_seqkv.integration.support import check_model_supported
 
             check_model_supported(vllm_config.model_config, vllm_config)
+            from vllm_seqkv.integration.first_start import ensure_calibrated
+
+            ensure_calibrated(config, vllm_config.model_config.model,
+                              vllm_config.parallel_config.tensor_parallel_size, logger().info)
             figures = cache_figures(config, vllm_config.model_config)
             metrics.export(figures, vllm_config.cache_config)
             logger().info(
