@@ -21,7 +21,7 @@ restore (a load on the engine thread would add all of it to one step).
 
 Last, in the same process, the fastest prefill a user has: a second engine with vLLM's own
 cache (``kv_cache_backend: auto``, bf16 pages, prefix caching on, same model length and eager
-mode) runs the same prompts P once each after a warm-up (none of them in its prefix cache):
+mode, a 256 MiB bf16 cache) runs the same prompts P once each after a warm-up (none of them in its prefix cache):
 **auto recompute**, against which the restore is compared too (TTFT, and the pro rata time of
 the restored tokens vs the connector's load). Merged into benchmarks/plt.json under
 ``vllm_restore``.
@@ -146,7 +146,7 @@ def auto_recompute(d, ids, prompts: list[list[int]]) -> list[float]:
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=str(d), max_model_len=2048, seed=0, enforce_eager=True, enable_prefix_caching=True,
-              additional_config={"kv_cache_backend": "auto"})
+              kv_cache_memory_bytes=256 << 20, additional_config={"kv_cache_backend": "auto"})
     one = SamplingParams(max_tokens=1, temperature=0)
     try:
         llm.generate([TokensPrompt(prompt_token_ids=ids[-len(prompts[0]):])], one, use_tqdm=False)
