@@ -5,7 +5,8 @@
 For each backend, one in-process engine (same KV budget, prefix caching on). Per (context,
 batch): one prompt of ``context`` held-out tokens, shared by ``batch`` requests that differ
 in their last token (so vLLM prefills the shared blocks once); a warm-up request with
-``max_tokens=1`` prefills it, then the batch runs with ``max_tokens=1`` and with
+``max_tokens=1`` prefills it, the batch itself runs once untimed (its last blocks cached), then
+the batch runs with ``max_tokens=1`` and with
 ``max_tokens=1+N``, and time per output token is the difference over ``N`` (prefill and
 scheduling cancel). Ratios are seqkv / auto from the same process. Writes
 ``benchmarks/tpot.json``.
@@ -50,6 +51,9 @@ def run_backend(model: Path, backend: str, preset: str | None, contexts, batches
             for batch in batches:
                 prompts = [TokensPrompt(prompt_token_ids=prompt + [ids[length + 1 + i]]) for i in range(batch)]
                 timings = {}
+                # the exact prompts once first: the timed runs then both find every full block
+                # cached (else the first would prefill the last block and the second not)
+                llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
                 for n in (1, 1 + new_tokens):
                     params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0, ignore_eos=True)
                     start = time.perf_counter()
