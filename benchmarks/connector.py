@@ -17,8 +17,14 @@ Then the engine loop during a restore: a bystander request decodes ``--bystander
 tokens, stepped one engine step at a time; after a few of its tokens, the first prompt
 (evicted again) arrives and is restored from the tier. Reported: the bystander's slowest
 step while the restore runs, its median step, and the connector's load time of that
-restore (a load on the engine thread would add all of it to one step). Merged into
-benchmarks/plt.json under ``vllm_restore``.
+restore (a load on the engine thread would add all of it to one step).
+
+Last, in the same process, the fastest prefill a user has: a second engine with vLLM's own
+cache (``kv_cache_backend: auto``, bf16 pages, prefix caching on, same model length and eager
+mode, a 256 MiB bf16 cache) runs the same prompts P once each after a warm-up (none of them in its prefix cache):
+**auto recompute**, against which the restore is compared too (TTFT, and the pro rata time of
+the restored tokens vs the connector's load). Merged into benchmarks/plt.json under
+``vllm_restore``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import contextlib
 import datetime
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -132,10 +139,42 @@ def main(argv=None) -> int:
         return measure(args, argv, d, ids, cold)
 
 
+def auto_recompute(d, ids, prompts: list[list[int]]) -> list[float]:
+    """TTFT (s) of each prompt in a fresh ``auto`` engine (vLLM's bf16 cache, prefix caching
+    on), after a warm-up prompt that shares no block with them: a full prefill each."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=str(d), max_model_len=2048, seed=0, enforce_eager=True, enable_prefix_caching=True,
+              kv_cache_memory_bytes=256 << 20, additional_config={"kv_cache_backend": "auto"})
+    one = SamplingParams(max_tokens=1, temperature=0)
+    try:
+        llm.generate([TokensPrompt(prompt_token_ids=ids[-len(prompts[0]):])], one, use_tqdm=False)
+        times = []
+        for p in prompts:
+            t0 = time.perf_counter()
+            out = llm.generate([TokensPrompt(prompt_token_ids=p)], one, use_tqdm=False)[0]
+            times.append(time.perf_counter() - t0)
+            if out.num_cached_tokens:
+                raise RuntimeError(f"auto engine found {out.num_cached_tokens} cached tokens: not a recompute")
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    return times
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return ""
+
+
 def measure(args, argv, d, ids, cold: dict) -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    uptime_start = uptime()
     block_bytes, hd = engine_block_bytes(d)
     llm = LLM(model=str(d), max_model_len=2048, seed=0, enforce_eager=True,
               kv_cache_memory_bytes=args.blocks * block_bytes,
@@ -174,6 +213,11 @@ def measure(args, argv, d, ids, cold: dict) -> int:
     print(json.dumps(stall), flush=True)
     stats = llm.collective_rpc(_worker_stats)[0]
     llm.llm_engine.engine_core.shutdown()
+    auto_times = auto_recompute(d, ids, [ids[i * 2 * n:i * 2 * n + n] for i in range(args.prompts)])
+    for row, t_auto in zip(rows, auto_times):
+        row["auto_recompute_ttft_s"] = t_auto
+        row["auto_recompute_s_of_restored_tokens"] = t_auto * row["cached_tokens"] / n
+    print(json.dumps({"auto_recompute_ttft_s": auto_times}), flush=True)
 
     def mean(k):
         return sum(r[k] for r in rows) / len(rows)
@@ -187,12 +231,16 @@ def measure(args, argv, d, ids, cold: dict) -> int:
         "ttft_speedup": mean("recompute_ttft_s") / mean("restore_ttft_s"),
         "connector_load_s_per_block": mean("connector_load_s") / (mean("cached_tokens") / 128),
         "restore_speedup_vs_recompute": mean("recompute_s_of_restored_tokens") / mean("connector_load_s"),
+        "auto_recompute_ttft_s": mean("auto_recompute_ttft_s"),
+        "ttft_speedup_vs_auto_recompute": mean("auto_recompute_ttft_s") / mean("restore_ttft_s"),
+        "restore_speedup_vs_auto_recompute": mean("auto_recompute_s_of_restored_tokens") / mean("connector_load_s"),
         "save_s_per_block": stats["save_s"] / max(stats["saved_blocks"], 1),
         "engine_loop_copy_s_per_block": stats["copy_s"] / max(stats["saved_blocks"], 1),
         "tier_bits_per_element": stats["tier_bytes"] * 8 / elements if elements else None,
         "hot_bits_per_element": stats["tier_raw_bytes"] * 8 / elements if elements else None,
         "engine_loop_during_restore": stall,
         "machine": f"{os.cpu_count()} CPUs",
+        "uptime_at_start": uptime_start, "uptime_at_end": uptime(),
         "date": datetime.date.today().isoformat(),
         "command": "python -m benchmarks.connector " + " ".join(argv or sys.argv[1:]),
     }

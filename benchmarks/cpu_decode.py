@@ -4,11 +4,18 @@ op vLLM's own CPU backend runs (``torch.ops._C.cpu_attention_with_kv_cache``, ca
 
 One query token per sequence, every sequence ``ctx`` tokens long (own token included), block
 size 128 for both, shuffled block tables, the same thread count for both, calls interleaved
-(A, B, A, B, ...) in one process so that load from other processes hits both alike; medians of
-``--repeats`` timed calls after warm-up. seqkv pages: a seqkv-3-nox-like slot from a random but
-valid transform (keys 2.5 bits/element, values 3.5: 3 bits/element, 48 bytes per token-head at
-D = 64; keys pre-RoPE, rotated from a rope table in the kernel), with a RoPE-pair block-diagonal
-key basis (the kernel's fast key path) and, for a few rows, a general key basis (``key=general``).
+(A, B, A, B, ...) in one process so that load from other processes hits both alike; medians
+(and minima: the least disturbed call) of ``--repeats`` timed calls after warm-up. seqkv pages:
+the default preset's format (``seqkv-f4``:
+no cross-layer prediction, keys pre-RoPE in a RoPE-pair block-diagonal basis rotated from a rope
+table in the kernel, keys 3.5 / values 4.5 bits per element, 64 bytes per token-head at D = 64).
+SmolLM2 layer: the model's own cached seqkv-f4 calibration (layer ``--layer``), as the engine
+builds its kernel params. Llama-8B-like layer (no such model here): an f4-like random but valid
+transform with the same bit allocation (each component width of the SmolLM2 layer's head
+``h % 3`` used twice, so the same width histogram and 3.5 / 4.5 bits), a random RoPE-pair key
+basis and a random full value basis. Page bytes are random (every code is a valid level); the
+kernel's work does not depend on them. ``--general-key-contexts`` adds rows with a general key
+basis (not the default preset's path; off by default).
 
 Run from the repository root:
     python -m benchmarks.cpu_decode            # writes benchmarks/cpu_decode.json
@@ -38,6 +45,60 @@ SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 BLOCK = 128
 
 
+def uptime() -> str:
+    """``uptime``'s line (load averages over 1 / 5 / 15 min): contention from other processes."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return ""
+
+
+def f4_layouts(shape: str, kv_heads: int, dim: int, layer: int) -> dict:
+    """``{"pair": SlotLayout}`` of the default preset's format for this layer shape (see the
+    module docstring), plus ``"general"``: the same widths with an arbitrary key basis."""
+    import seqkv_fixtures as fixtures
+    from vllm_seqkv import calibrate
+    from vllm_seqkv.codec.base import SlotLayout
+    from vllm_seqkv.codec.presets import PRESETS
+
+    calibration = calibrate.load_for_model(fixtures.smollm2_dir(), "seqkv-f4")
+    key, value = PRESETS["seqkv-f4"].build(calibration).per_layer[layer]
+    real = SlotLayout(key, value, 3, 64)
+    if shape == "smollm2":
+        return {"pair": real, "general": _with_widths(real.key.inner.transform.bits, real.value.inner.transform.bits,
+                                                        pair_keys=False, seed=0)}
+
+    def widths(bits):  # [3, 64] -> [kv_heads, dim]: every width twice, head h from head h % 3
+        return bits.repeat_interleave(dim // 64, dim=1)[torch.arange(kv_heads) % bits.shape[0]]
+
+    key_bits, value_bits = widths(key.inner.transform.bits), widths(value.inner.transform.bits)
+    return {name: _with_widths(key_bits, value_bits, pair_keys=name == "pair", seed=0)
+            for name in ("pair", "general")}
+
+
+def _with_widths(key_bits, value_bits, pair_keys: bool, seed: int):
+    """A random but valid TransformCodec K/V SlotLayout with the given component widths."""
+    from tests.kernels.cpu_helpers import random_basis
+    from vllm_seqkv.codec.base import SlotLayout
+    from vllm_seqkv.codec.transform import MAX_BITS, Transform, TransformCodec
+
+    def transform(bits, pairs, gen):
+        heads, dim = bits.shape
+        levels = torch.zeros(heads, dim, 1 << MAX_BITS)
+        for h in range(heads):
+            for c in range(dim):
+                n = 1 << int(bits[h, c])
+                spread = float(torch.rand(1, generator=gen)) * 2 + 0.2
+                levels[h, c, :n] = (torch.randn(n, generator=gen) * spread).sort().values
+        return Transform(torch.randn(heads, dim, generator=gen) * 0.5, random_basis(heads, dim, pairs, gen),
+                         bits.long().clone(), levels)
+
+    gen = torch.Generator().manual_seed(seed)
+    heads, dim = key_bits.shape
+    return SlotLayout(TransformCodec(transform(key_bits, pair_keys, gen)),
+                      TransformCodec(transform(value_bits, False, gen)), heads, dim)
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "logical_cpus": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
@@ -53,6 +114,7 @@ def machine() -> dict:
         info["load_average_at_start"] = os.getloadavg()
     except OSError:
         pass
+    info["uptime_at_start"] = uptime()
     return info
 
 
@@ -70,7 +132,8 @@ def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(timed(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return ({name: statistics.median(t) for name, t in times.items()},
+            {name: min(t) for name, t in times.items()})
 
 
 def vllm_case(q_heads, kv_heads, dim, ctx, batch, table):
@@ -105,7 +168,7 @@ def vllm_case(q_heads, kv_heads, dim, ctx, batch, table):
     return make_run, cache.numel() * 2, isa
 
 
-def seqkv_case(q_heads, kv_heads, dim, ctx, batch, table, layout):
+def seqkv_case(q_heads, kv_heads, dim, ctx, batch, table, layout, rope_theta):
     from vllm_seqkv.kernels.cpu_ops import transform_decode_attention_cpp
     from vllm_seqkv.kernels.transform_params import rope_cache, transform_layer_params
 
@@ -115,7 +178,7 @@ def seqkv_case(q_heads, kv_heads, dim, ctx, batch, table, layout):
     query = torch.randn(batch, q_heads, dim, dtype=torch.bfloat16)
     own = torch.randn(batch, kv_heads, dim, dtype=torch.bfloat16)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32)
-    rope = rope_cache(ctx, dim, 100000.0)
+    rope = rope_cache(ctx, dim, rope_theta)
 
     def run():
         transform_decode_attention_cpp(query, own, own, pages, table, seq_lens, params, dim ** -0.5, rope=rope)
@@ -132,28 +195,36 @@ def main(argv: list[str] | None = None) -> None:
                         help="thread counts (comma-separated); both ops run with the same count")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--max-gb", type=float, default=8.0, help="skip combos whose bf16 cache exceeds this")
-    parser.add_argument("--general-key-contexts", default="4096",
+    parser.add_argument("--general-key-contexts", default="",
                         help="contexts at which the general (non pair-diagonal) key path is also timed (batch 1)")
+    parser.add_argument("--layer", type=int, default=15, help="SmolLM2 layer whose seqkv-f4 calibration is used")
+    parser.add_argument("--skip", default="", help="shape:context:batch cells not run (comma-separated)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "cpu_decode.json"))
     args = parser.parse_args(argv)
 
-    from tests.kernels.cpu_helpers import random_layout
     from vllm_seqkv.kernels.cpu_ops import active_isa, load_cpu_ops, load_error
 
     if not load_cpu_ops():
         sys.exit(f"vllm_seqkv._cpu is not built ({load_error()}): run bash scripts/setup.sh")
+    machine_info = machine()
     rows = []
+    skipped = []
+    skip = set(filter(None, args.skip.split(",")))
     thread_counts = sorted({int(t) for t in args.threads.split(",")})
     general_ctx = {int(c) for c in args.general_key_contexts.split(",") if c}
     for shape in args.shapes.split(","):
         q_heads, kv_heads, dim = SHAPES[shape]
-        layouts = {"pair": random_layout(kv_heads, dim, 2.5, 3.5, pair_keys=True, seed=0),
-                   "general": random_layout(kv_heads, dim, 2.5, 3.5, pair_keys=False, seed=0)}
+        layouts = f4_layouts(shape, kv_heads, dim, args.layer)
+        rope_theta = 100000.0 if shape == "smollm2" else 500000.0  # SmolLM2's config; Llama-3's
         for ctx in map(int, args.contexts.split(",")):
             for batch in map(int, args.batches.split(",")):
                 bf16_bytes = batch * ctx * kv_heads * dim * 2 * 2
                 if bf16_bytes > args.max_gb * 2**30:
                     print(f"skip {shape} ctx={ctx} batch={batch}: bf16 cache {bf16_bytes / 2**30:.1f} GiB", flush=True)
+                    continue
+                if f"{shape}:{ctx}:{batch}" in skip:
+                    print(f"skip {shape} ctx={ctx} batch={batch}: --skip", flush=True)
+                    skipped.append(f"{shape}:{ctx}:{batch}")
                     continue
                 blocks_per_seq = -(-ctx // BLOCK)
                 gen = torch.Generator().manual_seed(ctx + batch)
@@ -163,18 +234,24 @@ def main(argv: list[str] | None = None) -> None:
                 fns = {"vllm": None}
                 seqkv_bytes = 0
                 for key in keys:
-                    fns[key], seqkv_bytes = seqkv_case(q_heads, kv_heads, dim, ctx, batch, table, layouts[key])
+                    fns[key], seqkv_bytes = seqkv_case(q_heads, kv_heads, dim, ctx, batch, table, layouts[key],
+                                                          rope_theta)
                 repeats = args.repeats if bf16_bytes < 2**30 else max(5, args.repeats // 2)
                 for threads in thread_counts:
                     torch.set_num_threads(threads)
                     fns["vllm"] = make_vllm_run()
-                    med = interleaved(fns, repeats)
+                    load_before = os.getloadavg()
+                    med, best = interleaved(fns, repeats)
+                    load_after = os.getloadavg()
                     for key in keys:
                         row = {"shape": shape, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": dim,
                                "context": ctx, "batch": batch, "threads": threads, "key_path": key,
                                "vllm_ms": round(med["vllm"], 4), "seqkv_ms": round(med[key], 4),
-                               "speedup_vs_vllm": round(med["vllm"] / med[key], 3), "vllm_cache_bytes": vllm_bytes,
-                               "seqkv_cache_bytes": seqkv_bytes, "repeats": repeats}
+                               "speedup_vs_vllm": round(med["vllm"] / med[key], 3),
+                               "vllm_min_ms": round(best["vllm"], 4), "seqkv_min_ms": round(best[key], 4),
+                               "speedup_of_min": round(best["vllm"] / best[key], 3), "vllm_cache_bytes": vllm_bytes,
+                               "seqkv_cache_bytes": seqkv_bytes, "repeats": repeats,
+                               "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)]}
                         rows.append(row)
                         print(f"{shape:8s} ctx={ctx:6d} batch={batch:3d} threads={threads} key={key:7s} "
                               f"vllm {med['vllm']:9.3f} ms  seqkv {med[key]:9.3f} ms  "
@@ -183,13 +260,17 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": machine_info,
         "threads": thread_counts,
         "load_average_at_end": os.getloadavg(),
+        "uptime_at_end": uptime(),
+        "skipped_cells": skipped,
         "vllm_op": "torch.ops._C.cpu_attention_with_kv_cache (bf16 cache, isa %s)" % vllm_isa,
         "seqkv_op": f"torch.ops.seqkv.cpu_transform_decode_attention ({active_isa()})",
         "block_size": BLOCK,
-        "format": "seqkv-3-nox-like: random valid transform, K 2.5 / V 3.5 bits per element, pre-RoPE keys",
+        "format": (f"seqkv-f4 (default preset): SmolLM2 layer {args.layer}'s cached calibration; Llama-8B-like: "
+                   "random valid transform with the SmolLM2 layer's f4 component widths (each twice, head h from "
+                   "head h % 3), K 3.5 / V 4.5 bits per element, pre-RoPE keys in a RoPE-pair basis"),
         "rows": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -338,13 +340,27 @@ def markdown(record: dict) -> str:
         f"counted in the stream, non-empty text. TTFT from sending the request to the first "
         f"token; inter-token latency per response = (last token - first token) / (tokens - 1), "
         f"p50/p99 over responses. "
-        f"Client and server share the machine's cores. seqkv's CPU attention is the pure-torch "
-        f"path: at every step and layer it decodes the compressed pages of every running "
-        f"request (in batched codec calls, a block shared by several requests once), so the "
-        f"speed ratios measure that torch path, not a kernel. Raw figures: "
-        f"`benchmarks/load.json`.\n\n"
+        f"Client and server share the machine's cores. seqkv: preset `{record.get('preset', '?')}` "
+        f"(the default), attention by {record.get('seqkv_path', '?')}. Load on the machine "
+        f"(`uptime`) at start: `{record.get('uptime_at_start', '?')}`; at end: "
+        f"`{record.get('uptime_at_end', '?')}`. Raw figures: `benchmarks/load.json`.\n\n"
         + "\n".join(rows) + "\n"
     )
+
+
+def uptime() -> str:
+    """``uptime``'s line (load averages): contention from other processes during the run."""
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def seqkv_path() -> str:
+    """Which seqkv CPU attention the servers run (they inherit this environment)."""
+    from vllm_seqkv.kernels import implementation
+
+    kind = implementation("cpu")
+    return {"cpp": "the fused C++ CPU ops (`csrc/cpu/`, `SEQKV_KERNELS=cpp`, the default on CPU)",
+            "torch": "the pure-torch reference path (`SEQKV_KERNELS=torch`): every page decoded back "
+                     "to dense tensors at every step and layer"}.get(kind, kind)
 
 
 def optional_path(text: str) -> Path | None:
@@ -375,9 +391,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     model = args.model or fixtures.tiny_model_dir()
     systems = system_prompts(args.systems, args.system_chars)
+    from vllm_seqkv.config import DEFAULT_PRESET
+
     record: dict = {
         **run_header("benchmarks.load", argv),
         "model": Path(model).name,
+        "preset": DEFAULT_PRESET,
+        "seqkv_kernels_env": os.environ.get("SEQKV_KERNELS", "(unset: auto)"),
+        "seqkv_path": seqkv_path(),
+        "uptime_at_start": uptime(),
         "params": {"sessions": args.sessions, "turns": args.turns, "max_tokens": args.max_tokens,
                    "systems": args.systems, "system_chars": args.system_chars,
                    "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
@@ -385,6 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for backend in args.backends.split(","):
         record[backend] = run_backend(model, backend, args, systems, args.log_dir)
+    record["uptime_at_end"] = uptime()
     if "auto" in record and "seqkv" in record:
         record["ratios"] = {k: record["seqkv"][k] / record["auto"][k] for k in RATIOS}
         record["zero_errors"] = record["auto"]["errors"] == 0 and record["seqkv"]["errors"] == 0

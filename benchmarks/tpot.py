@@ -5,7 +5,8 @@
 For each backend, one in-process engine (same KV budget, prefix caching on). Per (context,
 batch): one prompt of ``context`` held-out tokens, shared by ``batch`` requests that differ
 in their last token (so vLLM prefills the shared blocks once); a warm-up request with
-``max_tokens=1`` prefills it, then the batch runs with ``max_tokens=1`` and with
+``max_tokens=1`` prefills it, the batch itself runs once untimed (its last blocks cached), then
+the batch runs with ``max_tokens=1`` and with
 ``max_tokens=1+N``, and time per output token is the difference over ``N`` (prefill and
 scheduling cancel). Ratios are seqkv / auto from the same process. Writes
 ``benchmarks/tpot.json``.
@@ -16,30 +17,43 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import time
 from datetime import date
 from pathlib import Path
 
 
-def run_backend(model: Path, backend: str, preset: str | None, contexts, batches, new_tokens, ids) -> dict:
+def prompt_length(context: int, new_tokens: int, max_len: int) -> int:
+    """Tokens of the shared prompt (its last one differs per request) for ``context``: the
+    context itself, or as many as fit when ``context + 1 + new_tokens`` would pass the model's
+    ``max_len`` (SmolLM2: 8192 positions, so "8k" decodes positions ``8192 - 1 - N`` on)."""
+    return min(context, max_len - 1 - new_tokens)
+
+
+def run_backend(model: Path, backend: str, preset: str | None, contexts, batches, new_tokens, ids,
+                max_len: int) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     extra = {"kv_cache_backend": backend}
     if backend == "seqkv" and preset:
         extra["seqkv"] = {"preset": preset}
-    llm = LLM(model=str(model), max_model_len=max(contexts) + new_tokens + 64,
+    llm = LLM(model=str(model), max_model_len=min(max(contexts) + new_tokens + 64, max_len),
               kv_cache_memory_bytes=4 << 30, additional_config=extra, seed=0,
               max_num_seqs=max(batches), enable_prefix_caching=True)
     out = {}
     try:
         for context in contexts:
-            prompt = ids[:context - 1]
+            length = prompt_length(context, new_tokens, max_len)
+            prompt = ids[:length - 1]
             warm = SamplingParams(max_tokens=1, temperature=0)
-            llm.generate([TokensPrompt(prompt_token_ids=prompt + [ids[context]])], warm, use_tqdm=False)
+            llm.generate([TokensPrompt(prompt_token_ids=prompt + [ids[length]])], warm, use_tqdm=False)
             for batch in batches:
-                prompts = [TokensPrompt(prompt_token_ids=prompt + [ids[context + i]]) for i in range(batch)]
+                prompts = [TokensPrompt(prompt_token_ids=prompt + [ids[length + 1 + i]]) for i in range(batch)]
                 timings = {}
+                # the exact prompts once first: the timed runs then both find every full block
+                # cached (else the first would prefill the last block and the second not)
+                llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
                 for n in (1, 1 + new_tokens):
                     params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0, ignore_eos=True)
                     start = time.perf_counter()
@@ -54,8 +68,13 @@ def run_backend(model: Path, backend: str, preset: str | None, contexts, batches
     return out
 
 
+def uptime() -> str:
+    """``uptime``'s line (load averages): contention from other processes during the run."""
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     import seqkv_fixtures as fixtures
     from benchmarks.report import machine
@@ -72,13 +91,18 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     model = fixtures.smollm2_dir()
     text = fixtures.corpus_path("test").read_text()
+    max_len = AutoConfig.from_pretrained(model).max_position_embeddings
     ids = AutoTokenizer.from_pretrained(model)(text[: 12 * max(contexts)])["input_ids"]
-    runs = {b: run_backend(model, b, args.preset, contexts, batches, args.tokens, ids) for b in ("auto", "seqkv")}
+    uptime_start = uptime()
+    runs = {b: run_backend(model, b, args.preset, contexts, batches, args.tokens, ids, max_len)
+            for b in ("auto", "seqkv")}
     record = {
         "date": date.today().isoformat(), "machine": machine(), "model": model.name, "preset": args.preset,
         "command": "python -m benchmarks.tpot " + " ".join(
             f"--{k} {v}" for k, v in (("contexts", args.contexts), ("batches", args.batches),
                                       ("tokens", args.tokens), ("preset", args.preset))),
+        "uptime_at_start": uptime_start, "uptime_at_end": uptime(),
+        "prompt_tokens": {c: prompt_length(c, args.tokens, max_len) for c in contexts},
         "seconds_per_token": runs,
         "ratio_seqkv_over_auto": {k: runs["seqkv"][k] / runs["auto"][k] for k in runs["auto"]},
     }
