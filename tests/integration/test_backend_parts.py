@@ -89,6 +89,22 @@ def test_sink_table_restores_only_sequence_starts():
     assert k7.abs().sum() == 0
 
 
+def test_sink_table_gives_all_rows_only_when_it_knows_every_sink_position():
+    table = SinkTable(sink_tokens=2)
+    key, value = torch.randn(4, 2, 4), torch.randn(4, 2, 4)
+    table.record(0, torch.tensor([7, 7, 9]), torch.tensor([0, 1, 0]), torch.tensor([0, 1, 0]),
+                 key[:3], value[:3])
+    assert table.all_rows(0, [7, 9]) is None  # block 9 holds only position 0 so far
+    table.record(0, torch.tensor([9]), torch.tensor([1]), torch.tensor([1]), key[3:], value[3:])
+    k, v = table.all_rows(0, [7, 9])
+    assert k.shape == v.shape == (2, 2, 2, 4)
+    for b, block in enumerate([7, 9]):  # the same rows restore() writes over decoded ones
+        rk, rv = torch.zeros(2, 2, 4), torch.zeros(2, 2, 4)
+        table.restore(0, block, rk, rv)
+        assert torch.equal(k[b], rk) and torch.equal(v[b], rv)
+    assert table.all_rows(1, [7]) is None  # another layer
+
+
 def test_layer_chain_rebuilds_what_it_was_not_handed(tiny_model_dir):
     from vllm_seqkv.config import SeqKVConfig
     from vllm_seqkv.integration.engine_codec import EngineCodec

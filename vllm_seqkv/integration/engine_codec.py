@@ -136,6 +136,23 @@ class SinkTable:
             if rows:
                 self._set((layer, block), rows)
 
+    def all_rows(self, layer: int, first_blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """K (post-RoPE) and V ``[B, S, H, D]`` of the sink positions of the sequences starting
+        at ``first_blocks``, when the table holds every one of them exactly (else None: the
+        caller decodes the pages and :meth:`restore` overwrites what the table knows)."""
+        keys, values = [], []
+        for block in first_blocks:
+            entry_key = self._entry_key(layer, block)
+            entry = self._exact.get(entry_key) if entry_key is not None else None
+            if entry is None or len(entry) < self.sink_tokens:
+                return None
+            for offset in range(self.sink_tokens):
+                k, v = entry[offset]
+                keys.append(k)
+                values.append(v)
+        shape = (len(first_blocks), self.sink_tokens, *keys[0].shape)
+        return torch.stack(keys).view(shape), torch.stack(values).view(shape)
+
     def restore(self, layer: int, first_block: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Overwrite the decoded sink rows of ``key``/``value [S, H, D]`` with the exact ones."""
         entry_key = self._entry_key(layer, first_block)
@@ -378,6 +395,9 @@ class EngineCodec:
         tokens) of sequences starting at ``first_blocks [B]``: exact from the sink table, else
         decoded from the pages."""
         sinks = self.codec.sink_tokens
+        exact = self.sinks.all_rows(layer, first_blocks.tolist())
+        if exact is not None:
+            return exact[0].to(pages.device), exact[1].to(pages.device)
         slots = pages[first_blocks, :, :sinks].transpose(1, 2)  # [B, S0, H, S]
         batch = slots.shape[0]
         key, value = self.decode_slots(layer, slots.reshape(batch * sinks, *slots.shape[2:]))
