@@ -53,10 +53,12 @@ from vllm_seqkv.integration.compat import (
     extract_layer_index,
     get_forward_context,
     init_logger,
+    layer_rotary,
 )
 from vllm_seqkv.integration.engine_codec import EngineCodec, active_engine_codec, start_engine_codec
 from vllm_seqkv.integration.metrics import slot_bits_per_element, slot_ratio_vs_bf16
 from vllm_seqkv.integration.reads import ReadChunk, plan_reads
+from vllm_seqkv.integration.support import UnsupportedModelError, rotary_refusals
 
 logger = init_logger("vllm.seqkv")
 ACTIVE_MARKER = "seqkv: attention backend active"
@@ -214,12 +216,27 @@ class SeqKVAttentionImpl(AttentionImpl):
         positions = _padded(layer_metadata(layer).positions, num)[valid]
         pages = _byte_pages(kv_cache)
         layer_index = _layer_index(layer)
+        self._ensure_rope(layer, layer_index)
         self.engine.chain.register(layer_index, pages)
         key, value = finite_or_zero(key[:num][valid].float(), value[:num][valid].float(),
                                     layer_index)
-        self.engine.write(layer_index, pages, slots, self.engine.to_code_frame(key, positions), value)
+        self.engine.write(layer_index, pages, slots, self.engine.to_code_frame(key, positions, layer_index),
+                          value)
         blocks, offsets = slots // pages.shape[2], slots % pages.shape[2]
         self.engine.sinks.record(layer_index, blocks, offsets, positions, key, value)
+
+    def _ensure_rope(self, layer, layer_index: int) -> None:
+        """Give the engine codec the RoPE table of the model's own rotary embedding for this
+        layer (once), for pre-RoPE presets; refuses a rotation the codec cannot invert."""
+        if not self.engine.codec.pre_rope_keys or self.engine.has_rope_table(layer_index):
+            return
+        rotary = layer_rotary(layer.layer_name)
+        refusals = rotary_refusals(rotary, self.head_size)
+        if refusals:
+            raise UnsupportedModelError(
+                f"--kv-cache-backend seqkv does not support this model: layer {layer.layer_name} "
+                f"uses {'; '.join(refusals)}. Serve it with --kv-cache-backend auto.")
+        self.engine.set_rope_table(layer_index, rotary.table)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: SeqKVMetadata, output: torch.Tensor,
@@ -231,6 +248,7 @@ class SeqKVAttentionImpl(AttentionImpl):
             return output
         pages = _byte_pages(kv_cache)
         layer_index = _layer_index(layer)
+        self._ensure_rope(layer, layer_index)
         self.engine.chain.register(layer_index, pages)
         starts = attn_metadata.query_starts
         block_size = pages.shape[2]
@@ -257,7 +275,7 @@ class SeqKVAttentionImpl(AttentionImpl):
             self.engine.chain.keep(layer_index, chunk.key, (cached_k, cached_v))
         # NOTE: copies, one row per sequence position: the exact sink rows restored below
         # never reach the layer above's prediction
-        cached_k = self.engine.from_code_frame(cached_k, chunk.positions)[chunk.gather]
+        cached_k = self.engine.from_code_frame(cached_k, chunk.positions, layer_index)[chunk.gather]
         cached_v = cached_v[chunk.gather]
         decodes = []
         for j, i in enumerate(chunk.seqs):
