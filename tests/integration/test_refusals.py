@@ -29,8 +29,10 @@ def engine_config(model_dir, backend="seqkv", **engine_args):
 
 
 @pytest.mark.parametrize("overrides, feature", [
-    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 64},
-     "sliding-window attention"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 16,
+                          "long_factor": [2.0] * 16, "original_max_position_embeddings": 1024}},
+     "RoPE type 'longrope'"),
+    ({"partial_rotary_factor": 0.5}, "partial rotary embeddings"),
     ({"head_dim": 48, "hidden_size": 192}, "head size 48"),
 ])
 def test_unsupported_model_is_refused_naming_the_feature(tiny_model_dir, tmp_path, overrides,

@@ -100,7 +100,7 @@ class SeqKVAttentionBackend(AttentionBackend):
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
-        return False
+        return True  # read from the window's first position; vLLM frees the blocks before it
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
@@ -135,13 +135,21 @@ class SeqKVMetadata:
     block_table_host: torch.Tensor
     read_plans: dict[tuple[int, ...], list[ReadChunk]] = field(default_factory=dict)
 
-    def plan_reads(self, seqs: list[int], block_size: int, device) -> list[ReadChunk]:
+    def plan_reads(self, seqs: list[int], block_size: int, device,
+                   window: int | None = None) -> list[ReadChunk]:
         """:func:`~.reads.plan_reads` of ``seqs``, planned once per batch and reused by every
-        layer that reads the same sequences."""
-        plan = self.read_plans.get(tuple(seqs))
+        layer that reads the same sequences. ``window``: a sliding-window layer's window; each
+        sequence is read from the first position its first query attends to."""
+        plan = self.read_plans.get((tuple(seqs), window))
         if plan is None:
-            plan = plan_reads(seqs, self.seq_lens_host, self.block_table_host, block_size, device)
-            self.read_plans[tuple(seqs)] = plan
+            firsts = None
+            if window is not None:
+                queries = [self.query_starts[i + 1] - self.query_starts[i]
+                           for i in range(len(self.seq_lens_host))]
+                firsts = [max(0, n - q - (window - 1)) for n, q in zip(self.seq_lens_host, queries)]
+            plan = plan_reads(seqs, self.seq_lens_host, self.block_table_host, block_size, device,
+                              first_positions=firsts)
+            self.read_plans[(tuple(seqs), window)] = plan
         return plan
 
 
@@ -178,7 +186,6 @@ class SeqKVAttentionImpl(AttentionImpl):
                  sinks=None) -> None:
         unsupported = {
             "ALiBi": alibi_slopes is not None,
-            "sliding-window attention": sliding_window is not None,
             "logit soft-capping": bool(logits_soft_cap),
             "attention sinks": sinks is not None,
             "KV sharing across layers": kv_sharing_target_layer_name is not None,
@@ -193,7 +200,16 @@ class SeqKVAttentionImpl(AttentionImpl):
             )
         self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
         self.scale = float(scale)
+        self.sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
         self.engine: EngineCodec = start_engine_codec(num_kv_heads, head_size)
+        if self.sliding_window is not None and (self.engine.codec.cross_layer or self.engine.sinks.by_token):
+            # NOTE: both read another layer's pages under this layer's block ids; with sliding
+            # windows, layers sit in different KV-cache groups with their own block tables
+            raise NotImplementedError(
+                f"--kv-cache-backend seqkv: preset {self.engine.preset} reads across layers "
+                "(cross-layer prediction or a layer-0 token table), which sliding-window layers "
+                "(their own KV-cache group) do not allow; use a per-layer preset such as the "
+                "default seqkv-f4, or --kv-cache-backend auto.")
         self.kv_sharing_target_layer_name = None
         pid = os.getpid()
         if self.engine.announce(pid):
@@ -252,7 +268,8 @@ class SeqKVAttentionImpl(AttentionImpl):
         self.engine.chain.register(layer_index, pages)
         starts = attn_metadata.query_starts
         block_size = pages.shape[2]
-        fused = self.engine.fused_decode_params(layer_index, pages.device)
+        fused = (self.engine.fused_decode_params(layer_index, pages.device)
+                 if self.sliding_window is None else None)  # the fused kernel reads from position 0
         decodes = ([i for i in range(len(starts) - 1) if starts[i + 1] - starts[i] == 1]
                    if fused is not None else [])
         if decodes:
@@ -260,7 +277,7 @@ class SeqKVAttentionImpl(AttentionImpl):
                                output)
         reads = [i for i in range(len(starts) - 1)
                  if starts[i + 1] > starts[i] and not (decodes and starts[i + 1] - starts[i] == 1)]
-        for chunk in attn_metadata.plan_reads(reads, block_size, pages.device):
+        for chunk in attn_metadata.plan_reads(reads, block_size, pages.device, self.sliding_window):
             self._attend_chunk(layer_index, chunk, query, key, value, pages, starts, output)
         return output
 
@@ -281,12 +298,14 @@ class SeqKVAttentionImpl(AttentionImpl):
         for j, i in enumerate(chunk.seqs):
             r0, r1 = chunk.starts[j], chunk.starts[j + 1]
             q0, q1 = query_starts[i], query_starts[i + 1]
-            self.engine.sinks.restore(layer_index, chunk.first_blocks[j], cached_k[r0:r1], cached_v[r0:r1])
-            if q1 - q0 == 1:
+            if chunk.first_positions[j] == 0:  # a window past the start reads no sink rows
+                self.engine.sinks.restore(layer_index, chunk.first_blocks[j], cached_k[r0:r1],
+                                          cached_v[r0:r1])
+            if q1 - q0 == 1:  # its rows are exactly its window
                 decodes.append(j)
                 continue
             out = attend(query[q0:q1].float(), cached_k[r0:r1], cached_v[r0:r1], key[q0:q1].float(),
-                         value[q0:q1].float(), self.scale)
+                         value[q0:q1].float(), self.scale, self.sliding_window)
             output[q0:q1].copy_(out.view(output[q0:q1].shape))
         if decodes:
             tokens = torch.tensor([query_starts[chunk.seqs[j]] for j in decodes], device=query.device)
@@ -348,11 +367,14 @@ def token_positions(query_starts: list[int], seq_lens: list[int], num_tokens: in
 
 
 def attend(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
-           own_k: torch.Tensor, own_v: torch.Tensor, scale: float) -> torch.Tensor:
+           own_k: torch.Tensor, own_v: torch.Tensor, scale: float,
+           window: int | None = None) -> torch.Tensor:
     """Causal attention of the last ``Q`` positions of a sequence over its decoded cache.
 
-    query ``[Q, Hq, D]``; cached_k/v ``[S, H, D]`` (decoded, S >= Q); own_k/v ``[Q, H, D]``
-    (exact K/V of the query positions, used on the diagonal). Returns ``[Q, Hq, D]``.
+    query ``[Q, Hq, D]``; cached_k/v ``[S, H, D]`` (decoded, S >= Q, consecutive positions
+    ending at the last query's); own_k/v ``[Q, H, D]`` (exact K/V of the query positions, used
+    on the diagonal). ``window``: a query attends to the ``window`` positions ending at its own
+    (sliding-window layers). Returns ``[Q, Hq, D]``.
     """
     q_len, num_heads, _ = query.shape
     seq_len, num_kv_heads, _ = cached_k.shape
@@ -366,6 +388,8 @@ def attend(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
     rows = torch.arange(q_len, device=query.device)
     scores[:, rows, positions] = torch.einsum("qhd,qhd->hq", query, own_k) * scale
     future = torch.arange(seq_len, device=query.device)[None, :] > positions[:, None]  # [Q, S]
+    if window is not None:
+        future |= torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None] - window
     probs = scores.masked_fill(future, float("-inf")).softmax(-1)
     out = torch.einsum("hqs,shd->qhd", probs, v)
     own_weight = probs[:, rows, positions].transpose(0, 1).unsqueeze(-1)  # [Q, Hq, 1]

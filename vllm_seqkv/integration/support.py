@@ -17,7 +17,6 @@ def unsupported_features(model_config) -> list[str]:
             lambda: model_config.is_hybrid,
         "an attention-free architecture": lambda: model_config.is_attention_free,
         "an encoder-decoder architecture": lambda: model_config.is_encoder_decoder,
-        "sliding-window attention": lambda: model_config.get_sliding_window() is not None,
         "multimodal inputs": lambda: model_config.is_multimodal_model,
     }
     found = [name for name, present in checks.items() if present()]
