@@ -9,8 +9,9 @@ records vLLM's KV token count ratio, greedy agreement on fixed prompts (vllm_pat
 and the perplexity delta on held-out text (prompt log-probabilities), or, for a model seqkv
 refuses, the refusal. ``delta_ppl_pct`` only for trained weights (the RoPE variants and Mistral
 are the trained tiny model under another config; the other layouts have random weights:
-plumbing only, null; Gemma-3 with a 4k vocabulary, not its real 262k). ``fixed_bytes``: bytes seqkv holds outside vLLM's KV budget that do not grow with
-traffic: the calibration tensors as stored (the sink table, bounded by ``sink_table_bytes``,
+plumbing only, null; Gemma-3 with a 4k vocabulary, not its real 262k). ``fixed_bytes``:
+bytes seqkv holds outside vLLM's KV budget that do not grow with traffic: the calibration
+tensors as stored (the sink table, bounded by ``sink_table_bytes``,
 is not counted). Writes one entry per architecture, replacing older entries of the same one.
 """
 
