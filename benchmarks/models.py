@@ -27,19 +27,19 @@ import sys
 from pathlib import Path
 
 KV_BYTES = 32 << 20
-CONTEXT = 1024
+CONTEXT = 512
 WINDOWS = 2
-ROWS = {  # architecture label -> (fixture name or "tiny", what the model exercises)
-    "LlamaForCausalLM (default RoPE)": ("tiny", True),
+ROWS = {  # architecture label -> (fixture name or "tiny", trained weights); in measuring order
     "LlamaForCausalLM (RoPE llama3)": ("rope-llama3", True),
     "LlamaForCausalLM (RoPE yarn)": ("rope-yarn", True),
-    "LlamaForCausalLM (RoPE linear)": ("rope-linear", True),
-    "LlamaForCausalLM (RoPE dynamic)": ("rope-dynamic", True),
-    "Qwen2ForCausalLM (QKV bias)": ("qwen2", False),
-    "Qwen3ForCausalLM (q/k norm)": ("qwen3", False),
-    "LlamaForCausalLM (MQA, head size 256)": ("mqa256", False),
     "MistralForCausalLM (sliding window 64, all layers)": ("mistral", True),
     "Gemma3ForCausalLM (interleaved sliding/global)": ("gemma3", False),
+    "Qwen3ForCausalLM (q/k norm)": ("qwen3", False),
+    "Qwen2ForCausalLM (QKV bias)": ("qwen2", False),
+    "LlamaForCausalLM (MQA, head size 256)": ("mqa256", False),
+    "LlamaForCausalLM (default RoPE)": ("tiny", True),
+    "LlamaForCausalLM (RoPE linear)": ("rope-linear", True),
+    "LlamaForCausalLM (RoPE dynamic)": ("rope-dynamic", True),
 }
 
 
@@ -116,11 +116,31 @@ def measure(label: str, name: str, trained: bool, command: str) -> dict:
     return entry
 
 
+def markdown(entries: list[dict]) -> str:
+    """The README's supported-models table."""
+    def figure(value, form):
+        return "—" if value is None else format(value, form)
+
+    rows = ["| architecture | model | served | capacity vs `auto` | greedy agreement | Δppl | "
+            "fixed bytes | weights |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for e in entries:
+        served = "yes" if e["served"] else f"refused: {e['refusal']}"
+        delta = "—" if e["delta_ppl_pct"] is None else f"{e['delta_ppl_pct']:+.1f} %"
+        rows.append(f"| {e['architecture']} | {e['model']} | {served} | "
+                    f"{figure(e['capacity_ratio'], '.2f')}x | {figure(e['greedy_agreement'], '.2f')} | "
+                    f"{delta} | {figure(e['fixed_bytes'], ',')} | {e.get('weights', '')} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python benchmarks/models.py")
     parser.add_argument("--only", nargs="*", default=None, help="fixture names (default: all)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/models.json"))
+    parser.add_argument("--markdown", action="store_true", help="print the README table of --json")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.json.read_text())))
+        return []
     command = "python benchmarks/models.py" + (" " + shlex.join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
     existing = json.loads(args.json.read_text()) if args.json.exists() else []
     for label, (name, trained) in ROWS.items():

@@ -9,7 +9,12 @@ NOTE: what attention reads, for prefill, chunked prefill and decode alike: every
 position through encode→decode, except the query's own position (its K/V are in hand) and
 the preset's sink tokens (kept exact in :class:`~.engine_codec.SinkTable`). This is the rule
 the ruler (``vllm_seqkv.bench``) measures. Keys of pre-RoPE presets are un-rotated by their
-position before encoding and rotated back after decoding. Cross-layer presets code layer
+position before encoding and rotated back after decoding, with the cos/sin table of the
+layer's own vLLM rotary embedding (any position-only RoPE variant; see
+:func:`~.compat.layer_rotary`). Sliding-window layers read each sequence from the first
+position its queries attend to (vLLM frees the blocks before it; each KV-cache group has its
+own block table in its metadata), never through the fused decode kernel, which reads from
+position 0. Cross-layer presets code layer
 ``l`` against the reconstruction of layer ``l - 1`` for the same slots, which
 :class:`~.engine_codec.LayerChain` hands up from the layer that just ran.
 
