@@ -97,11 +97,11 @@ def measure(label: str, name: str, trained: bool, command: str) -> dict:
              "fixed_bytes": None, "weights": "trained" if trained else "random",
              "preset": DEFAULT_PRESET, "kv_cache_memory_bytes": KV_BYTES,
              "date": dt.date.today().isoformat(), "command": command}
+    entry["fixed_bytes"] = calibrate.ensure(model, DEFAULT_PRESET).stat().st_size  # start-up needs it
     refusal = refusal_of(model)
     if refusal is not None:
-        entry["refusal"] = refusal
+        entry.update(refusal=refusal, fixed_bytes=None)
         return entry
-    entry["fixed_bytes"] = calibrate.ensure(model, DEFAULT_PRESET).stat().st_size
     tok = AutoTokenizer.from_pretrained(model)
     text = fixtures.corpus_path("test").read_text()
     windows = held_out_windows(tok, text, CONTEXT, WINDOWS)
