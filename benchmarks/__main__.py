@@ -52,7 +52,7 @@ MODULES = {
     "load": "load", "isolation": "isolation", "approx": "approx", "approx-vllm": "approx_vllm",
     "vllm-path": "vllm_path", "plt": "plt", "replay": "replay", "connector": "connector",
     "cpu-decode": "cpu_decode", "tpot": "tpot", "gpu-kernels": "gpu_kernels", "calibration": "calibration",
-    "cpu-decode-profile": "cpu_decode_profile", "tpot-profile": "tpot_profile",
+    "cpu-decode-profile": "cpu_decode_profile", "tpot-profile": "tpot_profile", "models": "models",
 }
 
 

@@ -63,3 +63,20 @@ def test_decodes_are_padded_in_groups_of_similar_lengths():
     for group in groups:
         assert len(group) * max(lengths[b] for b in group) <= 2 * sum(lengths[b] for b in group)
     assert [sorted(g) for g in groups] == [[1, 3], [0, 2, 5], [4]]
+
+
+@pytest.mark.parametrize("q_len, seq_len, window", [(1, 4, 4), (5, 12, 3), (6, 6, 2)])
+def test_attend_in_a_sliding_window_equals_banded_sdpa(q_len, seq_len, window):
+    """Each query attends to the ``window`` positions ending at its own (vLLM/HF semantics)."""
+    torch.manual_seed(2)
+    dim, heads, kv_heads = 16, 4, 2
+    q = torch.randn(q_len, heads, dim)
+    k, v = torch.randn(seq_len, kv_heads, dim), torch.randn(seq_len, kv_heads, dim)
+    out = attend(q, k, v, k[-q_len:], v[-q_len:], 0.25, window)
+    query_positions = torch.arange(seq_len - q_len, seq_len)[:, None]
+    keys = torch.arange(seq_len)[None, :]
+    mask = (keys <= query_positions) & (keys > query_positions - window)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
+        v.repeat_interleave(2, 1).transpose(0, 1), attn_mask=mask, scale=0.25).transpose(0, 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -54,13 +54,16 @@ def test_backend_passes_vllms_gpu_selector_checks_for_a_supported_model():
 @pytest.mark.parametrize("override, reason", [
     ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
     ({"head_size": 80}, "head_size"),
-    ({"has_sliding_window": True}, "sliding window"),
     ({"use_mla": True}, "MLA"),
     ({"attn_type": "encoder"}, "attention type"),
     ({"block_size": 16}, "block_size"),
 ])
 def test_backend_refuses_what_it_cannot_store(override, reason):
     assert any(reason in r for r in _selector_reasons(**override))
+
+
+def test_backend_passes_vllms_selector_checks_with_sliding_windows():
+    assert _selector_reasons(has_sliding_window=True) == []
 
 
 def test_backend_name_is_the_slot_it_takes(monkeypatch):

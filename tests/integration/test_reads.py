@@ -60,3 +60,14 @@ def test_the_batch_metadata_plans_each_read_once_for_every_layer():
     assert metadata.plan_reads([0, 2], BLOCK, None) is plan
     assert metadata.plan_reads([1], BLOCK, None) is not plan
     assert [c.seqs for c in plan] == [[0, 2]]
+
+
+def test_a_sliding_window_reads_from_its_first_position_and_never_a_freed_block():
+    """Sequence 2 read from position 5: its first block (freed by vLLM: null block 0 here) is
+    not read; the others from position 0."""
+    table = TABLE.clone()
+    table[2, 0] = 0
+    (chunk,) = plan_reads([0, 2], LENGTHS, table, BLOCK, first_positions=[0, 0, 5, 0])
+    assert chunk.first_positions == [0, 5] and chunk.starts == [0, 6, 10]
+    assert 0 not in chunk.blocks.tolist()
+    assert chunk.positions[chunk.gather].tolist() == list(range(6)) + list(range(5, 9))

@@ -29,8 +29,10 @@ def engine_config(model_dir, backend="seqkv", **engine_args):
 
 
 @pytest.mark.parametrize("overrides, feature", [
-    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 64},
-     "sliding-window attention"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 16,
+                          "long_factor": [2.0] * 16, "original_max_position_embeddings": 1024}},
+     "RoPE type 'longrope'"),
+    ({"partial_rotary_factor": 0.5}, "partial rotary embeddings"),
     ({"head_dim": 48, "hidden_size": 192}, "head size 48"),
 ])
 def test_unsupported_model_is_refused_naming_the_feature(tiny_model_dir, tmp_path, overrides,
@@ -52,3 +54,31 @@ def test_options_that_change_layer_0_are_refused(tiny_model_dir, option, feature
     with pytest.raises(UnsupportedModelError, match=feature):
         engine_config(tiny_model_dir, **{option: True})
     engine_config(tiny_model_dir, backend="auto", **{option: True})
+
+
+def test_a_layer_rotation_seqkv_cannot_invert_is_named():
+    """Checked when a layer first runs, on the rotary embedding vLLM built for it."""
+    import torch
+
+    from vllm_seqkv.integration.compat import LayerRotary
+    from vllm_seqkv.integration.support import rotary_refusals
+
+    table = torch.ones(8, 32)
+    assert rotary_refusals(LayerRotary(table, 32, 32, True, "RotaryEmbedding"), 32) == []
+    assert "GPT-J" in rotary_refusals(LayerRotary(table, 32, 32, False, "RotaryEmbedding"), 32)[0]
+    assert "partial rotary" in rotary_refusals(LayerRotary(table[:, :16], 16, 32, True, "R"), 32)[0]
+    assert "no rotary embedding" in rotary_refusals(None, 32)[0]
+
+
+def test_rope_parameters_per_layer_type_are_each_checked():
+    from types import SimpleNamespace
+
+    from vllm_seqkv.integration.support import rope_refusals
+
+    gemma3 = SimpleNamespace(rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})
+    assert rope_refusals(gemma3) == []
+    gemma3.rope_parameters["full_attention"]["rope_type"] = "longrope"
+    assert rope_refusals(gemma3) == ["RoPE type 'longrope' (seqkv supports the position-only types "
+                                     "default, linear, llama3, yarn, dynamic)"]

@@ -9,7 +9,12 @@ NOTE: what attention reads, for prefill, chunked prefill and decode alike: every
 position through encode→decode, except the query's own position (its K/V are in hand) and
 the preset's sink tokens (kept exact in :class:`~.engine_codec.SinkTable`). This is the rule
 the ruler (``benchmarks``) measures. Keys of pre-RoPE presets are un-rotated by their
-position before encoding and rotated back after decoding. Cross-layer presets code layer
+position before encoding and rotated back after decoding, with the cos/sin table of the
+layer's own vLLM rotary embedding (any position-only RoPE variant; see
+:func:`~.compat.layer_rotary`). Sliding-window layers read each sequence from the first
+position its queries attend to (vLLM frees the blocks before it; each KV-cache group has its
+own block table in its metadata), never through the fused decode kernel, which reads from
+position 0. Cross-layer presets code layer
 ``l`` against the reconstruction of layer ``l - 1`` for the same slots, which
 :class:`~.engine_codec.LayerChain` hands up from the layer that just ran.
 
@@ -53,10 +58,12 @@ from vllm_seqkv.integration.compat import (
     extract_layer_index,
     get_forward_context,
     init_logger,
+    layer_rotary,
 )
 from vllm_seqkv.integration.engine_codec import EngineCodec, active_engine_codec, start_engine_codec
 from vllm_seqkv.integration.metrics import slot_bits_per_element, slot_ratio_vs_bf16
 from vllm_seqkv.integration.reads import ReadChunk, plan_reads
+from vllm_seqkv.integration.support import UnsupportedModelError, rotary_refusals
 
 logger = init_logger("vllm.seqkv")
 ACTIVE_MARKER = "seqkv: attention backend active"
@@ -98,7 +105,7 @@ class SeqKVAttentionBackend(AttentionBackend):
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
-        return False
+        return True  # read from the window's first position; vLLM frees the blocks before it
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
@@ -133,13 +140,21 @@ class SeqKVMetadata:
     block_table_host: torch.Tensor
     read_plans: dict[tuple[int, ...], list[ReadChunk]] = field(default_factory=dict)
 
-    def plan_reads(self, seqs: list[int], block_size: int, device) -> list[ReadChunk]:
+    def plan_reads(self, seqs: list[int], block_size: int, device,
+                   window: int | None = None) -> list[ReadChunk]:
         """:func:`~.reads.plan_reads` of ``seqs``, planned once per batch and reused by every
-        layer that reads the same sequences."""
-        plan = self.read_plans.get(tuple(seqs))
+        layer that reads the same sequences. ``window``: a sliding-window layer's window; each
+        sequence is read from the first position its first query attends to."""
+        plan = self.read_plans.get((tuple(seqs), window))
         if plan is None:
-            plan = plan_reads(seqs, self.seq_lens_host, self.block_table_host, block_size, device)
-            self.read_plans[tuple(seqs)] = plan
+            firsts = None
+            if window is not None:
+                queries = [self.query_starts[i + 1] - self.query_starts[i]
+                           for i in range(len(self.seq_lens_host))]
+                firsts = [max(0, n - q - (window - 1)) for n, q in zip(self.seq_lens_host, queries)]
+            plan = plan_reads(seqs, self.seq_lens_host, self.block_table_host, block_size, device,
+                              first_positions=firsts)
+            self.read_plans[(tuple(seqs), window)] = plan
         return plan
 
 
@@ -176,7 +191,6 @@ class SeqKVAttentionImpl(AttentionImpl):
                  sinks=None) -> None:
         unsupported = {
             "ALiBi": alibi_slopes is not None,
-            "sliding-window attention": sliding_window is not None,
             "logit soft-capping": bool(logits_soft_cap),
             "attention sinks": sinks is not None,
             "KV sharing across layers": kv_sharing_target_layer_name is not None,
@@ -191,7 +205,16 @@ class SeqKVAttentionImpl(AttentionImpl):
             )
         self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
         self.scale = float(scale)
+        self.sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
         self.engine: EngineCodec = start_engine_codec(num_kv_heads, head_size)
+        if self.sliding_window is not None and (self.engine.codec.cross_layer or self.engine.sinks.by_token):
+            # NOTE: both read another layer's pages under this layer's block ids; with sliding
+            # windows, layers sit in different KV-cache groups with their own block tables
+            raise NotImplementedError(
+                f"--kv-cache-backend seqkv: preset {self.engine.preset} reads across layers "
+                "(cross-layer prediction or a layer-0 token table), which sliding-window layers "
+                "(their own KV-cache group) do not allow; use a per-layer preset such as the "
+                "default seqkv-f4, or --kv-cache-backend auto.")
         self.kv_sharing_target_layer_name = None
         pid = os.getpid()
         if self.engine.announce(pid):
@@ -214,12 +237,27 @@ class SeqKVAttentionImpl(AttentionImpl):
         positions = _padded(layer_metadata(layer).positions, num)[valid]
         pages = _byte_pages(kv_cache)
         layer_index = _layer_index(layer)
+        self._ensure_rope(layer, layer_index)
         self.engine.chain.register(layer_index, pages)
         key, value = finite_or_zero(key[:num][valid].float(), value[:num][valid].float(),
                                     layer_index)
-        self.engine.write(layer_index, pages, slots, self.engine.to_code_frame(key, positions), value)
+        self.engine.write(layer_index, pages, slots, self.engine.to_code_frame(key, positions, layer_index),
+                          value)
         blocks, offsets = slots // pages.shape[2], slots % pages.shape[2]
         self.engine.sinks.record(layer_index, blocks, offsets, positions, key, value)
+
+    def _ensure_rope(self, layer, layer_index: int) -> None:
+        """Give the engine codec the RoPE table of the model's own rotary embedding for this
+        layer (once), for pre-RoPE presets; refuses a rotation the codec cannot invert."""
+        if not self.engine.codec.pre_rope_keys or self.engine.has_rope_table(layer_index):
+            return
+        rotary = layer_rotary(layer.layer_name)
+        refusals = rotary_refusals(rotary, self.head_size)
+        if refusals:
+            raise UnsupportedModelError(
+                f"--kv-cache-backend seqkv does not support this model: layer {layer.layer_name} "
+                f"uses {'; '.join(refusals)}. Serve it with --kv-cache-backend auto.")
+        self.engine.set_rope_table(layer_index, rotary.table)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: SeqKVMetadata, output: torch.Tensor,
@@ -231,10 +269,12 @@ class SeqKVAttentionImpl(AttentionImpl):
             return output
         pages = _byte_pages(kv_cache)
         layer_index = _layer_index(layer)
+        self._ensure_rope(layer, layer_index)
         self.engine.chain.register(layer_index, pages)
         starts = attn_metadata.query_starts
         block_size = pages.shape[2]
-        fused = self.engine.fused_decode_params(layer_index, pages.device)
+        fused = (self.engine.fused_decode_params(layer_index, pages.device)
+                 if self.sliding_window is None else None)  # the fused kernel reads from position 0
         decodes = ([i for i in range(len(starts) - 1) if starts[i + 1] - starts[i] == 1]
                    if fused is not None else [])
         if decodes:
@@ -242,7 +282,7 @@ class SeqKVAttentionImpl(AttentionImpl):
                                output)
         reads = [i for i in range(len(starts) - 1)
                  if starts[i + 1] > starts[i] and not (decodes and starts[i + 1] - starts[i] == 1)]
-        for chunk in attn_metadata.plan_reads(reads, block_size, pages.device):
+        for chunk in attn_metadata.plan_reads(reads, block_size, pages.device, self.sliding_window):
             self._attend_chunk(layer_index, chunk, query, key, value, pages, starts, output)
         return output
 
@@ -257,18 +297,20 @@ class SeqKVAttentionImpl(AttentionImpl):
             self.engine.chain.keep(layer_index, chunk.key, (cached_k, cached_v))
         # NOTE: copies, one row per sequence position: the exact sink rows restored below
         # never reach the layer above's prediction
-        cached_k = self.engine.from_code_frame(cached_k, chunk.positions)[chunk.gather]
+        cached_k = self.engine.from_code_frame(cached_k, chunk.positions, layer_index)[chunk.gather]
         cached_v = cached_v[chunk.gather]
         decodes = []
         for j, i in enumerate(chunk.seqs):
             r0, r1 = chunk.starts[j], chunk.starts[j + 1]
             q0, q1 = query_starts[i], query_starts[i + 1]
-            self.engine.sinks.restore(layer_index, chunk.first_blocks[j], cached_k[r0:r1], cached_v[r0:r1])
-            if q1 - q0 == 1:
+            if chunk.first_positions[j] == 0:  # a window past the start reads no sink rows
+                self.engine.sinks.restore(layer_index, chunk.first_blocks[j], cached_k[r0:r1],
+                                          cached_v[r0:r1])
+            if q1 - q0 == 1:  # its rows are exactly its window
                 decodes.append(j)
                 continue
             out = attend(query[q0:q1].float(), cached_k[r0:r1], cached_v[r0:r1], key[q0:q1].float(),
-                         value[q0:q1].float(), self.scale)
+                         value[q0:q1].float(), self.scale, self.sliding_window)
             output[q0:q1].copy_(out.view(output[q0:q1].shape))
         if decodes:
             tokens = torch.tensor([query_starts[chunk.seqs[j]] for j in decodes], device=query.device)
@@ -330,11 +372,14 @@ def token_positions(query_starts: list[int], seq_lens: list[int], num_tokens: in
 
 
 def attend(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
-           own_k: torch.Tensor, own_v: torch.Tensor, scale: float) -> torch.Tensor:
+           own_k: torch.Tensor, own_v: torch.Tensor, scale: float,
+           window: int | None = None) -> torch.Tensor:
     """Causal attention of the last ``Q`` positions of a sequence over its decoded cache.
 
-    query ``[Q, Hq, D]``; cached_k/v ``[S, H, D]`` (decoded, S >= Q); own_k/v ``[Q, H, D]``
-    (exact K/V of the query positions, used on the diagonal). Returns ``[Q, Hq, D]``.
+    query ``[Q, Hq, D]``; cached_k/v ``[S, H, D]`` (decoded, S >= Q, consecutive positions
+    ending at the last query's); own_k/v ``[Q, H, D]`` (exact K/V of the query positions, used
+    on the diagonal). ``window``: a query attends to the ``window`` positions ending at its own
+    (sliding-window layers). Returns ``[Q, Hq, D]``.
     """
     q_len, num_heads, _ = query.shape
     seq_len, num_kv_heads, _ = cached_k.shape
@@ -348,6 +393,8 @@ def attend(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
     rows = torch.arange(q_len, device=query.device)
     scores[:, rows, positions] = torch.einsum("qhd,qhd->hq", query, own_k) * scale
     future = torch.arange(seq_len, device=query.device)[None, :] > positions[:, None]  # [Q, S]
+    if window is not None:
+        future |= torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None] - window
     probs = scores.masked_fill(future, float("-inf")).softmax(-1)
     out = torch.einsum("hqs,shd->qhd", probs, v)
     own_weight = probs[:, rows, positions].transpose(0, 1).unsqueeze(-1)  # [Q, Hq, 1]

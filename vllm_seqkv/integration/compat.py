@@ -8,7 +8,9 @@ upgrade that moves one fails at import with a clear message instead of deep insi
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
+import torch
 import vllm
 
 SUPPORTED_MINOR = "0.32"
@@ -45,6 +47,8 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.attention import Attention
+from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (
@@ -97,6 +101,9 @@ __all__ = [
     "on_attention_init",
     "parser_has_option",
     "connector_registered",
+    "hook_model_loader",
+    "LayerRotary",
+    "layer_rotary",
 ]
 
 VLLM_VERSION = vllm.__version__
@@ -200,3 +207,68 @@ def local_linear_weight(linear):
 
 
 __all__ += ["offline_engine", "tensor_parallel_rank_and_size", "local_linear_weight"]
+
+
+# --- the rotary embedding each attention layer applies ---------------------------------------
+# vLLM rotates keys inside the model (``self.rotary_emb(positions, q, k)`` in each attention
+# module), before the attention layer sees them. seqkv codes keys pre-RoPE, so it needs the
+# layer's own rotation: once the model is loaded, every module holding both a rotary embedding
+# (``rotary_emb``) and an :class:`Attention` child is recorded here by the child's layer name.
+
+@dataclass(frozen=True)
+class LayerRotary:
+    """What an attention layer's rotary embedding applies: ``table`` float32 ``[P, rotary_dim]``
+    (cos of the ``rotary_dim / 2`` frequencies, then their sin, per position, as vLLM applies
+    them), ``is_neox`` (pairs ``(i, i + rotary_dim/2)``; else interleaved ``(2i, 2i+1)``), and
+    the embedding's class name for messages."""
+
+    table: torch.Tensor
+    rotary_dim: int
+    head_size: int
+    is_neox: bool
+    kind: str
+
+
+_ROTARY_BY_LAYER: dict[str, RotaryEmbeddingBase] = {}
+
+
+def record_rotary_embeddings(model) -> int:
+    """Record the rotary embedding of every attention layer of ``model``; returns how many."""
+    found = 0
+    for module in model.modules():
+        rotary = getattr(module, "rotary_emb", None)
+        if not isinstance(rotary, RotaryEmbeddingBase):
+            continue
+        for child in module.children():
+            if isinstance(child, Attention):
+                _ROTARY_BY_LAYER[child.layer_name] = rotary
+                found += 1
+    return found
+
+
+def hook_model_loader() -> None:
+    """Wrap vLLM's model loader so each loaded model's rotary embeddings are recorded."""
+    def make(original):
+        def load_model(self, *args, **kwargs):
+            model = original(self, *args, **kwargs)
+            record_rotary_embeddings(model)
+            return model
+        return load_model
+    wrap_method(BaseModelLoader, "load_model", make)
+
+
+def layer_rotary(layer_name: str) -> LayerRotary | None:
+    """The rotary embedding the model applies before attention layer ``layer_name`` (None if
+    the loaded model has none recorded for it)."""
+    rotary = _ROTARY_BY_LAYER.get(layer_name)
+    if rotary is None:
+        return None
+    # NOTE: the buffer is cast to the model's dtype; the variant's own computation of it
+    # gives the same table in float32 (bf16 cos/sin would not be rotations to 1e-3)
+    compute = getattr(rotary, "_compute_cos_sin_cache", None)
+    table = compute() if compute is not None else getattr(rotary, "cos_sin_cache", None)
+    if table is None:
+        raise ValueError(f"rotary embedding {type(rotary).__name__} of {layer_name} has no cos/sin "
+                         "cache (its rotation is not a table of positions)")
+    return LayerRotary(table.detach().float().cpu().contiguous(), int(rotary.rotary_dim),
+                       int(rotary.head_size), bool(rotary.is_neox_style), type(rotary).__name__)

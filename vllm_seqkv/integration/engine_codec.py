@@ -15,7 +15,7 @@ import torch
 from vllm_seqkv.calibrate import load, load_for_model
 from vllm_seqkv.codec import make_codec, needs_calibration
 from vllm_seqkv.codec.base import KVCodec, SlotLayout
-from vllm_seqkv.codec.rope import apply_rope, rope_tables, rope_theta, unapply_rope
+from vllm_seqkv.codec.rope import default_table, rope_theta, rotate_by_table, split_table, unrotate_by_table
 from vllm_seqkv.codec.token_table import TokenTableCodec
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 from vllm_seqkv.integration.reads import gather_slots
@@ -224,13 +224,12 @@ class EngineCodec:
         self.sinks = SinkTable(self.codec.sink_tokens,
                                self.first_token if layer0_is_token_table else None,
                                config.sink_table_bytes)
-        if self.codec.pre_rope_keys and rope_theta is None:
-            raise ValueError(f"preset {self.preset} codes keys pre-RoPE: needs the model's rope_theta")
         self.rope_theta = rope_theta
         self._announced: set[int] = set()
         self._kernel_params: dict[tuple[int, str], object] = {}
         self._kernel_error: dict[tuple[int, str], float] = {}
-        self._rope_tables: dict[str, torch.Tensor] = {}
+        self._layer_rope: dict[int, LayerRope] = {}
+        self._default_rope: LayerRope | None = None
 
     def first_token(self, block: int) -> int | None:
         """Token id at offset 0 of ``block``: head 0's K row id in layer 0's token-table slot."""
@@ -368,7 +367,15 @@ class EngineCodec:
 
         device = pages.device
         lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-        rope = self._rope_table(max(seq_lens), device) if self.codec.pre_rope_keys else None
+        rope = None
+        if self.codec.pre_rope_keys:
+            layer_rope = self.rope_of(layer, max(seq_lens))
+            rope = layer_rope.rotation_on(device)
+            # NOTE: the kernels rotate by pure rotations (composing them); a magnitude the
+            # model bakes into cos/sin (YaRN's mscale) scales the cached keys' scores: folded
+            # into the query, and taken back out of the exact own key
+            if layer_rope.magnitude != 1.0:
+                query, own_k = query * layer_rope.magnitude, own_k / layer_rope.magnitude
         sinks = self.codec.sink_tokens
         out, lse = kernels.paged_decode_attention(query, own_k, own_v, pages, block_table, lengths,
                                                   params, scale, rope=rope, skip_first=sinks,
@@ -382,6 +389,8 @@ class EngineCodec:
         group = query.shape[1] // sink_k.shape[2]
         scores = torch.einsum("bhd,bshd->bhs", query.float(),
                               sink_k.repeat_interleave(group, dim=2)) * scale
+        if rope is not None and layer_rope.magnitude != 1.0:
+            scores = scores / layer_rope.magnitude  # the query above carries the magnitude
         cached = torch.arange(sinks, device=device)[None, :] < (lengths.long() - 1)[:, None]  # [B, S0]
         scores = scores.masked_fill(~cached[:, None, :], float("-inf"))
         sink_lse = scores.logsumexp(-1)  # [B, Hq]; -inf where a sequence has no cached sink
@@ -402,23 +411,39 @@ class EngineCodec:
         batch = slots.shape[0]
         key, value = self.decode_slots(layer, slots.reshape(batch * sinks, *slots.shape[2:]))
         positions = torch.arange(sinks, device=pages.device).repeat(batch)
-        key = self.from_code_frame(key, positions).reshape(batch, sinks, *key.shape[1:])
+        key = self.from_code_frame(key, positions, layer).reshape(batch, sinks, *key.shape[1:])
         value = value.reshape(batch, sinks, *value.shape[1:])
         for b, block in enumerate(first_blocks.tolist()):
             self.sinks.restore(layer, block, key[b], value[b])
         return key, value
 
-    def _rope_table(self, positions: int, device: torch.device) -> torch.Tensor:
-        """A :func:`~vllm_seqkv.kernels.rope_cache` table of at least ``positions`` rows on
-        ``device``, grown by powers of two."""
-        from vllm_seqkv.kernels import rope_cache
+    def set_rope_table(self, layer: int, table: torch.Tensor) -> None:
+        """The RoPE the model applies to ``layer``'s keys, as a cos/sin table ``[P, head_dim]``
+        (see :mod:`vllm_seqkv.codec.rope`; read from the serving engine's rotary embedding)."""
+        if table.dim() != 2 or table.shape[1] != self.head_dim:
+            raise ValueError(f"RoPE table of layer {layer}: shape {tuple(table.shape)}, expected "
+                             f"[positions, {self.head_dim}]")
+        self._layer_rope[layer] = LayerRope(table.float().contiguous())
 
-        table = self._rope_tables.get(str(device))
-        if table is None or table.shape[0] < positions:
+    def has_rope_table(self, layer: int) -> bool:
+        return layer in self._layer_rope
+
+    def rope_of(self, layer: int | None, positions: int) -> LayerRope:
+        """``layer``'s RoPE (set by :meth:`set_rope_table`), else, where no layer has one (no
+        engine: offline tools, device tests), default RoPE of ``rope_theta`` with at least
+        ``positions`` rows, grown by powers of two."""
+        if layer is not None and layer in self._layer_rope:
+            return self._layer_rope[layer]
+        if self._layer_rope:
+            raise RuntimeError(f"seqkv: no RoPE table for layer {layer}; the other layers have "
+                               "their model's own")
+        if self.rope_theta is None:
+            raise ValueError(f"preset {self.preset} codes keys pre-RoPE: needs the model's RoPE "
+                             "(its rotary embedding, or rope_theta for default RoPE)")
+        if self._default_rope is None or self._default_rope.table.shape[0] < positions:
             rows = 1 << max(positions - 1, 1).bit_length()
-            table = rope_cache(rows, self.head_dim, self.rope_theta, device)
-            self._rope_tables[str(device)] = table
-        return table
+            self._default_rope = LayerRope(default_table(rows, self.head_dim, self.rope_theta))
+        return self._default_rope
 
     def _check_decode(self, layer, params, query, own_k, own_v, pages, block_table, lengths, scale,
                       rope, out, lse) -> None:
@@ -462,21 +487,51 @@ class EngineCodec:
             raise RuntimeError(f"seqkv kernels check: layer {layer} {what}: {measure} {error:.3g} "
                                f"(> {tolerance})")
 
-    def to_code_frame(self, key: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Post-RoPE keys ``[T, H, D]`` at ``positions [T]`` -> the frame the codec codes."""
-        if not self.codec.pre_rope_keys:
+    def to_code_frame(self, key: torch.Tensor, positions: torch.Tensor,
+                      layer: int | None = None) -> torch.Tensor:
+        """Post-RoPE keys ``[T, H, D]`` of ``layer`` at ``positions [T]`` -> the frame the codec
+        codes (the exact inverse of the layer's RoPE table, magnitude included)."""
+        if not self.codec.pre_rope_keys or key.shape[0] == 0:
             return key
-        return unapply_rope(key, *rope_tables(positions, self.head_dim, self.rope_theta))
+        rope = self.rope_of(layer, int(positions.max()) + 1)
+        return unrotate_by_table(key, rope.table_on(key.device), positions)
 
-    def from_code_frame(self, key: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if not self.codec.pre_rope_keys:
+    def from_code_frame(self, key: torch.Tensor, positions: torch.Tensor,
+                        layer: int | None = None) -> torch.Tensor:
+        """Inverse of :meth:`to_code_frame`: the layer's RoPE as the model applies it."""
+        if not self.codec.pre_rope_keys or key.shape[0] == 0:
             return key
-        return apply_rope(key, *rope_tables(positions, self.head_dim, self.rope_theta))
+        rope = self.rope_of(layer, int(positions.max()) + 1)
+        return rotate_by_table(key, rope.table_on(key.device), positions)
 
     def announce(self, pid: int) -> bool:
         first = pid not in self._announced
         self._announced.add(pid)
         return first
+
+
+class LayerRope:
+    """One layer's RoPE: ``table [P, D]`` as the model applies it (see
+    :mod:`vllm_seqkv.codec.rope`), and its split into pure rotations times one ``magnitude``
+    for the kernels; copies kept per device."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+        rotation, self.magnitude = split_table(table)
+        if abs(self.magnitude - 1.0) < 1e-6:
+            self.magnitude = 1.0
+        self._tables = {"cpu": table.cpu()}
+        self._rotations = {"cpu": rotation}
+
+    def table_on(self, device: torch.device) -> torch.Tensor:
+        if str(device) not in self._tables:
+            self._tables[str(device)] = self.table.to(device)
+        return self._tables[str(device)]
+
+    def rotation_on(self, device: torch.device) -> torch.Tensor:
+        if str(device) not in self._rotations:
+            self._rotations[str(device)] = self._rotations["cpu"].to(device)
+        return self._rotations[str(device)]
 
 
 def _on_cpu(previous):

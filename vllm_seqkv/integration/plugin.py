@@ -1,8 +1,9 @@
 """The ``vllm.general_plugins`` entry point.
 
 vLLM calls :func:`register` in every process it starts (API server, engine core, workers),
-possibly several times. It is idempotent and cheap: it adds the CLI flag and a hook on the
-attention layer's constructor. Nothing else changes unless an engine's config selects seqkv:
+possibly several times. It is idempotent and cheap: it adds the CLI flag, a hook on the
+attention layer's constructor and one on the model loader (recording each attention layer's
+rotary embedding). Nothing else changes unless an engine's config selects seqkv:
 the hook reads ``additional_config`` of the engine being built and only then routes the
 attention backend to seqkv (and routes it back for an ``auto`` engine in the same process).
 """
@@ -28,6 +29,7 @@ def register() -> None:
     connector.register()
     _hook_engine_config(compat)
     _hook_attention_constructor(compat)
+    compat.hook_model_loader()
     _registered = True
 
 

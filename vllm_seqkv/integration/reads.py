@@ -19,7 +19,8 @@ ROWS_PER_CHUNK = 1 << 15  # bounds the float32 K/V a chunk holds: rows x H x D x
 
 @dataclass(frozen=True)
 class ReadChunk:
-    """Cached positions ``0 .. seq_len - 1`` of the sequences ``seqs``.
+    """Cached positions ``first_positions[j] .. seq_len - 1`` of the sequences ``seqs`` (first
+    position 0, or the start of a sliding window: earlier blocks may have been freed).
 
     Decoded once per distinct slot: ``blocks [M]`` the distinct blocks the sequences read,
     ``rows [U]`` each distinct slot read as an index into those blocks' ``M * block_size``
@@ -33,6 +34,7 @@ class ReadChunk:
     """
 
     seqs: list[int]
+    first_positions: list[int]
     first_blocks: list[int]
     starts: list[int]
     blocks: torch.Tensor
@@ -55,34 +57,38 @@ def gather_slots(pages: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor) 
 
 
 def plan_reads(seqs: list[int], seq_lens: list[int], block_table_host: torch.Tensor,
-               block_size: int, device=None, rows_per_chunk: int = ROWS_PER_CHUNK) -> list[ReadChunk]:
+               block_size: int, device=None, rows_per_chunk: int = ROWS_PER_CHUNK,
+               first_positions: list[int] | None = None) -> list[ReadChunk]:
     """Chunks of whole sequences (batch order) of at most ``rows_per_chunk`` rows each (a longer
     sequence alone), their tensors on ``device``. ``seq_lens``/``block_table_host [B,
-    max_blocks]`` (host) cover the whole batch; ``seqs`` picks the sequences read."""
+    max_blocks]`` (host) and ``first_positions`` (first position read, default 0) cover the
+    whole batch; ``seqs`` picks the sequences read."""
+    firsts = first_positions or [0] * len(seq_lens)
     groups: list[list[int]] = []
     rows = 0
     for i in seqs:
-        if not groups or (groups[-1] and rows + seq_lens[i] > rows_per_chunk):
+        if not groups or (groups[-1] and rows + seq_lens[i] - firsts[i] > rows_per_chunk):
             groups.append([])
             rows = 0
         groups[-1].append(i)
-        rows += seq_lens[i]
-    return [_chunk(group, seq_lens, block_table_host, block_size, device) for group in groups]
+        rows += seq_lens[i] - firsts[i]
+    return [_chunk(group, seq_lens, firsts, block_table_host, block_size, device) for group in groups]
 
 
-def _chunk(seqs, seq_lens, block_table_host, block_size, device) -> ReadChunk:
-    lengths = [seq_lens[i] for i in seqs]
-    counts = [-(-n // block_size) for n in lengths]
-    positions = torch.cat([torch.arange(n) for n in lengths])
+def _chunk(seqs, seq_lens, firsts, block_table_host, block_size, device) -> ReadChunk:
+    lengths = [seq_lens[i] - firsts[i] for i in seqs]
+    counts = [-(-seq_lens[i] // block_size) for i in seqs]
+    positions = torch.cat([torch.arange(firsts[i], seq_lens[i]) for i in seqs])
     index = torch.repeat_interleave(torch.tensor(seqs), torch.tensor(lengths))
     slots = block_table_host[index, positions // block_size].long() * block_size + positions % block_size
     distinct, gather = torch.unique(slots, return_inverse=True)  # sorted slot ids
     blocks, block_of = torch.unique(distinct // block_size, return_inverse=True)
     unique_positions = torch.zeros_like(distinct).scatter_(0, gather, positions)
-    key = ("read",) + tuple((tuple(block_table_host[i, :n].tolist()), length)
+    key = ("read",) + tuple((tuple(block_table_host[i, :n].tolist()), length, firsts[i])
                             for i, n, length in zip(seqs, counts, lengths))
     return ReadChunk(
         seqs=list(seqs),
+        first_positions=[firsts[i] for i in seqs],
         first_blocks=[int(block_table_host[i, 0]) for i in seqs],
         starts=torch.tensor([0] + lengths).cumsum(0).tolist(),
         blocks=blocks.to(device), rows=(block_of * block_size + distinct % block_size).to(device),

@@ -17,20 +17,62 @@ def unsupported_features(model_config) -> list[str]:
             lambda: model_config.is_hybrid,
         "an attention-free architecture": lambda: model_config.is_attention_free,
         "an encoder-decoder architecture": lambda: model_config.is_encoder_decoder,
-        "sliding-window attention": lambda: model_config.get_sliding_window() is not None,
         "multimodal inputs": lambda: model_config.is_multimodal_model,
     }
     found = [name for name, present in checks.items() if present()]
-    hf_config = model_config.hf_config
-    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        found.append(f"RoPE type {rope_type!r} (keys are coded pre-RoPE with default RoPE)")
-    if rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)) != 1.0:
-        found.append("partial rotary embeddings")
+    found += rope_refusals(model_config.hf_config)
     head_size = model_config.get_head_size()
     if not is_power_of_two(head_size):
         found.append(f"head size {head_size} (the rotation code needs a power of two)")
+    return found
+
+
+# RoPE types whose vLLM rotary embedding is one cos/sin table of positions (the rotation of a
+# key depends on its position only): seqkv un-rotates and re-rotates keys with that table.
+POSITION_ONLY_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+
+
+def rope_parameter_sets(hf_config) -> list[dict]:
+    """The RoPE parameter dicts of a transformers config: one, or one per layer type
+    (Gemma-3: ``{"sliding_attention": {...}, "full_attention": {...}}``)."""
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        return list(rope.values())
+    return [rope]
+
+
+def rope_refusals(hf_config) -> list[str]:
+    """RoPE features seqkv cannot invert with a table of positions (empty = none)."""
+    found = []
+    for rope in rope_parameter_sets(hf_config):
+        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if rope_type not in POSITION_ONLY_ROPE_TYPES:
+            found.append(f"RoPE type {rope_type!r} (seqkv supports the position-only types "
+                         f"{', '.join(POSITION_ONLY_ROPE_TYPES)})")
+        if "mrope_section" in rope:
+            found.append("multimodal RoPE (mrope sections)")
+        factor = rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
+        if factor != 1.0:
+            found.append(f"partial rotary embeddings (factor {factor})")
+    return list(dict.fromkeys(found))
+
+
+def rotary_refusals(rotary, head_size: int) -> list[str]:
+    """Why seqkv cannot invert an attention layer's rotary embedding (empty = it can).
+    ``rotary``: :class:`~vllm_seqkv.integration.compat.LayerRotary` or None (none found)."""
+    if rotary is None:
+        return ["no rotary embedding seqkv can find (it codes keys pre-RoPE: the model's "
+                "attention modules must hold it as `rotary_emb`)"]
+    found = []
+    if not rotary.is_neox:
+        found.append(f"interleaved (GPT-J style) RoPE pairs ({rotary.kind}; the key codecs pair "
+                     "channels i and i + D/2)")
+    if rotary.rotary_dim != head_size:
+        found.append(f"partial rotary embeddings (rotary dim {rotary.rotary_dim} of head size "
+                     f"{head_size})")
+    if rotary.table.dim() != 2 or rotary.table.shape[1] != rotary.rotary_dim:
+        found.append(f"a {rotary.kind} rotary embedding whose cos/sin cache is not one row per "
+                     "position")
     return found
 
 

@@ -155,10 +155,10 @@ def transform_layer_params(layout: SlotLayout, device=None) -> TransformLayerPar
 
 def rope_cache(max_positions: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
     """float32 ``[max_positions, head_dim]``: cos of the ``D/2`` frequencies, then their sin,
-    with exactly the values of :func:`vllm_seqkv.codec.rope.rope_tables` (float64 angles)."""
-    from vllm_seqkv.codec.rope import rope_tables
+    with exactly the values of :func:`vllm_seqkv.codec.rope.rope_tables` (float64 angles).
+    Default RoPE; the engine passes the model's own table instead (any position-only variant,
+    as :func:`vllm_seqkv.codec.rope.split_table` gives it: pure rotations)."""
+    from vllm_seqkv.codec.rope import default_table
 
-    cos, sin = rope_tables(torch.arange(max_positions), head_dim, theta)
-    half = head_dim // 2
-    table = torch.cat([cos[:, :half], sin[:, :half]], -1).contiguous()
+    table = default_table(max_positions, head_dim, theta)
     return table.to(device) if device is not None else table

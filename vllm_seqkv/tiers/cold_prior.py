@@ -26,7 +26,12 @@ def model_blocks(model_dir: Path, ids: list[int], block_size: int, kv) -> tuple[
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     n = len(ids) // block_size * block_size
     with torch.inference_mode():
-        cache = model(input_ids=torch.tensor([ids[:n]]), use_cache=True).past_key_values
+        # NOTE: a cache without the model's config keeps every position (a sliding-window
+        # model's own cache keeps only its window)
+        from transformers import DynamicCache
+
+        cache = model(input_ids=torch.tensor([ids[:n]]), use_cache=True,
+                      past_key_values=DynamicCache()).past_key_values
     per_layer, previous = [], None
     theta = rope_theta(model.config) or 10000.0
     for layer, lc in enumerate(cache.layers):
