@@ -346,13 +346,13 @@ def ensure(model_dir: Path, preset: str = DEFAULT_PRESET, text_path: Path | None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
-    except OSError as exc:
-        raise CalibrationError(f"cannot write to the calibration folder {path.parent}: {exc} "
-                               "(set SEQKV_HOME to a writable folder)") from None
-    except Timeout:
+    except Timeout:  # NOTE: before OSError, of which filelock's Timeout is a subclass
         print(f"[seqkv] another process is calibrating {model_dir} ({lock.lock_file}); waiting "
               "to reuse its file", file=sys.stderr)
         lock.acquire()
+    except OSError as exc:
+        raise CalibrationError(f"cannot write to the calibration folder {path.parent}: {exc} "
+                               "(set SEQKV_HOME to a writable folder)") from None
     try:
         if path.exists():
             try:
