@@ -78,18 +78,13 @@ def f4_layouts(shape: str, kv_heads: int, dim: int, layer: int) -> dict:
 
 def _with_widths(key_bits, value_bits, pair_keys: bool, seed: int):
     """A random but valid TransformCodec K/V SlotLayout with the given component widths."""
-    from tests.kernels.cpu_helpers import random_basis
+    from tests.kernels.cpu_helpers import random_basis, random_levels
     from vllm_seqkv.codec.base import SlotLayout
-    from vllm_seqkv.codec.transform import MAX_BITS, Transform, TransformCodec
+    from vllm_seqkv.codec.transform import Transform, TransformCodec
 
     def transform(bits, pairs, gen):
         heads, dim = bits.shape
-        levels = torch.zeros(heads, dim, 1 << MAX_BITS)
-        for h in range(heads):
-            for c in range(dim):
-                n = 1 << int(bits[h, c])
-                spread = float(torch.rand(1, generator=gen)) * 2 + 0.2
-                levels[h, c, :n] = (torch.randn(n, generator=gen) * spread).sort().values
+        levels = random_levels(bits, gen)
         return Transform(torch.randn(heads, dim, generator=gen) * 0.5, random_basis(heads, dim, pairs, gen),
                          bits.long().clone(), levels)
 

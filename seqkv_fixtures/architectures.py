@@ -106,7 +106,7 @@ def _trained(out: Path, name: str, steps: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from seqkv_fixtures import corpus
-    from seqkv_fixtures.tiny import BATCH, SEED, SEQ_LEN, _perplexity
+    from seqkv_fixtures.tiny import SEED, _perplexity, train
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir())
     torch.manual_seed(SEED)
@@ -117,21 +117,8 @@ def _trained(out: Path, name: str, steps: int) -> None:
         text_dir = corpus.build()
         ids = torch.tensor(tok((text_dir / "train.txt").read_text()[:1_000_000])["input_ids"])
         test_ids = torch.tensor(tok((text_dir / "test.txt").read_text()[:100_000])["input_ids"])
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95))
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-        gen = torch.Generator().manual_seed(SEED)
         t0 = time.time()
-        model.train()
-        for _ in range(steps):
-            starts = torch.randint(0, len(ids) - SEQ_LEN - 1, (BATCH,), generator=gen)
-            batch = torch.stack([ids[s : s + SEQ_LEN + 1] for s in starts])
-            loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-        model.eval()
+        train(model, ids, steps)
         record.update(train_seconds=round(time.time() - t0, 1), test_ppl=_perplexity(model, test_ids))
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

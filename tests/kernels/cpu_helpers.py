@@ -45,15 +45,22 @@ def random_basis(heads: int, dim: int, pairs: bool, gen: torch.Generator) -> tor
     return basis.float()
 
 
-def random_transform(heads: int, dim: int, bits_per_element: float, pairs: bool, seed: int) -> Transform:
-    gen = torch.Generator().manual_seed(seed)
-    bits = random_bits(heads, dim, bits_per_element, gen)
+def random_levels(bits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Sorted random quantizer levels ``[H, D, 2**MAX_BITS]`` for component widths ``bits [H, D]``."""
+    heads, dim = bits.shape
     levels = torch.zeros(heads, dim, 1 << MAX_BITS)
     for h in range(heads):
         for c in range(dim):
             n = 1 << int(bits[h, c])
             spread = float(torch.rand(1, generator=gen)) * 2 + 0.2
             levels[h, c, :n] = (torch.randn(n, generator=gen) * spread).sort().values
+    return levels
+
+
+def random_transform(heads: int, dim: int, bits_per_element: float, pairs: bool, seed: int) -> Transform:
+    gen = torch.Generator().manual_seed(seed)
+    bits = random_bits(heads, dim, bits_per_element, gen)
+    levels = random_levels(bits, gen)
     mean = torch.randn(heads, dim, generator=gen) * 0.5
     return Transform(mean, random_basis(heads, dim, pairs, gen), bits, levels)
 
