@@ -153,11 +153,11 @@ inline void transpose16(__m512 r[16]) {
 #if defined(CPU_CAPABILITY_AVX512)
 // The stream's 32-bit words of the W slots (masked row loads: never past a slot), transposed to
 // one vector per word (positions in lanes): words[word * W + t].
-inline void load_words(const uint8_t* const* slots, const Stream& s, int32_t* words) {
-  for (int w0 = 0; w0 < s.num_words; w0 += 16) {
-    const int nw = std::min(16, s.num_words - w0);
+inline void load_word_range(const uint8_t* const* slots, int first_word, int num_words, int32_t* words) {
+  for (int w0 = 0; w0 < num_words; w0 += 16) {
+    const int nw = std::min(16, num_words - w0);
     const __mmask16 m = static_cast<__mmask16>((1u << nw) - 1u);
-    const int word = s.first_word + w0;
+    const int word = first_word + w0;
     __m512 r[16];
     for (int t = 0; t < W; ++t) r[t] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, slots[t] + 4 * word));
     transpose16(r);
@@ -165,10 +165,14 @@ inline void load_words(const uint8_t* const* slots, const Stream& s, int32_t* wo
   }
 }
 
+inline void load_words(const uint8_t* const* slots, const Stream& s, int32_t* words) {
+  load_word_range(slots, s.first_word, s.num_words, words);
+}
+
 // Levels of one component for the W slots whose words load_words gave.
 struct ComponentReader {
   const int32_t *widx, *wshift, *wspan, *mask, *nbits;
-  const float* lv;
+  const float *lv, *lut;
   const int32_t* words;
   ComponentReader(const Stream& s, int h, int dim, const int32_t* w) : words(w) {
     const int64_t hd = static_cast<int64_t>(h) * dim;
@@ -178,6 +182,7 @@ struct ComponentReader {
     mask = s.mask + hd;
     nbits = s.nbits + hd;
     lv = s.levels + hd * kLevels;
+    lut = s.lut16 + hd * 16;
   }
   inline __m512 operator()(int c) const { return at(c, words); }
   inline __m512 at(int c, const int32_t* tile_words) const {
@@ -185,17 +190,18 @@ struct ComponentReader {
     const int sh = wshift[c];
     __m512i code = _mm512_srl_epi32(_mm512_loadu_si512(src), _mm_cvtsi32_si128(sh));
     if (wspan[c]) code = _mm512_or_si512(code, _mm512_sll_epi32(_mm512_loadu_si512(src + W), _mm_cvtsi32_si128(32 - sh)));
-    code = _mm512_and_si512(code, _mm512_set1_epi32(mask[c]));
-    const float* table = lv + c * kLevels;
+    // NOTE: no mask below 7 bits: permutexvar reads 4 index bits (the lut16 table repeats the
+    // levels of a narrower code), permutex2var 5, and bit 5 is tested for 6-bit codes
     const int bits = nbits[c];
-    if (bits <= 4) return _mm512_permutexvar_ps(code, _mm512_loadu_ps(table));
+    if (bits <= 4) return _mm512_permutexvar_ps(code, _mm512_loadu_ps(lut + c * 16));
+    const float* table = lv + c * kLevels;
     if (bits == 5) return _mm512_permutex2var_ps(_mm512_loadu_ps(table), code, _mm512_loadu_ps(table + 16));
     if (bits == 6) {  // two 32-entry halves, picked by bit 5
       const __m512 lo = _mm512_permutex2var_ps(_mm512_loadu_ps(table), code, _mm512_loadu_ps(table + 16));
       const __m512 hi = _mm512_permutex2var_ps(_mm512_loadu_ps(table + 32), code, _mm512_loadu_ps(table + 48));
       return _mm512_mask_blend_ps(_mm512_test_epi32_mask(code, _mm512_set1_epi32(32)), lo, hi);
     }
-    return _mm512_i32gather_ps(code, table, 4);
+    return _mm512_i32gather_ps(_mm512_and_si512(code, _mm512_set1_epi32(mask[c])), table, 4);
   }
 };
 #endif
@@ -216,9 +222,13 @@ inline void extract_tile(const uint8_t* const* slots, const Stream& s, int h, in
 constexpr int kMaxValueTiles = 4;    // tiles of value levels accumulated per pass over acc
 constexpr int kValueGroupTiles = 8;  // AVX-512: tiles whose words stay in L1 during one component sweep
 
+// int32 per tile in DecodeScratch::tiles: every word of the slot (+ one past: a field's second
+// word) for W positions; 16-word transposes may write up to 15 words past the last one.
+inline int64_t tile_stride(int slot_bytes) { return static_cast<int64_t>((slot_bytes + 3) / 4 + 17) * W; }
+
 struct DecodeScratch {
   std::vector<float> scores, zk, key, qrot, acc, zv;
-  std::vector<int32_t> words, vwords;
+  std::vector<int32_t> words, vwords, tiles;
   DecodeScratch(int group, int64_t span, int dim, int slot_bytes)
       : scores(static_cast<size_t>(group) * span),
         zk(static_cast<size_t>(dim) * W),
@@ -228,7 +238,8 @@ struct DecodeScratch {
         zv(static_cast<size_t>(kMaxValueTiles) * dim * W),
         words(static_cast<size_t>(kMaxValueTiles) * (slot_bytes / 4 + 18) * W),
 #if defined(CPU_CAPABILITY_AVX512)
-        vwords(static_cast<size_t>(kValueGroupTiles) * (slot_bytes / 4 + 18) * W)
+        vwords(static_cast<size_t>(kValueGroupTiles) * (slot_bytes / 4 + 18) * W),
+        tiles(static_cast<size_t>(span / W + 1) * tile_stride(slot_bytes))
 #else
         vwords()
 #endif
@@ -309,6 +320,50 @@ inline void value_sums(const ComponentReader& read, const int32_t* words, int64_
     }
   }
 }
+// Scores of NG query heads (rows of q, stride D; already rotated by R(p0)^T) against the W keys
+// whose words are at tile_words, rebuilt pair by pair in registers from the precomposed blocks
+// m [half][6][W] (R(t) B_j and R(t) mean): no key row is stored.
+template <int NG>
+inline void score_pairs(const ComponentReader& read, const int32_t* tile_words, const float* m, const float* q,
+                        int dim, float scale, float* dst, int64_t span) {
+  const int half = dim / 2;
+  __m512 acc[NG];
+  for (int g = 0; g < NG; ++g) acc[g] = _mm512_setzero_ps();
+  for (int j = 0; j < half; ++j) {
+    const float* mj = m + j * 6 * W;
+    const __m512 lo = read.at(j, tile_words), hi = read.at(j + half, tile_words);
+    const __m512 k_lo = _mm512_fmadd_ps(lo, _mm512_loadu_ps(mj), _mm512_fmadd_ps(hi, _mm512_loadu_ps(mj + W), _mm512_loadu_ps(mj + 4 * W)));
+    const __m512 k_hi =
+        _mm512_fmadd_ps(lo, _mm512_loadu_ps(mj + 2 * W), _mm512_fmadd_ps(hi, _mm512_loadu_ps(mj + 3 * W), _mm512_loadu_ps(mj + 5 * W)));
+    for (int g = 0; g < NG; ++g) {
+      acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * dim + j]), k_lo, acc[g]);
+      acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * dim + j + half]), k_hi, acc[g]);
+    }
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int g = 0; g < NG; ++g) _mm512_storeu_ps(dst + g * span, _mm512_mul_ps(acc[g], vs));
+}
+
+template <int NG>
+inline void score_pairs_group(const ComponentReader& read, const int32_t* tw, const float* m, const float* q, int dim,
+                              float scale, float* dst, int64_t span, int n) {
+  switch (n) {
+    case 1: return score_pairs<1>(read, tw, m, q, dim, scale, dst, span);
+    case 2: return score_pairs<2>(read, tw, m, q, dim, scale, dst, span);
+    case 3: return score_pairs<3>(read, tw, m, q, dim, scale, dst, span);
+    case 4: return score_pairs<4>(read, tw, m, q, dim, scale, dst, span);
+    case 5: return score_pairs<5>(read, tw, m, q, dim, scale, dst, span);
+    case 6: return score_pairs<6>(read, tw, m, q, dim, scale, dst, span);
+    case 7: return score_pairs<7>(read, tw, m, q, dim, scale, dst, span);
+    default: return score_pairs<8>(read, tw, m, q, dim, scale, dst, span);
+  }
+}
+
+// decode_item for RoPE-pair keys with RoPE (the default presets' path), AVX-512: each tile's slot
+// words (K and V streams together) are loaded and transposed once in pass 1 and kept for the
+// value pass; keys are rebuilt and scored in registers.
+void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t span, const TileRope& tr,
+                          DecodeScratch& s, float* part);
 #endif
 
 // One (item, kv head): writes per query head of the group [max, sum, acc[D]] into part.
@@ -554,6 +609,109 @@ void decode_item(const DecodeArgs& a, const Item& item, int h, int64_t span, con
   }
 }
 
+
+#if defined(CPU_CAPABILITY_AVX512)
+void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t span, const TileRope& tr,
+                          DecodeScratch& s, float* part) {
+  const int D = a.dim, half = D / 2, G = a.q_heads / a.heads, bs = a.block_size;
+  const float* q = a.query + (static_cast<int64_t>(item.b) * a.q_heads + static_cast<int64_t>(h) * G) * D;
+  const int64_t* bt = a.block_table + item.b * a.stride_bt;
+  const uint8_t* head_pages = a.pages + h * a.stride_ph;
+  const float* m = tr.pair_blocks.data() + static_cast<int64_t>(h) * half * 6 * W;
+  float* sc = s.scores.data();
+  float* qrot = s.qrot.data();
+  int32_t* tiles = s.tiles.data();
+  const int slot_bytes = std::max(a.k.offset + a.k.nbytes, a.v.offset + a.v.nbytes);
+  const int64_t stride = tile_stride(slot_bytes);
+  const int first_word = std::min(a.k.first_word, a.v.first_word);
+  const int num_words = std::max(a.k.first_word + a.k.num_words, a.v.first_word + a.v.num_words) - first_word;
+  const int64_t first = item.lo / W * W;
+  const int ntiles = static_cast<int>((item.hi - first + W - 1) / W);
+  const uint8_t* slots[W];
+  const ComponentReader read_k(a.k, h, D, nullptr);
+
+  // ---- pass 1: words of every tile (kept), scores of the item's positions
+  for (int i = 0; i < ntiles; ++i) {
+    const int64_t p0 = first + static_cast<int64_t>(i) * W;
+    const int64_t lo = std::max(p0, item.lo), hi = std::min(p0 + W, item.hi);
+    int64_t blk = lo / bs, off = lo % bs;
+    const uint8_t* base = head_pages + bt[blk] * a.stride_pb;
+    for (int64_t p = p0; p < lo; ++p) slots[p - p0] = base + off * a.stride_pt;  // masked lanes read a valid slot
+    for (int64_t p = lo; p < hi; ++p) {
+      slots[p - p0] = base + off * a.stride_pt;
+      if (++off == bs && p + 1 < hi) {
+        off = 0;
+        base = head_pages + bt[++blk] * a.stride_pb;
+      }
+    }
+    for (int64_t p = hi; p < p0 + W; ++p) slots[p - p0] = slots[hi - 1 - p0];
+    int32_t* tw = tiles + i * stride;
+    load_word_range(slots, first_word, num_words, tw);
+    const float* row = a.rope + p0 * D;  // queries by R(p0)^T
+    for (int g = 0; g < G; ++g) {
+      const float* qg = q + static_cast<int64_t>(g) * D;
+      float* dst = qrot + static_cast<int64_t>(g) * D;
+      for (int j = 0; j < half; j += 16) {
+        const __m512 c = _mm512_loadu_ps(row + j), sv = _mm512_loadu_ps(row + half + j);
+        const __m512 l = _mm512_loadu_ps(qg + j), r = _mm512_loadu_ps(qg + half + j);
+        _mm512_storeu_ps(dst + j, _mm512_fmadd_ps(l, c, _mm512_mul_ps(r, sv)));
+        _mm512_storeu_ps(dst + half + j, _mm512_fmsub_ps(r, c, _mm512_mul_ps(l, sv)));
+      }
+    }
+    float* dst = sc + (p0 - first);
+    for (int g = 0; g < G; g += 8)
+      score_pairs_group<8>(read_k, tw, m, qrot + g * D, D, a.scale, dst + g * span, span, std::min(8, G - g));
+    const int64_t lo_lane = lo - p0, hi_lane = hi - p0;
+    if (lo_lane > 0 || hi_lane < W) {
+      for (int g = 0; g < G; ++g) {
+        for (int64_t t = 0; t < lo_lane; ++t) dst[g * span + t] = kNegInf;
+        for (int64_t t = hi_lane; t < W; ++t) dst[g * span + t] = kNegInf;
+      }
+    }
+  }
+
+  // ---- softmax of the item (masked lanes hold -inf and get weight 0)
+  const int64_t padded = static_cast<int64_t>(ntiles) * W;
+  for (int g = 0; g < G; ++g) {
+    float* sg = sc + g * span;
+    __m512 vmax = _mm512_set1_ps(kNegInf);
+    for (int64_t i = 0; i < padded; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sg + i));
+    const float top = _mm512_reduce_max_ps(vmax);
+    const Vec vtop(top);
+    Vec total(0.f);
+    for (int64_t i = 0; i < padded; i += VS) {
+      const Vec p = (Vec::loadu(sg + i) - vtop).exp();
+      p.store(sg + i);
+      total = total + p;
+    }
+    part[g * (D + 2)] = top;
+    part[g * (D + 2) + 1] = _mm512_reduce_add_ps(total);
+  }
+
+  // ---- pass 2: level sums of the values from the kept words, component-outer over groups of tiles
+  float* acc = s.acc.data();
+  std::fill(acc, acc + static_cast<int64_t>(G) * D * W, 0.f);
+  const ComponentReader read_v(a.v, h, D, nullptr);
+  for (int i0 = 0; i0 < ntiles; i0 += kValueGroupTiles) {
+    const int n = std::min(kValueGroupTiles, ntiles - i0);
+    const int32_t* tw = tiles + i0 * stride;
+    const float* p = sc + static_cast<int64_t>(i0) * W;
+    int g = 0;
+    for (; g + 4 <= G; g += 4) value_sums<4>(read_v, tw, stride, n, p + g * span, span, D, acc + g * D * W);
+    switch (G - g) {
+      case 3: value_sums<3>(read_v, tw, stride, n, p + g * span, span, D, acc + g * D * W); break;
+      case 2: value_sums<2>(read_v, tw, stride, n, p + g * span, span, D, acc + g * D * W); break;
+      case 1: value_sums<1>(read_v, tw, stride, n, p + g * span, span, D, acc + g * D * W); break;
+      default: break;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    float* out = part + g * (D + 2) + 2;
+    const float* ag = acc + static_cast<int64_t>(g) * D * W;
+    for (int c = 0; c < D; ++c) out[c] = _mm512_reduce_add_ps(_mm512_loadu_ps(ag + c * W));
+  }
+}
+#endif
 }  // namespace
 
 int vector_width() { return VS; }
@@ -628,8 +786,16 @@ void decode_attention(const DecodeArgs& a) {
   const int64_t tasks = static_cast<int64_t>(items.size()) * H;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     DecodeScratch scratch(G, span, D, slot_bytes);
-    for (int64_t task = begin; task < end; ++task)
-      decode_item(a, items[task / H], static_cast<int>(task % H), span, tr, scratch, part.data() + task * G * row);
+    for (int64_t task = begin; task < end; ++task) {
+      float* out = part.data() + task * G * row;
+#if defined(CPU_CAPABILITY_AVX512)
+      if (a.pairs.a != nullptr && a.rope != nullptr) {
+        decode_item_pairs512(a, items[task / H], static_cast<int>(task % H), span, tr, scratch, out);
+        continue;
+      }
+#endif
+      decode_item(a, items[task / H], static_cast<int>(task % H), span, tr, scratch, out);
+    }
   });
 
   at::parallel_for(0, static_cast<int64_t>(B) * Hq, 1, [&](int64_t begin, int64_t end) {
@@ -649,6 +815,16 @@ void decode_attention(const DecodeArgs& a) {
         maxes.push_back(p[0]);
         sums.push_back(p[1]);
       }
+      // exact sink rows: merged as splits of one position each (their values added below)
+      const int sinks = a.sink_k == nullptr ? 0 : static_cast<int>(std::min<int64_t>(a.sinks, a.seq_lens[b] - 1));
+      const int64_t num_splits = static_cast<int64_t>(maxes.size());
+      for (int i = 0; i < sinks; ++i) {
+        const float* sk = a.sink_k + ((static_cast<int64_t>(b) * a.sinks + i) * H + h) * D;
+        float score = 0.f;
+        for (int d = 0; d < D; ++d) score += q[d] * sk[d];
+        maxes.push_back(score * a.scale);
+        sums.push_back(1.f);
+      }
       const auto m = transform::merge_splits(maxes.data(), sums.data(), static_cast<int>(maxes.size()), own_score);
       std::fill(accz.begin(), accz.end(), 0.f);
       for (int64_t i = first[b]; i < first[b + 1]; ++i) {
@@ -658,12 +834,19 @@ void decode_attention(const DecodeArgs& a) {
       }
       const float* inv_v = a.v.inverse + static_cast<int64_t>(h) * D * D;
       const float* mean_v = a.v.mean + static_cast<int64_t>(h) * D;
-      const Vec mass(m.mass);
+      float pages_mass = 0.f;  // m.mass counts the sinks too; mean_v weighs the pages' rows only
+      for (int64_t i = 0; i < num_splits; ++i) pages_mass += transform::split_weight(m, maxes[i]) * sums[i];
+      const Vec mass(pages_mass);
       for (int d = 0; d < D; d += VS) (Vec::loadu(mean_v + d) * mass).store(cached.data() + d);
       for (int c = 0; c < D; ++c) {
         const Vec zc(accz[c]);
         const float* inv = inv_v + static_cast<int64_t>(c) * D;
         for (int d = 0; d < D; d += VS) at::vec::fmadd(zc, Vec::loadu(inv + d), Vec::loadu(cached.data() + d)).store(cached.data() + d);
+      }
+      for (int i = 0; i < sinks; ++i) {  // the exact sink values
+        const Vec w(transform::split_weight(m, maxes[num_splits + i]));
+        const float* sv = a.sink_v + ((static_cast<int64_t>(b) * a.sinks + i) * H + h) * D;
+        for (int d = 0; d < D; d += VS) at::vec::fmadd(w, Vec::loadu(sv + d), Vec::loadu(cached.data() + d)).store(cached.data() + d);
       }
       float* out = a.out + r * D;
       for (int d = 0; d < D; ++d) out[d] = transform::merged_output(m, cached[d], own_v[d]);
@@ -745,6 +928,67 @@ void write_slots(const WriteArgs& a) {
         pack_stream(a.zk + row, a.k, h, D, dst, buf.data());
         pack_stream(a.zv + row, a.v, h, D, dst, buf.data());
       }
+    }
+  });
+}
+
+namespace {
+// x[D] <- row of the model's K/V with NaN/inf as 0; returns false when it had any.
+inline bool finite_row(const float* src, int dim, float* x) {
+  bool finite = true;
+  for (int d = 0; d < dim; ++d) {
+    const float v = src[d];
+    const bool ok = std::isfinite(v);
+    finite &= ok;
+    x[d] = ok ? v : 0.f;
+  }
+  return finite;
+}
+
+// z[D] = (x - mean) @ basis (basis [D, D] row-major), vectorized over the output component.
+inline void components(const float* x, const float* mean, const float* basis, int dim, float* z) {
+  for (int e = 0; e < dim; e += VS) Vec(0.f).store(z + e);
+  for (int d = 0; d < dim; ++d) {
+    const Vec xd(x[d] - mean[d]);
+    const float* row = basis + static_cast<int64_t>(d) * dim;
+    for (int e = 0; e < dim; e += VS) at::vec::fmadd(xd, Vec::loadu(row + e), Vec::loadu(z + e)).store(z + e);
+  }
+}
+}  // namespace
+
+void write_tokens(const WriteTokensArgs& a) {
+  const int H = a.heads, D = a.dim, half = D / 2;
+  at::parallel_for(0, a.tokens, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(D), pre(D), z(D);
+    std::vector<uint8_t> buf(std::max(a.k.nbytes, a.v.nbytes) + 2);
+    for (int64_t t = begin; t < end; ++t) {
+      a.nonfinite[t] = 0;
+      const int64_t slot = a.slot_mapping[t];
+      if (slot < 0) continue;
+      const int64_t blk = slot / a.block_size, off = slot % a.block_size;
+      bool finite = true;
+      for (int h = 0; h < H; ++h) {
+        uint8_t* dst = a.pages + blk * a.stride_pb + h * a.stride_ph + off * a.stride_pt;
+        const int64_t row = (t * H + h) * D;
+        finite &= finite_row(a.key + row, D, x.data());
+        const float* key = x.data();
+        if (a.rope != nullptr) {  // the exact inverse of the table's rotation: R^T x / (cos^2 + sin^2)
+          const float* r = a.rope + a.positions[t] * D;
+          for (int j = 0; j < half; ++j) {
+            const float norm = r[j] * r[j] + r[half + j] * r[half + j];
+            const float c = r[j] / norm, sn = r[half + j] / norm;
+            pre[j] = x[j] * c + x[j + half] * sn;
+            pre[j + half] = x[j + half] * c - x[j] * sn;
+          }
+          key = pre.data();
+        }
+        components(key, a.k.mean + static_cast<int64_t>(h) * D, a.k.basis + static_cast<int64_t>(h) * D * D, D, z.data());
+        pack_stream(z.data(), a.k, h, D, dst, buf.data());
+        finite &= finite_row(a.value + row, D, x.data());
+        components(x.data(), a.v.mean + static_cast<int64_t>(h) * D, a.v.basis + static_cast<int64_t>(h) * D * D, D, z.data());
+        pack_stream(z.data(), a.v, h, D, dst, buf.data());
+      }
+      a.nonfinite[t] = finite ? 0 : 1;
     }
   });
 }

@@ -2,13 +2,19 @@
 // under torch.ops.seqkv, CPU dispatch key). Python side: vllm_seqkv/kernels/cpu_ops.py.
 //
 //   cpu_transform_decode_attention(query, own_k, own_v, pages, block_table, seq_lens, rope?,
-//       k_tables, v_tables, k_format, v_format, key_pairs?, scale, num_splits, skip_first)
-//       -> (out [B, Hq, D] query dtype, lse [B, Hq] float32)
+//       k_tables, v_tables, k_format, v_format, key_pairs?, scale, num_splits, skip_first,
+//       sink_k?, sink_v?) -> (out [B, Hq, D] query dtype, lse [B, Hq] float32)
+//       (sink_k/sink_v [B, S, H, D]: exact rows of positions 0..S-1, S <= skip_first, merged in)
 //   cpu_reconstruct_transform_blocks(pages, block_ids, rope?, block_positions?, k_tables,
 //       v_tables, k_format, v_format, key_pairs?) -> (K, V) float32 [M * bs, H, D]
 //   cpu_write_transform_slots(zk, zv, slot_mapping, pages!, k_tables, v_tables, k_format,
 //       v_format) -> ()   (zk/zv: float32 [T, H, D] components, computed by the wrapper with the
 //       codec's own einsum so that the bytes equal the codec's)
+//   cpu_write_transform_tokens(key, value, slot_mapping, positions, pages!, rope?, k_tables, v_tables,
+//       k_format, v_format) -> nonfinite uint8 [T]   (the engine's write from the model's K/V:
+//       NaN/inf as 0 and flagged, keys un-rotated by the exact inverse of `rope` (the model's table,
+//       magnitude included), components in float32 here: a code at a decision threshold may differ
+//       from the codec's einsum)
 //   cpu_kernel_isa(wanted) -> active ISA ("avx512" | "avx2" | "scalar"; "" only asks,
 //       "auto" picks the best the CPU has)
 //
@@ -102,6 +108,7 @@ std::string kernel_isa(c10::string_view wanted_view) {
 // Extraction tables of one stream ([H, D] each), owned here, pointed to by Stream.
 struct StreamStore {
   std::vector<int32_t> byte, extra, shift, mask, word, wshift, wspan;
+  std::vector<float> lut16;
   Stream stream;
 };
 
@@ -118,6 +125,7 @@ void build_stream(at::TensorList tables, at::IntArrayRef format, const at::Tenso
   out.word.resize(n);
   out.wshift.resize(n);
   out.wspan.resize(n);
+  out.lut16.resize(n * 16);
   for (int64_t i = 0; i < n; ++i) {
     const int start = t.start[i], bits = t.nbits[i];
     TORCH_CHECK(bits >= 0 && bits <= 8 && start >= 0 && (bits == 0 || start + bits <= 8 * t.nbytes),
@@ -130,11 +138,12 @@ void build_stream(at::TensorList tables, at::IntArrayRef format, const at::Tenso
     out.word[i] = bit >> 5;
     out.wshift[i] = bit & 31;
     out.wspan[i] = (bit & 31) + bits > 32 ? 1 : 0;
+    for (int k = 0; k < 16; ++k) out.lut16[i * 16 + k] = t.levels[i * kLevels + (bits <= 4 ? (k & out.mask[i]) : k)];
   }
   const int first_word = t.offset / 4, last_word = (8 * (t.offset + t.nbytes) - 1) >> 5;
   out.stream = Stream{t.levels, t.cuts, t.inverse, t.mean, t.start, t.nbits, out.byte.data(), out.extra.data(),
                       out.shift.data(), out.mask.data(), out.word.data(), out.wshift.data(), out.wspan.data(),
-                      first_word, last_word - first_word + 1, t.offset, t.nbytes};
+                      first_word, last_word - first_word + 1, t.offset, t.nbytes, out.lut16.data(), t.basis};
 }
 
 PairBlocks pair_blocks(const std::optional<at::Tensor>& key_pairs, int64_t heads, int64_t dim, const at::Tensor& pages) {
@@ -173,7 +182,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
     const at::Tensor& query_in, const at::Tensor& own_k_in, const at::Tensor& own_v_in, const at::Tensor& pages,
     const at::Tensor& block_table_in, const at::Tensor& seq_lens_in, const std::optional<at::Tensor>& rope,
     at::TensorList k_tables, at::TensorList v_tables, at::IntArrayRef k_format, at::IntArrayRef v_format,
-    const std::optional<at::Tensor>& key_pairs, double scale, int64_t num_splits, int64_t skip_first) {
+    const std::optional<at::Tensor>& key_pairs, double scale, int64_t num_splits, int64_t skip_first,
+    const std::optional<at::Tensor>& sink_k_in, const std::optional<at::Tensor>& sink_v_in) {
   check_cpu(pages, "pages");
   transform::check_pages(pages);
   const int64_t heads = pages.size(1), block_size = pages.size(2);
@@ -230,6 +240,21 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   const auto own_k = own_k_in.to(at::kFloat).contiguous();
   const auto own_v = own_v_in.to(at::kFloat).contiguous();
   auto out_f = query_in.scalar_type() == at::kFloat ? out : at::empty({batch, q_heads, dim}, query.options());
+  const bool has_sinks = sink_k_in.has_value() && sink_k_in->defined();
+  TORCH_CHECK(has_sinks == (sink_v_in.has_value() && sink_v_in->defined()), "pass both sink_k and sink_v or neither");
+  at::Tensor sink_k, sink_v;
+  if (has_sinks) {
+    const int64_t sinks = sink_k_in->dim() == 4 ? sink_k_in->size(1) : -1;
+    for (const auto* t : {&*sink_k_in, &*sink_v_in}) {
+      TORCH_CHECK(t->dim() == 4 && t->sizes() == at::IntArrayRef({batch, sinks, heads, dim}) && transform::is_float(*t) &&
+                      t->device() == pages.device(),
+                  "sink_k/sink_v must be float [B, S, H, D] on the pages' device, got ", t->sizes());
+    }
+    TORCH_CHECK(sinks <= skip_first, "sink rows (", sinks, ") must be positions the kernel skips (skip_first ",
+                skip_first, "), else they count twice");
+    sink_k = sink_k_in->to(at::kFloat).contiguous();
+    sink_v = sink_v_in->to(at::kFloat).contiguous();
+  }
 
   DecodeArgs args{query.data_ptr<float>(), own_k.data_ptr<float>(), own_v.data_ptr<float>(), pages.data_ptr<uint8_t>(),
                   pages.stride(0), pages.stride(1), pages.stride(2), block_table.data_ptr<int64_t>(), block_table.size(1),
@@ -237,7 +262,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
                   ks.stream, vs.stream, pairs,
                   static_cast<int>(batch), static_cast<int>(heads), static_cast<int>(q_heads), static_cast<int>(dim),
                   static_cast<int>(block_size), static_cast<float>(scale), skip_first, num_splits,
-                  out_f.data_ptr<float>(), lse.data_ptr<float>()};
+                  out_f.data_ptr<float>(), lse.data_ptr<float>(),
+                  has_sinks ? sink_k.data_ptr<float>() : nullptr, has_sinks ? sink_v.data_ptr<float>() : nullptr,
+                  has_sinks ? static_cast<int>(sink_k.size(1)) : 0};
   SEQKV_CPU_DISPATCH(decode_attention, args);
   if (!out_f.is_same(out)) out.copy_(out_f);
   return {out, lse};
@@ -320,6 +347,51 @@ void write_slots(const at::Tensor& zk_in, const at::Tensor& zv_in, const at::Ten
   SEQKV_CPU_DISPATCH(write_slots, args);
 }
 
+at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, const at::Tensor& slot_mapping_in,
+                        const at::Tensor& positions_in, const at::Tensor& pages, const std::optional<at::Tensor>& rope,
+                        at::TensorList k_tables, at::TensorList v_tables, at::IntArrayRef k_format,
+                        at::IntArrayRef v_format) {
+  check_cpu(pages, "pages");
+  transform::check_pages(pages);
+  const int64_t heads = pages.size(1), block_size = pages.size(2);
+  TORCH_CHECK(key_in.dim() == 3 && key_in.size(1) == heads && transform::is_float(key_in) &&
+                  key_in.device() == pages.device(), "key must be float [T, H, D] on the pages' device");
+  const int64_t tokens = key_in.size(0), dim = key_in.size(2);
+  transform::check_head_dim(dim);
+  TORCH_CHECK(value_in.sizes() == key_in.sizes() && transform::is_float(value_in) && value_in.device() == pages.device(),
+              "value must be float [T, H, D] like key");
+  for (const auto* t : {&slot_mapping_in, &positions_in}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == tokens && (t->scalar_type() == at::kInt || t->scalar_type() == at::kLong) &&
+                    t->device() == pages.device(), "slot_mapping/positions must be int [T]");
+  }
+  StreamStore ks, vs;
+  build_stream(k_tables, k_format, pages, heads, dim, ks);
+  build_stream(v_tables, v_format, pages, heads, dim, vs);
+  auto nonfinite = at::zeros({tokens}, pages.options());
+  if (tokens == 0) return nonfinite;
+  const auto key = key_in.to(at::kFloat).contiguous();
+  const auto value = value_in.to(at::kFloat).contiguous();
+  const auto slot_mapping = slot_mapping_in.to(at::kLong).contiguous();
+  const auto positions = positions_in.to(at::kLong).contiguous();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const bool has_rope = rope.has_value() && rope->defined();
+  int64_t needed = 0;
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slots[t] < pages.size(0) * block_size, "slot_mapping[", t, "] = ", slots[t], " is beyond the pages");
+    if (slots[t] < 0) continue;
+    TORCH_CHECK(pos[t] >= 0, "positions[", t, "] = ", pos[t], " is negative");
+    needed = std::max(needed, pos[t] + 1);
+  }
+  if (has_rope) check_rope(rope, dim, needed, pages);
+  WriteTokensArgs args{key.data_ptr<float>(), value.data_ptr<float>(), slots, pos,
+                       has_rope ? rope->data_ptr<float>() : nullptr, pages.data_ptr<uint8_t>(), pages.stride(0),
+                       pages.stride(1), pages.stride(2), ks.stream, vs.stream, tokens, static_cast<int>(heads),
+                       static_cast<int>(dim), static_cast<int>(block_size), nonfinite.data_ptr<uint8_t>()};
+  SEQKV_CPU_DISPATCH(write_tokens, args);
+  return nonfinite;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace seqkv
@@ -327,11 +399,14 @@ void write_slots(const at::Tensor& zk_in, const at::Tensor& zv_in, const at::Ten
 TORCH_LIBRARY_FRAGMENT(seqkv, m) {
   m.def("cpu_transform_decode_attention(Tensor query, Tensor own_k, Tensor own_v, Tensor pages, Tensor block_table, "
         "Tensor seq_lens, Tensor? rope, Tensor[] k_tables, Tensor[] v_tables, int[] k_format, int[] v_format, "
-        "Tensor? key_pairs, float scale, int num_splits, int skip_first) -> (Tensor, Tensor)");
+        "Tensor? key_pairs, float scale, int num_splits, int skip_first, Tensor? sink_k=None, Tensor? sink_v=None) "
+        "-> (Tensor, Tensor)");
   m.def("cpu_reconstruct_transform_blocks(Tensor pages, Tensor block_ids, Tensor? rope, Tensor? block_positions, "
         "Tensor[] k_tables, Tensor[] v_tables, int[] k_format, int[] v_format, Tensor? key_pairs) -> (Tensor, Tensor)");
   m.def("cpu_write_transform_slots(Tensor zk, Tensor zv, Tensor slot_mapping, Tensor(a!) pages, Tensor[] k_tables, "
         "Tensor[] v_tables, int[] k_format, int[] v_format) -> ()");
+  m.def("cpu_write_transform_tokens(Tensor key, Tensor value, Tensor slot_mapping, Tensor positions, Tensor(a!) pages, "
+        "Tensor? rope, Tensor[] k_tables, Tensor[] v_tables, int[] k_format, int[] v_format) -> Tensor");
   m.def("cpu_kernel_isa(str wanted) -> str", &seqkv::cpu::kernel_isa);
 }
 
@@ -339,6 +414,7 @@ TORCH_LIBRARY_IMPL(seqkv, CPU, m) {
   m.impl("cpu_transform_decode_attention", &seqkv::cpu::decode_attention);
   m.impl("cpu_reconstruct_transform_blocks", &seqkv::cpu::reconstruct_blocks);
   m.impl("cpu_write_transform_slots", &seqkv::cpu::write_slots);
+  m.impl("cpu_write_transform_tokens", &seqkv::cpu::write_tokens);
 }
 
 // An empty Python module named _cpu (the build names the extension vllm_seqkv._cpu).

@@ -15,7 +15,9 @@ from tests.kernels.cpu_helpers import random_layout, random_paged_case
 from tests.kernels.transform_helpers import TRANSFORM_TOLERANCES, build_transform_cache
 from vllm_seqkv.kernels import cpu_ops
 from vllm_seqkv.kernels.checks import KernelArgumentError
+from vllm_seqkv.codec.rope import rotate_by_table
 from vllm_seqkv.kernels.reference import (
+    merge_sink_rows,
     reconstruct_transform_reference,
     transform_decode_attention_reference,
     write_transform_reference,
@@ -93,6 +95,92 @@ def test_decode_matches_reference(case):
         assert out.dtype == dtype and out.shape == query.shape
         torch.testing.assert_close(out.float(), ref.float(), atol=max(atol, 1e-4), rtol=max(rtol, 1e-4))
         torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+# (kv heads, head_dim, GQA group, block size, seq_lens, sinks, pair keys, sink dtype)
+SINK_CASES = [
+    (3, 64, 3, 32, [1, 2, 5, 70], 1, True, torch.float32),  # a sequence with no cached position, one sink only
+    (2, 32, 4, 16, [3, 4, 5, 40], 4, False, torch.bfloat16),  # fewer cached positions than sinks
+    (1, 128, 8, 16, [130, 17], 2, True, torch.float32),  # MQA
+]
+
+
+@pytest.mark.parametrize("case", SINK_CASES, ids=lambda c: f"H{c[0]}-D{c[1]}-G{c[2]}-S{c[5]}")
+def test_decode_merges_exact_sink_rows(case, monkeypatch):
+    """Exact rows of positions 0..S-1 merged inside the op = the op without them + the torch
+    log-sum-exp merge (merge_sink_rows); the dispatcher's torch path merges the same way."""
+    from vllm_seqkv import kernels
+
+    heads, dim, group, block_size, lens, sinks, pair, sink_dtype = case
+    layout = random_layout(heads, dim, pair_keys=pair, seed=dim + sinks)
+    params = transform_layer_params(layout)
+    pages, table, seq_lens = random_paged_case(layout, lens, block_size, seed=sinks)
+    query, own_k, own_v = _decode_inputs(heads, dim, group, len(lens), torch.float32, seed=sinks)
+    gen = torch.Generator().manual_seed(7)
+    sink_k = (3 * torch.randn(len(lens), sinks, heads, dim, generator=gen)).to(sink_dtype)  # scores that matter
+    sink_v = torch.randn(len(lens), sinks, heads, dim, generator=gen).to(sink_dtype)
+    rope = rope_cache(-(-max(lens) // block_size) * block_size, dim, THETA)
+    ref, ref_lse = transform_decode_attention_reference(query, own_k, own_v, pages, table, seq_lens, layout, 0.21,
+                                                        rope=rope, skip_first=sinks, return_lse=True)
+    expected = merge_sink_rows(ref, ref_lse, query, sink_k, sink_v, seq_lens, 0.21)
+    assert not torch.allclose(expected, ref, atol=1e-3)  # the sinks change the result
+    for _ in each_isa():
+        out = cpu_ops.transform_decode_attention_cpp(query, own_k, own_v, pages, table, seq_lens, params, 0.21,
+                                                     rope=rope, skip_first=sinks, sinks=(sink_k, sink_v))
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    for implementation in ("cpp", "torch"):  # the op merges / the dispatcher merges the reference's result
+        monkeypatch.setenv("SEQKV_KERNELS", implementation)
+        out = kernels.paged_decode_attention(query, own_k, own_v, pages, table, seq_lens, params, 0.21, rope=rope,
+                                             skip_first=sinks, sinks=(sink_k, sink_v))
+        torch.testing.assert_close(out.float(), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(KernelArgumentError, match="skip_first"):
+        cpu_ops.transform_decode_attention_cpp(query, own_k, own_v, pages, table, seq_lens, params, 0.21, rope=rope,
+                                               skip_first=sinks - 1, sinks=(sink_k, sink_v))
+
+
+@pytest.mark.parametrize("heads,dim,block_size,dtype,magnitude",
+                         [(1, 32, 16, torch.float32, 1.0), (3, 64, 32, torch.bfloat16, 1.0),
+                          (2, 128, 16, torch.float16, 1.25)])
+def test_write_tokens_codes_like_the_codec(heads, dim, block_size, dtype, magnitude):
+    """The engine's one-op write from post-RoPE K/V (RoPE table with a magnitude, as YaRN's) =
+    un-rotating in torch + the codec's encode, but for codes at a decision threshold (the op's
+    float32 sums are not the einsum's); NaN/inf tokens flagged and stored as 0; slot -1 skipped."""
+    layout = random_layout(heads, dim, key_bits=3.5, value_bits=4.5, pair_keys=True, seed=dim + 1)
+    params = transform_layer_params(layout)
+    pages, _, _ = random_paged_case(layout, [4 * block_size], block_size, seed=3)
+    gen = torch.Generator().manual_seed(dim)
+    tokens = 41
+    positions = torch.randint(0, 4 * block_size, (tokens,), generator=gen)
+    table = rope_cache(4 * block_size, dim, THETA) * magnitude
+    pre_key = torch.randn(tokens, heads, dim, generator=gen) * 2
+    key = rotate_by_table(pre_key, table, positions).to(dtype)
+    value = (torch.randn(tokens, heads, dim, generator=gen) * 2).to(dtype)
+    key[5, 0, 3] = float("nan")
+    value[9, heads - 1, 0] = float("inf")
+    slots = torch.randperm(pages.shape[0] * block_size, generator=gen)[:tokens]
+    slots[[0, 17]] = -1
+    from vllm_seqkv.codec.rope import unrotate_by_table
+
+    clean_key = torch.nan_to_num(key.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    clean_value = torch.nan_to_num(value.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    expected = pages.clone()
+    write_transform_reference(unrotate_by_table(clean_key, table, positions), clean_value, slots, expected, layout)
+    written = slots[slots >= 0]
+    block, offset = written // block_size, written % block_size
+    for _ in each_isa():
+        ours = pages.clone()
+        flags = cpu_ops.write_transform_tokens_cpp(key, value, slots, positions, ours, params, rope=table)
+        assert flags.tolist() == [1 if t in (5, 9) else 0 for t in range(tokens)]
+        untouched = torch.ones(pages.shape[0] * block_size, dtype=torch.bool)
+        untouched[written] = False
+        assert torch.equal(ours.transpose(1, 2).reshape(-1, heads, pages.shape[3])[untouched],
+                           pages.transpose(1, 2).reshape(-1, heads, pages.shape[3])[untouched])
+        differ = (ours[block, :, offset] != expected[block, :, offset]).float().mean().item()
+        assert differ <= 2e-3, differ
+    with pytest.raises(KernelArgumentError, match="positions"):
+        cpu_ops.write_transform_tokens_cpp(key, value, slots, positions[:3], pages.clone(), params, rope=table)
+    with pytest.raises(RuntimeError, match="rope"):
+        cpu_ops.write_transform_tokens_cpp(key, value, slots, positions, pages.clone(), params, rope=table[:2])
 
 
 def test_pair_path_equals_general_path():
@@ -187,6 +275,13 @@ def test_opcheck():
     z = torch.randn(3, 2, 32)
     torch.library.opcheck(torch.ops.seqkv.cpu_write_transform_slots,
                           (z, z.clone(), torch.tensor([0, -1, 7]), pages.clone(), *tables), test_utils=tests)
+    torch.library.opcheck(torch.ops.seqkv.cpu_write_transform_tokens,
+                          (z, z.clone(), torch.tensor([0, -1, 7]), torch.tensor([0, 3, 7]), pages.clone(), rope,
+                           *tables), test_utils=tests)
+    sinks = torch.randn(2, 1, 2, 32)
+    torch.library.opcheck(torch.ops.seqkv.cpu_transform_decode_attention,
+                          (query, own_k, own_v, pages, table, seq_lens, rope, *tables, cpu_ops.key_pairs(params),
+                           0.3, 0, 1, sinks, sinks.clone()), test_utils=tests)
 
 
 def test_wrappers_check_arguments():

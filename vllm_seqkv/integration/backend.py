@@ -139,6 +139,25 @@ class SeqKVMetadata:
     seq_lens_host: list[int]
     block_table_host: torch.Tensor
     read_plans: dict[tuple[int, ...], list[ReadChunk]] = field(default_factory=dict)
+    per_batch: dict[tuple, object] = field(default_factory=dict)
+
+    def fused_decodes(self) -> "FusedDecodes | None":
+        """The batch's one-token sequences and what the fused decode takes for them, built once
+        per batch (every layer of a KV-cache group reads the same), or None when there are none."""
+        if "decodes" not in self.per_batch:
+            starts = self.query_starts
+            decodes = [i for i in range(len(starts) - 1) if starts[i + 1] - starts[i] == 1]
+            self.per_batch["decodes"] = FusedDecodes.of(self, decodes) if decodes else None
+        return self.per_batch["decodes"]
+
+    def sink_writes(self, slot_mapping: torch.Tensor, block_size: int, sink_tokens: int) -> torch.Tensor | None:
+        """Indices ``[n]`` of the tokens written at a block offset below ``sink_tokens`` (what the
+        sink table records), or None when there are none; once per batch."""
+        key = ("sink_writes", slot_mapping.data_ptr(), slot_mapping.shape[0], block_size, sink_tokens)
+        if key not in self.per_batch:
+            rows = ((slot_mapping >= 0) & (slot_mapping % block_size < sink_tokens)).nonzero().flatten()
+            self.per_batch[key] = rows if rows.numel() else None
+        return self.per_batch[key]
 
     def plan_reads(self, seqs: list[int], block_size: int, device,
                    window: int | None = None) -> list[ReadChunk]:
@@ -156,6 +175,32 @@ class SeqKVMetadata:
                               first_positions=firsts)
             self.read_plans[(tuple(seqs), window)] = plan
         return plan
+
+
+@dataclass
+class FusedDecodes:
+    """A batch's one-query sequences ``seqs`` as the fused decode takes them: their query rows
+    ``[B]``, ``seq_lens`` (host list and int32 tensor), the block table cut to the longest one's
+    blocks and each one's first block (the sink table's key)."""
+
+    seqs: list[int]
+    rows: torch.Tensor
+    seq_lens: list[int]
+    lengths: torch.Tensor
+    block_table: torch.Tensor
+    first_blocks: list[int]
+
+    @classmethod
+    def of(cls, metadata: "SeqKVMetadata", seqs: list[int]) -> "FusedDecodes":
+        device = metadata.block_table.device
+        seq_lens = [metadata.seq_lens_host[i] for i in seqs]
+        block_size = metadata.per_batch.get("block_size")
+        table = metadata.block_table[seqs]
+        if block_size:
+            table = table[:, :-(-max(seq_lens) // block_size)]
+        return cls(seqs, torch.tensor([metadata.query_starts[i] for i in seqs], device=device), seq_lens,
+                   torch.tensor(seq_lens, dtype=torch.int32, device=device), table,
+                   metadata.block_table_host[seqs, 0].tolist())
 
 
 class SeqKVMetadataBuilder(AttentionMetadataBuilder[SeqKVMetadata]):
@@ -230,15 +275,27 @@ class SeqKVAttentionImpl(AttentionImpl):
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Code the new tokens' K/V ``[T, H, D]`` into their slots (slot -1 = padding)."""
         num = slot_mapping.shape[0]
-        valid = slot_mapping >= 0
-        if not bool(valid.any()):
-            return
-        slots = slot_mapping[valid].long()
-        positions = _padded(layer_metadata(layer).positions, num)[valid]
+        metadata = layer_metadata(layer)
         pages = _byte_pages(kv_cache)
         layer_index = _layer_index(layer)
         self._ensure_rope(layer, layer_index)
         self.engine.chain.register(layer_index, pages)
+        all_positions = _padded(metadata.positions, num)
+        if self.engine.write_tokens(layer_index, pages, slot_mapping, all_positions, key[:num], value[:num]):
+            if self.engine.codec.sink_tokens:
+                rows = metadata.sink_writes(slot_mapping, pages.shape[2], self.engine.codec.sink_tokens)
+                if rows is not None:
+                    slots = slot_mapping[rows].long()
+                    clean = [torch.nan_to_num(t[rows].float(), nan=0.0, posinf=0.0, neginf=0.0)
+                             for t in (key, value)]
+                    self.engine.sinks.record(layer_index, slots // pages.shape[2], slots % pages.shape[2],
+                                             all_positions[rows], clean[0], clean[1])
+            return
+        valid = slot_mapping >= 0
+        if not bool(valid.any()):
+            return
+        slots = slot_mapping[valid].long()
+        positions = all_positions[valid]
         key, value = finite_or_zero(key[:num][valid].float(), value[:num][valid].float(),
                                     layer_index)
         self.engine.write(layer_index, pages, slots, self.engine.to_code_frame(key, positions, layer_index),
@@ -275,13 +332,14 @@ class SeqKVAttentionImpl(AttentionImpl):
         block_size = pages.shape[2]
         fused = (self.engine.fused_decode_params(layer_index, pages.device)
                  if self.sliding_window is None else None)  # the fused kernel reads from position 0
-        decodes = ([i for i in range(len(starts) - 1) if starts[i + 1] - starts[i] == 1]
-                   if fused is not None else [])
-        if decodes:
-            self._fused_decode(layer_index, fused, decodes, query, key, value, pages, attn_metadata,
-                               output)
+        attn_metadata.per_batch.setdefault("block_size", block_size)
+        decodes = attn_metadata.fused_decodes() if fused is not None else None
+        if decodes is not None:
+            self._fused_decode(layer_index, fused, decodes, query, key, value, pages, output)
+            if len(decodes.seqs) == len(starts) - 1:
+                return output
         reads = [i for i in range(len(starts) - 1)
-                 if starts[i + 1] > starts[i] and not (decodes and starts[i + 1] - starts[i] == 1)]
+                 if starts[i + 1] > starts[i] and not (decodes is not None and starts[i + 1] - starts[i] == 1)]
         for chunk in attn_metadata.plan_reads(reads, block_size, pages.device, self.sliding_window):
             self._attend_chunk(layer_index, chunk, query, key, value, pages, starts, output)
         return output
@@ -319,18 +377,16 @@ class SeqKVAttentionImpl(AttentionImpl):
                                  [chunk.starts[j + 1] for j in decodes], self.scale)
             output[tokens] = out.to(output.dtype).view(len(decodes), *output.shape[1:])
 
-    def _fused_decode(self, layer_index: int, params, decodes: list[int], query: torch.Tensor,
+    def _fused_decode(self, layer_index: int, params, decodes: FusedDecodes, query: torch.Tensor,
                       key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
-                      metadata: SeqKVMetadata, output: torch.Tensor) -> None:
-        """Sequences ``decodes`` (one query token each) in one fused decode kernel call."""
-        rows = torch.tensor([metadata.query_starts[i] for i in decodes], device=query.device)
-        seq_lens = [metadata.seq_lens_host[i] for i in decodes]
-        num_blocks = -(-max(seq_lens) // pages.shape[2])
-        block_table = metadata.block_table[decodes, :num_blocks]
-        out = self.engine.decode_attention(layer_index, params, query[rows].float(),
-                                           key[rows].float(), value[rows].float(), pages,
-                                           block_table, seq_lens, self.scale)
-        output[rows] = out.to(output.dtype).view(len(decodes), *output.shape[1:])
+                      output: torch.Tensor) -> None:
+        """The batch's one-token sequences in one fused decode kernel call."""
+        rows = decodes.rows
+        # NOTE: a float32 query makes the op's output float32 (own K/V are converted inside the op)
+        out = self.engine.decode_attention(layer_index, params, query[rows].float(), key[rows], value[rows], pages,
+                                           decodes.block_table, decodes.seq_lens, self.scale,
+                                           lengths=decodes.lengths, first_blocks=decodes.first_blocks)
+        output[rows] = out.to(output.dtype).view(len(decodes.seqs), *output.shape[1:])
 
 
 def finite_or_zero(key: torch.Tensor, value: torch.Tensor, layer_index: int):

@@ -61,6 +61,8 @@ class SinkTable:
         self.nbytes = 0  # NOTE: the bytes of every row in _exact, kept current
         self.refused = 0  # entries not kept because the table was full
         self._exact: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._version = 0  # bumped by every change of _exact (all_rows' memo is valid within one)
+        self._stacked: dict[int, tuple[int, tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
     def by_token(self) -> bool:
@@ -83,9 +85,12 @@ class SinkTable:
             return
         self.nbytes += size - freed
         self._exact[entry_key] = rows
+        self._version += 1
 
     def _drop(self, entry_key: tuple[int, int]) -> None:
-        self.nbytes -= self._size(self._exact.pop(entry_key, {}))
+        if entry_key in self._exact:
+            self.nbytes -= self._size(self._exact.pop(entry_key))
+            self._version += 1
 
     @staticmethod
     def _size(rows) -> int:
@@ -139,7 +144,13 @@ class SinkTable:
     def all_rows(self, layer: int, first_blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """K (post-RoPE) and V ``[B, S, H, D]`` of the sink positions of the sequences starting
         at ``first_blocks``, when the table holds every one of them exactly (else None: the
-        caller decodes the pages and :meth:`restore` overwrites what the table knows)."""
+        caller decodes the pages and :meth:`restore` overwrites what the table knows). NOTE: the
+        stacked rows are kept per layer until the table or the blocks change: a decode step asks
+        every layer for the same sequences."""
+        blocks = tuple(first_blocks)
+        memo = self._stacked.get(layer)
+        if memo is not None and memo[0] == self._version and memo[1] == blocks:
+            return memo[2]
         keys, values = [], []
         for block in first_blocks:
             entry_key = self._entry_key(layer, block)
@@ -151,7 +162,9 @@ class SinkTable:
                 keys.append(k)
                 values.append(v)
         shape = (len(first_blocks), self.sink_tokens, *keys[0].shape)
-        return torch.stack(keys).view(shape), torch.stack(values).view(shape)
+        rows = torch.stack(keys).view(shape), torch.stack(values).view(shape)
+        self._stacked[layer] = (self._version, blocks, rows)
+        return rows
 
     def restore(self, layer: int, first_block: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Overwrite the decoded sink rows of ``key``/``value [S, H, D]`` with the exact ones."""
@@ -308,6 +321,40 @@ class EngineCodec:
         if self.codec.cross_layer:
             self.chain.keep(layer, write_key, self.decode_slots(layer, coded, previous))
 
+    def write_tokens(self, layer: int, pages: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
+                     key: torch.Tensor, value: torch.Tensor) -> bool:
+        """The new tokens' K (post-RoPE, as the model gave them) / V ``[T, H, D]`` into ``slot_mapping
+        [T]`` (-1: skipped) at ``positions [T]``, in one fused kernel call (NaN/inf stored as 0 and
+        warned, RoPE undone, coded). False, writing nothing, when this layer has no fused write
+        on the pages' device (a cross-layer or token-table layer, the torch or Triton path): the
+        caller then goes through :meth:`write`."""
+        from vllm_seqkv import kernels
+
+        if self.codec.cross_layer or key.shape[0] == 0:
+            return False
+        params = self.kernel_params(layer, pages.device)
+        if params is None or not kernels.runs_kernel(params, pages.device):
+            return False
+        rope = None
+        if self.codec.pre_rope_keys:
+            rows = int(positions.max()) + 1 if layer not in self._layer_rope else 0
+            rope = self.rope_of(layer, rows).table_on(pages.device)
+        flags = kernels.write_tokens_fused(key, value, slot_mapping, positions, pages, params, rope)
+        if flags is None:
+            return False
+        if bool(flags.any()):
+            logger.warning("seqkv: layer %d: K/V of %d of %d new tokens contain NaN or inf (the model's "
+                           "output); stored with those values as 0", layer, int(flags.sum()), key.shape[0])
+        if CHECK_KERNELS:
+            valid = slot_mapping >= 0
+            slots = slot_mapping[valid].long()
+            block_size = pages.shape[2]
+            coded = pages[slots // block_size, :, slots % block_size, :self.layout(layer).slot_bytes]
+            clean = [torch.nan_to_num(t[valid].float(), nan=0.0, posinf=0.0, neginf=0.0) for t in (key, value)]
+            self._check_write(layer, coded, self.encode_slots(
+                layer, self.to_code_frame(clean[0], positions[valid], layer), clean[1]))
+        return True
+
     def _check_write(self, layer: int, coded: torch.Tensor, reference: torch.Tensor) -> None:
         """``SEQKV_KERNELS_CHECK=1``: the write kernel's slot bytes against the codec's encode.
         A float32 summation order may flip a component's code at a decision threshold (see
@@ -358,15 +405,20 @@ class EngineCodec:
 
     def decode_attention(self, layer: int, params, query: torch.Tensor, own_k: torch.Tensor,
                          own_v: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor,
-                         seq_lens: list[int], scale: float) -> torch.Tensor:
+                         seq_lens: list[int], scale: float, lengths: torch.Tensor | None = None,
+                         first_blocks: list[int] | None = None) -> torch.Tensor:
         """One query per sequence over its pages, by the fused decode kernel: query ``[B, Hq, D]``,
         own_k/own_v ``[B, H, D]`` (post-RoPE, position ``seq_len - 1``), block_table ``[B, n]``
         -> ``[B, Hq, D]`` float32. The kernel skips the sink positions; their exact rows (coded
-        ones where the sink table has none) are merged in by the log-sum-exp."""
+        ones where the sink table has none) are merged in by the log-sum-exp (inside the C++
+        op). ``lengths`` (``seq_lens`` as an int32 tensor on the pages' device) and
+        ``first_blocks`` (``block_table[:, 0]`` as a list): per-batch values a caller may pass
+        instead of having every layer rebuild them."""
         from vllm_seqkv import kernels
 
         device = pages.device
-        lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+        if lengths is None:
+            lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
         rope = None
         if self.codec.pre_rope_keys:
             layer_rope = self.rope_of(layer, max(seq_lens))
@@ -377,36 +429,30 @@ class EngineCodec:
             if layer_rope.magnitude != 1.0:
                 query, own_k = query * layer_rope.magnitude, own_k / layer_rope.magnitude
         sinks = self.codec.sink_tokens
+        sink_rows = None
+        if sinks:
+            if first_blocks is None:
+                first_blocks = block_table[:, 0].tolist()
+            sink_rows = self._sink_rows(layer, pages, first_blocks)  # [B, S0, H, D] each
+            if rope is not None and layer_rope.magnitude != 1.0:  # the query above carries the magnitude
+                sink_rows = (sink_rows[0] / layer_rope.magnitude, sink_rows[1])
         out, lse = kernels.paged_decode_attention(query, own_k, own_v, pages, block_table, lengths,
                                                   params, scale, rope=rope, skip_first=sinks,
-                                                  return_lse=True)
+                                                  return_lse=True, sinks=sink_rows)
         if CHECK_KERNELS:
             self._check_decode(layer, params, query, own_k, own_v, pages, block_table, lengths,
-                               scale, rope, out, lse)
-        if sinks == 0:
-            return out.float()
-        sink_k, sink_v = self._sink_rows(layer, pages, block_table[:, 0].long())  # [B, S0, H, D]
-        group = query.shape[1] // sink_k.shape[2]
-        scores = torch.einsum("bhd,bshd->bhs", query.float(),
-                              sink_k.repeat_interleave(group, dim=2)) * scale
-        if rope is not None and layer_rope.magnitude != 1.0:
-            scores = scores / layer_rope.magnitude  # the query above carries the magnitude
-        cached = torch.arange(sinks, device=device)[None, :] < (lengths.long() - 1)[:, None]  # [B, S0]
-        scores = scores.masked_fill(~cached[:, None, :], float("-inf"))
-        sink_lse = scores.logsumexp(-1)  # [B, Hq]; -inf where a sequence has no cached sink
-        sink_out = torch.einsum("bhs,bshd->bhd", scores.softmax(-1).nan_to_num(0.0),
-                                sink_v.repeat_interleave(group, dim=2))
-        weights = torch.stack([lse, sink_lse]).softmax(0)  # [2, B, Hq]
-        return weights[0, ..., None] * out.float() + weights[1, ..., None] * sink_out
+                               scale, rope, out, sink_rows)
+        return out.float()
 
-    def _sink_rows(self, layer: int, pages: torch.Tensor, first_blocks: torch.Tensor):
+    def _sink_rows(self, layer: int, pages: torch.Tensor, first_blocks: list[int]):
         """K (post-RoPE) and V ``[B, S0, H, D]`` of positions ``0 .. S0 - 1`` (``S0`` = sink
-        tokens) of sequences starting at ``first_blocks [B]``: exact from the sink table, else
+        tokens) of sequences starting at ``first_blocks``: exact from the sink table, else
         decoded from the pages."""
         sinks = self.codec.sink_tokens
-        exact = self.sinks.all_rows(layer, first_blocks.tolist())
+        exact = self.sinks.all_rows(layer, first_blocks)
         if exact is not None:
             return exact[0].to(pages.device), exact[1].to(pages.device)
+        first_blocks = torch.tensor(first_blocks, dtype=torch.long, device=pages.device)
         slots = pages[first_blocks, :, :sinks].transpose(1, 2)  # [B, S0, H, S]
         batch = slots.shape[0]
         key, value = self.decode_slots(layer, slots.reshape(batch * sinks, *slots.shape[2:]))
@@ -446,15 +492,17 @@ class EngineCodec:
         return self._default_rope
 
     def _check_decode(self, layer, params, query, own_k, own_v, pages, block_table, lengths, scale,
-                      rope, out, lse) -> None:
-        """``SEQKV_KERNELS_CHECK=1``: the fused decode against the reference on the engine's pages."""
-        from vllm_seqkv.kernels.reference import transform_decode_attention_reference
+                      rope, out, sink_rows) -> None:
+        """``SEQKV_KERNELS_CHECK=1``: the fused decode against the reference on the engine's pages
+        (the sink rows merged by the torch merge)."""
+        from vllm_seqkv.kernels.reference import merge_sink_rows, transform_decode_attention_reference
 
         ref_out, ref_lse = transform_decode_attention_reference(
             query, own_k, own_v, pages, block_table, lengths, params.layout, scale, rope=rope,
             skip_first=self.codec.sink_tokens, return_lse=True)
-        error = max((out.float() - ref_out.float()).abs().max().item(),
-                    (lse - ref_lse.to(lse.device)).abs().max().item())
+        if sink_rows is not None:
+            ref_out = merge_sink_rows(ref_out, ref_lse, query, sink_rows[0], sink_rows[1], lengths, scale)
+        error = (out.float() - ref_out.float().to(out.device)).abs().max().item()
         self._record_kernel_error(layer, error, "fused decode")
 
     def _check_against_reference(self, layer, pages, blocks, params, previous, key, value) -> None:

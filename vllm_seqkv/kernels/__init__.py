@@ -231,16 +231,43 @@ def write_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tens
 def paged_decode_attention(query: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
                            pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                            params, scale: float, rope: torch.Tensor | None = None,
-                           previous=None, skip_first: int = 0, return_lse: bool = False):
+                           previous=None, skip_first: int = 0, return_lse: bool = False, sinks=None):
+    """``sinks``: ``(sink_k, sink_v) [B, S, H, D]``, exact rows of positions ``0 .. S - 1`` (``S <=
+    skip_first``) merged into the result (the C++ op merges them itself; the other
+    implementations' result is merged by :func:`~.reference.merge_sink_rows`)."""
     head = (query, own_k, own_v, pages, block_table, seq_lens)
     if isinstance(params, TransformLayerParams):
         _needs_previous(params, previous)
-        return _run("transform", "decode", params, pages.device, head, (scale,), rope=rope,
-                    previous=previous, skip_first=skip_first, return_lse=return_lse)
+        if sinks is not None and _kernel_for("transform", "decode", params, pages.device) is _function(
+                KERNELS[("transform", "decode", "cpp")]):
+            return _run("transform", "decode", params, pages.device, head, (scale,), rope=rope,
+                        previous=previous, skip_first=skip_first, return_lse=return_lse, sinks=sinks)
+        result = _run("transform", "decode", params, pages.device, head, (scale,), rope=rope,
+                      previous=previous, skip_first=skip_first, return_lse=return_lse or sinks is not None)
+        if sinks is None:
+            return result
+        from vllm_seqkv.kernels.reference import merge_sink_rows
+
+        if sinks[0].shape[1] > skip_first:
+            raise KernelArgumentError(f"sinks: {sinks[0].shape[1]} exact rows but skip_first {skip_first}")
+        out = merge_sink_rows(result[0], result[1], query, sinks[0], sinks[1], seq_lens, scale)
+        return (out, None) if return_lse else out
     _rotation_only(rope, previous)
     if skip_first or return_lse:
         raise KernelArgumentError("skip_first/return_lse apply to the transform format only")
     return _run("rotation", "decode", params, pages.device, head, (scale,))
+
+
+def write_tokens_fused(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+                       positions: torch.Tensor, pages: torch.Tensor, params, rope: torch.Tensor | None = None):
+    """The engine's write of new tokens in one C++ op (see
+    :func:`~.cpu_ops.write_transform_tokens_cpp`), or None when the implementation on the pages'
+    device has no such op (the caller then writes through :func:`write_slots`)."""
+    if _kernel_for("transform", "write", params, pages.device) is not _function(KERNELS[("transform", "write", "cpp")]):
+        return None
+    from vllm_seqkv.kernels.cpu_ops import write_transform_tokens_cpp
+
+    return write_transform_tokens_cpp(key, value, slot_mapping, positions, pages, params, rope)
 
 
 def reconstruct_blocks(pages: torch.Tensor, block_ids: torch.Tensor, params, previous=None,

@@ -20,15 +20,20 @@ def expect(cond: bool, message: str) -> None:
 
 def check_tensor(name: str, t: torch.Tensor, shape: tuple, dtypes: tuple, device: torch.device,
                  inner_contiguous: bool = True) -> None:
-    """``shape`` entries of None match any size."""
-    expect(isinstance(t, torch.Tensor), f"{name}: expected a tensor, got {type(t).__name__}")
-    expect(t.dim() == len(shape) and all(s is None or s == a for s, a in zip(shape, t.shape)),
-           f"{name}: expected shape {tuple('*' if s is None else s for s in shape)}, got {tuple(t.shape)}")
-    expect(t.dtype in dtypes, f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    expect(t.device == device, f"{name}: on {t.device}, expected {device} (all kernel inputs on one device)")
-    if inner_contiguous and t.dim():
-        expect(t.stride(-1) == 1 or t.shape[-1] == 1,
-               f"{name}: last dimension must be contiguous, strides {t.stride()}")
+    """``shape`` entries of None match any size. NOTE: the messages are built only on failure:
+    the wrappers run this per call and layer, on the decode step's critical path."""
+    if not isinstance(t, torch.Tensor):
+        raise KernelArgumentError(f"{name}: expected a tensor, got {type(t).__name__}")
+    actual = t.shape
+    if len(actual) != len(shape) or any(s is not None and s != a for s, a in zip(shape, actual)):
+        raise KernelArgumentError(f"{name}: expected shape {tuple('*' if s is None else s for s in shape)}, "
+                                  f"got {tuple(actual)}")
+    if t.dtype not in dtypes:
+        raise KernelArgumentError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if t.device != device:
+        raise KernelArgumentError(f"{name}: on {t.device}, expected {device} (all kernel inputs on one device)")
+    if inner_contiguous and actual and t.stride(-1) != 1 and actual[-1] != 1:
+        raise KernelArgumentError(f"{name}: last dimension must be contiguous, strides {t.stride()}")
 
 
 def check_pages(pages: torch.Tensor, params) -> None:

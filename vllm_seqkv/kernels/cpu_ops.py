@@ -8,6 +8,8 @@ Transform format (:class:`TransformLayerParams`), streams WITHOUT cross-layer pr
 - :func:`write_transform_slots_cpp`: the write (bytes identical to the codec's: the components
   ``z = (x - mean) @ basis`` are computed here with the codec's own einsum, the op quantizes,
   packs and stores);
+- :func:`write_transform_tokens_cpp`: the engine's write in one op, from the model's K/V (NaN/inf
+  check, RoPE undone, components, codes; a code at a decision threshold may differ from the codec's);
 - :func:`reconstruct_transform_blocks_cpp`: whole blocks to float32 K (optionally RoPE-rotated)
   and V, for prefill.
 
@@ -79,6 +81,10 @@ def _register_fakes() -> None:
     def _(*args):
         return None
 
+    @torch.library.register_fake("seqkv::cpu_write_transform_tokens")
+    def _(key, *args):
+        return key.new_empty(key.shape[:1], dtype=torch.uint8)
+
 
 def _require_ops() -> None:
     if not load_cpu_ops():
@@ -144,13 +150,15 @@ def _check_rope(rope, rows: int, dim: int, device) -> None:
 def transform_decode_attention_cpp(query, own_k, own_v, pages, block_table, seq_lens,
                                    params: TransformLayerParams, scale: float, rope=None, previous=None,
                                    num_splits: int | None = None, skip_first: int = 0,
-                                   return_lse: bool = False):
+                                   return_lse: bool = False, sinks=None):
     """query ``[B, Hq, D]`` (post-RoPE), own_k/own_v ``[B, H, D]`` (exact K/V of position
     ``seq_lens - 1``), pages uint8 ``[N, H, bs, S]``, block_table int ``[B, max_blocks]``,
     seq_lens int ``[B]`` (>= 1) -> ``[B, Hq, D]`` in the query's dtype (float32 math); with
     ``return_lse`` also the log of each softmax denominator float32 ``[B, Hq]``. ``rope``: a
     ``rope_cache`` table for pre-RoPE keys; ``skip_first``: cached positions not read;
-    ``num_splits``: context chunks per sequence (default: enough work items for every thread)."""
+    ``num_splits``: context chunks per sequence (default: enough work items for every thread);
+    ``sinks``: ``(sink_k, sink_v)`` float ``[B, S, H, D]``, the exact rows of positions ``0 .. S - 1``
+    (``S <= skip_first``), merged in by the op (``lse`` then covers them too)."""
     _require_ops()
     _check_common(pages, params, "decode attention")
     expect(previous is None, "previous: the C++ CPU decode reads layers without cross-layer prediction")
@@ -159,11 +167,17 @@ def transform_decode_attention_cpp(query, own_k, own_v, pages, block_table, seq_
     batch = query.shape[0]
     if batch and rope is not None:
         _check_rope(rope, int(seq_lens.max()) - 1, dim, device)
+    sink_k, sink_v = sinks if sinks is not None else (None, None)
+    if sinks is not None:
+        check_tensor("sink_k", sink_k, (batch, None, heads, dim), FLOAT_DTYPES, device)
+        check_tensor("sink_v", sink_v, tuple(sink_k.shape), FLOAT_DTYPES, device)
+        expect(sink_k.shape[1] <= skip_first, f"sinks: {sink_k.shape[1]} exact rows but skip_first {skip_first}: "
+               "the pages' rows of those positions would count too")
     k, v = params.key, params.value
     out, lse = torch.ops.seqkv.cpu_transform_decode_attention(
         query, own_k, own_v, pages, block_table, seq_lens, rope, stream_tables(k), stream_tables(v),
         stream_format(k), stream_format(v), key_pairs(params), float(scale), int(num_splits or 0),
-        int(skip_first))
+        int(skip_first), sink_k, sink_v)
     return (out, lse) if return_lse else out
 
 
@@ -193,6 +207,32 @@ def write_transform_slots_cpp(key, value, slot_mapping, pages, params: Transform
                                               stream_format(k), stream_format(v))
 
 
+def write_transform_tokens_cpp(key, value, slot_mapping, positions, pages, params: TransformLayerParams,
+                               rope=None) -> torch.Tensor:
+    """The engine's write in one op: key (post-RoPE) / value ``[T, H, D]`` as the model gave them,
+    slot_mapping int ``[T]`` (-1 = skip), positions int ``[T]``, ``rope``: the layer's RoPE table
+    ``[P, D]`` as the model applies it (magnitude included; keys are un-rotated by its exact
+    inverse) or None for post-RoPE presets. NaN/inf elements are stored as 0. Returns uint8
+    ``[T]``: 1 where a token's K or V had NaN/inf. NOTE: the components are computed in the op
+    (float32, its own summation order), so a code at a decision threshold may differ from the
+    codec's encode, as the Triton write's may."""
+    _require_ops()
+    _check_common(pages, params, "write")
+    heads, dim = params.num_kv_heads, params.head_dim
+    check_tensor("key", key, (None, heads, dim), FLOAT_DTYPES, pages.device)
+    tokens = key.shape[0]
+    check_tensor("value", value, (tokens, heads, dim), FLOAT_DTYPES, pages.device)
+    check_tensor("slot_mapping", slot_mapping, (tokens,), INDEX_DTYPES, pages.device)
+    check_tensor("positions", positions, (tokens,), INDEX_DTYPES, pages.device)
+    if rope is not None:
+        check_tensor("rope", rope, (None, dim), (torch.float32,), pages.device)
+        expect(rope.is_contiguous(), "rope: must be contiguous")
+    k, v = params.key, params.value
+    return torch.ops.seqkv.cpu_write_transform_tokens(key, value, slot_mapping, positions, pages, rope,
+                                                      stream_tables(k), stream_tables(v), stream_format(k),
+                                                      stream_format(v))
+
+
 def reconstruct_transform_blocks_cpp(pages, block_ids, params: TransformLayerParams, previous=None,
                                      rope=None, block_positions=None):
     """``block_ids`` int ``[M]`` (-1: zero rows) -> K, V float32 ``[M * bs, H, D]`` in slot order;
@@ -214,4 +254,5 @@ def reconstruct_transform_blocks_cpp(pages, block_ids, params: TransformLayerPar
 
 
 __all__ = ["KernelArgumentError", "active_isa", "key_pairs", "load_cpu_ops", "load_error", "pair_blocks",
-           "reconstruct_transform_blocks_cpp", "transform_decode_attention_cpp", "write_transform_slots_cpp"]
+           "reconstruct_transform_blocks_cpp", "transform_decode_attention_cpp", "write_transform_slots_cpp",
+           "write_transform_tokens_cpp"]

@@ -139,3 +139,21 @@ def write_transform_reference(key: torch.Tensor, value: torch.Tensor, slot_mappi
     coded = layout.encode(key.cpu()[valid].float(), value.cpu()[valid].float(), previous)
     block_size = pages.shape[2]
     pages[slots // block_size, :, slots % block_size] = coded.to(pages.device)
+
+
+def merge_sink_rows(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, sink_k: torch.Tensor,
+                    sink_v: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """A decode over the pages that skipped positions ``0 .. S - 1`` (``out [B, Hq, D]``, its
+    ``lse [B, Hq]``) merged with those positions' exact rows ``sink_k/sink_v [B, S, H, D]`` by
+    the log-sum-exp: row ``s`` counts where ``s < seq_len - 1`` (a cached position). Returns
+    float32 ``[B, Hq, D]``. What the C++ decode does inside the op (its ``sinks`` argument)."""
+    group = query.shape[1] // sink_k.shape[2]
+    scores = torch.einsum("bhd,bshd->bhs", query.float(), sink_k.float().repeat_interleave(group, dim=2)) * scale
+    sinks = sink_k.shape[1]
+    cached = torch.arange(sinks, device=query.device)[None, :] < (seq_lens.long() - 1)[:, None]  # [B, S]
+    scores = scores.masked_fill(~cached[:, None, :], float("-inf"))
+    sink_lse = scores.logsumexp(-1)  # [B, Hq]; -inf where a sequence has no cached sink
+    sink_out = torch.einsum("bhs,bshd->bhd", scores.softmax(-1).nan_to_num(0.0),
+                            sink_v.float().repeat_interleave(group, dim=2))
+    weights = torch.stack([lse, sink_lse]).softmax(0)  # [2, B, Hq]
+    return weights[0, ..., None] * out.float() + weights[1, ..., None] * sink_out
