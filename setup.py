@@ -5,8 +5,9 @@
   times (csrc/cpu/isa_*.cpp: AVX-512, AVX2, portable) with their own -m flags and picked at run
   time from the CPU's features, so the build never depends on the build machine's CPU. Skip it
   with SEQKV_NO_CPU_EXT=1 (the package then runs the slow torch path, and says so).
-- ``vllm_seqkv._C`` (csrc/*.cu, csrc/*.cpp): the CUDA ops, only when CUDA and a CUDA build of
-  torch exist (a plain CPU install skips them with a message). Force-skip with SEQKV_NO_CUDA=1.
+- ``vllm_seqkv._C`` (csrc/*.cu, csrc/rotation/*.cu, csrc/*.cpp): the CUDA ops, only when CUDA
+  and a CUDA build of torch exist (a plain CPU install skips them with a message). Force-skip
+  with SEQKV_NO_CUDA=1.
 
 Rebuild in place: ``python setup.py build_ext --inplace`` (scripts/setup.sh does it when the
 sources' hash changes, see scripts/build_ext.sh).
@@ -64,9 +65,8 @@ def cuda_extension():
     if torch.version.cuda is None or CUDA_HOME is None:
         print("vllm-seqkv: no CUDA build of torch / CUDA toolkit: skipping the csrc/ CUDA extension")
         return None
-    sources = sorted(str(p) for p in Path("csrc").glob("*.cu")) + sorted(
-        str(p) for p in Path("csrc").glob("*.cpp")
-    )
+    sources = [str(p) for pattern in ("*.cu", "rotation/*.cu", "*.cpp")
+               for p in sorted(Path("csrc").glob(pattern))]
     if not sources:
         return None
     return CUDAExtension(

@@ -165,7 +165,7 @@ def vllm_case(q_heads, kv_heads, dim, ctx, batch, table):
 
 def seqkv_case(q_heads, kv_heads, dim, ctx, batch, table, layout, rope_theta):
     from vllm_seqkv.kernels.cpu_ops import transform_decode_attention_cpp
-    from vllm_seqkv.kernels.transform_params import rope_cache, transform_layer_params
+    from vllm_seqkv.kernels.params import rope_cache, transform_layer_params
 
     params = transform_layer_params(layout)
     num_blocks = int(table.max()) + 1

@@ -8,7 +8,7 @@ Rows (``kernel`` field):
 
 - ``rot-fused``: the fused paged decode attention of the first format (``seqkv-3-rot-none``);
 - ``transform-recon+sdpa``: the transform format (``seqkv-3`` bit budget, K 2.5 / V 3.5 bits):
-  :func:`~vllm_seqkv.kernels.transform_reconstruct.reconstruct_transform_blocks` (fp16
+  :func:`~vllm_seqkv.kernels.reconstruct.reconstruct_transform_blocks` (fp16
   tensor-core dots, bf16 output, RoPE applied in the kernel) then torch SDPA over the
   reconstruction; ``preset`` ``seqkv-3-nox`` (no cross-layer term) and ``seqkv-3`` (one
   cross-layer layer, the previous layer's reconstruction given as a bf16 tensor, i.e. handed
@@ -17,11 +17,11 @@ Rows (``kernel`` field):
   orthogonal basis, Lloyd-Max-like levels, water-filled bits): time does not depend on the
   values, correctness is checked on a small cache first (``check_transform_correctness``);
 - ``transform-fused``: the same cases (same pages, RoPE table and previous) through the fused
-  paged decode attention (:mod:`~vllm_seqkv.kernels.transform_decode`, fp16 tensor-core dots,
+  paged decode attention (:mod:`~vllm_seqkv.kernels.decode`, fp16 tensor-core dots,
   bf16 query and output), which reads the pages directly and writes no dense K/V; its
   ``bf16 SDPA`` figure is the one measured for the case's ``transform-recon+sdpa`` row;
 - ``transform-cuda``: the same calls through the CUDA op ``seqkv::transform_decode_attention``
-  (``csrc/transform_decode.cu``: float32 CUDA-core math, no tensor cores) when ``vllm_seqkv._C``
+  (``csrc/decode.cu``: float32 CUDA-core math, no tensor cores) when ``vllm_seqkv._C``
   is built, on the smaller cases only (``times_transform_cuda``: the plain kernel is expected to
   be far slower than the tensor-core Triton one, and the script has an 8-minute budget).
 
@@ -287,8 +287,8 @@ class TransformInputs:
 
 def transform_inputs(context: int, batch: int, layouts, device, cross_layer: bool,
                      group: int = Q_HEADS // KV_HEADS) -> TransformInputs:
-    from vllm_seqkv.kernels.transform_params import rope_cache, transform_layer_params
-    from vllm_seqkv.kernels.transform_reconstruct import table_block_ids
+    from vllm_seqkv.kernels.params import rope_cache, transform_layer_params
+    from vllm_seqkv.kernels.reconstruct import table_block_ids
 
     layout = layouts[1 if cross_layer else 0]
     heads, dim = layout.num_kv_heads, layout.head_dim
@@ -313,8 +313,8 @@ def transform_calls(x: TransformInputs, use_cuda_op: bool = False) -> dict:
     """The timed calls of one case: "reconstruct" (the kernel alone), "transform-recon+sdpa"
     and "transform-fused" (both -> ``[B, Hq, D]``-shaped attention outputs), and with
     ``use_cuda_op`` "transform-cuda" (the CUDA op on the same inputs)."""
-    from vllm_seqkv.kernels.transform_decode import fused_transform_decode_attention
-    from vllm_seqkv.kernels.transform_reconstruct import reconstruct_transform_blocks
+    from vllm_seqkv.kernels.decode import fused_transform_decode_attention
+    from vllm_seqkv.kernels.reconstruct import reconstruct_transform_blocks
 
     batch, _, dim = x.query.shape
     heads, context = x.params.num_kv_heads, x.block_table.shape[1] * BLOCK_SIZE
@@ -389,14 +389,14 @@ def check_transform_correctness(layouts, device, heads: int = KV_HEADS, dim: int
         transform_decode_attention_reference,
         write_transform_reference,
     )
-    from vllm_seqkv.kernels.transform_decode import fused_transform_decode_attention
-    from vllm_seqkv.kernels.transform_params import rope_cache, transform_layer_params
-    from vllm_seqkv.kernels.transform_reconstruct import (
+    from vllm_seqkv.kernels.decode import fused_transform_decode_attention
+    from vllm_seqkv.kernels.params import rope_cache, transform_layer_params
+    from vllm_seqkv.kernels.reconstruct import (
         reconstruct_transform_blocks,
         table_block_ids,
         transform_decode_attention,
     )
-    from vllm_seqkv.kernels.transform_write import write_transform_slots
+    from vllm_seqkv.kernels.write import write_transform_slots
 
     gen = torch.Generator().manual_seed(0)
     lengths = [1, 2 * BLOCK_SIZE + 5]

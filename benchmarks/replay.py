@@ -62,9 +62,9 @@ def replay(trace, hot_blocks: int, cold_blocks: int, eviction: str, block_size: 
     """Hit rate of ``trace`` [(salt, tokens)] with a hot LRU cache and a cold tier."""
     payload = bytes(BLOCK_BYTES)
     tier = MemoryTier()
-    tier.capacity_bytes = cold_blocks * len(tier.encode(b"k" * 16, payload))  # framed blobs
+    tier.capacity_bytes = cold_blocks * len(tier.coding.encode(b"k" * 16, payload))  # framed blobs
     if eviction == "plt":
-        tier.set_placement(LearnedEviction(block_size, cost, sample))
+        tier.held.set_placement(LearnedEviction(block_size, cost, sample))
     elif eviction != "lru":
         raise ValueError(f"eviction {eviction!r}: choose plt or lru")
     hot: OrderedDict[bytes, None] = OrderedDict()
@@ -84,8 +84,8 @@ def replay(trace, hot_blocks: int, cold_blocks: int, eviction: str, block_size: 
         res.prompt_tokens += len(tokens)
         res.hot_tokens += n_hot * block_size
         res.cold_tokens += n_cold * block_size
-        if tier.placement is not None:
-            tier.placement.access(chain)
+        if tier.held.placement is not None:
+            tier.held.placement.access(chain)
         for k in reversed(chain):
             if k not in tier:
                 tier.save(k, payload)
@@ -94,7 +94,7 @@ def replay(trace, hot_blocks: int, cold_blocks: int, eviction: str, block_size: 
             hot.move_to_end(k)
         while len(hot) > hot_blocks:
             hot.popitem(last=False)
-    res.evictions = tier.stats["evictions"]
+    res.evictions = tier.stats.evictions
     return res
 
 

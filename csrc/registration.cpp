@@ -1,7 +1,8 @@
-// Schemas of the seqkv CUDA ops (implementations: write_slots.cu, decode_attention.cu for the
-// rotation format; transform_write.cu, transform_decode.cu for the transform format) and the
+// Schemas of the seqkv CUDA ops (implementations: rotation/write_slots.cu,
+// rotation/decode_attention.cu for the rotation format; write.cu, decode.cu for the transform
+// format) and the
 // Python module vllm_seqkv._C: importing it registers the ops under torch.ops.seqkv.
-// A rotation stream format is [bits_a, bits_b, norm_off, off_a, off_b] (see slot_format.cuh);
+// A rotation stream format is [bits_a, bits_b, norm_off, off_a, off_b] (see rotation/slot_format.cuh);
 // the transform ops' schemas are in transform_schema.h, their tables and formats in transform_args.h.
 // Only light headers (torch/library.h, Python.h): no pybind11, so it compiles in seconds.
 #include <Python.h>

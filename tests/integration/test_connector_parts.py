@@ -18,7 +18,9 @@ from vllm_seqkv.integration.cold_tier import (
 )
 from vllm_seqkv.integration.engine_codec import SinkTable
 from vllm_seqkv.plt.approximate import ApproximateIndex
-from vllm_seqkv.tiers import DiskTier, MemoryTier
+from vllm_seqkv.tiers import DiskTier, Tier
+from vllm_seqkv.tiers.disk import DiskStorage
+from vllm_seqkv.tiers.storage import MemoryStorage
 
 L, NB, H, BS, S, D = 3, 6, 2, 16, 12, 8
 
@@ -28,11 +30,10 @@ def pages(seed=0):
     return [torch.randint(0, 256, (NB, H, BS, S), dtype=torch.uint8, generator=g) for _ in range(L)]
 
 
-def store(tier, seed=0, entropy=True):
-    sinks = SinkTable(1)
-    codec = BlockStore.codec_for(L, H, BS, S, entropy)
-    tier.codec = codec
-    return BlockStore(tier, pages(seed), sinks, D)
+def store(storage, seed=0, entropy=True):
+    """A block store over a tier of ``storage`` with the connector's codec for these pages."""
+    tier = Tier(storage, BlockStore.codec_for(L, H, BS, S, entropy))
+    return BlockStore(tier, pages(seed), SinkTable(1), D)
 
 
 def with_sink(st, block):
@@ -44,7 +45,7 @@ def with_sink(st, block):
 
 @pytest.mark.parametrize("entropy", [True, False])
 def test_block_and_its_sink_rows_move_to_another_block_id(entropy):
-    src = store(MemoryTier(), 0, entropy)
+    src = store(MemoryStorage(), 0, entropy)
     with_sink(src, 2)
     assert src.save(b"k" * 20, 2)
     dst = BlockStore(src.tier, pages(1), SinkTable(1), D)  # another engine's pages
@@ -59,7 +60,7 @@ def test_block_and_its_sink_rows_move_to_another_block_id(entropy):
 
 
 def test_block_without_sink_clears_a_stale_entry():
-    src = store(MemoryTier())
+    src = store(MemoryStorage())
     src.save(b"a" * 20, 1)  # block 1 starts no sequence: no sink rows
     dst = BlockStore(src.tier, pages(1), SinkTable(1), D)
     with_sink(dst, 3)
@@ -68,17 +69,17 @@ def test_block_without_sink_clears_a_stale_entry():
 
 
 def test_corrupt_blob_is_a_miss_and_leaves_the_pages(tmp_path):
-    src = store(DiskTier(tmp_path))
+    src = store(DiskStorage(tmp_path))
     src.save(b"c" * 20, 0)
     (path,) = tmp_path.glob("*.blob")
     data = bytearray(path.read_bytes())
     data[-3] ^= 1
     path.write_bytes(bytes(data))
-    dst = BlockStore(DiskTier(tmp_path, src.tier.codec), pages(1), SinkTable(1), D)
+    dst = BlockStore(DiskTier(tmp_path, src.tier.coding.codec), pages(1), SinkTable(1), D)
     before = [p[4].clone() for p in dst.pages]
     assert not dst.load(b"c" * 20, 4)
     assert all(torch.equal(p[4], b) for p, b in zip(dst.pages, before))
-    assert dst.tier.take_dropped() == [b"c" * 20] and not list(tmp_path.glob("*.blob"))
+    assert dst.tier.held.take_dropped() == [b"c" * 20] and not list(tmp_path.glob("*.blob"))
 
 
 def test_keys_depend_on_namespace_and_hash():
@@ -137,17 +138,17 @@ def test_redis_down_is_a_miss_with_a_warning(caplog):
     pytest.importorskip("redis")
     import socket
 
-    from vllm_seqkv.tiers import RedisTier
+    from vllm_seqkv.tiers.redis_storage import RedisStorage
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         url = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
-    st = store(RedisTier(url, timeout_s=0.2))
+    st = store(RedisStorage(url, timeout_s=0.2))
     with caplog.at_level("WARNING"):
         assert not st.save(b"r" * 20, 0)  # worker: save fails, no exception
         assert not st.load(b"r" * 20, 0)  # worker: load misses -> vLLM recomputes
     assert "failed" in caplog.text
-    c = ColdTierScheduler(cold_options(kind="redis", url=url), b"ns", BS, probe=st.tier)
+    c = ColdTierScheduler(cold_options(kind="redis", url=url), b"ns", BS, probe=st.tier.storage)
     r = request([b"h0", b"h1"], 2 * BS + 1)
     assert c.get_num_new_matched_tokens(r, 0) == (0, False)  # scheduler: nothing to load
     assert c._probe_off_until > 0  # and no probe (timeout) per request for a while
@@ -194,24 +195,24 @@ def test_lru_eviction_sends_no_key_chains():
     assert c.build_connector_meta(None).accesses == []
 
 
-def worker_connector(tier, blocks_held: int):
+def worker_connector(blocks_held: int):
     from vllm_seqkv.plt.placement import LearnedEviction
 
-    st = store(tier, entropy=False)
-    tier.capacity_bytes = blocks_held * len(tier.encode(b"k" * 20, st.read(0, False)))
-    tier.set_placement(LearnedEviction(BS))
+    st = store(MemoryStorage(), entropy=False)
+    st.tier.capacity_bytes = blocks_held * len(st.tier.coding.encode(b"k" * 20, st.read(0, False)))
+    st.tier.held.set_placement(LearnedEviction(BS))
     return ColdTierWorker(cold_options(), BS, st)
 
 
 def test_worker_hands_key_chains_to_the_tier_placement_before_saving():
-    tier = MemoryTier()
-    c = worker_connector(tier, blocks_held=3)
+    c = worker_connector(blocks_held=3)
+    tier = c.store.tier
     chains = [[block_key(b"ns", h) for h in hs] for hs in ([b"s", b"a"], [b"s", b"b"])]
     for chain, blocks in zip(chains, ([0, 1], [0, 2])):
         c.wait_for_save(ColdTierMetadata(
             saves=[BlockJob("r", blocks, chain, starts=[True, False])], accesses=[chain]))
         assert c.saver.flush(30)
-    placement = tier.placement
+    placement = tier.held.placement
     assert placement.now == 2 and {n.hash for n in placement.trie.leaves()} == {
         chains[0][1], chains[1][1]}
     assert len(tier) == 3 and not placement.untracked
@@ -256,10 +257,10 @@ def step(c, finished=()):
     return recving or set(), c.get_block_ids_with_load_errors()
 
 
-def saved_source(tier, blocks):
-    """A store on ``pages(0)`` whose ``blocks`` (block id -> starts a sequence) are saved,
-    a sequence start with sink rows; returns it and the keys."""
-    src = store(tier)
+def saved_source(storage, blocks):
+    """A store on ``pages(0)`` over ``storage`` whose ``blocks`` (block id -> starts a
+    sequence) are saved, a sequence start with sink rows; returns it and the keys."""
+    src = store(storage)
     keys = []
     for i, (block, start) in enumerate(blocks.items()):
         if start:
@@ -271,7 +272,7 @@ def saved_source(tier, blocks):
 
 
 def test_load_runs_on_the_loader_thread_and_is_reported_once_pages_and_sinks_are_in_place():
-    src, keys = saved_source(MemoryTier(), {2: True, 3: False})
+    src, keys = saved_source(MemoryStorage(), {2: True, 3: False})
     c = loading_connector(src.tier)
     dst = c.store
     with_sink(dst, 5)  # whatever block 5 held before
@@ -303,7 +304,7 @@ def test_load_runs_on_the_loader_thread_and_is_reported_once_pages_and_sinks_are
 @pytest.mark.parametrize("fault", ["corrupt", "missing"])
 def test_failed_block_is_reported_with_finished_recving_and_later_blocks_stay_unwritten(
         tmp_path, fault, caplog):
-    src, keys = saved_source(DiskTier(tmp_path), {0: True, 1: False, 2: False, 3: False})
+    src, keys = saved_source(DiskStorage(tmp_path), {0: True, 1: False, 2: False, 3: False})
     bad = tmp_path / f"{keys[1].hex()}.blob"
     if fault == "corrupt":
         data = bytearray(bad.read_bytes())
@@ -311,7 +312,7 @@ def test_failed_block_is_reported_with_finished_recving_and_later_blocks_stay_un
         bad.write_bytes(bytes(data))
     else:
         bad.unlink()
-    c = loading_connector(DiskTier(tmp_path, src.tier.codec))
+    c = loading_connector(DiskTier(tmp_path, src.tier.coding.codec))
     dst = c.store
     before = [p.clone() for p in dst.pages]
     with caplog.at_level("WARNING"):
@@ -345,7 +346,7 @@ def test_failed_block_is_reported_with_finished_recving_and_later_blocks_stay_un
 
 
 def test_request_finished_while_loading_skips_the_rest_and_is_reported_for_freeing():
-    src, keys = saved_source(MemoryTier(), {0: True, 1: False, 2: False})
+    src, keys = saved_source(MemoryStorage(), {0: True, 1: False, 2: False})
     c = loading_connector(src.tier)
     before = [p.clone() for p in c.store.pages]
     gate, seen = threading.Event(), []
@@ -379,7 +380,7 @@ def test_request_finished_while_loading_skips_the_rest_and_is_reported_for_freei
 def test_shutdown_waits_for_a_pending_load_within_a_bound(monkeypatch, caplog):
     import vllm_seqkv.integration.cold_tier.worker as worker
 
-    src, keys = saved_source(MemoryTier(), {0: True, 1: False})
+    src, keys = saved_source(MemoryStorage(), {0: True, 1: False})
     c = loading_connector(src.tier)
     inner = c.store.load_pages
 

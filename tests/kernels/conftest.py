@@ -19,9 +19,9 @@ if not ON_GPU:
     try:
         import vllm_seqkv.kernels.rotation.decode_attention  # noqa: F401  (decorated as interpreted)
         import vllm_seqkv.kernels.rotation.reconstruct  # noqa: F401
-        import vllm_seqkv.kernels.transform_decode  # noqa: F401
-        import vllm_seqkv.kernels.transform_reconstruct  # noqa: F401
-        import vllm_seqkv.kernels.transform_write  # noqa: F401
+        import vllm_seqkv.kernels.decode  # noqa: F401
+        import vllm_seqkv.kernels.reconstruct  # noqa: F401
+        import vllm_seqkv.kernels.write  # noqa: F401
         import vllm_seqkv.kernels.rotation.write  # noqa: F401
     finally:
         if _previous is None:

@@ -22,7 +22,7 @@ from vllm_seqkv.kernels.reference import (
     transform_decode_attention_reference,
     write_transform_reference,
 )
-from vllm_seqkv.kernels.transform_params import rope_cache, transform_layer_params
+from vllm_seqkv.kernels.params import rope_cache, transform_layer_params
 
 pytestmark = pytest.mark.skipif(os.environ.get("SEQKV_NO_CPU_EXT") == "1", reason="SEQKV_NO_CPU_EXT=1")
 THETA = 10000.0

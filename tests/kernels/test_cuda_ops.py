@@ -31,7 +31,7 @@ from vllm_seqkv.kernels.reference import (
     transform_decode_attention_reference,
     write_slots_reference,
 )
-from vllm_seqkv.kernels.transform_params import transform_layer_params
+from vllm_seqkv.kernels.params import transform_layer_params
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and load_cuda_ops()),
                                 reason="needs a GPU and the built vllm_seqkv._C extension")

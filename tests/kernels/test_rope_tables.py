@@ -11,7 +11,7 @@ import torch
 from tests.kernels.cpu_helpers import random_layout, random_paged_case
 from vllm_seqkv.codec.rope import rotate_by_table, split_table, unrotate_by_table
 from vllm_seqkv.kernels.reference import transform_decode_attention_reference
-from vllm_seqkv.kernels.transform_params import transform_layer_params
+from vllm_seqkv.kernels.params import transform_layer_params
 
 ORIGINAL = 64
 VARIANTS = {

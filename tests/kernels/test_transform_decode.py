@@ -11,10 +11,10 @@ from tests.kernels.transform_helpers import THETA, TRANSFORM_TOLERANCES, build_t
 from vllm_seqkv import kernels
 from vllm_seqkv.kernels.checks import KernelArgumentError
 from vllm_seqkv.kernels.reference import reconstruct_transform_reference, transform_decode_attention_reference
-from vllm_seqkv.kernels.transform_decode import TILE, fused_transform_decode_attention
-from vllm_seqkv.kernels.transform_params import rope_cache
+from vllm_seqkv.kernels.decode import TILE, fused_transform_decode_attention
+from vllm_seqkv.kernels.params import rope_cache
 from vllm_seqkv.codec.presets import PRESETS
-from vllm_seqkv.kernels.transform_reconstruct import table_block_ids
+from vllm_seqkv.kernels.reconstruct import table_block_ids
 
 # (preset, kv heads, head_dim, GQA group, block size, layer, query dtype, rope, splits):
 # layer 1 of seqkv-2/2.5/3/4 is cross-layer predicted, seqkv-3-nox never is

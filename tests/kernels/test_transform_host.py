@@ -30,9 +30,9 @@ from vllm_seqkv.kernels.cuda_ops import (
     write_transform_args,
 )
 from vllm_seqkv.kernels.reference import transform_decode_attention_reference
-from vllm_seqkv.kernels.transform_decode import check_fused_args
-from vllm_seqkv.kernels.transform_params import transform_layer_params
-from vllm_seqkv.kernels.transform_write import check_write_args
+from vllm_seqkv.kernels.decode import check_fused_args
+from vllm_seqkv.kernels.params import transform_layer_params
+from vllm_seqkv.kernels.write import check_write_args
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"

@@ -27,14 +27,14 @@ from vllm_seqkv.kernels.reference import (
     transform_decode_attention_reference,
     write_transform_reference,
 )
-from vllm_seqkv.kernels.transform_params import rope_cache, transform_layer_params
-from vllm_seqkv.kernels.transform_reconstruct import (
+from vllm_seqkv.kernels.params import rope_cache, transform_layer_params
+from vllm_seqkv.kernels.reconstruct import (
     reconstruct_transform_blocks,
     reconstruct_transform_table,
     table_block_ids,
     transform_decode_attention,
 )
-from vllm_seqkv.kernels.transform_write import write_transform_slots
+from vllm_seqkv.kernels.write import write_transform_slots
 
 # (preset, kv heads, head_dim, block size, output dtype, rope): every head size, bit budget,
 # block size and output dtype at least once, odd head counts, keys with and without RoPE
@@ -130,7 +130,7 @@ WRITE_CASES = [
 def test_write_matches_codec_bytes(preset, heads, dim, block_size, dtype, device):
     """Bytes equal SlotLayout.encode's; the only tolerated differences are float32 rounding of
     z (or the prediction) across a decision threshold: then the code differs by one and the
-    reference z lies within 1e-4 (relative) of that threshold (see transform_write's docstring)."""
+    reference z lies within 1e-4 (relative) of that threshold (see kernels/write.py's docstring)."""
     def write(key, value, slot_mapping, pages, layout, previous):
         pages = pages.to(device)
         write_transform_slots(key.to(device), value.to(device), slot_mapping.to(device), pages,

@@ -10,7 +10,7 @@ import torch
 from tests.codec.synthetic import synthetic_calibration, synthetic_capture
 from vllm_seqkv.codec.base import SlotLayout
 from vllm_seqkv.kernels.reference import write_transform_reference
-from vllm_seqkv.kernels.transform_params import TransformLayerParams, transform_layer_params
+from vllm_seqkv.kernels.params import TransformLayerParams, transform_layer_params
 
 # per output dtype: (atol, rtol) of kernel output vs the fp32 codec reference on the same pages
 TRANSFORM_TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 2e-3),

@@ -5,6 +5,8 @@ import pytest
 from vllm_seqkv.plt.placement import KeyTrie, LearnedEviction
 from benchmarks.replay import key_chain, replay
 from vllm_seqkv.tiers import MemoryTier
+from vllm_seqkv.tiers.blob import BlobCodec
+from vllm_seqkv.tiers.coders import RawCodec
 from benchmarks.traces import TraceConfig, generate
 
 BLOCK = bytes(64)
@@ -27,16 +29,19 @@ def test_key_trie_records_chains_and_evicts_leaves_only():
     assert {n.hash for n in t.leaves()} == {k("b")}
 
 
+def blob_bytes() -> int:
+    return len(BlobCodec(RawCodec()).encode(k("x"), BLOCK))
+
+
 def tier_with_placement(blocks: int) -> MemoryTier:
-    tier = MemoryTier()
-    tier.capacity_bytes = blocks * len(tier.encode(k("x"), BLOCK))
-    tier.set_placement(LearnedEviction(16))
+    tier = MemoryTier(capacity_bytes=blocks * blob_bytes())
+    tier.held.set_placement(LearnedEviction(16))
     return tier
 
 
 def save_chain(tier, names):
     chain = [k(n) for n in names]
-    tier.placement.access(chain)
+    tier.held.placement.access(chain)
     for key in reversed(chain):
         if key not in tier:
             tier.save(key, BLOCK)
@@ -49,16 +54,15 @@ def test_full_tier_never_drops_a_prefix_before_its_extensions():
     assert len(tier) == 4 and k("s") in tier
     for _ in range(5):
         save_chain(tier, ["s", "c1"])
-        held = set(tier._sizes)
+        held = set(tier.held.keys())
         for parent, child in (("a1", "a2"), ("b1", "b2")):
             assert k(child) not in held or k(parent) in held
 
 
 def test_blocks_no_chain_named_go_first(tmp_path):
-    tier = MemoryTier()
-    tier.capacity_bytes = 3 * len(tier.encode(k("x"), BLOCK))
+    tier = MemoryTier(capacity_bytes=3 * blob_bytes())
     tier.save(k("old"), BLOCK)  # e.g. left on disk by a previous engine
-    tier.set_placement(LearnedEviction(16))
+    tier.held.set_placement(LearnedEviction(16))
     save_chain(tier, ["s", "a"])
     save_chain(tier, ["s", "b"])
     assert k("old") not in tier and len(tier) == 3
@@ -67,9 +71,9 @@ def test_blocks_no_chain_named_go_first(tmp_path):
 def test_corrupt_block_is_forgotten_by_the_placement():
     tier = tier_with_placement(8)
     save_chain(tier, ["s", "a"])
-    tier._data[k("a")] = b"garbage"
+    tier.storage.put(k("a"), b"garbage")
     assert tier.load(k("a")) is None
-    assert k("a") not in tier.placement.trie and k("a") not in tier
+    assert k("a") not in tier.held.placement.trie and k("a") not in tier
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +105,13 @@ def test_key_chain_folds_the_tenant():
 
 
 def test_sampled_victims_are_held_leaves_outside_the_current_chain():
-    tier = MemoryTier()
-    tier.capacity_bytes = 12 * len(tier.encode(k("x"), BLOCK))
-    tier.set_placement(LearnedEviction(16, sample=2, seed=1))
+    tier = MemoryTier(capacity_bytes=12 * blob_bytes())
+    tier.held.set_placement(LearnedEviction(16, sample=2, seed=1))
     for i in range(30):
         save_chain(tier, ["s", f"a{i % 7}", f"b{i}"])
-        held = set(tier._sizes)
+        held = set(tier.held.keys())
         assert len(held) <= 12 and {k("s"), k(f"a{i % 7}"), k(f"b{i}")} <= held
-        t = tier.placement.trie
+        t = tier.held.placement.trie
         parents = {t.get(key).parent for key in held} - {t.root}
         assert all(p.hash in held for p in parents)  # no prefix goes before its extensions
         assert sorted(n.hash for n in t.leaves()) == sorted(

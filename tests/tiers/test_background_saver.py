@@ -4,19 +4,20 @@ import threading
 
 import pytest
 
-from vllm_seqkv.tiers import BackgroundSaver, DiskTier, MemoryTier
+from vllm_seqkv.tiers import BackgroundSaver, MemoryTier, Tier
+from vllm_seqkv.tiers.coders import RawCodec
+from vllm_seqkv.tiers.disk import DiskStorage
 
 
-class SlowTier(MemoryTier):
+class SlowCodec(RawCodec):
     """Encoding waits for ``gate``: lets a test hold saves in flight."""
 
     def __init__(self):
-        super().__init__()
         self.gate = threading.Event()
 
-    def encode_block(self, key, data):
+    def encode(self, data):
         self.gate.wait(10)
-        return super().encode_block(key, data)
+        return super().encode(data)
 
 
 def test_submitted_saves_are_stored_and_reported():
@@ -31,14 +32,15 @@ def test_submitted_saves_are_stored_and_reported():
 
 
 def test_pending_bytes_are_bounded_and_a_refused_save_queues_nothing():
-    tier = SlowTier()
+    slow = SlowCodec()
+    tier = MemoryTier(slow)
     saver = BackgroundSaver(tier, threading.Lock(), 250)
     assert saver.submit(b"a" * 20, b"1" * 100)
     assert saver.submit(b"b" * 20, b"2" * 100)
     assert not saver.submit(b"c" * 20, b"3" * 100)  # 300 > 250 bytes pending
     assert saver.pending_bytes == 200
     assert not saver.flush(0.05)  # held at the gate
-    tier.gate.set()
+    slow.gate.set()
     assert saver.flush(10) and saver.pending_bytes == 0
     assert saver.submit(b"c" * 20, b"3" * 100)
     saver.close(10)
@@ -46,13 +48,13 @@ def test_pending_bytes_are_bounded_and_a_refused_save_queues_nothing():
 
 
 def test_a_failing_tier_is_reported_and_the_thread_goes_on(tmp_path, caplog):
-    class Broken(DiskTier):
-        def _put(self, k, blob):
-            if k.startswith(b"bad"):
+    class Broken(DiskStorage):
+        def put(self, key, blob):
+            if key.startswith(b"bad"):
                 raise RuntimeError("boom")
-            super()._put(k, blob)
+            super().put(key, blob)
 
-    tier = Broken(tmp_path)
+    tier = Tier(Broken(tmp_path))
     saver = BackgroundSaver(tier, threading.Lock(), 1 << 20)
     saver.submit(b"bad" * 7, b"x" * 50)
     saver.submit(b"good" * 5, b"y" * 50)
@@ -63,13 +65,14 @@ def test_a_failing_tier_is_reported_and_the_thread_goes_on(tmp_path, caplog):
 
 
 def test_encoding_runs_outside_the_tier_lock():
-    tier = SlowTier()
+    slow = SlowCodec()
+    tier = MemoryTier(slow)
     lock = threading.Lock()
     saver = BackgroundSaver(tier, lock, 1 << 20)
     saver.submit(b"a" * 20, b"1" * 100)
     assert lock.acquire(timeout=1)  # the saver is inside encode_block, not holding the lock
     lock.release()
-    tier.gate.set()
+    slow.gate.set()
     saver.close(10)
 
 

@@ -19,10 +19,10 @@ def test_redis_roundtrip_and_corruption(redis_server, caplog):
         assert tier.save(i, b)
     assert [tier.load(i) for i in range(len(blocks))] == blocks
     assert 0 in tier and 77 not in tier
-    key = tier.prefix + (0).to_bytes(32, "little", signed=True)
-    raw = bytearray(tier.client.get(key))
+    key = (0).to_bytes(32, "little", signed=True)
+    raw = bytearray(tier.storage.get(key))
     raw[-3] ^= 1
-    tier.client.set(key, bytes(raw))
+    tier.storage.put(key, bytes(raw))
     with caplog.at_level(logging.WARNING, logger="vllm_seqkv.plt"):
         assert tier.load(0) is None
     assert "corrupt" in caplog.text
@@ -39,7 +39,7 @@ def test_redis_down_is_a_miss_with_warning(redis_server, caplog):
     with caplog.at_level(logging.WARNING, logger="vllm_seqkv.plt"):
         assert tier.save(1, blocks[0]) is False
         assert tier.load(1) is None
-    assert "failed" in caplog.text and tier.stats["errors"] >= 2
+    assert "failed" in caplog.text and tier.stats.errors >= 2
 
 
 def test_redis_killed_mid_session(redis_server, caplog):

@@ -11,7 +11,9 @@ import pytest
 
 from vllm_seqkv.tiers import blob
 from vllm_seqkv.tiers.coders import ColdCodec
-from vllm_seqkv.tiers import DiskTier, MemoryTier
+from vllm_seqkv.tiers import DiskTier, MemoryTier, Tier
+from vllm_seqkv.tiers.blob import BlobCodec
+from vllm_seqkv.tiers.storage import MemoryStorage
 from vllm_seqkv.tiers import disk as disk_mod
 
 
@@ -56,11 +58,11 @@ def test_memory_tier_roundtrip_and_capacity(kv_blocks):
     for i, b in enumerate(blocks):
         assert tier.save(i, b)
     assert all(tier.load(i) == b for i, b in enumerate(blocks))
-    assert tier.nbytes <= tier.raw_nbytes + len(blocks) * (blob.HEADER_BYTES + 1)
-    small = MemoryTier(codec, capacity_bytes=tier.nbytes // 2)
+    assert tier.held.nbytes <= tier.held.raw_nbytes + len(blocks) * (blob.HEADER_BYTES + 1)
+    small = MemoryTier(codec, capacity_bytes=tier.held.nbytes // 2)
     for i, b in enumerate(blocks):
         small.save(i, b)
-    assert small.nbytes <= small.capacity_bytes and 0 < len(small) < len(blocks)
+    assert small.held.nbytes <= small.capacity_bytes and 0 < len(small) < len(blocks)
     assert small.load(len(blocks) - 1) == blocks[-1]  # newest kept, oldest evicted
     assert small.load(0) is None
 
@@ -71,7 +73,7 @@ def test_corrupt_blob_is_a_miss(tmp_path, kv_blocks, damage, caplog):
     tier = DiskTier(tmp_path, codec)
     key = b"k" * 16
     assert tier.save(key, blocks[0])
-    p = tier.path(key)
+    p = tier.storage.path(key)
     data = bytearray(p.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0x10
@@ -90,15 +92,14 @@ def test_corrupt_blob_is_a_miss(tmp_path, kv_blocks, damage, caplog):
 
 def test_blob_refuses_other_key_and_other_model(kv_blocks):
     codec, blocks, _ = kv_blocks
-    b = MemoryTier(codec).encode(b"a", blocks[0])
+    b = BlobCodec(codec).encode(b"a", blocks[0])
     with pytest.raises(blob.BlobError):
         blob.unpack(b, b"b", codec.codec_id, codec.tag)
     with pytest.raises(blob.BlobError):
         blob.unpack(b, b"a", codec.codec_id, ColdCodec(codec.columns).tag)
-    tier = MemoryTier(codec)
-    tier._put(b"b", b)  # a blob filed under the wrong key
-    tier._sizes[b"b"] = len(b)
-    assert tier.load(b"b") is None
+    storage = MemoryStorage()
+    storage.put(b"b", b)  # a blob filed under the wrong key
+    assert Tier(storage, codec).load(b"b") is None
 
 
 def test_disk_full_evicts_and_never_raises(tmp_path, kv_blocks, monkeypatch, caplog):
@@ -118,7 +119,7 @@ def test_disk_full_evicts_and_never_raises(tmp_path, kv_blocks, monkeypatch, cap
     monkeypatch.setattr(disk_mod, "_os_write", full_once)
     with caplog.at_level(logging.WARNING, logger="vllm_seqkv.plt"):
         assert tier.save(99, blocks[4])  # evicts, retries, succeeds
-    assert tier.stats["evictions"] >= 1 and tier.load(99) == blocks[4]
+    assert tier.stats.evictions >= 1 and tier.load(99) == blocks[4]
     assert "full" in caplog.text
     monkeypatch.setattr(disk_mod, "_os_write",
                         lambda fd, d: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
@@ -129,7 +130,7 @@ def test_disk_full_evicts_and_never_raises(tmp_path, kv_blocks, monkeypatch, cap
 
 def test_disk_quota_evicts(tmp_path, kv_blocks):
     codec, blocks, _ = kv_blocks
-    one = len(MemoryTier(codec).encode(0, blocks[0]))
+    one = len(BlobCodec(codec).encode(0, blocks[0]))
     tier = DiskTier(tmp_path, codec, capacity_bytes=int(one * 2.5))
     for i, b in enumerate(blocks[:5]):
         assert tier.save(i, b)
@@ -161,7 +162,7 @@ def test_killed_writer_leaves_no_trusted_blob(tmp_path, kv_blocks):
     tier = DiskTier(tmp_path / "d", codec)
     key = b"\x01" * 16
     flag = tmp_path / "started"
-    code = _WRITER.format(root=os.getcwd(), flag=str(flag), target=str(tier.path(key)))
+    code = _WRITER.format(root=os.getcwd(), flag=str(flag), target=str(tier.storage.path(key)))
     proc = subprocess.Popen([sys.executable, "-c", code])
     for _ in range(400):
         if flag.exists():
@@ -172,7 +173,7 @@ def test_killed_writer_leaves_no_trusted_blob(tmp_path, kv_blocks):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert list((tmp_path / "d").glob(".tmp-*"))  # the half-written temp file is there
-    assert not tier.path(key).exists()
+    assert not tier.storage.path(key).exists()
     assert tier.load(key) is None
     reopened = DiskTier(tmp_path / "d", codec)
     assert not list((tmp_path / "d").glob(".tmp-*")) and reopened.load(key) is None

@@ -37,7 +37,7 @@ def test_token_tier_corruption_is_a_miss(coder_and_ids):
     tier = TokenTier(coder)
     tier.save_tokens(7, ids[:32])
     k = (7).to_bytes(32, "little", signed=True)
-    b = bytearray(tier._data[k])
+    b = bytearray(tier.storage.get(k))
     b[-1] ^= 0xFF
-    tier._data[k] = bytes(b)
+    tier.storage.put(k, bytes(b))
     assert tier.load_tokens(7) is None

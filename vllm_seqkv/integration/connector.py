@@ -1,78 +1,22 @@
-"""Cold tier for vLLM's prefix cache: a KV connector that keeps blocks beyond the pages.
+"""Cold tier for vLLM's prefix cache: a KV connector that keeps blocks beyond vLLM's pages.
 
-What it does. When a request finishes, every full block of it that the cold tier does not hold
-yet is copied out of vLLM's pages (the seqkv hot code, as bytes) plus, for a sequence's first
-block, its exact sink rows (:class:`~.engine_codec.SinkTable`), entropy-coded losslessly
-(constriction ANS: the code-level coder of :mod:`vllm_seqkv.tiers.code_model` when
-``python -m vllm_seqkv.calibrate`` fitted its prior for these slots, else the byte-level
-``ColdCodec``), framed with checksums (:mod:`vllm_seqkv.tiers.blob`) and stored in a
-:mod:`vllm_seqkv.tiers` tier (CPU RAM, local disk with atomic writes, or Redis). vLLM's
-prefix cache keeps the pages until it needs them for other requests (its LRU eviction).
-When a request arrives, vLLM first takes its own prefix-cache hit; the connector reports
-the blocks after that which the cold tier holds as an asynchronous load: vLLM parks the
-request (``WAITING_FOR_REMOTE_KVS``) while a background thread copies the blocks back into
-its pages, and schedules it once the worker reports it in ``finished_recving``. The tokens
-restored this way count in the request's ``num_cached_tokens``.
+A finished request's full blocks that the tier lacks are copied out of the pages (the seqkv
+hot code as bytes, plus a sequence's exact sink rows), coded losslessly, framed with checksums
+and stored in a :mod:`vllm_seqkv.tiers` tier (CPU RAM, local disk or Redis). A new request's
+blocks after vLLM's own prefix hit that the tier holds are loaded asynchronously: vLLM parks
+the request (``WAITING_FOR_REMOTE_KVS``) until a background thread has copied them back into
+its pages; they count in the request's ``num_cached_tokens``.
 
-Keys. A block is stored under ``blake2b(namespace | vLLM block hash)``: vLLM's hash chains
-the parent hash, the block's tokens and the request's extra keys - among them
-``cache_salt`` - so tenants with different salts never see each other's blocks; the
-namespace folds in the model path, preset, calibration and block size, so a shared disk or
-Redis tier never hands one model's blocks to another.
+Invariants: a block's key folds in vLLM's block hash (hence the cache salt: tenants never see
+each other's blocks) and a :func:`namespace` (model, preset, calibration, shapes: a shared
+tier never hands one model's blocks to another). A missing, corrupt or unreadable block is a
+miss with a warning, recomputed by vLLM (``kv_load_failure_policy: recompute``), never wrong
+K/V.
 
-Faults. A blob that is missing, corrupt or truncated (checksum), or a tier that fails
-(disk error, Redis down) is a miss with a warning: the loader stops that job there, the
-worker reports the ids of that block and every later block of the job
-(``get_block_ids_with_load_errors``, in the same step as the request's
-``finished_recving``: vLLM truncates the parked request's computed tokens to the first
-failed block, caches only the blocks before it and recomputes the rest;
-``kv_load_failure_policy: recompute``, set by :func:`kv_transfer_config_for`), and the
-scheduler does not offer that key again for ``PROBE_BACKOFF_S`` (a request whose load
-failed at its first block looks up its prefix again).
-NOTE: vLLM 0.32 keeps counting such recomputed tokens in ``num_cached_tokens`` (it counts
-what the connector claimed at scheduling); the engine log names every failed load. A save
-that fails leaves the block uncached. Disk full: the disk tier evicts its own blocks and
-retries once.
-
-Eviction. A full tier drops blocks chosen by ``cold_tier.eviction``: ``plt`` (default) hands
-the tier, once per finished request, the chain of its block keys, and the learned policy of
-:mod:`vllm_seqkv.plt.placement` evicts the leaf with the fewest expected reuses per byte
-(never a prefix before its extensions); ``lru`` evicts the least recently used block (a
-restored prefix's root counts as the most recent).
-
-Approximate reuse (``cold_tier.approximate``, off by default). A request whose cache salt is
-``salt_prefix + T`` opts in: when vLLM's prefix cache has nothing for it, the scheduler looks
-up a near match of its prompt among the blocks tenant ``T``'s exactly computed requests left
-in the tier (:class:`~vllm_seqkv.plt.approximate.ApproximateIndex`), within the number of
-substituted tokens that the model's measured quality gate allows at ``max_kl``, and loads
-those blocks like an exact hit when they are more than the exact hit. vLLM then caches them
-under the request's own hashes, which fold in its own salt: requests that did not opt in
-(and other tenants) never see approximate K/V, and approximate blocks are never the source
-of another near match.
-
-Where the work runs (:mod:`.cold_tier`; this class is a facade over a
-:class:`~.cold_tier.ColdTierScheduler` and a :class:`~.cold_tier.ColdTierWorker`). Scheduler
-side: an index of the keys the worker reported stored (plus, for disk and Redis, the tier
-itself: blocks another engine stored), the load and save plans. Worker side: the tier and
-the byte copies. In ``wait_for_save`` of the step after a request finishes (its blocks are
-held until then: ``request_finished`` returns True) the engine thread only copies the
-blocks' bytes out of the pages and releases them; a background thread
-(:class:`~vllm_seqkv.tiers.BackgroundSaver`) entropy-codes and stores the copies, and a
-key counts as held once the worker reports it stored. Pending copies are bounded
-(``cold_tier.save_queue_bytes``): beyond that a save is dropped with a warning (a later
-recompute), never a stall. At shutdown the queued saves are finished. Loads:
-``start_load_kv`` only hands each step's load jobs to one loader thread
-(:class:`~vllm_seqkv.tiers.JobThread`), which, per block, fetches and decodes the blob
-under ``BlockStore.lock`` (the saver shares the tier) and copies its page bytes into the
-parked request's blocks (no forward touches them meanwhile). The sink rows
-(:class:`~.engine_codec.SinkTable`, not thread-safe) are only parsed there: the engine
-thread installs them in ``get_finished`` before it reports the request finished. A request
-aborted while loading keeps its blocks until then (vLLM frees a ``WAITING_FOR_REMOTE_KVS``
-request's blocks only on ``finished_recving``); the loader skips its remaining blocks. At
-shutdown pending loads are waited for (``SHUTDOWN_LOAD_TIMEOUT_S``).
-
-Limits: one worker (tensor/pipeline parallel size 1), one KV-cache group, the seqkv
-attention backend (pages of uint8 slots), ``hash_block_size == block_size``.
+This module is the facade vLLM loads; the work is in :mod:`.cold_tier` (the scheduler side,
+the worker side and the record format; their docstrings cover threads, faults, eviction and
+approximate reuse). Limits: one worker (tensor/pipeline parallel size 1), one KV-cache group,
+the seqkv attention backend (pages of uint8 slots), ``hash_block_size == block_size``.
 """
 
 from __future__ import annotations
@@ -117,7 +61,8 @@ def register() -> None:
 
 
 def namespace(vllm_config, config: SeqKVConfig) -> bytes:
-    """What a block key depends on besides vLLM's block hash."""
+    """What a block key depends on besides vLLM's block hash (which chains the parent hash,
+    the block's tokens and the request's extra keys, ``cache_salt`` among them)."""
     mc = vllm_config.model_config
     ident = "|".join(str(x) for x in (
         "seqkv-cold-1", mc.model, getattr(mc, "revision", None), config.preset, config.calibration,
@@ -157,9 +102,9 @@ class SeqKVColdTierConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             approx, allowed = approximate_reuse_for(vllm_config, self.cold.approximate, self.block_size)
             if self.cold.kind == "redis":
-                from vllm_seqkv.tiers import RedisTier  # shared across nodes: ask the server
+                from vllm_seqkv.tiers.redis_storage import RedisStorage  # shared: ask the server
 
-                probe = RedisTier(self.cold.url)
+                probe = RedisStorage(self.cold.url)
         self.scheduler = ColdTierScheduler(self.cold, namespace(vllm_config, self.config), self.block_size,
                                            approx, allowed, probe)
         self.worker: ColdTierWorker | None = None

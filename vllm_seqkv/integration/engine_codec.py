@@ -358,7 +358,7 @@ class EngineCodec:
     def _check_write(self, layer: int, coded: torch.Tensor, reference: torch.Tensor) -> None:
         """``SEQKV_KERNELS_CHECK=1``: the write kernel's slot bytes against the codec's encode.
         A float32 summation order may flip a component's code at a decision threshold (see
-        :mod:`vllm_seqkv.kernels.transform_write`), so the check is on the fraction of bytes
+        :mod:`vllm_seqkv.kernels.write`), so the check is on the fraction of bytes
         that differ, with its own tolerance ``WRITE_CHECK_TOLERANCE``."""
         differ = (coded != reference.to(coded.device)).float().mean().item()
         self._record_kernel_error(layer, differ, "write", "fraction of written bytes differing from the reference",

@@ -38,7 +38,7 @@ import torch
 from vllm_seqkv.kernels.checks import KernelArgumentError
 from vllm_seqkv.kernels.rotation.params import LayerKernelParams, StreamParams
 from vllm_seqkv.kernels.rotation.params import layer_params as rotation_layer_params
-from vllm_seqkv.kernels.transform_params import (
+from vllm_seqkv.kernels.params import (
     TransformLayerParams,
     is_transform_layout,
     rope_cache,
@@ -148,12 +148,12 @@ def _layout(params):
 KERNELS = {
     ("transform", "write", "cpp"): "cpu_ops:write_transform_slots_cpp",
     ("transform", "write", "cuda"): "cuda_ops:write_transform_slots_cuda",
-    ("transform", "write", "triton"): "transform_write:write_transform_slots",
+    ("transform", "write", "triton"): "write:write_transform_slots",
     ("transform", "decode", "cpp"): "cpu_ops:transform_decode_attention_cpp",
     ("transform", "decode", "cuda"): "cuda_ops:transform_decode_attention_cuda",
-    ("transform", "decode", "triton"): "transform_decode:fused_transform_decode_attention",
+    ("transform", "decode", "triton"): "decode:fused_transform_decode_attention",
     ("transform", "reconstruct", "cpp"): "cpu_ops:reconstruct_transform_blocks_cpp",
-    ("transform", "reconstruct", "triton"): "transform_reconstruct:reconstruct_transform_blocks",
+    ("transform", "reconstruct", "triton"): "reconstruct:reconstruct_transform_blocks",
     ("rotation", "write", "cuda"): "cuda_ops:write_slots_cuda",
     ("rotation", "write", "triton"): "rotation.write:write_slots_triton",
     ("rotation", "decode", "cuda"): "cuda_ops:paged_decode_attention_cuda",

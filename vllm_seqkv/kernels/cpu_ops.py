@@ -33,7 +33,7 @@ from vllm_seqkv.kernels.checks import (
     check_tensor,
     expect,
 )
-from vllm_seqkv.kernels.transform_params import TransformLayerParams, TransformStreamParams
+from vllm_seqkv.kernels.params import TransformLayerParams, TransformStreamParams
 
 _loaded: bool | None = None
 _error: str = ""

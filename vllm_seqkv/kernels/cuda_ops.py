@@ -17,7 +17,7 @@ import torch
 
 from vllm_seqkv.kernels.rotation.decode_attention import check_decode_args
 from vllm_seqkv.kernels.rotation.params import LayerKernelParams, StreamParams
-from vllm_seqkv.kernels.transform_params import TransformLayerParams, TransformStreamParams
+from vllm_seqkv.kernels.params import TransformLayerParams, TransformStreamParams
 from vllm_seqkv.kernels.rotation.write import check_write_args, rotate_stream
 
 _loaded: bool | None = None
@@ -136,7 +136,7 @@ def write_transform_args(key, value, slot_mapping, pages, params: TransformLayer
 def write_transform_slots_cuda(key, value, slot_mapping, pages, params: TransformLayerParams,
                                previous=None) -> None:
     """The Triton ``write_transform_slots`` contract on the CUDA op."""
-    from vllm_seqkv.kernels.transform_write import check_write_args
+    from vllm_seqkv.kernels.write import check_write_args
 
     _require_ops()
     previous = check_write_args(key, value, slot_mapping, pages, params, previous)
@@ -163,7 +163,7 @@ def transform_decode_attention_cuda(query, own_k, own_v, pages, block_table, seq
                                     return_lse: bool = False):
     """The ``fused_transform_decode_attention`` contract on the CUDA op (float32 math, so no
     ``precision`` argument)."""
-    from vllm_seqkv.kernels.transform_decode import check_fused_args
+    from vllm_seqkv.kernels.decode import check_fused_args
 
     _require_ops()
     previous = check_fused_args(query, own_k, own_v, pages, block_table, seq_lens, params, rope, previous,

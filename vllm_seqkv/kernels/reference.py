@@ -60,7 +60,7 @@ def paged_decode_attention_reference(query: torch.Tensor, own_k: torch.Tensor, o
 
 def rope_from_table(key: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """:func:`vllm_seqkv.codec.rope.apply_rope` with cos/sin read from a
-    :func:`~vllm_seqkv.kernels.transform_params.rope_cache` table (same values as rope_tables)."""
+    :func:`~vllm_seqkv.kernels.params.rope_cache` table (same values as rope_tables)."""
     from vllm_seqkv.codec.rope import apply_rope
 
     half = rope.shape[1] // 2

@@ -108,7 +108,7 @@ class KeyTrie:
 
 
 class LearnedEviction:
-    """A tier's eviction order from :class:`PLTPolicy` (set as ``tier.placement``)."""
+    """A tier's eviction order from :class:`PLTPolicy` (installed with ``tier.held.set_placement``)."""
 
     name = "plt"
 

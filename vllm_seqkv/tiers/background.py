@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from vllm_seqkv.tiers.base import Tier, log
+from vllm_seqkv.tiers.tier import Tier, log
 
 
 class JobThread:

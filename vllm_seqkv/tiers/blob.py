@@ -1,4 +1,5 @@
-"""Versioned, checksummed framing of one cold-tier blob.
+"""Versioned, checksummed framing of one cold-tier blob, and :class:`BlobCodec`: a lossless
+coder framed per block (the coding half of a tier; storage and bookkeeping are apart).
 
 Layout (little-endian)::
 
@@ -79,3 +80,20 @@ def check_raw(raw: bytes, raw_len: int, raw_digest: bytes) -> bytes:
     if len(raw) != raw_len or _h(raw) != raw_digest:
         raise BlobError("decoded bytes do not match the stored digest")
     return raw
+
+
+class BlobCodec:
+    """A lossless coder (``codec_id``, ``tag``, ``encode(data)``, ``decode(payload, raw_len)``:
+    :mod:`.coders`, :mod:`.code_model`) framed per block: ``encode(key, data) -> blob`` /
+    ``decode(key, blob) -> data``. Touches no tier state (background threads call it without
+    the tier's lock); ``decode`` raises :class:`BlobError` or the coder's error on a bad blob."""
+
+    def __init__(self, codec):
+        self.codec = codec
+
+    def encode(self, key, data: bytes) -> bytes:
+        return pack(key, self.codec.codec_id, self.codec.tag, data, self.codec.encode(data))
+
+    def decode(self, key, blob: bytes) -> bytes:
+        raw_len, payload, digest = unpack(blob, key, self.codec.codec_id, self.codec.tag)
+        return check_raw(self.codec.decode(payload, raw_len), raw_len, digest)

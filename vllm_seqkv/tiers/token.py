@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vllm_seqkv.tiers.base import MemoryTier
+from vllm_seqkv.tiers.storage import MemoryStorage
+from vllm_seqkv.tiers.tier import Tier
 
 
 class _IdsCodec:
@@ -25,11 +26,11 @@ class _IdsCodec:
         return np.asarray(self.coder.decode(payload, raw_len // 4), "<i4").tobytes()
 
 
-class TokenTier(MemoryTier):
-    name = "token"
+class TokenTier(Tier):
+    """Token ids in CPU RAM, coded by ``coder`` (:class:`~.coders.TokenCoder`)."""
 
     def __init__(self, coder, capacity_bytes: int | None = None):
-        super().__init__(_IdsCodec(coder), capacity_bytes)
+        super().__init__(MemoryStorage(), _IdsCodec(coder), capacity_bytes, name="token")
 
     def save_tokens(self, key, ids) -> bool:
         return self.save(key, np.asarray(ids, "<i4").tobytes())

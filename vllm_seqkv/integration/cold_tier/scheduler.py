@@ -49,10 +49,22 @@ class ColdTierScheduler:
     of finished requests, and learns from the worker which keys the tier holds.
 
     ``held``: key -> stored bytes, as the worker reported them (plus, for a disk or Redis
-    tier, what ``probe`` or the folder holds: blocks another engine stored). ``approx`` /
+    tier, what ``probe``, a :class:`~vllm_seqkv.tiers.redis_storage.RedisStorage`, or the folder
+    holds: blocks another engine stored). ``approx`` /
     ``approx_allowed``: the near-match index and the substitutions the quality gate allows
     (None / 0: approximate reuse off). A key whose load failed is not offered again for
-    ``PROBE_BACKOFF_S``.
+    ``PROBE_BACKOFF_S`` (a request whose load failed at its first block looks up its prefix
+    again).
+
+    Approximate reuse (``cold_tier.approximate``): a request whose cache salt is
+    ``salt_prefix + T`` opts in. When vLLM's prefix cache has nothing for it, the scheduler
+    looks up a near match of its prompt among the blocks that tenant ``T``'s exactly computed
+    requests left in the tier (:class:`~vllm_seqkv.plt.approximate.ApproximateIndex`), within
+    the substituted tokens the model's measured quality gate allows at ``max_kl``, and loads
+    those blocks like an exact hit when they are more than the exact hit. vLLM then caches them
+    under the request's own hashes, which fold in its own salt: requests that did not opt in
+    (and other tenants) never see approximate K/V, and approximate blocks are never the source
+    of another near match.
     """
 
     def __init__(self, cold, ns: bytes, block_size: int, approx=None, approx_allowed: int = 0, probe=None):
@@ -86,7 +98,7 @@ class ColdTierScheduler:
             return True
         if self.probe is not None and time.monotonic() >= self._probe_off_until:
             try:
-                if self.probe.client.exists(self.probe.prefix + key):
+                if self.probe.exists(key):
                     return True
             except Exception as e:  # server down: serve by recompute, retry in a while
                 self._probe_off_until = time.monotonic() + PROBE_BACKOFF_S
@@ -94,9 +106,9 @@ class ColdTierScheduler:
                                "served by recompute, next try in %.0f s", self.cold.url, e,
                                PROBE_BACKOFF_S)
         if self.cold.kind == "disk":
-            from pathlib import Path
+            from vllm_seqkv.tiers.disk import blob_path
 
-            return (Path(self.cold.path) / f"{key.hex()}.blob").exists()
+            return blob_path(self.cold.path, key).exists()
         return False
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:

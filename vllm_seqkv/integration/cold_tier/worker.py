@@ -78,6 +78,36 @@ class ColdTierWorker:
     ``cold``: the ``cold_tier`` options (``save_queue_bytes``, ``eviction``); ``store``: the
     pages and the tier (:class:`BlockStore`); ``inventory_sent``: False to report, once, the
     blocks the tier already held (a disk tier a previous engine filled).
+
+    Saves: in ``wait_for_save`` of the step after a request finishes (vLLM holds its blocks
+    until then: ``request_finished`` returns True) the engine thread only copies the blocks'
+    bytes out of the pages, deepest first, and releases them; the
+    :class:`~vllm_seqkv.tiers.BackgroundSaver` codes and stores the copies, and a key counts
+    as held once reported stored. Pending copies are bounded (``save_queue_bytes``): beyond
+    that a save is dropped with a warning (a later recompute), never a stall. A save that
+    fails leaves the block uncached; queued saves are finished at shutdown.
+
+    Loads: ``start_load_kv`` hands each step's jobs to one loader thread
+    (:class:`~vllm_seqkv.tiers.JobThread`), which per block fetches and decodes the blob (tier
+    calls under ``BlockStore.lock``: the saver shares the tier) and copies its page bytes into
+    the parked request's blocks (no forward touches them meanwhile). The sink rows
+    (:class:`~vllm_seqkv.integration.engine_codec.SinkTable`, not thread-safe) are only parsed
+    there; the engine thread installs them in ``get_finished`` before it reports the request.
+    A request aborted while loading keeps its blocks until then (vLLM frees a parked
+    request's blocks only on ``finished_recving``) and the loader skips its remaining blocks.
+    Shutdown waits ``SHUTDOWN_LOAD_TIMEOUT_S`` for pending loads.
+
+    Faults: a missing or corrupt blob, or a failing tier, stops the job at that block; its id
+    and every later one of the job go out in ``get_block_ids_with_load_errors`` no later than
+    the request's ``finished_recving``, so vLLM keeps the blocks before it and recomputes the
+    rest. NOTE: vLLM 0.32 still counts such recomputed tokens in ``num_cached_tokens`` (what
+    the connector claimed at scheduling); the engine log names every failed load.
+
+    Eviction is the tier's (``cold_tier.eviction``): ``plt`` hands the tier's placement the
+    chain of block keys of each finished request (:mod:`vllm_seqkv.plt.placement`: the leaf
+    with the fewest expected reuses per byte goes, never a prefix before its extensions);
+    ``lru`` evicts the least recently used block (a restored prefix's root counts as the most
+    recent).
     """
 
     def __init__(self, cold, block_size: int, store: BlockStore, inventory_sent: bool = False):
@@ -114,7 +144,7 @@ class ColdTierWorker:
         codec = BlockStore.codec_for(len(pages), heads, bs, slot, cold.entropy_coding, head)
         tier = make_tier(cold, codec)
         if cold.eviction == "plt":
-            tier.set_placement(LearnedEviction(bs, cost_model(hidden, heads, bs, slot, len(pages))))
+            tier.held.set_placement(LearnedEviction(bs, cost_model(hidden, heads, bs, slot, len(pages))))
         store = BlockStore(tier, pages, engine.sinks, engine.head_dim)
         logger.info("seqkv cold tier: %s tier%s, %d bytes, %s eviction, %d layers x %d heads x %d "
                     "tokens x %d slot bytes per block (%d raw bytes), entropy coding %s",
@@ -198,7 +228,7 @@ class ColdTierWorker:
         if meta.accesses:
             with self.store.lock:
                 for chain in meta.accesses:
-                    self.store.tier.placement.access(chain)
+                    self.store.tier.held.placement.access(chain)
         for job in meta.saves:
             t0 = time.perf_counter()
             # deepest first: the tier's LRU then holds the prefix root as the most recent
@@ -236,14 +266,14 @@ class ColdTierWorker:
         self._collect_finished_saves()
         tier = self.store.tier
         with self.store.lock:
-            changed = self._changed | set(tier.take_dropped())
+            changed = self._changed | set(tier.held.take_dropped())
             if not self._inventory_sent:  # blocks a previous engine left on disk
-                changed |= set(tier._sizes)
+                changed |= set(tier.held.keys())
                 self._inventory_sent = True
             failed, self._changed, self._failed_keys = self._failed_keys, set(), set()
             if not changed and not failed:
                 return None
-            return ColdTierWorkerMetadata({k: tier.stored_bytes(k) for k in changed}, failed)
+            return ColdTierWorkerMetadata({k: tier.held.size(k) for k in changed}, failed)
 
     def get_kv_connector_stats(self):
         """This step's counter increments and the tier's gauges for vLLM's ``/metrics``."""
@@ -266,9 +296,9 @@ class ColdTierWorker:
         self._collect_finished_saves()
         with self.store.lock:
             tier = self.store.tier
-            return {**self.stats, "save_s": self.saver.save_s, "tier_bytes": tier.nbytes,
-                    "tier_raw_bytes": tier.raw_nbytes, "tier_blocks": len(tier),
-                    **{"tier_" + k: v for k, v in tier.stats.items()}}
+            return {**self.stats, "save_s": self.saver.save_s, "tier_bytes": tier.held.nbytes,
+                    "tier_raw_bytes": tier.held.raw_nbytes, "tier_blocks": len(tier),
+                    **{"tier_" + k: v for k, v in tier.stats.as_dict().items()}}
 
     def shutdown(self):
         if not self.loader.close(timeout=SHUTDOWN_LOAD_TIMEOUT_S):

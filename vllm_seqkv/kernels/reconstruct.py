@@ -4,7 +4,7 @@ One Triton kernel, grid ``[blocks, block_size / TILE, H]``: each program reads `
 of one page and head, and for both streams
 
 1. unpacks each component's code from the bitstream (``start``/``nbits`` tables,
-   :mod:`.transform_params`; a code spans at most 2 bytes),
+   :mod:`.params`; a code spans at most 2 bytes),
 2. looks up the component's Lloyd-Max level (``levels [H, D, 256]``),
 3. multiplies by the inverse basis with ``tl.dot`` (``[TILE, D] x [D, D/2]`` twice: the two
    halves are kept apart so RoPE can pair channel ``i`` with ``i + D/2`` in registers),
@@ -40,7 +40,7 @@ Decode cost, honestly (no GPU figure has been measured for this kernel yet):
   that is strictly more traffic than a bf16 cache (the dense K/V are written and read again),
   so "reconstruct + SDPA" (:func:`transform_decode_attention`) cannot beat bf16 SDPA at
   decode; it is the prefill path, a correctness baseline and the benchmark's comparison row.
-- The fused decode (:mod:`.transform_decode`, what ``paged_decode_attention`` runs on Triton)
+- The fused decode (:mod:`.decode`, what ``paged_decode_attention`` runs on Triton)
   rebuilds keys in registers as above (same helpers) and never rebuilds values: it sums
   ``p_j z_v,j`` over the levels and applies ``inverse_v`` and ``mean_v`` once per query head,
   so per token-head it costs ``D^2`` MACs (keys) instead of ``2 D^2`` and writes no dense K/V.
@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from vllm_seqkv.kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_pages, check_tensor, expect
-from vllm_seqkv.kernels.transform_params import TransformLayerParams
+from vllm_seqkv.kernels.params import TransformLayerParams
 
 # fp32 (exact tests), tf32, bf16 / fp16 operands (tensor cores; fp32 accumulation). Triton's
 # CPU interpreter multiplies bf16 operands as raw uint16 bits, so "bf16" is only checked on a
@@ -142,7 +142,7 @@ def decode_transform_stream(slot_ptrs, row_mask, rows, h, num_heads, start_ptr, 
 @triton.jit
 def rope_halves(lo, hi, rope_ptr, positions, row_mask, D: tl.constexpr):
     """RoPE of keys given as halves ``[TILE, D/2]`` at ``positions [TILE]`` (int64) from a
-    :func:`~vllm_seqkv.kernels.transform_params.rope_cache` table (masked rows: unrotated)."""
+    :func:`~vllm_seqkv.kernels.params.rope_cache` table (masked rows: unrotated)."""
     j = tl.arange(0, D // 2)
     rows = positions[:, None] * D + j[None, :]
     cos = tl.load(rope_ptr + rows, mask=row_mask[:, None], other=1.0)
@@ -224,7 +224,7 @@ def reconstruct_transform_blocks(pages: torch.Tensor, block_ids: torch.Tensor, p
 
     ``previous``: ``(K, V)`` ``[M * bs, H, D]``, the previous layer's reconstruction of the same
     rows in the coding frame (required exactly when the layer is cross-layer predicted).
-    ``rope`` (:func:`~vllm_seqkv.kernels.transform_params.rope_cache`, ``[P, D]``) with
+    ``rope`` (:func:`~vllm_seqkv.kernels.params.rope_cache`, ``[P, D]``) with
     ``block_positions`` int ``[M]`` (position of each page's first slot): keys come back
     RoPE-rotated (model frame); ``keep_code_frame`` then also returns the pre-RoPE keys
     (what the next layer's ``previous`` needs): ``(K, V, K_code)``.
@@ -308,7 +308,7 @@ def transform_decode_attention(query: torch.Tensor, own_k: torch.Tensor, own_v: 
     the kernel when ``rope`` is given; pass None when the layout's keys are not pre-RoPE) and
     to its own K/V at ``seq_lens[b]-1``. ``kv_dtype`` (default: the query's) is the dtype of the
     reconstructed K/V handed to SDPA. ``paged_decode_attention`` runs the fused kernel
-    (:mod:`.transform_decode`) instead; this one stays as its baseline in the benchmark.
+    (:mod:`.decode`) instead; this one stays as its baseline in the benchmark.
     """
     batch, q_heads, dim = query.shape
     heads = params.num_kv_heads

@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from vllm_seqkv.kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, check_pages, check_tensor, expect
-from vllm_seqkv.kernels.transform_params import TransformLayerParams
-from vllm_seqkv.kernels.transform_reconstruct import predict_columns
+from vllm_seqkv.kernels.params import TransformLayerParams
+from vllm_seqkv.kernels.reconstruct import predict_columns
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def write_transform_kernel(
 def check_write_args(key, value, slot_mapping, pages, params: TransformLayerParams, previous):
     """Argument checks of the transform write (Triton and CUDA op); returns ``previous`` made
     contiguous (None for layers that are not cross-layer predicted)."""
-    from vllm_seqkv.kernels.transform_reconstruct import check_previous
+    from vllm_seqkv.kernels.reconstruct import check_previous
 
     check_pages(pages, params)
     heads, dim = params.num_kv_heads, params.head_dim

@@ -1,6 +1,6 @@
 // seqkv::write_transform_slots — code new tokens' K/V into transform-format page slots.
 //
-// Same algorithm as the Triton kernel (vllm_seqkv/kernels/transform_write.py), written plainly,
+// Same algorithm as the Triton kernel (vllm_seqkv/kernels/write.py), written plainly,
 // float32 throughout, with the per-element math of transform_format.cuh:
 //   r = x - (prev @ W + b)   (cross-layer streams)
 //   z = (r - mean) @ basis,  code = #{cuts < z},  bit-pack at start/nbits,

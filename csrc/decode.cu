@@ -1,6 +1,6 @@
 // seqkv::transform_decode_attention — one query token per sequence over transform-format pages.
 //
-// Same algorithm as the Triton kernel (vllm_seqkv/kernels/transform_decode.py), written plainly
+// Same algorithm as the Triton kernel (vllm_seqkv/kernels/decode.py), written plainly
 // with float32 math (CUDA cores, no tensor cores) and the per-element functions of
 // transform_format.cuh:
 //   keys:   levels -> z_k @ inverse_k + mean_k (+ [prev_k, prev_v] @ W_k + b_k) -> RoPE at the

@@ -5,7 +5,7 @@ Serves every transform preset: ``seqkv-3-nox`` and the cross-layer layers of
 Dense K/V are never written to memory; per tile of ``TILE`` context slots (gathered through the
 block table, so a tile may span pages of any block size):
 
-- keys are rebuilt in registers as :mod:`.transform_reconstruct` does (unpack codes ->
+- keys are rebuilt in registers as :mod:`.reconstruct` does (unpack codes ->
   Lloyd-Max levels ``z_k`` -> ``z_k @ inverse + mean`` (+ the cross-layer prediction
   ``[K̂_{l-1}, V̂_{l-1}] @ W + b`` of the slot's ``previous`` row) -> RoPE at the slot's
   position), then scored against all query heads of the GQA group with ``tl.dot`` (the group
@@ -27,7 +27,7 @@ split) and ``transform_decode_reduce_kernel`` (grid ``[B, Hq]``: merges the spli
 ``own_k``/``own_v``, normalises). The cache is read for positions ``[0, seq_lens - 1)``.
 
 Costs per token-head: ``D^2`` multiply-adds to rebuild the key (``precision`` picks the
-``tl.dot`` operand type, see :data:`~.transform_reconstruct.PRECISIONS`), ``2 D`` per query head
+``tl.dot`` operand type, see :data:`~.reconstruct.PRECISIONS`), ``2 D`` per query head
 for the score and the level sum; cross-layer layers add ``2 H D^2`` per stream for the
 prediction, as in reconstruction. The key's inverse basis ``[D, D]`` is loaded again for
 every tile (not hoisted out of the loop). No GPU time has been measured for this kernel; tile
@@ -43,8 +43,8 @@ import triton.language as tl
 
 from vllm_seqkv.kernels.checks import check_decode_inputs, check_pages, expect
 from vllm_seqkv.kernels.shared import choose_splits
-from vllm_seqkv.kernels.transform_params import TransformLayerParams
-from vllm_seqkv.kernels.transform_reconstruct import (
+from vllm_seqkv.kernels.params import TransformLayerParams
+from vllm_seqkv.kernels.reconstruct import (
     PRECISIONS,
     check_previous,
     decode_transform_stream,
@@ -197,12 +197,12 @@ def fused_transform_decode_attention(query: torch.Tensor, own_k: torch.Tensor, o
     int ``[B, max_blocks]``, seq_lens int ``[B]`` (>= 1, own token included) -> ``[B, Hq, D]``
     in the query's dtype.
 
-    ``rope``: a :func:`~vllm_seqkv.kernels.transform_params.rope_cache` table ``[P, D]``
+    ``rope``: a :func:`~vllm_seqkv.kernels.params.rope_cache` table ``[P, D]``
     (``P >= max(seq_lens) - 1``) to rotate the pre-RoPE cached keys at their positions; None
     when the layout's keys are not pre-RoPE. ``previous``: ``(K, V)`` ``[B, max_blocks * bs, H, D]``
     (copied when not contiguous), the layer below's coding-frame reconstruction, required
     exactly when the layer is cross-layer predicted. ``precision``: ``tl.dot`` operands
-    (:data:`~.transform_reconstruct.PRECISIONS`; the reduction is float32 whatever it is).
+    (:data:`~.reconstruct.PRECISIONS`; the reduction is float32 whatever it is).
     ``num_splits``: split-K factor (default: :func:`~.shared.choose_splits` over tiles).
     ``skip_first``: cached positions ``< skip_first`` are not read (the caller attends to them,
     e.g. exact sink tokens, and merges by the log-sum-exp). ``return_lse``: also return the

@@ -12,7 +12,7 @@
 #include <torch/library.h>
 
 #include "slot_format.cuh"
-#include "torch_cuda_compat.cuh"
+#include "../torch_cuda_compat.cuh"
 
 namespace seqkv {
 namespace {
