@@ -1,5 +1,5 @@
 // Host-side argument handling of the transform-format ops, shared by the CUDA ops
-// (transform_write.cu, transform_decode.cu) and the CPU host test
+// (write.cu, decode.cu) and the CPU host test
 // (tests/kernels/transform_host.cpp), so both read the op arguments the same way.
 //
 // Schemas (registered in registration.cpp; the host test registers the same strings under the

@@ -1,5 +1,5 @@
 // Per-element math of the transform slot format (seqkv-2/2.5/3/4, seqkv-3-nox), shared by the
-// CUDA ops (transform_write.cu, transform_decode.cu) and a plain C++ host test
+// CUDA ops (write.cu, decode.cu) and a plain C++ host test
 // (tests/kernels/transform_host.cpp, compiled with g++ on CPU machines).
 //
 // Every function here is `SEQKV_HD` (__host__ __device__ under nvcc, plain inline otherwise)
@@ -8,7 +8,7 @@
 // thread/block structure of the kernels (indexing by threadIdx, __syncthreads placement, shared
 // memory sizing): that is checked on a GPU only (tests/kernels/test_cuda_ops.py).
 //
-// Slot format (vllm_seqkv/kernels/transform_params.py): a token-head slot is
+// Slot format (vllm_seqkv/kernels/params.py): a token-head slot is
 // [K bitstream | V bitstream]; in a stream, component c of head h has nbits[h, c] (0..8) bits
 // starting at bit start[h, c], little-endian (LSB first) inside and across bytes; so a code
 // spans at most 2 bytes. Decode: x = levels[h, c, code] @ inverse[h] + mean[h] (+ prediction),
