@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../transform_format.cuh"
@@ -246,6 +247,26 @@ struct DecodeScratch {
   {
   }
 };
+
+// This thread's DecodeScratch for one call's geometry, kept between calls (a decode step calls the
+// op once per layer with the same geometry; allocating and zeroing it each time cost more than a
+// short context's work).
+inline DecodeScratch& thread_scratch(int group, int64_t span, int dim, int slot_bytes) {
+  struct Kept {
+    int group = -1, dim = -1, slot_bytes = -1;
+    int64_t span = -1;
+    std::unique_ptr<DecodeScratch> scratch;
+  };
+  thread_local Kept kept;
+  if (!kept.scratch || kept.group != group || kept.span != span || kept.dim != dim || kept.slot_bytes != slot_bytes) {
+    kept.scratch = std::make_unique<DecodeScratch>(group, span, dim, slot_bytes);
+    kept.group = group;
+    kept.span = span;
+    kept.dim = dim;
+    kept.slot_bytes = slot_bytes;
+  }
+  return *kept.scratch;
+}
 
 // Tile geometry shared by the items of one call: RoPE rotations of the W in-tile offsets
 // (cos/sin of rows 0..W-1 of the rope table, [D/2][W]); a position p0 + t is rotated as
@@ -785,7 +806,7 @@ void decode_attention(const DecodeArgs& a) {
   std::vector<float> part(items.size() * H * G * row);
   const int64_t tasks = static_cast<int64_t>(items.size()) * H;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    DecodeScratch scratch(G, span, D, slot_bytes);
+    DecodeScratch& scratch = thread_scratch(G, span, D, slot_bytes);
     for (int64_t task = begin; task < end; ++task) {
       float* out = part.data() + task * G * row;
 #if defined(CPU_CAPABILITY_AVX512)
