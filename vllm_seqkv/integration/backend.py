@@ -22,8 +22,12 @@ Reads are planned per batch (:mod:`.reads`): the sequences a layer reads are dec
 one call per chunk and layer, each slot once however many sequences share its block; the
 decode-only sequences of a chunk then attend in batched matmuls (:func:`attend_decodes`).
 
-Writing new tokens and reading a sequence's pages go through the kernels' dispatcher
-(:meth:`~.engine_codec.EngineCodec.write` -> :func:`vllm_seqkv.kernels.write_slots`,
+Writing new tokens is one C++ op per layer on CPU for the layers it covers
+(:meth:`~.engine_codec.EngineCodec.write_tokens`: NaN check, RoPE undone, coded), and one-token
+sequences attend in one fused decode call per layer with the exact sink rows merged inside it
+(:meth:`~.engine_codec.EngineCodec.decode_attention`; what every layer of a step shares is
+planned once per batch: :class:`FusedDecodes`). Otherwise writing and reading go through the
+kernels' dispatcher (:meth:`~.engine_codec.EngineCodec.write` -> :func:`vllm_seqkv.kernels.write_slots`,
 :meth:`~.engine_codec.EngineCodec.reconstruct` -> :func:`vllm_seqkv.kernels.reconstruct_blocks`):
 the C++ CPU ops (``csrc/cpu/``) on CPU tensors when ``vllm_seqkv._cpu`` is built (else the
 codec's torch reference, warned once), the Triton kernels on CUDA tensors or with
