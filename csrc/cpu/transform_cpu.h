@@ -39,7 +39,6 @@ struct Stream {
   // [H, D, 16] derived: entry k = levels[k & mask] for codes of <= 4 bits, so that a 16-entry
   // register permute of the shifted word needs no mask (it reads 4 index bits)
   const float* lut16;
-  const float* basis;  // [H, D, D] encode: z = (x - mean) @ basis
 };
 
 // The key inverse as 2x2 blocks of RoPE pairs {j, j + D/2} (only when it is pair-block
@@ -104,30 +103,12 @@ struct WriteArgs {
   int heads, dim, block_size;
 };
 
-// The engine's write of new tokens, from the model's K/V: non-finite elements -> 0 (flagged per
-// token), keys un-rotated by the exact inverse of the layer's RoPE table, components
-// z = (x - mean) @ basis, codes, bit fields, the slot.
-struct WriteTokensArgs {
-  const float* key;    // [T, H, D] post-RoPE
-  const float* value;  // [T, H, D]
-  const int64_t* slot_mapping;  // [T] (-1: skip)
-  const int64_t* positions;     // [T]
-  const float* rope;            // [P, D] the model's table (cos | sin, magnitude included) or nullptr
-  uint8_t* pages;
-  int64_t stride_pb, stride_ph, stride_pt;
-  Stream k, v;
-  int64_t tokens;
-  int heads, dim, block_size;
-  uint8_t* nonfinite;  // [T] out: 1 where the token's K or V had NaN/inf
-};
-
 // One set of kernels per instruction set (namespaces avx512, avx2, scalar).
 #define SEQKV_DECLARE_CPU_KERNELS(NS)            \
   namespace NS {                                 \
   void decode_attention(const DecodeArgs& args); \
   void reconstruct(const ReconstructArgs& args); \
   void write_slots(const WriteArgs& args);       \
-  void write_tokens(const WriteTokensArgs& args); \
   int vector_width();                            \
   }
 

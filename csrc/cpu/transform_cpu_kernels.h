@@ -953,67 +953,6 @@ void write_slots(const WriteArgs& a) {
   });
 }
 
-namespace {
-// x[D] <- row of the model's K/V with NaN/inf as 0; returns false when it had any.
-inline bool finite_row(const float* src, int dim, float* x) {
-  bool finite = true;
-  for (int d = 0; d < dim; ++d) {
-    const float v = src[d];
-    const bool ok = std::isfinite(v);
-    finite &= ok;
-    x[d] = ok ? v : 0.f;
-  }
-  return finite;
-}
-
-// z[D] = (x - mean) @ basis (basis [D, D] row-major), vectorized over the output component.
-inline void components(const float* x, const float* mean, const float* basis, int dim, float* z) {
-  for (int e = 0; e < dim; e += VS) Vec(0.f).store(z + e);
-  for (int d = 0; d < dim; ++d) {
-    const Vec xd(x[d] - mean[d]);
-    const float* row = basis + static_cast<int64_t>(d) * dim;
-    for (int e = 0; e < dim; e += VS) at::vec::fmadd(xd, Vec::loadu(row + e), Vec::loadu(z + e)).store(z + e);
-  }
-}
-}  // namespace
-
-void write_tokens(const WriteTokensArgs& a) {
-  const int H = a.heads, D = a.dim, half = D / 2;
-  at::parallel_for(0, a.tokens, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(D), pre(D), z(D);
-    std::vector<uint8_t> buf(std::max(a.k.nbytes, a.v.nbytes) + 2);
-    for (int64_t t = begin; t < end; ++t) {
-      a.nonfinite[t] = 0;
-      const int64_t slot = a.slot_mapping[t];
-      if (slot < 0) continue;
-      const int64_t blk = slot / a.block_size, off = slot % a.block_size;
-      bool finite = true;
-      for (int h = 0; h < H; ++h) {
-        uint8_t* dst = a.pages + blk * a.stride_pb + h * a.stride_ph + off * a.stride_pt;
-        const int64_t row = (t * H + h) * D;
-        finite &= finite_row(a.key + row, D, x.data());
-        const float* key = x.data();
-        if (a.rope != nullptr) {  // the exact inverse of the table's rotation: R^T x / (cos^2 + sin^2)
-          const float* r = a.rope + a.positions[t] * D;
-          for (int j = 0; j < half; ++j) {
-            const float norm = r[j] * r[j] + r[half + j] * r[half + j];
-            const float c = r[j] / norm, sn = r[half + j] / norm;
-            pre[j] = x[j] * c + x[j + half] * sn;
-            pre[j + half] = x[j + half] * c - x[j] * sn;
-          }
-          key = pre.data();
-        }
-        components(key, a.k.mean + static_cast<int64_t>(h) * D, a.k.basis + static_cast<int64_t>(h) * D * D, D, z.data());
-        pack_stream(z.data(), a.k, h, D, dst, buf.data());
-        finite &= finite_row(a.value + row, D, x.data());
-        components(x.data(), a.v.mean + static_cast<int64_t>(h) * D, a.v.basis + static_cast<int64_t>(h) * D * D, D, z.data());
-        pack_stream(z.data(), a.v, h, D, dst, buf.data());
-      }
-      a.nonfinite[t] = finite ? 0 : 1;
-    }
-  });
-}
-
 }  // namespace SEQKV_CPU_NS
 }  // namespace cpu
 }  // namespace seqkv

@@ -13,8 +13,7 @@
 //   cpu_write_transform_tokens(key, value, slot_mapping, positions, pages!, rope?, k_tables, v_tables,
 //       k_format, v_format) -> nonfinite uint8 [T]   (the engine's write from the model's K/V:
 //       NaN/inf as 0 and flagged, keys un-rotated by the exact inverse of `rope` (the model's table,
-//       magnitude included), components in float32 here: a code at a decision threshold may differ
-//       from the codec's einsum)
+//       magnitude included), components by the codec's own einsum: the codec's bytes)
 //   cpu_kernel_isa(wanted) -> active ISA ("avx512" | "avx2" | "scalar"; "" only asks,
 //       "auto" picks the best the CPU has)
 //
@@ -29,6 +28,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -143,7 +143,7 @@ void build_stream(at::TensorList tables, at::IntArrayRef format, const at::Tenso
   const int first_word = t.offset / 4, last_word = (8 * (t.offset + t.nbytes) - 1) >> 5;
   out.stream = Stream{t.levels, t.cuts, t.inverse, t.mean, t.start, t.nbits, out.byte.data(), out.extra.data(),
                       out.shift.data(), out.mask.data(), out.word.data(), out.wshift.data(), out.wspan.data(),
-                      first_word, last_word - first_word + 1, t.offset, t.nbytes, out.lut16.data(), t.basis};
+                      first_word, last_word - first_word + 1, t.offset, t.nbytes, out.lut16.data()};
 }
 
 PairBlocks pair_blocks(const std::optional<at::Tensor>& key_pairs, int64_t heads, int64_t dim, const at::Tensor& pages) {
@@ -347,6 +347,42 @@ void write_slots(const at::Tensor& zk_in, const at::Tensor& zv_in, const at::Ten
   SEQKV_CPU_DISPATCH(write_slots, args);
 }
 
+// Keys un-rotated in place at their positions by the exact inverse of `rope` (the model's table,
+// magnitude included), as vllm_seqkv.codec.rope.unrotate_by_table computes it: separate products
+// and sums (no contraction into FMAs), so the components and codes equal the codec's.
+__attribute__((optimize("fp-contract=off"))) void unrotate_keys(float* key, const int64_t* positions,
+                                                                const float* rope, int64_t tokens, int64_t heads,
+                                                                int64_t dim) {
+  const int64_t half = dim / 2;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* r = rope + positions[t] * dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* x = key + (t * heads + h) * dim;
+      for (int64_t j = 0; j < half; ++j) {
+        const float cos = r[j], sin = r[half + j];
+        const float norm = cos * cos + sin * sin;
+        const float c = cos / norm, sn = sin / norm;
+        const float lo = x[j], hi = x[j + half];
+        x[j] = lo * c + hi * sn;
+        x[j + half] = hi * c - lo * sn;
+      }
+    }
+  }
+}
+
+// In place: NaN/inf -> 0; flags[t] = 1 where row t had any.
+void zero_nonfinite(float* x, int64_t tokens, int64_t row, uint8_t* flags) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    float* r = x + t * row;
+    for (int64_t i = 0; i < row; ++i) {
+      if (!std::isfinite(r[i])) {
+        r[i] = 0.f;
+        flags[t] = 1;
+      }
+    }
+  }
+}
+
 at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, const at::Tensor& slot_mapping_in,
                         const at::Tensor& positions_in, const at::Tensor& pages, const std::optional<at::Tensor>& rope,
                         at::TensorList k_tables, at::TensorList v_tables, at::IntArrayRef k_format,
@@ -369,26 +405,44 @@ at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, co
   build_stream(v_tables, v_format, pages, heads, dim, vs);
   auto nonfinite = at::zeros({tokens}, pages.options());
   if (tokens == 0) return nonfinite;
-  const auto key = key_in.to(at::kFloat).contiguous();
-  const auto value = value_in.to(at::kFloat).contiguous();
   const auto slot_mapping = slot_mapping_in.to(at::kLong).contiguous();
   const auto positions = positions_in.to(at::kLong).contiguous();
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   const bool has_rope = rope.has_value() && rope->defined();
+  std::vector<int64_t> valid;
+  valid.reserve(tokens);
   int64_t needed = 0;
   for (int64_t t = 0; t < tokens; ++t) {
     TORCH_CHECK(slots[t] < pages.size(0) * block_size, "slot_mapping[", t, "] = ", slots[t], " is beyond the pages");
     if (slots[t] < 0) continue;
     TORCH_CHECK(pos[t] >= 0, "positions[", t, "] = ", pos[t], " is negative");
     needed = std::max(needed, pos[t] + 1);
+    valid.push_back(t);
   }
   if (has_rope) check_rope(rope, dim, needed, pages);
-  WriteTokensArgs args{key.data_ptr<float>(), value.data_ptr<float>(), slots, pos,
-                       has_rope ? rope->data_ptr<float>() : nullptr, pages.data_ptr<uint8_t>(), pages.stride(0),
-                       pages.stride(1), pages.stride(2), ks.stream, vs.stream, tokens, static_cast<int>(heads),
-                       static_cast<int>(dim), static_cast<int>(block_size), nonfinite.data_ptr<uint8_t>()};
-  SEQKV_CPU_DISPATCH(write_tokens, args);
+  if (valid.empty()) return nonfinite;
+  // the codec codes the valid tokens only: the same rows in the same einsum give the same bytes
+  const auto rows = at::from_blob(valid.data(), {static_cast<int64_t>(valid.size())}, at::kLong);
+  const bool all = static_cast<int64_t>(valid.size()) == tokens;
+  auto key = (all ? key_in : key_in.index_select(0, rows)).to(at::kFloat, false, true).contiguous();
+  auto value = (all ? value_in : value_in.index_select(0, rows)).to(at::kFloat, false, true).contiguous();
+  const auto valid_slots = all ? slot_mapping : slot_mapping.index_select(0, rows);
+  const auto valid_positions = all ? positions : positions.index_select(0, rows);
+  const int64_t n = key.size(0);
+  std::vector<uint8_t> flags(n, 0);
+  zero_nonfinite(key.data_ptr<float>(), n, heads * dim, flags.data());
+  zero_nonfinite(value.data_ptr<float>(), n, heads * dim, flags.data());
+  for (int64_t i = 0; i < n; ++i) nonfinite.data_ptr<uint8_t>()[valid[i]] = flags[i];
+  if (has_rope) unrotate_keys(key.data_ptr<float>(), valid_positions.data_ptr<int64_t>(), rope->data_ptr<float>(), n, heads, dim);
+  // NOTE: the codec's own expression (TransformCodec.encode), so codes at a decision threshold
+  // come out exactly as the codec's
+  const auto zk = at::einsum("thd,hde->the", {key - k_tables[6], k_tables[4]}).contiguous();
+  const auto zv = at::einsum("thd,hde->the", {value - v_tables[6], v_tables[4]}).contiguous();
+  WriteArgs args{zk.data_ptr<float>(), zv.data_ptr<float>(), valid_slots.data_ptr<int64_t>(), pages.data_ptr<uint8_t>(),
+                 pages.stride(0), pages.stride(1), pages.stride(2), ks.stream, vs.stream, n, static_cast<int>(heads),
+                 static_cast<int>(dim), static_cast<int>(block_size)};
+  SEQKV_CPU_DISPATCH(write_slots, args);
   return nonfinite;
 }
 

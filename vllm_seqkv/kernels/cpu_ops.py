@@ -9,7 +9,7 @@ Transform format (:class:`TransformLayerParams`), streams WITHOUT cross-layer pr
   ``z = (x - mean) @ basis`` are computed here with the codec's own einsum, the op quantizes,
   packs and stores);
 - :func:`write_transform_tokens_cpp`: the engine's write in one op, from the model's K/V (NaN/inf
-  check, RoPE undone, components, codes; a code at a decision threshold may differ from the codec's);
+  check, RoPE undone, components, codes: the codec's bytes);
 - :func:`reconstruct_transform_blocks_cpp`: whole blocks to float32 K (optionally RoPE-rotated)
   and V, for prefill.
 
@@ -213,9 +213,8 @@ def write_transform_tokens_cpp(key, value, slot_mapping, positions, pages, param
     slot_mapping int ``[T]`` (-1 = skip), positions int ``[T]``, ``rope``: the layer's RoPE table
     ``[P, D]`` as the model applies it (magnitude included; keys are un-rotated by its exact
     inverse) or None for post-RoPE presets. NaN/inf elements are stored as 0. Returns uint8
-    ``[T]``: 1 where a token's K or V had NaN/inf. NOTE: the components are computed in the op
-    (float32, its own summation order), so a code at a decision threshold may differ from the
-    codec's encode, as the Triton write's may."""
+    ``[T]``: 1 where a token's K or V had NaN/inf. The bytes equal the codec's encode of the
+    un-rotated keys (the same float operations, the codec's own einsum on the same rows)."""
     _require_ops()
     _check_common(pages, params, "write")
     heads, dim = params.num_kv_heads, params.head_dim
