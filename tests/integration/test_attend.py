@@ -80,3 +80,26 @@ def test_attend_in_a_sliding_window_equals_banded_sdpa(q_len, seq_len, window):
         q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
         v.repeat_interleave(2, 1).transpose(0, 1), attn_mask=mask, scale=0.25).transpose(0, 1)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q_len, seq_len, heads, kv_heads, window",
+                         [(1, 1, 2, 2, None), (6, 6, 9, 3, None), (4, 50, 4, 1, None), (30, 30, 4, 2, 7),
+                          (5, 64, 6, 3, 16)])
+def test_flash_path_equals_dense_path(q_len, seq_len, heads, kv_heads, window):
+    """attend's CPU flash-attention path (decoded keys strictly before each query, then the exact
+    own position merged by the log-sum-exp) = the whole score matrix with the diagonal replaced;
+    a query with nothing cached before it (position 0) reads only itself."""
+    from vllm_seqkv.integration import backend
+
+    if backend._FLASH_WITH_LSE is None:
+        pytest.skip("this torch has no CPU flash attention with log-sum-exp")
+    gen = torch.Generator().manual_seed(q_len + seq_len)
+    dim = 32
+    q = torch.randn(q_len, heads, dim, generator=gen) * 2
+    k, v = torch.randn(seq_len, kv_heads, dim, generator=gen), torch.randn(seq_len, kv_heads, dim, generator=gen)
+    own_k, own_v = torch.randn(q_len, kv_heads, dim, generator=gen), torch.randn(q_len, kv_heads, dim, generator=gen)
+    flash = backend._attend_flash(q, k, v, own_k, own_v, dim**-0.5, window)
+    dense = backend._attend_dense(q, k, v, own_k, own_v, dim**-0.5, window)
+    torch.testing.assert_close(flash, dense, atol=1e-5, rtol=1e-5)
+    if seq_len == q_len:
+        torch.testing.assert_close(flash[0], own_v[0].repeat_interleave(heads // kv_heads, 0))

@@ -25,6 +25,10 @@ def test_each_slot_is_decoded_once_and_laid_out_per_sequence():
     positions = chunk.positions[chunk.gather].tolist()
     assert positions == [p for n in LENGTHS for p in range(n)]
     assert chunk.first_blocks == [7, 5, 7, 4]
+    # each block's first slot position: its index in the sequences' block tables times the block size
+    starts = dict(zip(chunk.blocks.tolist(), chunk.block_positions.tolist()))
+    assert starts == {7: 0, 5: 0, 4: 0, 2: 4, 3: 4, 6: 8}
+    assert torch.equal(chunk.positions, chunk.block_positions[chunk.rows // BLOCK] + chunk.rows % BLOCK)
 
 
 def test_chunks_hold_whole_sequences_within_the_row_bound():

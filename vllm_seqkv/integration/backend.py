@@ -352,14 +352,18 @@ class SeqKVAttentionImpl(AttentionImpl):
                       key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
                       query_starts: list[int], output: torch.Tensor) -> None:
         """Attention of the chunk's sequences over their cached positions, decoded in one call."""
-        previous = self.engine.chain.below(layer_index, chunk.key, chunk.slots)
-        cached_k, cached_v = self.engine.reconstruct(layer_index, pages, chunk.blocks, chunk.rows,
-                                                     previous)
         if self.engine.codec.cross_layer:
+            previous = self.engine.chain.below(layer_index, chunk.key, chunk.slots)
+            cached_k, cached_v = self.engine.reconstruct(layer_index, pages, chunk.blocks, chunk.rows,
+                                                         previous)
             self.engine.chain.keep(layer_index, chunk.key, (cached_k, cached_v))
+            cached_k = self.engine.from_code_frame(cached_k, chunk.positions, layer_index)
+        else:
+            cached_k, cached_v = self.engine.reconstruct_model_frame(
+                layer_index, pages, chunk.blocks, chunk.rows, chunk.positions, chunk.block_positions)
         # NOTE: copies, one row per sequence position: the exact sink rows restored below
         # never reach the layer above's prediction
-        cached_k = self.engine.from_code_frame(cached_k, chunk.positions, layer_index)[chunk.gather]
+        cached_k = cached_k[chunk.gather]
         cached_v = cached_v[chunk.gather]
         decodes = []
         for j, i in enumerate(chunk.seqs):
@@ -441,6 +445,40 @@ def attend(query: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
     on the diagonal). ``window``: a query attends to the ``window`` positions ending at its own
     (sliding-window layers). Returns ``[Q, Hq, D]``.
     """
+    if _FLASH_WITH_LSE is not None and query.device.type == "cpu":
+        return _attend_flash(query, cached_k, cached_v, own_k, own_v, scale, window)
+    return _attend_dense(query, cached_k, cached_v, own_k, own_v, scale, window)
+
+
+# torch's CPU flash attention, which also returns the log-sum-exp (None where this torch lacks it)
+_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend_flash(query, cached_k, cached_v, own_k, own_v, scale, window) -> torch.Tensor:
+    """:func:`attend` by torch's CPU flash attention: the decoded cache strictly before each
+    query (mask), then the exact own position merged by the log-sum-exp."""
+    q_len, num_heads, dim = query.shape
+    seq_len, num_kv_heads, _ = cached_k.shape
+    group = num_heads // num_kv_heads
+    k = cached_k.transpose(0, 1).repeat_interleave(group, dim=0)[None]  # [1, Hq, S, D]
+    v = cached_v.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+    positions = torch.arange(seq_len - q_len, seq_len, device=query.device)
+    columns = torch.arange(seq_len, device=query.device)
+    earlier = columns[None, :] < positions[:, None]  # [Q, S]
+    if window is not None:
+        earlier &= columns[None, :] > positions[:, None] - window
+    mask = torch.zeros(q_len, seq_len, device=query.device).masked_fill_(~earlier, float("-inf"))
+    out, lse = _FLASH_WITH_LSE(query.transpose(0, 1)[None].contiguous(), k, v, 0.0, False, attn_mask=mask,
+                               scale=scale)
+    out, lse = out[0].transpose(0, 1), lse[0].transpose(0, 1)  # [Q, Hq, D], [Q, Hq]
+    lse = lse.masked_fill(~earlier.any(1)[:, None], float("-inf"))  # nothing earlier: no cached mass
+    own = (query * own_k.repeat_interleave(group, dim=1)).sum(-1) * scale  # [Q, Hq]
+    weights = torch.stack([lse, own]).softmax(0)
+    return weights[0, ..., None] * out.nan_to_num(0.0) + weights[1, ..., None] * own_v.repeat_interleave(group, dim=1)
+
+
+def _attend_dense(query, cached_k, cached_v, own_k, own_v, scale, window) -> torch.Tensor:
+    """:func:`attend` with the whole score matrix (the reference of :func:`_attend_flash`)."""
     q_len, num_heads, _ = query.shape
     seq_len, num_kv_heads, _ = cached_k.shape
     group = num_heads // num_kv_heads

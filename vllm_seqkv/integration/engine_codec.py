@@ -388,6 +388,31 @@ class EngineCodec:
             self._check_against_reference(layer, pages, blocks, params, previous, key, value)
         return key[rows], value[rows]
 
+    def reconstruct_model_frame(self, layer: int, pages: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor,
+                                positions: torch.Tensor, block_positions: torch.Tensor | None):
+        """K as the model applies RoPE (post-RoPE) and V ``[R, H, D]`` of ``rows`` (see
+        :meth:`reconstruct`; ``positions [R]`` their positions, ``block_positions [M]`` each
+        block's first position), for layers without cross-layer prediction. A kernel rotates the
+        keys while rebuilding them when it can (the layer's RoPE table covers the blocks); else
+        :meth:`reconstruct` then :meth:`from_code_frame`."""
+        from vllm_seqkv import kernels
+
+        if self.codec.cross_layer:
+            raise ValueError("cross-layer presets hand the coding frame up: use reconstruct()")
+        params = self.kernel_params(layer, pages.device)
+        if (self.codec.pre_rope_keys and block_positions is not None and layer in self._layer_rope
+                and kernels.runs_kernel(params, pages.device) and rows.numel()):
+            table = self._layer_rope[layer].table_on(pages.device)
+            if int(block_positions.max()) + pages.shape[2] <= table.shape[0]:
+                key, value = kernels.reconstruct_blocks(pages, blocks, params, rope=table,
+                                                        block_positions=block_positions)
+                if CHECK_KERNELS:
+                    self._check_against_reference(layer, pages, blocks, params, None, key, value,
+                                                  rope=table, block_positions=block_positions)
+                return key[rows], value[rows]
+        key, value = self.reconstruct(layer, pages, blocks, rows, None)
+        return self.from_code_frame(key, positions, layer), value
+
     def fused_decode_params(self, layer: int, device: torch.device):
         """The layer's kernel params when its decode can run as one fused kernel over the pages
         (a kernel implementation on ``device``: Triton/CUDA on GPUs, the C++ ops on CPU;
@@ -505,7 +530,8 @@ class EngineCodec:
         error = (out.float() - ref_out.float().to(out.device)).abs().max().item()
         self._record_kernel_error(layer, error, "fused decode")
 
-    def _check_against_reference(self, layer, pages, blocks, params, previous, key, value) -> None:
+    def _check_against_reference(self, layer, pages, blocks, params, previous, key, value, rope=None,
+                                 block_positions=None) -> None:
         """``SEQKV_KERNELS_CHECK=1``: compare a kernel's reconstruction with the reference on the
         engine's own pages; log each new worst error, raise beyond ``KERNEL_CHECK_TOLERANCE``."""
         from vllm_seqkv.kernels import TransformLayerParams
@@ -515,7 +541,8 @@ class EngineCodec:
         )
 
         if isinstance(params, TransformLayerParams):
-            ref_k, ref_v = reconstruct_transform_reference(pages, blocks, params.layout, previous)
+            ref_k, ref_v = reconstruct_transform_reference(pages, blocks, params.layout, previous, rope=rope,
+                                                           block_positions=block_positions)[:2]
         else:  # rotation format
             ref_k, ref_v = reconstruct_blocks_reference(pages, blocks, params.layout)
         error = max((key.float() - ref_k.float()).abs().max().item(),

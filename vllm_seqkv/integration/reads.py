@@ -26,7 +26,8 @@ class ReadChunk:
     ``rows [U]`` each distinct slot read as an index into those blocks' ``M * block_size``
     slots, ``positions [U]`` its position in its sequence(s). ``gather [R]`` (R = sum of
     seq_lens) lays them out per sequence, one after another; sequence ``j``'s rows begin at
-    ``starts[j]`` (``len(seqs) + 1`` entries). Tensors on the cache's device.
+    ``starts[j]`` (``len(seqs) + 1`` entries). ``block_positions [M]``: the position of each
+    block's first slot (a kernel rotates keys by position from it). Tensors on the cache's device.
 
     NOTE: sequences sharing a block (vLLM's prefix caching) share its slots, decoded once; a
     shared block sits at the same block index in every sequence that holds it (its hash
@@ -43,6 +44,7 @@ class ReadChunk:
     gather: torch.Tensor
     key: tuple
     block_size: int
+    block_positions: torch.Tensor | None = None
 
     def slots(self, pages: torch.Tensor) -> torch.Tensor:
         """The distinct slots' bytes ``[U, H, S]`` of ``pages [N, H, block_size, S]``."""
@@ -84,6 +86,7 @@ def _chunk(seqs, seq_lens, firsts, block_table_host, block_size, device) -> Read
     distinct, gather = torch.unique(slots, return_inverse=True)  # sorted slot ids
     blocks, block_of = torch.unique(distinct // block_size, return_inverse=True)
     unique_positions = torch.zeros_like(distinct).scatter_(0, gather, positions)
+    block_positions = torch.zeros_like(blocks).scatter_(0, block_of, unique_positions - distinct % block_size)
     key = ("read",) + tuple((tuple(block_table_host[i, :n].tolist()), length, firsts[i])
                             for i, n, length in zip(seqs, counts, lengths))
     return ReadChunk(
@@ -93,4 +96,4 @@ def _chunk(seqs, seq_lens, firsts, block_table_host, block_size, device) -> Read
         starts=torch.tensor([0] + lengths).cumsum(0).tolist(),
         blocks=blocks.to(device), rows=(block_of * block_size + distinct % block_size).to(device),
         positions=unique_positions.to(device), gather=gather.to(device), key=key,
-        block_size=block_size)
+        block_size=block_size, block_positions=block_positions.to(device))
