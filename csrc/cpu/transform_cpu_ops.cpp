@@ -11,8 +11,8 @@
 //       v_format) -> ()   (zk/zv: float32 [T, H, D] components, computed by the wrapper with the
 //       codec's own einsum so that the bytes equal the codec's)
 //   cpu_write_transform_tokens(key, value, slot_mapping, positions, pages!, rope?, k_tables, v_tables,
-//       k_format, v_format) -> nonfinite uint8 [T]   (the engine's write from the model's K/V:
-//       NaN/inf as 0 and flagged, keys un-rotated by the exact inverse of `rope` (the model's table,
+//       k_format, v_format) -> int64 []: tokens with NaN/inf   (the engine's write from the model's K/V:
+//       NaN/inf stored as 0, keys un-rotated by the exact inverse of `rope` (the model's table,
 //       magnitude included), components by the codec's own einsum: the codec's bytes)
 //   cpu_kernel_isa(wanted) -> active ISA ("avx512" | "avx2" | "scalar"; "" only asks,
 //       "auto" picks the best the CPU has)
@@ -403,7 +403,7 @@ at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, co
   StreamStore ks, vs;
   build_stream(k_tables, k_format, pages, heads, dim, ks);
   build_stream(v_tables, v_format, pages, heads, dim, vs);
-  auto nonfinite = at::zeros({tokens}, pages.options());
+  auto nonfinite = at::zeros({}, pages.options().dtype(at::kLong));
   if (tokens == 0) return nonfinite;
   const auto slot_mapping = slot_mapping_in.to(at::kLong).contiguous();
   const auto positions = positions_in.to(at::kLong).contiguous();
@@ -433,7 +433,9 @@ at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, co
   std::vector<uint8_t> flags(n, 0);
   zero_nonfinite(key.data_ptr<float>(), n, heads * dim, flags.data());
   zero_nonfinite(value.data_ptr<float>(), n, heads * dim, flags.data());
-  for (int64_t i = 0; i < n; ++i) nonfinite.data_ptr<uint8_t>()[valid[i]] = flags[i];
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += flags[i];
+  nonfinite.fill_(count);
   if (has_rope) unrotate_keys(key.data_ptr<float>(), valid_positions.data_ptr<int64_t>(), rope->data_ptr<float>(), n, heads, dim);
   // NOTE: the codec's own expression (TransformCodec.encode), so codes at a decision threshold
   // come out exactly as the codec's

@@ -188,7 +188,7 @@ class FusedDecodes:
     blocks and each one's first block (the sink table's key)."""
 
     seqs: list[int]
-    rows: torch.Tensor
+    rows: torch.Tensor | slice  # a slice when they are consecutive (a view, no gather)
     seq_lens: list[int]
     lengths: torch.Tensor
     block_table: torch.Tensor
@@ -202,7 +202,10 @@ class FusedDecodes:
         table = metadata.block_table[seqs]
         if block_size:
             table = table[:, :-(-max(seq_lens) // block_size)]
-        return cls(seqs, torch.tensor([metadata.query_starts[i] for i in seqs], device=device), seq_lens,
+        rows = [metadata.query_starts[i] for i in seqs]
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        return cls(seqs, slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows, device=device),
+                   seq_lens,
                    torch.tensor(seq_lens, dtype=torch.int32, device=device), table,
                    metadata.block_table_host[seqs, 0].tolist())
 
@@ -394,7 +397,11 @@ class SeqKVAttentionImpl(AttentionImpl):
         out = self.engine.decode_attention(layer_index, params, query[rows].float(), key[rows], value[rows], pages,
                                            decodes.block_table, decodes.seq_lens, self.scale,
                                            lengths=decodes.lengths, first_blocks=decodes.first_blocks)
-        output[rows] = out.to(output.dtype).view(len(decodes.seqs), *output.shape[1:])
+        out = out.view(len(decodes.seqs), *output.shape[1:])
+        if isinstance(rows, slice):
+            output[rows].copy_(out)
+        else:
+            output[rows] = out.to(output.dtype)
 
 
 def finite_or_zero(key: torch.Tensor, value: torch.Tensor, layer_index: int):

@@ -339,12 +339,12 @@ class EngineCodec:
         if self.codec.pre_rope_keys:
             rows = int(positions.max()) + 1 if layer not in self._layer_rope else 0
             rope = self.rope_of(layer, rows).table_on(pages.device)
-        flags = kernels.write_tokens_fused(key, value, slot_mapping, positions, pages, params, rope)
-        if flags is None:
+        nonfinite = kernels.write_tokens_fused(key, value, slot_mapping, positions, pages, params, rope)
+        if nonfinite is None:
             return False
-        if bool(flags.any()):
+        if nonfinite.item():
             logger.warning("seqkv: layer %d: K/V of %d of %d new tokens contain NaN or inf (the model's "
-                           "output); stored with those values as 0", layer, int(flags.sum()), key.shape[0])
+                           "output); stored with those values as 0", layer, nonfinite.item(), key.shape[0])
         if CHECK_KERNELS:
             valid = slot_mapping >= 0
             slots = slot_mapping[valid].long()

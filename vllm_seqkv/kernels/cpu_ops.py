@@ -83,7 +83,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("seqkv::cpu_write_transform_tokens")
     def _(key, *args):
-        return key.new_empty(key.shape[:1], dtype=torch.uint8)
+        return key.new_empty((), dtype=torch.int64)
 
 
 def _require_ops() -> None:
@@ -212,9 +212,10 @@ def write_transform_tokens_cpp(key, value, slot_mapping, positions, pages, param
     """The engine's write in one op: key (post-RoPE) / value ``[T, H, D]`` as the model gave them,
     slot_mapping int ``[T]`` (-1 = skip), positions int ``[T]``, ``rope``: the layer's RoPE table
     ``[P, D]`` as the model applies it (magnitude included; keys are un-rotated by its exact
-    inverse) or None for post-RoPE presets. NaN/inf elements are stored as 0. Returns uint8
-    ``[T]``: 1 where a token's K or V had NaN/inf. The bytes equal the codec's encode of the
-    un-rotated keys (the same float operations, the codec's own einsum on the same rows)."""
+    inverse) or None for post-RoPE presets. NaN/inf elements are stored as 0. Returns an int64
+    scalar tensor: how many written tokens had NaN/inf in K or V (``.item()``: no kernel launch).
+    The bytes equal the codec's encode of the un-rotated keys (the same float operations, the
+    codec's own einsum on the same rows)."""
     _require_ops()
     _check_common(pages, params, "write")
     heads, dim = params.num_kv_heads, params.head_dim
