@@ -1,11 +1,12 @@
 """Engine memory under the load benchmark's traffic, seqkv vs auto, at the same settings.
 
-`python -m benchmarks.memory [--sessions 32] [--turns 2] [--max-tokens 16]`
+`python -m benchmarks.memory [--sessions 200] [--turns 2] [--max-tokens 24]`
 
 For each backend (``auto`` first, then ``seqkv``) it starts `vllm serve` with the tiny test
 model and the load benchmark's arguments (same ``--kv-cache-memory-bytes``,
-``--max-model-len``, ``--max-num-seqs``), runs a shortened form of its traffic (concurrent
-multi-turn chat sessions over shared system prompts, :mod:`benchmarks.load`), and reads:
+``--max-model-len``, ``--max-num-seqs``), runs its traffic (concurrent multi-turn chat
+sessions over shared system prompts, :mod:`benchmarks.load`; its defaults, no warm-up), and
+reads:
 
 * the engine core process's peak resident memory: ``VmHWM`` of ``/proc/PID/status`` (the
   kernel's high-water mark, nothing missed between samples) when the traffic has ended; the
@@ -156,8 +157,8 @@ def markdown(record: dict) -> str:
         f"`{record['uptime_at_start']}`; at end: `{record['uptime_at_end']}`.\n\n"
         f"Real `vllm serve` (CPU build 0.32), tiny test model, once per backend in one invocation "
         f"with the load benchmark's arguments (`--kv-cache-memory-bytes {p['kv_cache_memory_bytes']}`, "
-        f"`--max-model-len {p['max_model_len']}`, `--max-num-seqs {p['max_num_seqs']}`) and a "
-        f"shortened form of its traffic ({p['sessions']} concurrent chat sessions, {p['turns']} turns, "
+        f"`--max-model-len {p['max_model_len']}`, `--max-num-seqs {p['max_num_seqs']}`) and its "
+        f"traffic ({p['sessions']} concurrent chat sessions, {p['turns']} turns, "
         f"{p['max_tokens']} output tokens per turn, {p['systems']} shared system prompts). Engine "
         f"core peak: the kernel's high-water mark of its resident memory after the traffic. "
         f"seqkv (preset `{record['preset']}`) takes its fixed memory from the KV budget: "
@@ -172,9 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="default: the tiny test model")
-    parser.add_argument("--sessions", type=int, default=32)
+    parser.add_argument("--sessions", type=int, default=200)
     parser.add_argument("--turns", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--systems", type=int, default=4)
     parser.add_argument("--system-chars", type=int, default=1500)
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=128 << 20)
