@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from tests.e2e.engines import engine
 from vllm_seqkv.integration.fixed_memory import PARTS
-from vllm_seqkv.integration.plugin import FIXED_MEMORY_MARKER
+from vllm_seqkv.integration.kv_budget import FIXED_MEMORY_MARKER
 
 pytestmark = pytest.mark.e2e
 BUDGET = 32 << 20

@@ -5,7 +5,9 @@ possibly several times. It is idempotent and cheap: it adds the CLI flag, a hook
 attention layer's constructor and one on the model loader (recording each attention layer's
 rotary embedding). Nothing else changes unless an engine's config selects seqkv:
 the hook reads ``additional_config`` of the engine being built and only then routes the
-attention backend to seqkv (and routes it back for an ``auto`` engine in the same process).
+attention backend to seqkv (and routes it back for an ``auto`` engine in the same process),
+and hooks the worker's KV-memory sizing so that seqkv's fixed memory comes out of the KV
+budget (:mod:`.kv_budget`).
 """
 
 from __future__ import annotations
@@ -57,13 +59,15 @@ def _checked_engine_config(original):
 
             ensure_calibrated(config, vllm_config.model_config.model,
                               vllm_config.parallel_config.tensor_parallel_size, logger().info)
+            from vllm_seqkv.integration import kv_budget
+
             codec = build_codec_for(config, vllm_config.model_config)
             figures = cache_figures(config, vllm_config.model_config, codec)
-            fixed = fixed_memory_for(codec, vllm_config)
-            check_fixed_memory_fits(fixed, codec, vllm_config)
+            fixed = kv_budget.fixed_memory_for(codec, vllm_config)
+            kv_budget.check_fixed_memory_fits(fixed, codec, vllm_config)
             metrics.export(figures, vllm_config.cache_config)
             metrics.export_fixed_memory(fixed, config.preset, vllm_config.cache_config,
-                                        _whole_budget(vllm_config), compat_is_cpu())
+                                        kv_budget.whole_budget(vllm_config), kv_budget.kv_on_host())
             logger().info(
                 "seqkv: KV-cache backend selected (preset %s): %.2f bits/element in the pages, "
                 "%.2fx the tokens of a bf16 cache in the same memory; %s",
@@ -122,83 +126,6 @@ def cache_figures(config: SeqKVConfig, model_config, codec=None):
                         model_config.get_total_num_hidden_layers())
 
 
-# ---- fixed memory: counted inside vLLM's KV budget (see vllm_seqkv.integration.fixed_memory)
-FIXED_MEMORY_MARKER = "seqkv: fixed memory outside the pages"
-
-
-def fixed_memory_for(engine, vllm_config):
-    """:class:`~.fixed_memory.FixedMemory` of an engine codec for the engine ``vllm_config``
-    builds (its layers on this worker, its ``max_model_len``)."""
-    from vllm_seqkv.integration.fixed_memory import fixed_memory_of
-
-    model_config = vllm_config.model_config
-    return fixed_memory_of(engine, model_config.get_num_layers(vllm_config.parallel_config),
-                           model_config.max_model_len)
-
-
-def _whole_budget(vllm_config) -> bool:
-    from vllm_seqkv.integration import compat
-
-    return compat.explicit_kv_budget(vllm_config.cache_config) is not None
-
-
-def compat_is_cpu() -> bool:
-    from vllm_seqkv.integration import compat
-
-    return compat.is_cpu()
-
-
-def check_fixed_memory_fits(fixed, engine, vllm_config) -> None:
-    """In the front-end: an explicit KV budget must hold seqkv's fixed memory and one block of
-    pages (estimated as every layer's page of one block: vLLM's block can only be smaller)."""
-    from vllm_seqkv.config import SeqKVConfigError
-
-    budget = vllm_config.cache_config.kv_cache_memory_bytes
-    if budget is None:
-        return
-    block_size = vllm_config.cache_config.block_size or 0
-    per_block = (vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-                 * engine.num_kv_heads * block_size * engine.slot_bytes)
-    needed = per_block + fixed.taken(1, True, compat_is_cpu())
-    if needed > budget:
-        raise SeqKVConfigError(_too_small_message(fixed, budget, needed, per_block))
-
-
-def _too_small_message(fixed, budget: int, needed: int, per_block: int, whole_budget: bool = True) -> str:
-    from vllm_seqkv.integration.fixed_memory import describe
-
-    given = "--kv-cache-memory-bytes" if whole_budget else "the KV budget vLLM measured"
-    raise_it = ("Give --kv-cache-memory-bytes at least" if whole_budget
-                else "Raise --gpu-memory-utilization (or give --kv-cache-memory-bytes) to leave at least")
-    return (f"invalid seqkv config: {given} {budget:,} cannot hold seqkv's fixed memory and one "
-            f"block of pages ({per_block:,} bytes): "
-            f"{describe(fixed, 1, whole_budget, compat_is_cpu())}. {raise_it} {needed:,} bytes, "
-            "or lower the seqkv option sink_table_bytes")
-
-
-def reserve_fixed_memory(worker, available: int) -> int:
-    """In the worker, after vLLM sized the KV budget: the bytes its pages get once seqkv's
-    fixed memory is taken out (a whole number of blocks: the largest ``n`` with ``n *
-    bytes_per_block + taken(n) <= available``); logs the parts. Other engines: unchanged."""
-    from vllm_seqkv.integration import compat
-    from vllm_seqkv.integration.engine_codec import active_engine_codec
-    from vllm_seqkv.integration.fixed_memory import FixedMemoryError, describe
-
-    vllm_config = worker.vllm_config
-    if not from_additional_config(vllm_config.additional_config).enabled:
-        return available
-    fixed = fixed_memory_for(active_engine_codec(), vllm_config)
-    per_block = compat.kv_pool_bytes_per_block(worker)
-    whole, on_host = _whole_budget(vllm_config), compat.is_cpu()
-    blocks = fixed.blocks_within(available, per_block, whole, on_host)
-    if blocks < 1:
-        raise FixedMemoryError(_too_small_message(
-            fixed, available, per_block + fixed.taken(1, whole, on_host), per_block, whole))
-    logger().info("%s: %s; the pages get %d blocks of %d bytes (%d without it)", FIXED_MEMORY_MARKER,
-                  describe(fixed, blocks, whole, on_host), blocks, per_block, available // per_block)
-    return blocks * per_block
-
-
 def logger():
     from vllm_seqkv.integration.compat import init_logger
 
@@ -216,6 +143,8 @@ def select_backend_for(vllm_config) -> SeqKVConfig:
     config = from_additional_config(getattr(vllm_config, "additional_config", None))
     if config.enabled:
         compat.override_backend(BACKEND_CLASS)
+        from vllm_seqkv.integration.kv_budget import reserve_fixed_memory
+
         compat.hook_available_kv_memory(reserve_fixed_memory)
     else:
         compat.clear_backend_override(BACKEND_CLASS)
