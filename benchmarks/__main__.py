@@ -53,6 +53,7 @@ MODULES = {
     "vllm-path": "vllm_path", "plt": "plt", "replay": "replay", "connector": "connector",
     "cpu-decode": "cpu_decode", "tpot": "tpot", "gpu-kernels": "gpu_kernels", "calibration": "calibration",
     "cpu-decode-profile": "cpu_decode_profile", "tpot-profile": "tpot_profile", "models": "models",
+    "memory": "memory",
 }
 
 

@@ -10,9 +10,13 @@ and the perplexity delta on held-out text (prompt log-probabilities), or, for a 
 refuses, the refusal. ``delta_ppl_pct`` only for trained weights (the RoPE variants and Mistral
 are the trained tiny model under another config; the other layouts have random weights:
 plumbing only, null; Gemma-3 with a 4k vocabulary, not its real 262k). ``fixed_bytes``:
-bytes seqkv holds outside vLLM's KV budget that do not grow with traffic: the calibration
-tensors as stored (the sink table, bounded by ``sink_table_bytes``,
-is not counted). Writes one entry per architecture, replacing older entries of the same one.
+bytes of the KV budget seqkv keeps for its memory outside the pages
+(``seqkv_fixed_bytes_taken_from_kv_budget``: token table, codec constants, kernel params,
+RoPE tables and the sink table's bound at the engine's block count; see
+vllm_seqkv/integration/fixed_memory.py), with every part in ``fixed_bytes_parts``; so
+``capacity_ratio`` (vLLM's own token counts) is net of it, and ``capacity_ratio_pages`` is the
+ratio in the budget's share left to the pages. Writes one entry per architecture, replacing
+older entries of the same one.
 """
 
 from __future__ import annotations
@@ -60,11 +64,26 @@ def run_engine(model: Path, backend: str, windows, prompts) -> dict:
         greedy = SamplingParams(max_tokens=32, temperature=0)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy, use_tqdm=False)
         return {"tokens": cache.num_gpu_blocks * cache.block_size, "ppl": math.exp(nll / count),
-                "generations": [list(o.outputs[0].token_ids) for o in outs]}
+                "generations": [list(o.outputs[0].token_ids) for o in outs],
+                **(fixed_memory_gauges() if backend == "seqkv" else {})}
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def fixed_memory_gauges() -> dict:
+    """The seqkv engine's fixed memory as this process's front-end exports it (/metrics)."""
+    from prometheus_client import REGISTRY
+
+    from vllm_seqkv.codec.presets import DEFAULT_PRESET
+    from vllm_seqkv.integration.fixed_memory import PARTS
+
+    def gauge(name: str, **labels) -> int:
+        return int(REGISTRY.get_sample_value(name, {"preset": DEFAULT_PRESET, **labels}))
+
+    return {"fixed_bytes": gauge("seqkv_fixed_bytes_taken_from_kv_budget"),
+            "fixed_bytes_parts": {part: gauge("seqkv_fixed_bytes", part=part) for part in PARTS}}
 
 
 def refusal_of(model: Path) -> str | None:
@@ -98,10 +117,10 @@ def measure(label: str, name: str, trained: bool, command: str) -> dict:
              "fixed_bytes": None, "weights": "trained" if trained else "random",
              "preset": DEFAULT_PRESET, "kv_cache_memory_bytes": KV_BYTES,
              "date": dt.date.today().isoformat(), "command": command}
-    entry["fixed_bytes"] = calibrate.ensure(model, DEFAULT_PRESET).stat().st_size  # start-up needs it
+    calibrate.ensure(model, DEFAULT_PRESET)  # start-up needs it
     refusal = refusal_of(model)
     if refusal is not None:
-        entry.update(refusal=refusal, fixed_bytes=None)
+        entry.update(refusal=refusal)
         return entry
     tok = AutoTokenizer.from_pretrained(model)
     text = fixtures.corpus_path("test").read_text()
@@ -109,7 +128,10 @@ def measure(label: str, name: str, trained: bool, command: str) -> dict:
     ids = tok(text[-40_000:])["input_ids"]
     prompts = [ids[i * 400:i * 400 + 64] for i in range(8)]
     runs = {b: run_engine(model, b, windows, prompts) for b in ("auto", "seqkv")}
-    entry.update(served=True, capacity_ratio=runs["seqkv"]["tokens"] / runs["auto"]["tokens"],
+    ratio = runs["seqkv"]["tokens"] / runs["auto"]["tokens"]
+    entry.update(served=True, capacity_ratio=ratio, fixed_bytes=runs["seqkv"]["fixed_bytes"],
+                 fixed_bytes_parts=runs["seqkv"]["fixed_bytes_parts"],
+                 capacity_ratio_pages=ratio * KV_BYTES / (KV_BYTES - runs["seqkv"]["fixed_bytes"]),
                  greedy_agreement=agreement(runs["auto"]["generations"], runs["seqkv"]["generations"]),
                  ppl_auto=runs["auto"]["ppl"], ppl_seqkv=runs["seqkv"]["ppl"])
     if trained:
@@ -122,13 +144,14 @@ def markdown(entries: list[dict]) -> str:
     def figure(value, form):
         return "—" if value is None else format(value, form)
 
-    rows = ["| architecture | model | served | capacity vs `auto` | greedy agreement | Δppl | "
-            "fixed bytes | weights |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| architecture | model | served | capacity vs `auto` (pages' share) | greedy agreement | "
+            "Δppl | fixed bytes | weights |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for e in entries:
         served = "yes" if e["served"] else f"refused: {e['refusal']}"
         delta = "—" if e["delta_ppl_pct"] is None else f"{e['delta_ppl_pct']:+.1f} %"
+        pages = "" if e.get("capacity_ratio_pages") is None else f" ({e['capacity_ratio_pages']:.2f}x)"
         rows.append(f"| {e['architecture']} | {e['model']} | {served} | "
-                    f"{figure(e['capacity_ratio'], '.2f')}x | {figure(e['greedy_agreement'], '.2f')} | "
+                    f"{figure(e['capacity_ratio'], '.2f')}x{pages} | {figure(e['greedy_agreement'], '.2f')} | "
                     f"{delta} | {figure(e['fixed_bytes'], ',')} | {e.get('weights', '')} |")
     return "\n".join(rows)
 

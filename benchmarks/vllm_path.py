@@ -102,6 +102,8 @@ def markdown(records: list[dict]) -> str:
         "prompt log-probabilities over held-out windows of `context` tokens (the serving code "
         "path); greedy agreement = mean fraction of a 32-token greedy continuation that matches "
         "the `auto` run before the first divergence. Model weights and compute in bf16. "
+        "Rows dated before 2026-12-05 (and that day's first) predate the fixed-memory accounting: the seqkv "
+        "pages got the whole budget, its fixed memory came on top (see \"Engine memory under load\"). "
         f"Machine: {machine().split(', torch')[0]}.\n\n"
         + "\n".join(rows) + "\n"
     )

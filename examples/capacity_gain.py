@@ -5,7 +5,8 @@
 Starts vLLM twice with the same KV budget, once with its own cache (`auto`) and once with
 seqkv, and prints the KV capacity vLLM itself reports (blocks x block size), the gain, and
 the bits per K/V element: the preset's page slot size, and what the budget works out to per
-cached element given vLLM's block count (all-in, rounding of blocks included).
+cached element given vLLM's block count (all-in: seqkv's fixed memory, which it takes from the
+budget, and the rounding of blocks included).
 """
 
 import argparse
@@ -31,8 +32,12 @@ def capacity(model: str, backend: str, kv_bytes: int, preset: str) -> dict:
             from vllm_seqkv.config import from_additional_config
             from vllm_seqkv.integration.plugin import cache_figures
 
+            from prometheus_client import REGISTRY
+
             figures["slot_bits_per_element"] = cache_figures(
                 from_additional_config(config.additional_config), model_config).bits_per_element
+            figures["fixed_bytes_taken"] = int(REGISTRY.get_sample_value(
+                "seqkv_fixed_bytes_taken_from_kv_budget", {"preset": preset}))
             out = llm.generate(["The Python standard library"], SamplingParams(max_tokens=12, temperature=0))
             figures["sample"] = out[0].outputs[0].text
     finally:
@@ -58,6 +63,8 @@ def main() -> None:
     print(f"auto : {auto['tokens']:>9,} tokens, {auto['budget_bits_per_element']:.2f} bits/element")
     print(f"seqkv: {seqkv['tokens']:>9,} tokens, {seqkv['budget_bits_per_element']:.2f} bits/element "
           f"({seqkv['slot_bits_per_element']:.2f} in the page slots)")
+    print(f"seqkv fixed memory taken from the budget: {seqkv['fixed_bytes_taken']:,} bytes "
+          "(token table, codec constants, RoPE tables, sink table bound)")
     print(f"capacity gain: {seqkv['tokens'] / auto['tokens']:.2f}x")
     print(f"sample generation on the compressed cache: {seqkv['sample']!r}")
 

@@ -123,8 +123,9 @@ class SeqKVConfig(BaseModel):
 
     sink_table_bytes: int = Field(
         default=64 << 20, ge=0, description="bound on the exact sink rows (first token of each "
-        "sequence, one entry per distinct first token with the default presets) kept beside "
-        "the pages, outside vLLM's KV budget; beyond, sequence starts use their coded rows")
+        "sequence: one entry per sequence-start block, or per distinct first token with a "
+        "layer-0 token table) kept beside the pages; taken from vLLM's KV budget (at most one "
+        "entry per block or token that can exist); beyond, sequence starts use their coded rows")
     cold_tier: ColdTierConfig | None = Field(
         default=None, description="cold tier for blocks evicted from the pages (KV connector); "
         "null: none")

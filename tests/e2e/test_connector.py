@@ -14,9 +14,11 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
+from tests.e2e.engines import seqkv_budget_for_blocks
+
 pytestmark = pytest.mark.e2e
 
-BLOCK_BYTES = 4 * 2 * 128 * 24  # layers x kv heads x block tokens x seqkv-3 slot bytes (tiny model)
+BLOCKS = 9  # vLLM blocks of pages (128 tokens): a few prompts fill them
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def llm(tiny_model_dir, cold_dir, engine_log, gate):
             "approximate": {"gate": str(gate), "max_kl": 0.005}}
     with output_to(engine_log):  # the engine core and worker log there
         llm = LLM(model=str(tiny_model_dir), max_model_len=1024, seed=0, enforce_eager=True,
-                  kv_cache_memory_bytes=12 * BLOCK_BYTES,
+                  kv_cache_memory_bytes=seqkv_budget_for_blocks(tiny_model_dir, BLOCKS, max_model_len=1024),
                   additional_config={"kv_cache_backend": "seqkv", "seqkv": {"cold_tier": cold}})
     try:
         yield llm

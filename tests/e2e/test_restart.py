@@ -24,10 +24,11 @@ import pytest
 
 from benchmarks import load
 from benchmarks.server import VllmServer
+from tests.e2e.engines import seqkv_budget_for_blocks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-BLOCK_BYTES = 4 * 2 * 128 * 24  # layers x kv heads x block tokens x seqkv-3 slot bytes (tiny model)
+BLOCKS = 15  # vLLM blocks of pages (128 tokens): a few prompts fill them
 
 
 def prompt(seed: int, n: int = 600) -> list[int]:
@@ -82,7 +83,8 @@ def server(model, cold, log):
     QualityGate(model.name, {1: 0.001, 2: 1.0}).save(gate)
     tier = {"kind": "disk", "path": str(cold), "capacity_bytes": 256 << 20,
             "approximate": {"gate": str(gate), "max_kl": 0.01}}
-    args = load.server_args("seqkv", kv_bytes=20 * BLOCK_BYTES, max_model_len=1024, max_num_seqs=8)
+    kv_bytes = seqkv_budget_for_blocks(model, BLOCKS, max_model_len=1024)
+    args = load.server_args("seqkv", kv_bytes=kv_bytes, max_model_len=1024, max_num_seqs=8)
     return VllmServer(model, args + ["--additional-config", json.dumps({"seqkv": {"cold_tier": tier}})],
                       log)
 

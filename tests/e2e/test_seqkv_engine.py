@@ -36,17 +36,21 @@ def ppl(logprob_lists):
 
 
 def test_capacity_grows_by_the_slot_ratio(seqkv_llm, auto_run, tiny_model_dir):
+    """In the budget left after seqkv's fixed memory, the pages hold ``bf16 bytes / slot
+    bytes`` times the tokens (see tests/e2e/test_fixed_memory.py for the fixed memory)."""
     from vllm_seqkv.calibrate import load_for_model
     from vllm_seqkv.codec import make_codec
     from vllm_seqkv.codec.base import SlotLayout
-
     from vllm_seqkv.config import SeqKVConfig
+    from prometheus_client import REGISTRY
 
     preset = SeqKVConfig().preset
     codec = make_codec(preset, load_for_model(tiny_model_dir, preset))
     slot_bytes = max(SlotLayout(*codec.codecs_for_layer(layer), num_kv_heads=2, head_dim=32).slot_bytes
                      for layer in range(4))
-    ratio = kv_tokens(seqkv_llm) / auto_run["tokens"]
+    taken = REGISTRY.get_sample_value("seqkv_fixed_bytes_taken_from_kv_budget", {"preset": preset})
+    budget = seqkv_llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes
+    ratio = kv_tokens(seqkv_llm) / auto_run["tokens"] * budget / (budget - taken)
     assert ratio == pytest.approx(2 * 2 * 32 / slot_bytes, rel=0.01)
     assert ratio > 3.5  # seqkv-f4: 4.0
 

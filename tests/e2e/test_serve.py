@@ -114,6 +114,14 @@ def test_metrics_exported_next_to_vllms(server, client):
     assert 2.0 < values["seqkv_bits_per_element"] <= 4.01  # the default seqkv-f4: 4.0
     assert values["seqkv_compression_ratio"] > 3.5  # seqkv-f4: 4.0
     assert values["seqkv_kv_cache_tokens"] > 0
+    from benchmarks.memory import fixed_memory_gauges
+    from vllm_seqkv.integration.fixed_memory import PARTS
+
+    fixed = fixed_memory_gauges(text)  # values: tests/e2e/test_fixed_memory.py
+    assert sorted(fixed["parts"]) == sorted(PARTS) and fixed["parts"]["calibration"] > 0
+    assert 0 < fixed["taken_from_kv_budget"] < 64 << 20
+    assert re.search(r"fixed memory outside the pages: .* taken from the --kv-cache-memory-bytes KV "
+                     rf"budget: {fixed['taken_from_kv_budget']:,} bytes", server.log())
 
 
 def test_concurrent_requests(client):

@@ -60,6 +60,7 @@ from vllm_seqkv.integration.compat import (
     MultipleOf,
     backend_slot,
     extract_layer_index,
+    get_current_vllm_config,
     get_forward_context,
     init_logger,
     layer_rotary,
@@ -259,6 +260,9 @@ class SeqKVAttentionImpl(AttentionImpl):
         self.scale = float(scale)
         self.sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
         self.engine: EngineCodec = start_engine_codec(num_kv_heads, head_size)
+        # NOTE: positions stay below max_model_len: the RoPE tables keep that many rows (the
+        # fixed memory counted in the KV budget, vllm_seqkv.integration.fixed_memory)
+        self.max_positions = get_current_vllm_config().model_config.max_model_len
         if self.sliding_window is not None and (self.engine.codec.cross_layer or self.engine.sinks.by_token):
             # NOTE: both read another layer's pages under this layer's block ids; with sliding
             # windows, layers sit in different KV-cache groups with their own block tables
@@ -321,7 +325,7 @@ class SeqKVAttentionImpl(AttentionImpl):
             raise UnsupportedModelError(
                 f"--kv-cache-backend seqkv does not support this model: layer {layer.layer_name} "
                 f"uses {'; '.join(refusals)}. Serve it with --kv-cache-backend auto.")
-        self.engine.set_rope_table(layer_index, rotary.table)
+        self.engine.set_rope_table(layer_index, rotary.table[:self.max_positions])
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: SeqKVMetadata, output: torch.Tensor,

@@ -272,3 +272,43 @@ def layer_rotary(layer_name: str) -> LayerRotary | None:
                          "cache (its rotation is not a table of positions)")
     return LayerRotary(table.detach().float().cpu().contiguous(), int(rotary.rotary_dim),
                        int(rotary.head_size), bool(rotary.is_neox_style), type(rotary).__name__)
+
+
+# --- the KV budget: seqkv's fixed memory taken from what vLLM gives the pages ----------------
+# vLLM's engine core asks each worker ``determine_available_memory()`` (bytes for KV pages:
+# ``--kv-cache-memory-bytes`` as given, or what its memory profile leaves), then makes
+# ``available // bytes_per_block`` blocks (``get_kv_cache_config_from_groups`` in
+# ``vllm/v1/core/kv_cache_utils.py``; the divisor is ``_pool_bytes_per_block``).
+
+def hook_available_kv_memory(adjust) -> None:
+    """Wrap this platform's worker so that ``determine_available_memory`` returns
+    ``adjust(worker, available)`` (bytes) instead of ``available``. Call it in the worker
+    process (the worker class is imported there)."""
+    if is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker as worker_class
+    else:
+        from vllm.v1.worker.gpu_worker import Worker as worker_class
+
+    def make(original):
+        def determine_available_memory(self):
+            return adjust(self, original(self))
+        return determine_available_memory
+    wrap_method(worker_class, "determine_available_memory", make)
+
+
+def kv_pool_bytes_per_block(worker) -> int:
+    """Bytes one block takes in the worker's KV pool: the divisor vLLM turns the available
+    memory into a block count with (every KV-cache group's pages of one block id)."""
+    from vllm.v1.core.kv_cache_utils import _pool_bytes_per_block, get_kv_cache_groups
+
+    groups = get_kv_cache_groups(worker.vllm_config, dict(worker.get_kv_cache_spec()))
+    return _pool_bytes_per_block(worker.vllm_config, groups)
+
+
+def explicit_kv_budget(cache_config) -> int | None:
+    """``--kv-cache-memory-bytes`` (or ``VLLM_CPU_KVCACHE_SPACE``) when given: vLLM then
+    measures nothing and the pages get exactly that; None when vLLM profiles memory."""
+    return cache_config.kv_cache_memory_bytes
+
+
+__all__ += ["hook_available_kv_memory", "kv_pool_bytes_per_block", "explicit_kv_budget"]

@@ -1,7 +1,9 @@
 """Prometheus gauges next to vLLM's own (``/metrics`` of ``vllm serve``).
 
 Registered in the front-end process, which serves ``/metrics``; values are read at scrape
-time from the engine config (vLLM copies the engine's block count back into it).
+time from the engine config (vLLM copies the engine's block count back into it). The fixed
+memory gauges are computed in the front-end by the same function the worker sizes the pages
+with (:func:`~.fixed_memory.fixed_memory_of`), from the same codec and config.
 """
 
 from __future__ import annotations
@@ -65,3 +67,31 @@ def export(figures: CacheFigures, cache_config) -> None:
         if name not in _registered:
             _registered[name] = Gauge(name, doc, ["preset"], registry=REGISTRY)
         _registered[name].labels(preset=figures.preset).set_function(values[name])
+
+
+_FIXED_GAUGES = {
+    "seqkv_fixed_bytes": "Bytes seqkv holds outside the KV pages, by part (sink_table: its "
+                         "bound at the engine's block count; scratch: a bound on per-step buffers)",
+    "seqkv_fixed_bytes_taken_from_kv_budget": "Bytes of vLLM's KV budget kept for seqkv's fixed "
+                                              "memory instead of pages",
+}
+
+
+def export_fixed_memory(fixed, preset: str, cache_config, whole_budget: bool, kv_on_host: bool) -> None:
+    """Gauges of a :class:`~.fixed_memory.FixedMemory`: ``seqkv_fixed_bytes{preset, part}``
+    (every part of :data:`~.fixed_memory.PARTS`) and ``seqkv_fixed_bytes_taken_from_kv_budget
+    {preset}``, read at scrape time at the engine's block count."""
+    from vllm_seqkv.integration.fixed_memory import PARTS
+
+    def blocks() -> int:
+        return cache_config.num_gpu_blocks or 0
+
+    for name, doc in _FIXED_GAUGES.items():
+        if name not in _registered:
+            labels = ["preset", "part"] if name == "seqkv_fixed_bytes" else ["preset"]
+            _registered[name] = Gauge(name, doc, labels, registry=REGISTRY)
+    for part in PARTS:
+        _registered["seqkv_fixed_bytes"].labels(preset=preset, part=part).set_function(
+            lambda part=part: float(fixed.parts(blocks())[part]))
+    _registered["seqkv_fixed_bytes_taken_from_kv_budget"].labels(preset=preset).set_function(
+        lambda: float(fixed.taken(blocks(), whole_budget, kv_on_host)))

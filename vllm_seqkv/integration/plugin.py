@@ -5,7 +5,9 @@ possibly several times. It is idempotent and cheap: it adds the CLI flag, a hook
 attention layer's constructor and one on the model loader (recording each attention layer's
 rotary embedding). Nothing else changes unless an engine's config selects seqkv:
 the hook reads ``additional_config`` of the engine being built and only then routes the
-attention backend to seqkv (and routes it back for an ``auto`` engine in the same process).
+attention backend to seqkv (and routes it back for an ``auto`` engine in the same process),
+and hooks the worker's KV-memory sizing so that seqkv's fixed memory comes out of the KV
+budget (:mod:`.kv_budget`).
 """
 
 from __future__ import annotations
@@ -57,8 +59,15 @@ def _checked_engine_config(original):
 
             ensure_calibrated(config, vllm_config.model_config.model,
                               vllm_config.parallel_config.tensor_parallel_size, logger().info)
-            figures = cache_figures(config, vllm_config.model_config)
+            from vllm_seqkv.integration import kv_budget
+
+            codec = build_codec_for(config, vllm_config.model_config)
+            figures = cache_figures(config, vllm_config.model_config, codec)
+            fixed = kv_budget.fixed_memory_for(codec, vllm_config)
+            kv_budget.check_fixed_memory_fits(fixed, codec, vllm_config)
             metrics.export(figures, vllm_config.cache_config)
+            metrics.export_fixed_memory(fixed, config.preset, vllm_config.cache_config,
+                                        kv_budget.whole_budget(vllm_config), kv_budget.kv_on_host())
             logger().info(
                 "seqkv: KV-cache backend selected (preset %s): %.2f bits/element in the pages, "
                 "%.2fx the tokens of a bf16 cache in the same memory; %s",
@@ -103,11 +112,16 @@ def _select_cold_tier_connector(engine_args) -> None:
         engine_args.kv_transfer_config = kv_transfer_config_for()
 
 
-def cache_figures(config: SeqKVConfig, model_config):
+def build_codec_for(config: SeqKVConfig, model_config):
     from vllm_seqkv.integration.engine_codec import build_codec
+
+    return build_codec(config, model_config)
+
+
+def cache_figures(config: SeqKVConfig, model_config, codec=None):
     from vllm_seqkv.integration.metrics import CacheFigures
 
-    codec = build_codec(config, model_config)
+    codec = codec or build_codec_for(config, model_config)
     return CacheFigures(config.preset, codec.slot_bytes, codec.head_dim, codec.num_kv_heads,
                         model_config.get_total_num_hidden_layers())
 
@@ -129,6 +143,9 @@ def select_backend_for(vllm_config) -> SeqKVConfig:
     config = from_additional_config(getattr(vllm_config, "additional_config", None))
     if config.enabled:
         compat.override_backend(BACKEND_CLASS)
+        from vllm_seqkv.integration.kv_budget import reserve_fixed_memory
+
+        compat.hook_available_kv_memory(reserve_fixed_memory)
     else:
         compat.clear_backend_override(BACKEND_CLASS)
     return config

@@ -1,0 +1,77 @@
+"""seqkv's fixed memory inside vLLM's KV budget, through the real CPU engine (tiny model).
+
+The invariant: with ``--kv-cache-memory-bytes B``, vLLM's block count is the largest ``n``
+with ``n * page_bytes + F + sink(n) <= B``, where ``F`` is the persistent parts (token table,
+codec constants, kernel params, RoPE tables) and ``sink(n)`` the sink table's bound (one
+entry per block, or per vocabulary token with a layer-0 token table, capped by
+``sink_table_bytes``); the start-up log names each part and ``/metrics`` exports them.
+"""
+
+import re
+
+import pytest
+from transformers import AutoConfig
+
+from tests.e2e.engines import engine
+from vllm_seqkv.integration.fixed_memory import PARTS
+from vllm_seqkv.integration.kv_budget import FIXED_MEMORY_MARKER
+
+pytestmark = pytest.mark.e2e
+BUDGET = 32 << 20
+
+
+def gauges(preset):
+    from prometheus_client import REGISTRY
+
+    parts = {part: REGISTRY.get_sample_value("seqkv_fixed_bytes", {"preset": preset, "part": part})
+             for part in PARTS}
+    return parts, REGISTRY.get_sample_value("seqkv_fixed_bytes_taken_from_kv_budget", {"preset": preset})
+
+
+@pytest.mark.parametrize("preset", ["seqkv-f4", "seqkv-3"])
+def test_blocks_shrink_by_the_fixed_memory_and_it_is_reported(tiny_model_dir, preset, capfd):
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    layers, heads = config.num_hidden_layers, config.num_key_value_heads
+    dim = config.hidden_size // config.num_attention_heads
+    with engine(tiny_model_dir, "seqkv", {"preset": preset}, kv_cache_memory_bytes=BUDGET) as llm:
+        cache = llm.llm_engine.vllm_config.cache_config
+        blocks, block_size = cache.num_gpu_blocks, cache.block_size
+        parts, taken = gauges(preset)
+    log = capfd.readouterr()
+    line = next(x for x in (log.out + log.err).splitlines() if FIXED_MEMORY_MARKER in x)
+    page_bytes = int(re.search(r"pages get \d+ blocks of (\d+) bytes", line)[1])  # vLLM's divisor
+    assert page_bytes % (layers * heads * block_size) == 0  # one slot per token, head and layer
+    persistent = sum(parts[p] for p in ("token_table", "calibration", "kernel_params", "rope_tables"))
+    sink_entry = layers * heads * dim * 2 * 4  # one sequence start, float32 K and V, every layer
+    if preset == "seqkv-3":  # keyed by first token: at most one entry per vocabulary token
+        assert parts["token_table"] > 0
+        sink = min(64 << 20, config.vocab_size * sink_entry)
+        expected = (BUDGET - persistent - sink) // page_bytes
+    else:  # keyed by block: at most one entry per block
+        assert parts["token_table"] == 0
+        expected = (BUDGET - persistent) // (page_bytes + sink_entry)
+        sink = expected * sink_entry
+    assert blocks == expected < BUDGET // page_bytes
+    assert parts["sink_table"] == sink and taken == persistent + sink
+    assert parts["scratch"] > 0 and all(parts[p] > 0 for p in ("calibration", "rope_tables"))
+    for part in PARTS:
+        assert f"{part.replace('_', ' ')} {int(parts[part]):,}" in line
+    assert f"taken from the --kv-cache-memory-bytes KV budget: {int(taken):,} bytes" in line
+    assert f"pages get {blocks} blocks" in line and f"({BUDGET // page_bytes} without it)" in line
+
+
+def test_budget_smaller_than_the_fixed_memory_is_one_clear_error(tiny_model_dir):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_seqkv.config import SeqKVConfigError
+    from vllm_seqkv.integration.plugin import register
+
+    register()
+    args = EngineArgs(model=str(tiny_model_dir), max_model_len=256, kv_cache_memory_bytes=1 << 20,
+                      additional_config={"kv_cache_backend": "seqkv"})
+    with pytest.raises(SeqKVConfigError) as error:
+        args.create_engine_config()
+    message = str(error.value)
+    assert "--kv-cache-memory-bytes 1,048,576 cannot hold seqkv's fixed memory" in message
+    needed = int(re.search(r"at least ([\d,]+) bytes", message)[1].replace(",", ""))
+    assert needed > 1 << 20 and "calibration" in message and "sink_table_bytes" in message
