@@ -30,6 +30,7 @@ a warning. The choice is logged once per device.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -70,9 +71,30 @@ def _cpp_available() -> bool:
 
 
 def implementation(device: torch.device) -> str:
-    """Which implementation runs for tensors on ``device``: "cpp", "triton", "cuda" or "torch"."""
-    device = torch.device(device)
+    """Which implementation runs for tensors on ``device``: "cpp", "triton", "cuda" or "torch".
+    NOTE: decided once per (device, ``SEQKV_KERNELS``) and kept: every layer asks, every step."""
     wanted = os.environ.get("SEQKV_KERNELS", "auto").lower()
+    name = str(device)
+    key = (name, wanted, _cpp_available() if name == "cpu" else None)
+    chosen = _chosen.get(key)
+    if chosen is None:
+        chosen = _choose_implementation(torch.device(device), wanted)
+        _chosen[key] = chosen
+    if (name, chosen) not in _announced:
+        _announced.add((name, chosen))
+        if chosen == "cpp":
+            from vllm_seqkv.kernels.cpu_ops import active_isa
+
+            logger.info("seqkv kernels: cpp implementation on %s (C++ CPU ops, %s)", device, active_isa())
+        else:
+            logger.info("seqkv kernels: %s implementation on %s", chosen, device)
+    return chosen
+
+
+_chosen: dict[tuple[str, str], str] = {}
+
+
+def _choose_implementation(device: torch.device, wanted: str) -> str:
     if wanted not in CHOICES:
         raise ValueError(f"SEQKV_KERNELS={wanted!r}; choose one of {', '.join(CHOICES)}")
     if wanted == "cpp":
@@ -101,14 +123,6 @@ def implementation(device: torch.device) -> str:
                            "reference on %s", device)
     else:
         chosen = wanted
-    if (str(device), chosen) not in _announced:
-        _announced.add((str(device), chosen))
-        if chosen == "cpp":
-            from vllm_seqkv.kernels.cpu_ops import active_isa
-
-            logger.info("seqkv kernels: cpp implementation on %s (C++ CPU ops, %s)", device, active_isa())
-        else:
-            logger.info("seqkv kernels: %s implementation on %s", chosen, device)
     return chosen
 
 
@@ -170,6 +184,7 @@ REFERENCES = {
 }
 
 
+@functools.cache
 def _function(path: str):
     import importlib
 
