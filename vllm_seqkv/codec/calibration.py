@@ -275,13 +275,14 @@ def fit_transform_calibration(capture: Capture, preset: str, key_bits: float, va
                                             torch.zeros(heads * dim))
                 prediction = torch.zeros_like(x)
             transform = fit_transform(x - prediction, metric, bits, rope_pairs=pairs)
-            codec = TransformCodec(transform)
-            recon.append(codec.decode(codec.encode(x - prediction)) + prediction)
+            if cross_layer:  # only the predictor of the layer above reads the reconstruction
+                codec = TransformCodec(transform)
+                recon.append(codec.decode(codec.encode(x - prediction)) + prediction)
             for name, value in (("mean", transform.mean), ("basis", transform.basis),
                                 ("bits", transform.bits.to(torch.int32)), ("levels", transform.levels),
                                 ("pred_w", predictor.weight), ("pred_b", predictor.bias)):
                 stacks[f"{stream}.{name}"].append(value)
-        previous = (recon[0], recon[1])
+        previous = (recon[0], recon[1]) if cross_layer else None
         if layer == 0 and table is not None:
             previous = tuple(extra[n][capture.token_ids].float() for n in _LAYER0)
     tensors = {name: torch.stack(parts) for name, parts in stacks.items()} | extra
