@@ -96,3 +96,22 @@ def test_one_thread_restores_the_thread_count():
         assert torch.get_num_threads() == 1
         raise RuntimeError
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("preset", ["seqkv-f4", "seqkv-3"])
+def test_streams_fitted_in_parallel_equal_a_serial_fit(preset):
+    from tests.codec.synthetic import synthetic_capture
+    from vllm_seqkv.codec.presets import PRESETS
+
+    capture = synthetic_capture(layers=3, heads=2, dim=32, tokens=768, vocab=50)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one worker
+        serial = PRESETS[preset].fit(capture)
+        torch.set_num_threads(3)  # three workers
+        parallel = PRESETS[preset].fit(capture)
+    finally:
+        torch.set_num_threads(before)
+    assert serial.tensors.keys() == parallel.tensors.keys()
+    for name in serial.tensors:
+        assert torch.equal(serial.tensors[name], parallel.tensors[name]), name

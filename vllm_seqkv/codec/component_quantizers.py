@@ -68,7 +68,9 @@ class SortedRows:
         return cls(x, torch.cat([zero, x.cumsum(-1)], -1), torch.cat([zero, (x * x).cumsum(-1)], -1))
 
     def select(self, rows: torch.Tensor) -> "SortedRows":
-        """The rows ``rows`` (indices) only."""
+        """The rows ``rows`` (ascending indices) only; no copy when that is every row."""
+        if rows.numel() == self.x.shape[0]:
+            return self
         return SortedRows(self.x[rows], self.cum[rows], self.cum_sq[rows])
 
 
