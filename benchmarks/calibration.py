@@ -164,11 +164,11 @@ def fit_speed_lines(path: Path) -> list[str]:
     if not path.exists():
         return []
     recs = json.loads(path.read_text())
-    lines = ["The transform fit alone (every layer's K and V at the preset's bits, on the same vLLM "
-             "capture of 24,576 tokens, in one process, alternating): the current fit against the fit "
+    lines = ["The fit alone (what `python -m vllm_seqkv.calibrate` runs after the capture, on the same "
+             "vLLM capture of 24,576 tokens, in one process, alternating): the current fit against the fit "
              "of commit f481030 kept verbatim in `benchmarks/calibration_fit.py` (every quantizer width "
-             "of every component, samples sorted again per width, one head at a time). Both give "
-             "identical tensors (checked by the benchmark). Command: "
+             "of every component, samples sorted again per width, one head and one stream at a time). "
+             "Both give identical tensors (checked by the benchmark). Command: "
              + ", ".join(f"`{c}`" for c in sorted({r["command"] for r in recs})) + ".", "",
              "| model | preset | seconds before | seconds after | speedup (best of each) | identical "
              "| load average (1 min) before / after |",

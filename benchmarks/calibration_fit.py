@@ -4,12 +4,11 @@
 
 Captures the model's calibration activations through vLLM once (``DEFAULT_TOKENS`` of the
 shipped general set, as ``python -m vllm_seqkv.calibrate`` does), then times, alternately,
-:func:`vllm_seqkv.codec.transform.fit_transform` and :func:`fit_transform_before` (the fit of
-commit f481030, kept below verbatim as the baseline: every quantizer width of every component,
-each width sorting its samples again, 60 Lloyd-Max iterations, one head at a time, torch's
-default thread count) on every layer's keys and values with the preset's bits, and checks
-that both give identical tensors. Records ``benchmarks/calibration_fit.json``; the load average
-is recorded (these cores are shared).
+the preset's fit (what the CLI runs after the capture) and :func:`fit_calibration_before` (the
+fit of commit f481030, kept below verbatim as the baseline: every quantizer width of every
+component, each width sorting its samples again, 60 Lloyd-Max iterations, one head and one
+stream at a time, torch's default thread count), and checks that both give identical tensors.
+Records ``benchmarks/calibration_fit.json``; the load average is recorded (these cores are shared).
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ from pathlib import Path
 import torch
 
 from vllm_seqkv.codec.base import CodecInputError
-from vllm_seqkv.codec.transform import MAX_BITS, Transform, fit_transform, rope_pair_covariance
+from vllm_seqkv.codec.crosslayer import LinearPredictor
+from vllm_seqkv.codec.transform import MAX_BITS, Transform, TransformCodec, rope_pair_covariance
 
 
 def lloyd_max_before(samples: torch.Tensor, bits: int, iterations: int = 60):
@@ -111,21 +111,49 @@ def fit_transform_before(samples: torch.Tensor, metric: torch.Tensor, bits_per_e
                      torch.stack(all_levels))
 
 
-def fit_all(fit, capture, preset) -> tuple[float, list[Transform]]:
-    """Seconds and transforms of ``fit`` over every layer's keys and values (no cross-layer
-    prediction: the residual is the stream itself, as in the fusable presets)."""
-    started = time.monotonic()
-    out = []
+def fit_calibration_before(capture, preset) -> dict[str, torch.Tensor]:
+    """BASELINE: ``fit_transform_calibration`` as of commit f481030 (serial, a reconstruction
+    of every layer whether or not a predictor reads it), with :func:`fit_transform_before`."""
+    stacks: dict[str, list[torch.Tensor]] = {}
+    table = capture.layer0_table if preset.layer0_tokens else None
+    extra = {}
+    if table is not None:
+        extra = {name: t.to(torch.bfloat16).contiguous() for name, t in zip(("l0.k", "l0.v"), table)}
+    previous = None
     for layer in range(capture.num_layers):
-        out.append(fit(capture.keys[layer].float(), capture.key_metric(layer), preset.key_bits,
-                       rope_pairs=preset.key_rope_pairs))
-        out.append(fit(capture.values[layer].float(), capture.value_metric[layer], preset.value_bits))
-    return time.monotonic() - started, out
+        recon = []
+        for stream, x, metric, bits, pairs in (
+                ("k", capture.keys[layer], capture.key_metric(layer), preset.key_bits, preset.key_rope_pairs),
+                ("v", capture.values[layer], capture.value_metric[layer], preset.value_bits, False)):
+            x = x.float()
+            heads, dim = x.shape[1:]
+            if preset.cross_layer and previous is not None:
+                predictor = LinearPredictor.fit(previous, x)
+                prediction = predictor.predict(previous, heads, dim)
+            else:
+                predictor = LinearPredictor(torch.zeros(2 * heads * dim, heads * dim), torch.zeros(heads * dim))
+                prediction = torch.zeros_like(x)
+            transform = fit_transform_before(x - prediction, metric, bits, rope_pairs=pairs)
+            codec = TransformCodec(transform)
+            recon.append(codec.decode(codec.encode(x - prediction)) + prediction)
+            for name, value in (("mean", transform.mean), ("basis", transform.basis),
+                                ("bits", transform.bits.to(torch.int32)), ("levels", transform.levels),
+                                ("pred_w", predictor.weight), ("pred_b", predictor.bias)):
+                stacks.setdefault(f"{stream}.{name}", []).append(value)
+        previous = (recon[0], recon[1])
+        if layer == 0 and table is not None:
+            previous = tuple(extra[n][capture.token_ids].float() for n in ("l0.k", "l0.v"))
+    return {name: torch.stack(parts) for name, parts in stacks.items()} | extra
 
 
-def identical(a: list[Transform], b: list[Transform]) -> bool:
-    return all(torch.equal(getattr(x, f), getattr(y, f)) for x, y in zip(a, b)
-               for f in ("mean", "basis", "bits", "levels"))
+def timed(fit, *args) -> tuple[float, dict[str, torch.Tensor]]:
+    started = time.monotonic()
+    tensors = fit(*args)
+    return time.monotonic() - started, tensors
+
+
+def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,13 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = {"tiny": fixtures.tiny_model_dir, "smollm2": fixtures.smollm2_dir}[args.model]()
     preset = PRESETS[args.preset]
     capture = calibrate.capture(model_dir, calibrate.read_text(), calibrate.DEFAULT_TOKENS,
-                                layer0_table=False, progress=False)
+                                layer0_table=calibrate.needs_layer0_table(args.preset), progress=False)
     load_before = os.getloadavg()
     before, after, same = [], [], True
     for _ in range(args.repeats):
-        seconds, old = fit_all(fit_transform_before, capture, preset)
+        seconds, old = timed(fit_calibration_before, capture, preset)
         before.append(seconds)
-        seconds, new = fit_all(fit_transform, capture, preset)
+        seconds, new = timed(lambda: preset.fit(capture).tensors)
         after.append(seconds)
         same = same and identical(old, new)
     record = {
