@@ -59,7 +59,7 @@ def timed_calibration(model_dir: Path, home: Path, text: Path | None = None) -> 
     if proc.returncode != 0:
         raise SystemExit(f"calibration failed (exit {proc.returncode}): {shlex.join(command)}")
     return {"path": out.strip().splitlines()[-1], "seconds": round(seconds, 1), "peak_rss_bytes": peak[0],
-            "load_average_before": [round(x, 2) for x in load_before],
+            "niceness": os.nice(0), "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -117,14 +117,15 @@ def markdown_section(recs: list[dict]) -> str:
         "Calibration through vLLM's CPU engine (`python -m vllm_seqkv.calibrate MODEL --no-cold-prior`, "
         "default preset, 24,576 tokens of the shipped general set, float32 capture) in a fresh cache "
         "folder: wall time and peak RSS summed over the process tree (front-end + engine process), "
-        "sampled every 0.2 s. The fit of the transform codec (per layer and KV head) dominates the "
-        "time on these cores. Raw figures: `benchmarks/calibration.json`.", "",
+        "sampled every 0.2 s. Raw figures: `benchmarks/calibration.json` (each model's record from its "
+        "own run: the command and date are in it).", "",
         "| model | layers x KV heads x head_dim | seconds | peak RSS (GiB) | load average (1 min) before / after |",
         "| --- | --- | ---: | ---: | --- |",
     ]
     for r in recs:
         shape = r["shape"]
         note = " (a second fit ran alongside for part of it)" if r.get("concurrent_fits", 1) > 1 else ""
+        note += f" (at nice {r['niceness']}, beside other work)" if r.get("niceness", 0) > 0 else ""
         lines.append(f"| {r['model']}{note} | {shape['num_hidden_layers']} x {shape['num_key_value_heads']} x "
                      f"{shape['head_dim']} | {r['seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
                      f"{r['load_average_before'][0]} / {r['load_average_after'][0]} |")
@@ -151,8 +152,32 @@ def markdown_section(recs: list[dict]) -> str:
             lines.append(f"| {r['model']} | {evaluated} ({g['tokens']} tokens) "
                          f"| {gd:+.2f} ± {g['delta_ppl_se_pct']:.2f} | {dd:+.2f} ± {d['delta_ppl_se_pct']:.2f} "
                          f"| {gd - dd:+.2f} | {ratio} |")
-    lines += ["", *SCALING.splitlines(), ""]
+    lines += ["", *SCALING.splitlines(), "", *fit_speed_lines(FIT_SPEED_JSON)]
     return "\n".join(lines) + "\n"
+
+
+FIT_SPEED_JSON = Path("benchmarks/calibration_fit.json")
+
+
+def fit_speed_lines(path: Path) -> list[str]:
+    """The fit's speed against its first version (``python -m benchmarks.calibration_fit``)."""
+    if not path.exists():
+        return []
+    recs = json.loads(path.read_text())
+    lines = ["The fit alone (what `python -m vllm_seqkv.calibrate` runs after the capture, on the same "
+             "vLLM capture of 24,576 tokens, in one process, alternating): the current fit against the fit "
+             "of commit f481030 kept verbatim in `benchmarks/calibration_fit.py` (every quantizer width "
+             "of every component, samples sorted again per width, one head and one stream at a time). "
+             "Both give identical tensors (checked by the benchmark). Command: "
+             + ", ".join(f"`{c}`" for c in sorted({r["command"] for r in recs})) + ".", "",
+             "| model | preset | seconds before | seconds after | speedup (best of each) | identical "
+             "| load average (1 min) before / after |",
+             "| --- | --- | ---: | ---: | ---: | --- | --- |"]
+    for r in recs:
+        lines.append(f"| {r['model']} | {r['preset']} | {', '.join(f'{x:.1f}' for x in r['seconds_before'])} "
+                     f"| {', '.join(f'{x:.1f}' for x in r['seconds_after'])} | {r['speedup']}x "
+                     f"| {r['identical']} | {r['load_average_before'][0]} / {r['load_average_after'][0]} |")
+    return [*lines, ""]
 
 
 def write_markdown(path: Path, recs: list[dict]) -> None:
@@ -243,16 +268,25 @@ def main(argv: list[str] | None = None) -> None:
                 "tokens": calibrate.DEFAULT_TOKENS, "dtype": "float32",
                 "load_average_before": general["load_average_before"],
                 "load_average_after": general["load_average_after"],
-                "concurrent_fits": general.get("concurrent_fits", 1),
+                "concurrent_fits": general.get("concurrent_fits", 1), "niceness": general.get("niceness", 0),
                 "in_domain_fit": {k: timings["docs-train"][k] for k in ("seconds", "peak_rss_bytes")},
                 "shape": {k: cfg.get(k) for k in ("num_hidden_layers", "num_key_value_heads", "head_dim",
                                                   "hidden_size", "vocab_size")},
                 "robustness": rob, "context": args.context,
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "command": command})
             print(json.dumps(records[-1], indent=1), file=sys.stderr)
+    records = merge_records(json.loads(args.json.read_text()) if args.json.exists() else [], records)
     args.json.write_text(json.dumps(records, indent=1) + "\n")
     if str(args.markdown) != "none":
         write_markdown(args.markdown, records)
+
+
+def merge_records(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with each model of ``new`` replaced (or appended): a run of some models keeps
+    the others' records."""
+    by_model = {r["model"]: r for r in new}
+    kept = [by_model.pop(r["model"], r) for r in old]
+    return kept + list(by_model.values())
 
 
 if __name__ == "__main__":

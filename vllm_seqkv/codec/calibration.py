@@ -23,12 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vllm_seqkv.codec.base import TensorCodec
+from vllm_seqkv.codec.component_quantizers import one_thread
 from vllm_seqkv.codec.crosslayer import CrossLayerCodec, LinearPredictor
 from vllm_seqkv.codec.predictive import ChannelPredictor
 from vllm_seqkv.codec.token_table import TokenTableCodec
@@ -244,6 +246,9 @@ class TransformCalibration:
                    meta.get("layer0_check", ""))
 
 
+FIT_WORKERS = 4  # at most this many streams fitted at once (each holds its samples in float64)
+
+
 def fit_transform_calibration(capture: Capture, preset: str, key_bits: float, value_bits: float,
                               cross_layer: bool = True, layer0_tokens: bool = True,
                               key_rope_pairs: bool = False, progress=None) -> TransformCalibration:
@@ -251,42 +256,69 @@ def fit_transform_calibration(capture: Capture, preset: str, key_bits: float, va
     reconstruction of layer ``l - 1`` by its own fitted codec (what the decoder will have),
     and the transform of layer ``l`` on the residual of that prediction. With
     ``layer0_tokens`` and a verified ``capture.layer0_table``, layer 0 is coded by its token
-    table (its reconstruction: the bf16 table rows; its transform is fitted but unused)."""
-    stacks: dict[str, list[torch.Tensor]] = {f"{s}.{f}": [] for s in _STREAMS for f in _FIELDS}
+    table (its reconstruction: the bf16 table rows; its transform is fitted but unused).
+
+    Streams are fitted in parallel, one thread each (torch's thread count worth of workers,
+    at most :data:`FIT_WORKERS`; each op single-threaded, see
+    :func:`.component_quantizers.one_thread`): every layer's K and V at once without
+    cross-layer prediction, a layer's K and V at once with it. Every op is the same as in a
+    serial fit, so the tensors are identical."""
     table = capture.layer0_table if layer0_tokens else None
     extra: dict[str, torch.Tensor] = {}
     if table is not None:
         extra = {name: t.to(torch.bfloat16).contiguous() for name, t in zip(_LAYER0, table)}
-    previous = None
-    for layer in range(capture.num_layers):
-        if progress is not None:
-            progress(layer, capture.num_layers)
-        recon = []
-        for stream, x, metric, bits, pairs in (
-                ("k", capture.keys[layer], capture.key_metric(layer), key_bits, key_rope_pairs),
-                ("v", capture.values[layer], capture.value_metric[layer], value_bits, False)):
-            x = x.float()
-            heads, dim = x.shape[1:]
-            if cross_layer and previous is not None:
-                predictor = LinearPredictor.fit(previous, x)
-                prediction = predictor.predict(previous, heads, dim)
-            else:
-                predictor = LinearPredictor(torch.zeros(2 * heads * dim, heads * dim),
-                                            torch.zeros(heads * dim))
-                prediction = torch.zeros_like(x)
-            transform = fit_transform(x - prediction, metric, bits, rope_pairs=pairs)
-            codec = TransformCodec(transform)
-            recon.append(codec.decode(codec.encode(x - prediction)) + prediction)
-            for name, value in (("mean", transform.mean), ("basis", transform.basis),
-                                ("bits", transform.bits.to(torch.int32)), ("levels", transform.levels),
-                                ("pred_w", predictor.weight), ("pred_b", predictor.bias)):
-                stacks[f"{stream}.{name}"].append(value)
-        previous = (recon[0], recon[1])
-        if layer == 0 and table is not None:
-            previous = tuple(extra[n][capture.token_ids].float() for n in _LAYER0)
-    tensors = {name: torch.stack(parts) for name, parts in stacks.items()} | extra
-    return TransformCalibration(capture.model, preset, capture.tokens, cross_layer, tensors,
+    settings = {"k": (key_bits, key_rope_pairs), "v": (value_bits, False)}
+    workers = max(1, min(torch.get_num_threads(), FIT_WORKERS))
+
+    def fit(layer: int, stream: str, previous):
+        x = (capture.keys if stream == "k" else capture.values)[layer]
+        metric = capture.key_metric(layer) if stream == "k" else capture.value_metric[layer]
+        return _fit_stream(x, metric, *settings[stream], previous, cross_layer)
+
+    results: dict[tuple[int, str], tuple] = {}
+    with one_thread(), ThreadPoolExecutor(workers) as pool:
+        if not cross_layer:  # layers independent: all at once, reported as they complete in order
+            futures = {(layer, s): pool.submit(fit, layer, s, None)
+                       for layer in range(capture.num_layers) for s in _STREAMS}
+        previous = None
+        for layer in range(capture.num_layers):
+            if progress is not None:
+                progress(layer, capture.num_layers)
+            if cross_layer:
+                futures = {(layer, s): pool.submit(fit, layer, s, previous) for s in _STREAMS}
+            for s in _STREAMS:
+                results[(layer, s)] = futures[(layer, s)].result()
+            if cross_layer:
+                previous = tuple(results[(layer, s)][2] for s in _STREAMS)
+                if layer == 0 and table is not None:
+                    previous = tuple(extra[n][capture.token_ids].float() for n in _LAYER0)
+    tensors = {f"{s}.{name}": torch.stack([results[(layer, s)][i][name] for layer in range(capture.num_layers)])
+               for s in _STREAMS for i, names in ((0, _FIELDS[:4]), (1, _FIELDS[4:])) for name in names}
+    return TransformCalibration(capture.model, preset, capture.tokens, cross_layer, tensors | extra,
                                 capture.layer0_check if layer0_tokens else "not used by the preset")
+
+
+def _fit_stream(x: torch.Tensor, metric: torch.Tensor, bits: float, rope_pairs: bool, previous,
+                cross_layer: bool) -> tuple[dict, dict, torch.Tensor | None]:
+    """One layer's K or V ``x [N, H, D]``: the transform's tensors (mean, basis, bits, levels),
+    the predictor's (pred_w, pred_b) and, with ``cross_layer``, the reconstruction the layer
+    above is predicted from (else None)."""
+    x = x.float()
+    heads, dim = x.shape[1:]
+    if cross_layer and previous is not None:
+        predictor = LinearPredictor.fit(previous, x)
+        prediction = predictor.predict(previous, heads, dim)
+    else:
+        predictor = LinearPredictor(torch.zeros(2 * heads * dim, heads * dim), torch.zeros(heads * dim))
+        prediction = torch.zeros_like(x)
+    transform = fit_transform(x - prediction, metric, bits, rope_pairs=rope_pairs)
+    recon = None
+    if cross_layer:  # only the predictor of the layer above reads the reconstruction
+        codec = TransformCodec(transform)
+        recon = codec.decode(codec.encode(x - prediction)) + prediction
+    fields = {"mean": transform.mean, "basis": transform.basis, "bits": transform.bits.to(torch.int32),
+              "levels": transform.levels}
+    return fields, {"pred_w": predictor.weight, "pred_b": predictor.bias}, recon
 
 
 def save_checked(path: Path, tensors: dict[str, torch.Tensor], fmt: str, meta: dict[str, str]) -> None:

@@ -27,35 +27,22 @@ from dataclasses import dataclass
 import torch
 
 from vllm_seqkv.codec.base import CodecInputError, Packed, TensorCodec
+from vllm_seqkv.codec.component_quantizers import (
+    ITERATIONS,
+    MAX_BITS,
+    SortedRows,
+    fit_and_allocate,
+    greedy_bits,
+    lloyd_max_sorted,
+)
 
-MAX_BITS = 8
 COUNTED_BITS = 3  # widths quantized by counting thresholds (branch-free; faster than a search)
 
 
-def lloyd_max(samples: torch.Tensor, bits: int, iterations: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+def lloyd_max(samples: torch.Tensor, bits: int, iterations: int = ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """1-D Lloyd-Max quantizers fitted to data, one per row: ``samples [C, N]`` ->
     ``levels [C, 2**bits]`` (ascending) and their mean squared error ``[C]``."""
-    x, _ = samples.double().sort(dim=-1)
-    rows, n = x.shape
-    levels = 1 << bits
-    zero = torch.zeros(rows, 1, dtype=torch.float64)
-    cum = torch.cat([zero, x.cumsum(-1)], -1)
-    cum_sq = torch.cat([zero, (x * x).cumsum(-1)], -1)
-    quantile = ((torch.arange(levels, dtype=torch.float64) + 0.5) / levels * n).long().clamp(max=n - 1)
-    centers = x[:, quantile]
-    for _ in range(iterations):
-        cuts = torch.searchsorted(x, ((centers[:, 1:] + centers[:, :-1]) / 2).contiguous())
-        bounds = torch.cat([zero.long(), cuts, torch.full((rows, 1), n)], -1)
-        count = (bounds[:, 1:] - bounds[:, :-1]).double()
-        total = cum.gather(1, bounds[:, 1:]) - cum.gather(1, bounds[:, :-1])
-        centers = torch.where(count > 0, total / count.clamp_min(1), centers).sort(-1).values
-    cuts = torch.searchsorted(x, ((centers[:, 1:] + centers[:, :-1]) / 2).contiguous())
-    bounds = torch.cat([zero.long(), cuts, torch.full((rows, 1), n)], -1)
-    count = (bounds[:, 1:] - bounds[:, :-1]).double()
-    total = cum.gather(1, bounds[:, 1:]) - cum.gather(1, bounds[:, :-1])
-    total_sq = cum_sq.gather(1, bounds[:, 1:]) - cum_sq.gather(1, bounds[:, :-1])
-    mse = (total_sq - 2 * centers * total + count * centers**2).sum(-1) / n
-    return centers.float(), mse.clamp_min(0)
+    return lloyd_max_sorted(SortedRows.of(samples), bits, iterations)
 
 
 def allocate_bits(distortion: torch.Tensor, total_bits: int) -> torch.Tensor:
@@ -63,14 +50,14 @@ def allocate_bits(distortion: torch.Tensor, total_bits: int) -> torch.Tensor:
     error of each component at 0..MAX_BITS bits) -> ``bits [D]`` summing to ``total_bits``,
     each extra bit going where it removes the most error."""
     dim = distortion.shape[0]
+    _check_budget(total_bits, dim)
+    gains = torch.cat([distortion[:, :-1] - distortion[:, 1:], torch.zeros(dim, 1, dtype=distortion.dtype)], -1)
+    return greedy_bits(gains[None], total_bits)[0]
+
+
+def _check_budget(total_bits: int, dim: int) -> None:
     if total_bits > MAX_BITS * dim:
         raise CodecInputError(f"{total_bits} bits exceed {MAX_BITS} per component")
-    gains = torch.cat([distortion[:, :-1] - distortion[:, 1:], torch.zeros(dim, 1, dtype=distortion.dtype)], -1)
-    bits = torch.zeros(dim, dtype=torch.long)
-    for _ in range(total_bits):
-        i = int(torch.argmax(gains.gather(1, bits[:, None])))
-        bits[i] += 1
-    return bits
 
 
 @dataclass(frozen=True)
@@ -114,8 +101,9 @@ def fit_transform(samples: torch.Tensor, metric: torch.Tensor, bits_per_element:
     reconstruction error ``e`` into the error attention cares about, ``e^T M e`` (keys: the
     queries' second moments; values: ``W_o^T W_o`` of the head). The basis diagonalises the
     covariance in the metric-whitened space ``M^{1/2}(x - mean)``, so squared error in the
-    components is the metric-weighted error; each component gets its own Lloyd-Max quantizer
-    at every width, and the widths come from the measured distortions.
+    components is the metric-weighted error; each component gets its own Lloyd-Max quantizer,
+    and the widths come from the measured distortions (:func:`.component_quantizers.fit_and_allocate`:
+    only the widths the allocation may choose are fitted).
 
     ``rope_pairs`` (keys in the pre-RoPE frame, with a metric diagonal and equal within each
     RoPE pair): the basis only mixes the two channels of a RoPE pair ``{j, j + D/2}``, so it
@@ -126,7 +114,8 @@ def fit_transform(samples: torch.Tensor, metric: torch.Tensor, bits_per_element:
     heads, dim = samples.shape[1:]
     mean = samples.mean(0)
     total = round(bits_per_element * dim / 8) * 8
-    bases, allocations, all_levels = [], [], []
+    _check_budget(total, dim)
+    bases, components = [], []
     for h in range(heads):
         evals, evecs = torch.linalg.eigh(metric[h].double())
         root = evecs @ torch.diag(evals.clamp_min(evals.max() * 1e-9).sqrt()) @ evecs.T
@@ -136,24 +125,16 @@ def fit_transform(samples: torch.Tensor, metric: torch.Tensor, bits_per_element:
             cov = rope_pair_covariance(cov)
             if not torch.equal(rope_pair_covariance(root), root):
                 raise CodecInputError("rope_pairs needs a metric that does not mix RoPE pairs")
-        _, u = torch.linalg.eigh(cov)
-        basis = root @ u.flip(1)
-        if rope_pairs:  # eigh of a block-diagonal matrix can mix degenerate blocks: keep pairs apart
+            # eigh of a block-diagonal matrix can mix degenerate blocks: keep pairs apart
             basis = _pair_basis(root, cov)
-        z = ((samples[:, h] - mean[h]) @ basis).T.contiguous()  # [D, N]
-        levels = torch.zeros(MAX_BITS + 1, dim, 1 << MAX_BITS)
-        distortion = torch.zeros(dim, MAX_BITS + 1, dtype=torch.float64)
-        distortion[:, 0] = z.pow(2).mean(-1)
-        for b in range(1, MAX_BITS + 1):
-            lv, mse = lloyd_max(z, b)
-            levels[b, :, : 1 << b] = lv
-            distortion[:, b] = mse
-        bits = allocate_bits(distortion, total)
+        else:
+            basis = root @ torch.linalg.eigh(cov)[1].flip(1)
         bases.append(basis)
-        allocations.append(bits)
-        all_levels.append(levels[bits, torch.arange(dim)])
-    return Transform(mean.float(), torch.stack(bases).float(), torch.stack(allocations),
-                     torch.stack(all_levels))
+        components.append(((samples[:, h] - mean[h]) @ basis).T)  # [D, N]
+    # every head's components at once: quantizers fitted lazily, widths per head
+    fit = fit_and_allocate(torch.cat(components), heads, total)
+    return Transform(mean.float(), torch.stack(bases).float(), fit.bits.view(heads, dim),
+                     fit.levels.view(heads, dim, -1))
 
 
 def _pair_basis(root: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -161,11 +142,12 @@ def _pair_basis(root: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     ``j`` and ``j + D/2`` are pair ``j``'s eigenvectors, larger variance first)."""
     dim = cov.shape[-1]
     half = dim // 2
+    pair = torch.arange(half)
+    idx = torch.stack([pair, pair + half], -1)  # [half, 2]: channels of each pair
+    blocks = cov[idx[:, :, None], idx[:, None, :]]  # [half, 2, 2]
+    vecs = torch.linalg.eigh(blocks)[1].flip(-1)
     u = torch.zeros_like(cov)
-    for j in range(half):
-        idx = torch.tensor([j, j + half])
-        _, vecs = torch.linalg.eigh(cov[idx][:, idx])
-        u[idx[:, None], idx[None, :]] = vecs.flip(1)
+    u[idx[:, :, None], idx[:, None, :]] = vecs
     return root @ u
 
 
