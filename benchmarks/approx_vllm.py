@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
 
     import seqkv_fixtures as fixtures
     from vllm_seqkv.config import ApproximateReuseConfig
-    from benchmarks.connector import engine_block_bytes
+    from benchmarks.connector import seqkv_budget_for_blocks
     from vllm_seqkv.plt.approximate import QualityGate
 
     d = fixtures.tiny_model_dir() if args.model == "tiny" else fixtures.smollm2_dir()
@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
     cold = {"kind": "cpu", "capacity_bytes": 1 << 30,
             "approximate": {"gate": str(gate), "max_kl": 1e9}}
     llm = LLM(model=str(d), max_model_len=n + 64, seed=0, enforce_eager=True,
-              kv_cache_memory_bytes=args.blocks * engine_block_bytes(d)[0],
+              kv_cache_memory_bytes=seqkv_budget_for_blocks(d, args.blocks, n + 64),
               additional_config={"kv_cache_backend": "seqkv", "seqkv": {"cold_tier": cold}})
     scored = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=args.top,
                             skip_reading_prefix_cache=False, detokenize=False)

@@ -64,6 +64,25 @@ def engine_block_bytes(model_dir, block_size: int = 128) -> tuple[int, int]:
     return hf.num_hidden_layers * heads * block_size * codec.slot_bytes, hd
 
 
+def seqkv_budget_for_blocks(model_dir, blocks: int, max_model_len: int, block_size: int = 128) -> int:
+    """``kv_cache_memory_bytes`` that gives a seqkv engine (default preset, CPU) exactly ``blocks``
+    blocks: their pages plus the fixed memory seqkv takes from the budget (see
+    :mod:`vllm_seqkv.integration.fixed_memory`)."""
+    from transformers import AutoConfig
+
+    from vllm_seqkv.codec.rope import rope_theta
+    from vllm_seqkv.config import SeqKVConfig
+    from vllm_seqkv.integration.engine_codec import EngineCodec
+    from vllm_seqkv.integration.fixed_memory import fixed_memory_of
+
+    hf = AutoConfig.from_pretrained(model_dir)
+    heads, hd = hf.num_key_value_heads, hf.hidden_size // hf.num_attention_heads
+    codec = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv"), str(model_dir), heads, hd, rope_theta(hf))
+    fixed = fixed_memory_of(codec, hf.num_hidden_layers, max_model_len)
+    per_block = hf.num_hidden_layers * heads * block_size * codec.slot_bytes
+    return fixed.budget_for(blocks, per_block, whole_budget=True, kv_on_host=True)
+
+
 def engine_loop_during_restore(llm, restored, bystander, floods, bystander_tokens: int, run) -> dict:
     """Step the engine by hand: ``bystander`` decodes; after 4 of its steps ``restored`` (in
     the tier, not in vLLM's prefix cache after ``floods``) arrives. Step times while the
@@ -175,9 +194,9 @@ def measure(args, argv, d, ids, cold: dict) -> int:
     from vllm.inputs import TokensPrompt
 
     uptime_start = uptime()
-    block_bytes, hd = engine_block_bytes(d)
+    _, hd = engine_block_bytes(d)
     llm = LLM(model=str(d), max_model_len=2048, seed=0, enforce_eager=True,
-              kv_cache_memory_bytes=args.blocks * block_bytes,
+              kv_cache_memory_bytes=seqkv_budget_for_blocks(d, args.blocks, 2048),
               additional_config={"kv_cache_backend": "seqkv", "seqkv": {"cold_tier": cold}})
     one = SamplingParams(max_tokens=1, temperature=0)
 
