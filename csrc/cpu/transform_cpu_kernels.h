@@ -124,6 +124,66 @@ struct Item {
   int64_t lo, hi;  // cached positions [lo, hi) of sequence b
 };
 
+// Slot pointers of the W positions of the tile at p0 (head h's pages of item.b): lanes outside
+// [item.lo, item.hi) point at a slot of the item (read, then masked), never past it.
+inline void locate_tile(const DecodeArgs& a, const Item& item, const uint8_t* head_pages, const int64_t* bt,
+                        int64_t p0, const uint8_t** out) {
+  const int bs = a.block_size;
+  const int64_t lo = std::max(p0, item.lo), hi = std::min(p0 + W, item.hi);
+  int64_t blk = lo / bs, off = lo % bs;
+  const uint8_t* base = head_pages + bt[blk] * a.stride_pb;
+  for (int64_t p = p0; p < lo; ++p) out[p - p0] = base + off * a.stride_pt;
+  for (int64_t p = lo; p < hi; ++p) {
+    out[p - p0] = base + off * a.stride_pt;
+    if (++off == bs && p + 1 < hi) {
+      off = 0;
+      base = head_pages + bt[++blk] * a.stride_pb;
+    }
+  }
+  for (int64_t p = hi; p < p0 + W; ++p) out[p - p0] = out[hi - 1 - p0];
+}
+
+// The G query rows q [G][D] rotated by R(p0)^T (rope_row: the table's row p0) into qrot.
+inline void rotate_queries(const float* q, const float* rope_row, int G, int D, float* qrot) {
+  const int half = D / 2;
+  for (int g = 0; g < G; ++g) {
+    const float* qg = q + static_cast<int64_t>(g) * D;
+    float* dst = qrot + static_cast<int64_t>(g) * D;
+    for (int j = 0; j < half; j += VS) {
+      const Vec c = Vec::loadu(rope_row + j), sv = Vec::loadu(rope_row + half + j);
+      const Vec lo = Vec::loadu(qg + j), hi = Vec::loadu(qg + half + j);
+      at::vec::fmadd(lo, c, hi * sv).store(dst + j);
+      (hi * c - lo * sv).store(dst + half + j);
+    }
+  }
+}
+
+// Softmax of an item's scores (G rows of stride span, `padded` positions; masked lanes hold -inf
+// and get weight 0), in place; per query head [max, sum] into part (rows of D + 2).
+inline void softmax_item(float* sc, int64_t span, int G, int64_t padded, int D, float* part) {
+  for (int g = 0; g < G; ++g) {
+    float* sg = sc + g * span;
+    Vec vmax(kNegInf);
+    for (int64_t i = 0; i < padded; i += VS) vmax = at::vec::maximum(vmax, Vec::loadu(sg + i));
+    float lanes[VS];
+    vmax.store(lanes);
+    float top = kNegInf;
+    for (int i = 0; i < VS; ++i) top = std::max(top, lanes[i]);
+    const Vec vtop(top);
+    Vec total(0.f);
+    for (int64_t i = 0; i < padded; i += VS) {
+      const Vec p = (Vec::loadu(sg + i) - vtop).exp();
+      p.store(sg + i);
+      total = total + p;
+    }
+    total.store(lanes);
+    float sum = 0.f;
+    for (int i = 0; i < VS; ++i) sum += lanes[i];
+    part[g * (D + 2)] = top;
+    part[g * (D + 2) + 1] = sum;
+  }
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // In place: r[i] lane j <- r[j] lane i (16 x 16 int32).
 inline void transpose16(__m512 r[16]) {
@@ -390,7 +450,7 @@ void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t 
 // One (item, kv head): writes per query head of the group [max, sum, acc[D]] into part.
 void decode_item(const DecodeArgs& a, const Item& item, int h, int64_t span, const TileRope& tr, DecodeScratch& s,
                  float* part) {
-  const int D = a.dim, half = D / 2, G = a.q_heads / a.heads, bs = a.block_size;
+  const int D = a.dim, half = D / 2, G = a.q_heads / a.heads;
   const float* q = a.query + (static_cast<int64_t>(item.b) * a.q_heads + static_cast<int64_t>(h) * G) * D;
   const int64_t* bt = a.block_table + item.b * a.stride_bt;
   const uint8_t* head_pages = a.pages + h * a.stride_ph;
@@ -411,20 +471,7 @@ void decode_item(const DecodeArgs& a, const Item& item, int h, int64_t span, con
   const int64_t first = item.lo / W * W;  // tiles are aligned to W positions
   const uint8_t* slots[W];
 
-  auto locate = [&](int64_t p0, const uint8_t** out) {
-    const int64_t lo = std::max(p0, item.lo), hi = std::min(p0 + W, item.hi);  // masked lanes: a read position
-    int64_t blk = lo / bs, off = lo % bs;
-    const uint8_t* base = head_pages + bt[blk] * a.stride_pb;
-    for (int64_t p = p0; p < lo; ++p) out[p - p0] = base + off * a.stride_pt;
-    for (int64_t p = lo; p < hi; ++p) {
-      out[p - p0] = base + off * a.stride_pt;
-      if (++off == bs && p + 1 < hi) {
-        off = 0;
-        base = head_pages + bt[++blk] * a.stride_pb;
-      }
-    }
-    for (int64_t p = hi; p < p0 + W; ++p) out[p - p0] = out[hi - 1 - p0];
-  };
+  auto locate = [&](int64_t p0, const uint8_t** out) { locate_tile(a, item, head_pages, bt, p0, out); };
 
   // ---- pass 1: scores of the item's positions
   for (int64_t p0 = first; p0 < item.hi; p0 += W) {
@@ -504,17 +551,7 @@ void decode_item(const DecodeArgs& a, const Item& item, int h, int64_t span, con
     }
     const float* qs = q;
     if (rope) {  // queries by R(p0)^T
-      const float* row = a.rope + p0 * D;
-      for (int g = 0; g < G; ++g) {
-        const float* qg = q + static_cast<int64_t>(g) * D;
-        float* dst = qrot + static_cast<int64_t>(g) * D;
-        for (int j = 0; j < half; j += VS) {
-          const Vec c = Vec::loadu(row + j), sv = Vec::loadu(row + half + j);
-          const Vec lo = Vec::loadu(qg + j), hi = Vec::loadu(qg + half + j);
-          at::vec::fmadd(lo, c, hi * sv).store(dst + j);
-          (hi * c - lo * sv).store(dst + half + j);
-        }
-      }
+      rotate_queries(q, a.rope + p0 * D, G, D, qrot);
       qs = qrot;
     }
     float* dst = sc + (p0 - first);
@@ -535,29 +572,9 @@ void decode_item(const DecodeArgs& a, const Item& item, int h, int64_t span, con
     }
   }
 
-  // ---- softmax of the item (masked lanes hold -inf and get weight 0)
+  // ---- softmax of the item
   const int64_t padded = (item.hi - first + W - 1) / W * W;
-  for (int g = 0; g < G; ++g) {
-    float* sg = sc + g * span;
-    Vec vmax(kNegInf);
-    for (int64_t i = 0; i < padded; i += VS) vmax = at::vec::maximum(vmax, Vec::loadu(sg + i));
-    float lanes[VS];
-    vmax.store(lanes);
-    float top = kNegInf;
-    for (int i = 0; i < VS; ++i) top = std::max(top, lanes[i]);
-    const Vec vtop(top);
-    Vec total(0.f);
-    for (int64_t i = 0; i < padded; i += VS) {
-      const Vec p = (Vec::loadu(sg + i) - vtop).exp();
-      p.store(sg + i);
-      total = total + p;
-    }
-    total.store(lanes);
-    float sum = 0.f;
-    for (int i = 0; i < VS; ++i) sum += lanes[i];
-    part[g * (D + 2)] = top;
-    part[g * (D + 2) + 1] = sum;
-  }
+  softmax_item(sc, span, G, padded, D, part);
 
   bool values_done = false;
 #if defined(CPU_CAPABILITY_AVX512)
@@ -634,7 +651,7 @@ void decode_item(const DecodeArgs& a, const Item& item, int h, int64_t span, con
 #if defined(CPU_CAPABILITY_AVX512)
 void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t span, const TileRope& tr,
                           DecodeScratch& s, float* part) {
-  const int D = a.dim, half = D / 2, G = a.q_heads / a.heads, bs = a.block_size;
+  const int D = a.dim, half = D / 2, G = a.q_heads / a.heads;
   const float* q = a.query + (static_cast<int64_t>(item.b) * a.q_heads + static_cast<int64_t>(h) * G) * D;
   const int64_t* bt = a.block_table + item.b * a.stride_bt;
   const uint8_t* head_pages = a.pages + h * a.stride_ph;
@@ -655,30 +672,10 @@ void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t 
   for (int i = 0; i < ntiles; ++i) {
     const int64_t p0 = first + static_cast<int64_t>(i) * W;
     const int64_t lo = std::max(p0, item.lo), hi = std::min(p0 + W, item.hi);
-    int64_t blk = lo / bs, off = lo % bs;
-    const uint8_t* base = head_pages + bt[blk] * a.stride_pb;
-    for (int64_t p = p0; p < lo; ++p) slots[p - p0] = base + off * a.stride_pt;  // masked lanes read a valid slot
-    for (int64_t p = lo; p < hi; ++p) {
-      slots[p - p0] = base + off * a.stride_pt;
-      if (++off == bs && p + 1 < hi) {
-        off = 0;
-        base = head_pages + bt[++blk] * a.stride_pb;
-      }
-    }
-    for (int64_t p = hi; p < p0 + W; ++p) slots[p - p0] = slots[hi - 1 - p0];
+    locate_tile(a, item, head_pages, bt, p0, slots);
     int32_t* tw = tiles + i * stride;
     load_word_range(slots, first_word, num_words, tw);
-    const float* row = a.rope + p0 * D;  // queries by R(p0)^T
-    for (int g = 0; g < G; ++g) {
-      const float* qg = q + static_cast<int64_t>(g) * D;
-      float* dst = qrot + static_cast<int64_t>(g) * D;
-      for (int j = 0; j < half; j += 16) {
-        const __m512 c = _mm512_loadu_ps(row + j), sv = _mm512_loadu_ps(row + half + j);
-        const __m512 l = _mm512_loadu_ps(qg + j), r = _mm512_loadu_ps(qg + half + j);
-        _mm512_storeu_ps(dst + j, _mm512_fmadd_ps(l, c, _mm512_mul_ps(r, sv)));
-        _mm512_storeu_ps(dst + half + j, _mm512_fmsub_ps(r, c, _mm512_mul_ps(l, sv)));
-      }
-    }
+    rotate_queries(q, a.rope + p0 * D, G, D, qrot);  // queries by R(p0)^T
     float* dst = sc + (p0 - first);
     for (int g = 0; g < G; g += 8)
       score_pairs_group<8>(read_k, tw, m, qrot + g * D, D, a.scale, dst + g * span, span, std::min(8, G - g));
@@ -691,23 +688,8 @@ void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t 
     }
   }
 
-  // ---- softmax of the item (masked lanes hold -inf and get weight 0)
-  const int64_t padded = static_cast<int64_t>(ntiles) * W;
-  for (int g = 0; g < G; ++g) {
-    float* sg = sc + g * span;
-    __m512 vmax = _mm512_set1_ps(kNegInf);
-    for (int64_t i = 0; i < padded; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sg + i));
-    const float top = _mm512_reduce_max_ps(vmax);
-    const Vec vtop(top);
-    Vec total(0.f);
-    for (int64_t i = 0; i < padded; i += VS) {
-      const Vec p = (Vec::loadu(sg + i) - vtop).exp();
-      p.store(sg + i);
-      total = total + p;
-    }
-    part[g * (D + 2)] = top;
-    part[g * (D + 2) + 1] = _mm512_reduce_add_ps(total);
-  }
+  // ---- softmax of the item
+  softmax_item(sc, span, G, static_cast<int64_t>(ntiles) * W, D, part);
 
   // ---- pass 2: level sums of the values from the kept words, component-outer over groups of tiles
   float* acc = s.acc.data();
