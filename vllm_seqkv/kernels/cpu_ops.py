@@ -141,6 +141,16 @@ def _check_common(pages: torch.Tensor, params: TransformLayerParams, what: str) 
     expect(pages.stride(3) == 1, f"pages: last dimension must be contiguous, strides {pages.stride()}")
 
 
+def _check_write_inputs(key, value, slot_mapping, pages, params: TransformLayerParams) -> int:
+    """key/value ``[T, H, D]`` float, slot_mapping int ``[T]``, all on the pages' device; returns T."""
+    heads, dim = params.num_kv_heads, params.head_dim
+    check_tensor("key", key, (None, heads, dim), FLOAT_DTYPES, pages.device)
+    tokens = key.shape[0]
+    check_tensor("value", value, (tokens, heads, dim), FLOAT_DTYPES, pages.device)
+    check_tensor("slot_mapping", slot_mapping, (tokens,), INDEX_DTYPES, pages.device)
+    return tokens
+
+
 def _check_rope(rope, rows: int, dim: int, device) -> None:
     check_tensor("rope", rope, (None, dim), (torch.float32,), device)
     expect(rope.is_contiguous(), "rope: must be contiguous")
@@ -188,11 +198,7 @@ def write_transform_slots_cpp(key, value, slot_mapping, pages, params: Transform
     _require_ops()
     _check_common(pages, params, "write")
     expect(previous is None, "previous: the C++ CPU write codes layers without cross-layer prediction")
-    heads, dim = params.num_kv_heads, params.head_dim
-    check_tensor("key", key, (None, heads, dim), FLOAT_DTYPES, pages.device)
-    tokens = key.shape[0]
-    check_tensor("value", value, (tokens, heads, dim), FLOAT_DTYPES, pages.device)
-    check_tensor("slot_mapping", slot_mapping, (tokens,), INDEX_DTYPES, pages.device)
+    tokens = _check_write_inputs(key, value, slot_mapping, pages, params)
     valid = slot_mapping >= 0
     if not bool(valid.all()):  # as the reference: the codec codes the valid tokens only
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
@@ -218,14 +224,10 @@ def write_transform_tokens_cpp(key, value, slot_mapping, positions, pages, param
     codec's own einsum on the same rows)."""
     _require_ops()
     _check_common(pages, params, "write")
-    heads, dim = params.num_kv_heads, params.head_dim
-    check_tensor("key", key, (None, heads, dim), FLOAT_DTYPES, pages.device)
-    tokens = key.shape[0]
-    check_tensor("value", value, (tokens, heads, dim), FLOAT_DTYPES, pages.device)
-    check_tensor("slot_mapping", slot_mapping, (tokens,), INDEX_DTYPES, pages.device)
+    tokens = _check_write_inputs(key, value, slot_mapping, pages, params)
     check_tensor("positions", positions, (tokens,), INDEX_DTYPES, pages.device)
     if rope is not None:
-        check_tensor("rope", rope, (None, dim), (torch.float32,), pages.device)
+        check_tensor("rope", rope, (None, params.head_dim), (torch.float32,), pages.device)
         expect(rope.is_contiguous(), "rope: must be contiguous")
     k, v = params.key, params.value
     return torch.ops.seqkv.cpu_write_transform_tokens(key, value, slot_mapping, positions, pages, rope,
