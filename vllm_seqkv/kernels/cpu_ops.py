@@ -198,7 +198,7 @@ def write_transform_slots_cpp(key, value, slot_mapping, pages, params: Transform
     _require_ops()
     _check_common(pages, params, "write")
     expect(previous is None, "previous: the C++ CPU write codes layers without cross-layer prediction")
-    tokens = _check_write_inputs(key, value, slot_mapping, pages, params)
+    _check_write_inputs(key, value, slot_mapping, pages, params)
     valid = slot_mapping >= 0
     if not bool(valid.all()):  # as the reference: the codec codes the valid tokens only
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
