@@ -1,10 +1,13 @@
 """Time per output token through the CPU vLLM engine: `auto` vs `seqkv`, long contexts.
 
     python -m benchmarks.tpot [--contexts 4096,8192] [--batches 1,16] [--preset P] [--tokens 32]
+                              [--prompts shared|distinct]
 
 For each backend, one in-process engine (same KV budget, prefix caching on). Per (context,
 batch): one prompt of ``context`` held-out tokens, shared by ``batch`` requests that differ
-in their last token (so vLLM prefills the shared blocks once); a warm-up request with
+in their last token (so vLLM prefills the shared blocks once and seqkv reads them once per
+layer, ``integration/decode_plan.py``); with ``--prompts distinct`` each request has its own
+``context`` tokens of the text instead (nothing shared); a warm-up request with
 ``max_tokens=1`` prefills it, the batch itself runs once untimed (its last blocks cached), then
 the batch runs with ``max_tokens=1`` and with
 ``max_tokens=1+N``, and time per output token is the difference over ``N`` (prefill and
@@ -30,8 +33,19 @@ def prompt_length(context: int, new_tokens: int, max_len: int) -> int:
     return min(context, max_len - 1 - new_tokens)
 
 
+def batch_prompts(ids: list[int], length: int, batch: int, distinct: bool) -> list[list[int]]:
+    """``batch`` prompts of ``length`` tokens: one shared prompt whose last token differs per
+    request, or (``distinct``) consecutive windows of the text."""
+    if distinct:
+        if len(ids) < batch * length:
+            raise SystemExit(f"--prompts distinct: the held-out text has {len(ids)} tokens, "
+                             f"{batch} x {length} are needed")
+        return [ids[i * length:(i + 1) * length] for i in range(batch)]
+    return [ids[:length - 1] + [ids[length + 1 + i]] for i in range(batch)]
+
+
 def run_backend(model: Path, backend: str, preset: str | None, contexts, batches, new_tokens, ids,
-                max_len: int) -> dict:
+                max_len: int, distinct: bool = False) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -49,7 +63,7 @@ def run_backend(model: Path, backend: str, preset: str | None, contexts, batches
             warm = SamplingParams(max_tokens=1, temperature=0)
             llm.generate([TokensPrompt(prompt_token_ids=prompt + [ids[length]])], warm, use_tqdm=False)
             for batch in batches:
-                prompts = [TokensPrompt(prompt_token_ids=prompt + [ids[length + 1 + i]]) for i in range(batch)]
+                prompts = [TokensPrompt(prompt_token_ids=p) for p in batch_prompts(ids, length, batch, distinct)]
                 timings = {}
                 # the exact prompts once first: the timed runs then both find every full block
                 # cached (else the first would prefill the last block and the second not)
@@ -85,22 +99,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--preset", default=DEFAULT_PRESET)
+    parser.add_argument("--prompts", choices=("shared", "distinct"), default="shared")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/tpot.json"))
     args = parser.parse_args(argv)
+    distinct = args.prompts == "distinct"
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     model = fixtures.smollm2_dir()
     text = fixtures.corpus_path("test").read_text()
     max_len = AutoConfig.from_pretrained(model).max_position_embeddings
-    ids = AutoTokenizer.from_pretrained(model)(text[: 12 * max(contexts)])["input_ids"]
+    chars = 12 * max(contexts) * (max(batches) if distinct else 1)
+    ids = AutoTokenizer.from_pretrained(model)(text[:chars])["input_ids"]
     uptime_start = uptime()
-    runs = {b: run_backend(model, b, args.preset, contexts, batches, args.tokens, ids, max_len)
+    runs = {b: run_backend(model, b, args.preset, contexts, batches, args.tokens, ids, max_len, distinct)
             for b in ("auto", "seqkv")}
     record = {
         "date": date.today().isoformat(), "machine": machine(), "model": model.name, "preset": args.preset,
         "command": "python -m benchmarks.tpot " + " ".join(
             f"--{k} {v}" for k, v in (("contexts", args.contexts), ("batches", args.batches),
-                                      ("tokens", args.tokens), ("preset", args.preset))),
+                                      ("tokens", args.tokens), ("preset", args.preset), ("prompts", args.prompts))),
+        "prompts": args.prompts,
         "uptime_at_start": uptime_start, "uptime_at_end": uptime(),
         "prompt_tokens": {c: prompt_length(c, args.tokens, max_len) for c in contexts},
         "seconds_per_token": runs,

@@ -52,8 +52,8 @@ struct PairBlocks {
 
 struct DecodeArgs {
   const float* query;  // [B, Hq, D] float32 contiguous
-  const float* own_k;  // [B, H, D]
-  const float* own_v;  // [B, H, D]
+  const float* own_k;  // [B, H, D] or nullptr (no own token)
+  const float* own_v;  // [B, H, D] or nullptr
   const uint8_t* pages;
   int64_t stride_pb, stride_ph, stride_pt;
   const int64_t* block_table;  // [B, stride_bt] (contiguous rows)

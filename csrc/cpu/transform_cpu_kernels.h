@@ -425,6 +425,51 @@ inline void score_pairs(const ComponentReader& read, const int32_t* tile_words, 
   for (int g = 0; g < NG; ++g) _mm512_storeu_ps(dst + g * span, _mm512_mul_ps(acc[g], vs));
 }
 
+// The W keys of a tile (rotated, as score_pairs builds them) written out as key [D][W].
+inline void rebuild_pair_keys(const ComponentReader& read, const int32_t* tile_words, const float* m, int dim,
+                              float* key) {
+  const int half = dim / 2;
+  for (int j = 0; j < half; ++j) {
+    const float* mj = m + j * 6 * W;
+    const __m512 lo = read.at(j, tile_words), hi = read.at(j + half, tile_words);
+    _mm512_storeu_ps(key + j * W, _mm512_fmadd_ps(lo, _mm512_loadu_ps(mj), _mm512_fmadd_ps(hi, _mm512_loadu_ps(mj + W), _mm512_loadu_ps(mj + 4 * W))));
+    _mm512_storeu_ps(key + (j + half) * W,
+                     _mm512_fmadd_ps(lo, _mm512_loadu_ps(mj + 2 * W), _mm512_fmadd_ps(hi, _mm512_loadu_ps(mj + 3 * W), _mm512_loadu_ps(mj + 5 * W))));
+  }
+}
+
+// Scores of all G query heads (rows of q, stride D) against key [D][W], 8 heads per pass.
+inline void score_all_heads(const float* q, const float* key, int dim, int G, float scale, float* dst, int64_t span) {
+  int g = 0;
+  for (; g + 8 <= G; g += 8) score_heads<8>(q + g * dim, key, dim, scale, dst + g * span, span);
+  for (; g + 4 <= G; g += 4) score_heads<4>(q + g * dim, key, dim, scale, dst + g * span, span);
+  for (; g < G; ++g) score_heads<1>(q + g * dim, key, dim, scale, dst + g * span, span);
+}
+
+// value_sums from levels already read: zv [ntiles][D][W].
+template <int NG>
+inline void level_sums(const float* zv, int ntiles, const float* p, int64_t span, int dim, float* acc) {
+  for (int c0 = 0; c0 < dim; c0 += 4) {
+    __m512 r[4][NG];
+    for (int cc = 0; cc < 4; ++cc)
+      for (int g = 0; g < NG; ++g) r[cc][g] = _mm512_setzero_ps();
+    for (int i = 0; i < ntiles; ++i) {
+      __m512 pv[NG];
+      for (int g = 0; g < NG; ++g) pv[g] = _mm512_loadu_ps(p + g * span + i * W);
+      for (int cc = 0; cc < 4; ++cc) {
+        const __m512 z = _mm512_loadu_ps(zv + (static_cast<int64_t>(i) * dim + c0 + cc) * W);
+        for (int g = 0; g < NG; ++g) r[cc][g] = _mm512_fmadd_ps(pv[g], z, r[cc][g]);
+      }
+    }
+    for (int cc = 0; cc < 4; ++cc) {
+      for (int g = 0; g < NG; ++g) {
+        float* dst = acc + (static_cast<int64_t>(g) * dim + c0 + cc) * W;
+        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), r[cc][g]));
+      }
+    }
+  }
+}
+
 template <int NG>
 inline void score_pairs_group(const ComponentReader& read, const int32_t* tw, const float* m, const float* q, int dim,
                               float scale, float* dst, int64_t span, int n) {
@@ -658,6 +703,7 @@ void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t 
   const float* m = tr.pair_blocks.data() + static_cast<int64_t>(h) * half * 6 * W;
   float* sc = s.scores.data();
   float* qrot = s.qrot.data();
+  float* key = s.key.data();
   int32_t* tiles = s.tiles.data();
   const int slot_bytes = std::max(a.k.offset + a.k.nbytes, a.v.offset + a.v.nbytes);
   const int64_t stride = tile_stride(slot_bytes);
@@ -677,8 +723,12 @@ void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t 
     load_word_range(slots, first_word, num_words, tw);
     rotate_queries(q, a.rope + p0 * D, G, D, qrot);  // queries by R(p0)^T
     float* dst = sc + (p0 - first);
-    for (int g = 0; g < G; g += 8)
-      score_pairs_group<8>(read_k, tw, m, qrot + g * D, D, a.scale, dst + g * span, span, std::min(8, G - g));
+    if (G <= 8) {
+      score_pairs_group<8>(read_k, tw, m, qrot, D, a.scale, dst, span, G);
+    } else {  // wide groups (a shared prefix's queries): the tile's keys rebuilt once, then scored
+      rebuild_pair_keys(read_k, tw, m, D, key);
+      score_all_heads(qrot, key, D, G, a.scale, dst, span);
+    }
     const int64_t lo_lane = lo - p0, hi_lane = hi - p0;
     if (lo_lane > 0 || hi_lane < W) {
       for (int g = 0; g < G; ++g) {
@@ -693,12 +743,30 @@ void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t 
 
   // ---- pass 2: level sums of the values from the kept words, component-outer over groups of tiles
   float* acc = s.acc.data();
+  float* zv = s.zv.data();
   std::fill(acc, acc + static_cast<int64_t>(G) * D * W, 0.f);
   const ComponentReader read_v(a.v, h, D, nullptr);
   for (int i0 = 0; i0 < ntiles; i0 += kValueGroupTiles) {
     const int n = std::min(kValueGroupTiles, ntiles - i0);
     const int32_t* tw = tiles + i0 * stride;
     const float* p = sc + static_cast<int64_t>(i0) * W;
+    if (G > 4) {  // wide groups: the tiles' value levels read once, then summed for every head
+      for (int i = i0; i < i0 + n; i += kMaxValueTiles) {
+        const int nl = std::min(kMaxValueTiles, i0 + n - i);
+        for (int k = 0; k < nl; ++k)
+          for (int c = 0; c < D; ++c) _mm512_storeu_ps(zv + (static_cast<int64_t>(k) * D + c) * W, read_v.at(c, tiles + (i + k) * stride));
+        const float* pl = sc + static_cast<int64_t>(i) * W;
+        int g = 0;
+        for (; g + 4 <= G; g += 4) level_sums<4>(zv, nl, pl + g * span, span, D, acc + g * D * W);
+        switch (G - g) {
+          case 3: level_sums<3>(zv, nl, pl + g * span, span, D, acc + g * D * W); break;
+          case 2: level_sums<2>(zv, nl, pl + g * span, span, D, acc + g * D * W); break;
+          case 1: level_sums<1>(zv, nl, pl + g * span, span, D, acc + g * D * W); break;
+          default: break;
+        }
+      }
+      continue;
+    }
     int g = 0;
     for (; g + 4 <= G; g += 4) value_sums<4>(read_v, tw, stride, n, p + g * span, span, D, acc + g * D * W);
     switch (G - g) {
@@ -806,11 +874,15 @@ void decode_attention(const DecodeArgs& a) {
     for (int64_t r = begin; r < end; ++r) {
       const int b = static_cast<int>(r / Hq), hq = static_cast<int>(r % Hq), h = hq / G, g = hq % G;
       const float* q = a.query + r * D;
-      const float* own_k = a.own_k + (static_cast<int64_t>(b) * H + h) * D;
-      const float* own_v = a.own_v + (static_cast<int64_t>(b) * H + h) * D;
-      float own_score = 0.f;
-      for (int d = 0; d < D; ++d) own_score += q[d] * own_k[d];
-      own_score *= a.scale;
+      // no own token (a shared prefix's pass): its weight is exp(-inf) = 0
+      const float* own_k = a.own_k == nullptr ? nullptr : a.own_k + (static_cast<int64_t>(b) * H + h) * D;
+      const float* own_v = a.own_v == nullptr ? nullptr : a.own_v + (static_cast<int64_t>(b) * H + h) * D;
+      float own_score = kNegInf;
+      if (own_k != nullptr) {
+        own_score = 0.f;
+        for (int d = 0; d < D; ++d) own_score += q[d] * own_k[d];
+        own_score *= a.scale;
+      }
       maxes.clear();
       sums.clear();
       for (int64_t i = first[b]; i < first[b + 1]; ++i) {
@@ -852,7 +924,7 @@ void decode_attention(const DecodeArgs& a) {
         for (int d = 0; d < D; d += VS) at::vec::fmadd(w, Vec::loadu(sv + d), Vec::loadu(cached.data() + d)).store(cached.data() + d);
       }
       float* out = a.out + r * D;
-      for (int d = 0; d < D; ++d) out[d] = transform::merged_output(m, cached[d], own_v[d]);
+      for (int d = 0; d < D; ++d) out[d] = transform::merged_output(m, cached[d], own_v == nullptr ? 0.f : own_v[d]);
       a.lse[r] = transform::merged_lse(m);
     }
   });

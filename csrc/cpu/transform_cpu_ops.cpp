@@ -1,10 +1,11 @@
 // seqkv CPU ops over transform-format pages (module vllm_seqkv._cpu; importing it registers them
 // under torch.ops.seqkv, CPU dispatch key). Python side: vllm_seqkv/kernels/cpu_ops.py.
 //
-//   cpu_transform_decode_attention(query, own_k, own_v, pages, block_table, seq_lens, rope?,
+//   cpu_transform_decode_attention(query, own_k?, own_v?, pages, block_table, seq_lens, rope?,
 //       k_tables, v_tables, k_format, v_format, key_pairs?, scale, num_splits, skip_first,
 //       sink_k?, sink_v?) -> (out [B, Hq, D] query dtype, lse [B, Hq] float32)
-//       (sink_k/sink_v [B, S, H, D]: exact rows of positions 0..S-1, S <= skip_first, merged in)
+//       (sink_k/sink_v [B, S, H, D]: exact rows of positions 0..S-1, S <= skip_first, merged in;
+//       own_k/own_v None: no own token at seq_len - 1, the pass over a shared prefix)
 //   cpu_reconstruct_transform_blocks(pages, block_ids, rope?, block_positions?, k_tables,
 //       v_tables, k_format, v_format, key_pairs?) -> (K, V) float32 [M * bs, H, D]
 //   cpu_write_transform_slots(zk, zv, slot_mapping, pages!, k_tables, v_tables, k_format,
@@ -179,10 +180,11 @@ void check_rope(const std::optional<at::Tensor>& rope, int64_t dim, int64_t rows
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_attention(
-    const at::Tensor& query_in, const at::Tensor& own_k_in, const at::Tensor& own_v_in, const at::Tensor& pages,
-    const at::Tensor& block_table_in, const at::Tensor& seq_lens_in, const std::optional<at::Tensor>& rope,
-    at::TensorList k_tables, at::TensorList v_tables, at::IntArrayRef k_format, at::IntArrayRef v_format,
-    const std::optional<at::Tensor>& key_pairs, double scale, int64_t num_splits, int64_t skip_first,
+    const at::Tensor& query_in, const std::optional<at::Tensor>& own_k_in, const std::optional<at::Tensor>& own_v_in,
+    const at::Tensor& pages, const at::Tensor& block_table_in, const at::Tensor& seq_lens_in,
+    const std::optional<at::Tensor>& rope, at::TensorList k_tables, at::TensorList v_tables, at::IntArrayRef k_format,
+    at::IntArrayRef v_format, const std::optional<at::Tensor>& key_pairs, double scale, int64_t num_splits,
+    int64_t skip_first,
     const std::optional<at::Tensor>& sink_k_in, const std::optional<at::Tensor>& sink_v_in) {
   check_cpu(pages, "pages");
   transform::check_pages(pages);
@@ -192,9 +194,15 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   const int64_t batch = query_in.size(0), q_heads = query_in.size(1), dim = query_in.size(2);
   transform::check_head_dim(dim);
   TORCH_CHECK(q_heads % heads == 0, "query heads must be a multiple of kv heads");
-  for (const auto* t : {&own_k_in, &own_v_in}) {
-    TORCH_CHECK(t->sizes() == at::IntArrayRef({batch, heads, dim}) && transform::is_float(*t) &&
-                    t->device() == pages.device(), "own_k/own_v must be float [B, H, D] on the pages' device");
+  // no own token (own_k and own_v None): the queries are not part of the cache (a shared prefix's
+  // pass); seq_lens still count one position past the cached ones
+  const bool has_own = own_k_in.has_value() && own_k_in->defined();
+  TORCH_CHECK(has_own == (own_v_in.has_value() && own_v_in->defined()), "pass both own_k and own_v or neither");
+  if (has_own) {
+    for (const auto* t : {&*own_k_in, &*own_v_in}) {
+      TORCH_CHECK(t->sizes() == at::IntArrayRef({batch, heads, dim}) && transform::is_float(*t) &&
+                      t->device() == pages.device(), "own_k/own_v must be float [B, H, D] on the pages' device");
+    }
   }
   TORCH_CHECK(block_table_in.dim() == 2 && block_table_in.size(0) == batch &&
                   (block_table_in.scalar_type() == at::kInt || block_table_in.scalar_type() == at::kLong) &&
@@ -217,8 +225,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   const int64_t capacity = block_table.size(1) * block_size;
   int64_t longest = 0;
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(lens[b] >= 1 && lens[b] <= capacity, "seq_lens[", b, "] = ", lens[b], " is outside [1, ",
-                capacity, "] (the block table's capacity)");
+    // without an own token, position seq_len - 1 is not stored: the table holds the positions before it
+    TORCH_CHECK(lens[b] >= 1 && lens[b] - (has_own ? 0 : 1) <= capacity, "seq_lens[", b, "] = ", lens[b],
+                " is outside [1, ", capacity + (has_own ? 0 : 1), "] (the block table's capacity)");
+    const bool has_sink_rows = sink_k_in.has_value() && sink_k_in->defined() && sink_k_in->dim() == 4 && sink_k_in->size(1) > 0;
+    TORCH_CHECK(has_own || (lens[b] >= 2 && (lens[b] - 1 > skip_first || has_sink_rows)), "seq_lens[", b, "] = ", lens[b],
+                ": without an own token every sequence needs a cached position that is read (skip_first ", skip_first, ")");
     longest = std::max(longest, lens[b]);
   }
   {  // every block the kernel reads must exist
@@ -237,8 +249,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
   check_rope(rope, dim, longest - 1, pages);
   const bool has_rope = rope.has_value() && rope->defined();
   const auto query = query_in.to(at::kFloat).contiguous();
-  const auto own_k = own_k_in.to(at::kFloat).contiguous();
-  const auto own_v = own_v_in.to(at::kFloat).contiguous();
+  const auto own_k = has_own ? own_k_in->to(at::kFloat).contiguous() : at::Tensor();
+  const auto own_v = has_own ? own_v_in->to(at::kFloat).contiguous() : at::Tensor();
   auto out_f = query_in.scalar_type() == at::kFloat ? out : at::empty({batch, q_heads, dim}, query.options());
   const bool has_sinks = sink_k_in.has_value() && sink_k_in->defined();
   TORCH_CHECK(has_sinks == (sink_v_in.has_value() && sink_v_in->defined()), "pass both sink_k and sink_v or neither");
@@ -256,7 +268,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
     sink_v = sink_v_in->to(at::kFloat).contiguous();
   }
 
-  DecodeArgs args{query.data_ptr<float>(), own_k.data_ptr<float>(), own_v.data_ptr<float>(), pages.data_ptr<uint8_t>(),
+  DecodeArgs args{query.data_ptr<float>(), has_own ? own_k.data_ptr<float>() : nullptr,
+                  has_own ? own_v.data_ptr<float>() : nullptr, pages.data_ptr<uint8_t>(),
                   pages.stride(0), pages.stride(1), pages.stride(2), block_table.data_ptr<int64_t>(), block_table.size(1),
                   lens, has_rope ? rope->data_ptr<float>() : nullptr, has_rope ? rope->size(0) : 0, pages_end(pages),
                   ks.stream, vs.stream, pairs,
@@ -453,7 +466,7 @@ at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, co
 }  // namespace seqkv
 
 TORCH_LIBRARY_FRAGMENT(seqkv, m) {
-  m.def("cpu_transform_decode_attention(Tensor query, Tensor own_k, Tensor own_v, Tensor pages, Tensor block_table, "
+  m.def("cpu_transform_decode_attention(Tensor query, Tensor? own_k, Tensor? own_v, Tensor pages, Tensor block_table, "
         "Tensor seq_lens, Tensor? rope, Tensor[] k_tables, Tensor[] v_tables, int[] k_format, int[] v_format, "
         "Tensor? key_pairs, float scale, int num_splits, int skip_first, Tensor? sink_k=None, Tensor? sink_v=None) "
         "-> (Tensor, Tensor)");

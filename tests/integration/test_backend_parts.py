@@ -278,3 +278,40 @@ def test_kv_update_positions_follow_a_padded_slot_mapping():
     positions = torch.tensor([9, 0, 1])
     assert _padded(positions, 5).tolist() == [9, 0, 1, 0, 0]
     assert _padded(positions, 2).tolist() == [9, 0]
+
+
+def test_shared_prefix_decode_equals_the_fused_decode(tiny_model_dir, nox_calibration):
+    """EngineCodec.decode_shared_prefix (the shared blocks read once for all sharers, exact sink
+    rows merged) + decode_attention(from_position) merged by the log-sum-exps = decode_attention
+    of the whole sequences, on the codec's own pages."""
+    from vllm_seqkv.config import SeqKVConfig
+    from vllm_seqkv.integration.decode_plan import merge_partial_attention
+    from vllm_seqkv.integration.engine_codec import EngineCodec
+
+    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv", preset="seqkv-3-nox",
+                                     calibration=str(nox_calibration)), str(tiny_model_dir), 2, 32, 10000.0)
+    gen = torch.Generator().manual_seed(3)
+    block_size, shared_blocks = 16, 3
+    lengths = [3 * 16 + 1, 3 * 16 + 9, 5 * 16]
+    block_table = torch.tensor([[0, 1, 2, 3, 9], [0, 1, 2, 4, 9], [0, 1, 2, 5, 6]])
+    pages = torch.zeros(10, 2, block_size, engine.slot_bytes, dtype=torch.uint8)
+    key = torch.randn(max(lengths), 2, 32, generator=gen) * 2
+    for b, length in enumerate(lengths):
+        positions = torch.arange(length)
+        slots = block_table[b, positions // block_size] * block_size + positions % block_size
+        tail = torch.randn(length, 2, 32, generator=gen) * 2
+        k = torch.where((positions < shared_blocks * block_size)[:, None, None], key[:length], tail)
+        engine.write(1, pages, slots, engine.to_code_frame(k, positions), k)
+        engine.sinks.record(1, slots // block_size, slots % block_size, positions, k, k)
+    query = torch.randn(3, 6, 32, generator=gen)
+    own_k, own_v = torch.randn(3, 2, 32, generator=gen), torch.randn(3, 2, 32, generator=gen)
+    params = engine.kernel_params(1, torch.device("cpu"))
+    whole = engine.decode_attention(1, params, query, own_k, own_v, pages, block_table, lengths, 0.2)
+    length = shared_blocks * block_size
+    head, head_lse = engine.decode_shared_prefix(1, params, query, pages, block_table[:1, :shared_blocks], length,
+                                                 0, 0.2)
+    rest, rest_lse = engine.decode_attention(1, params, query, own_k, own_v, pages, block_table, lengths, 0.2,
+                                             from_position=length)
+    torch.testing.assert_close(merge_partial_attention(head, head_lse, rest, rest_lse), whole, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="sink positions"):
+        engine.decode_attention(1, params, query, own_k, own_v, pages, block_table, lengths, 0.2, from_position=0)

@@ -97,6 +97,78 @@ def test_decode_matches_reference(case):
         torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
 
 
+# (kv heads, head_dim, GQA group, block size, seq_lens, skip_first, pair keys, query dtype): groups wider than
+# the pair path's 8 registers and the value path's 4 (a shared prefix stacks its sequences' queries)
+NO_OWN_CASES = [
+    (3, 64, 48, 16, [6, 300], 4, True, torch.float32),
+    (2, 32, 12, 32, [70], 0, True, torch.bfloat16),
+    (1, 128, 9, 16, [129, 40], 1, False, torch.float32),
+    (2, 64, 5, 16, [33], 2, True, torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", NO_OWN_CASES, ids=lambda c: f"H{c[0]}-D{c[1]}-G{c[2]}-{'pair' if c[6] else 'general'}")
+def test_decode_without_own_token_matches_reference(case):
+    """own_k = own_v = None: the queries attend to positions < seq_len - 1 only."""
+    heads, dim, group, block_size, lens, skip, pair, dtype = case
+    layout = random_layout(heads, dim, pair_keys=pair, seed=group)
+    params = transform_layer_params(layout)
+    pages, table, seq_lens = random_paged_case(layout, lens, block_size, seed=group)
+    query = _decode_inputs(heads, dim, group, len(lens), dtype, seed=group)[0]
+    rope = rope_cache(-(-max(lens) // block_size) * block_size, dim, THETA)
+    ref, ref_lse = transform_decode_attention_reference(query, None, None, pages, table, seq_lens, layout, 0.19,
+                                                        rope=rope, skip_first=skip, return_lse=True)
+    with_own = transform_decode_attention_reference(query, *_decode_inputs(heads, dim, group, len(lens), dtype, 1)[1:],
+                                                    pages, table, seq_lens, layout, 0.19, rope=rope, skip_first=skip)
+    assert not torch.allclose(with_own.float(), ref.float(), atol=1e-3)  # the own token would change it
+    atol, rtol = TRANSFORM_TOLERANCES[dtype]
+    for _ in each_isa():
+        out, lse = cpu_ops.transform_decode_attention_cpp(query, None, None, pages, table, seq_lens, params, 0.19,
+                                                          rope=rope, skip_first=skip, return_lse=True)
+        torch.testing.assert_close(out.float(), ref.float(), atol=max(atol, 1e-4), rtol=max(rtol, 1e-4))
+        torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    with pytest.raises(KernelArgumentError, match="both or neither"):
+        cpu_ops.transform_decode_attention_cpp(query, query[:, :heads], None, pages, table, seq_lens, params, 0.19,
+                                               rope=rope)
+    with pytest.raises(RuntimeError, match="needs a cached position"):
+        cpu_ops.transform_decode_attention_cpp(query, None, None, pages, table, torch.ones_like(seq_lens), params,
+                                               0.19, rope=rope)
+
+
+@pytest.mark.parametrize("heads,dim,group,sharers", [(3, 64, 3, 4), (2, 128, 4, 3), (1, 64, 9, 2)])
+def test_shared_prefix_pass_merged_with_the_rest_equals_one_decode(heads, dim, group, sharers):
+    """Cascade decode: the shared prefix read once with the sequences' queries stacked per KV head
+    (no own token, exact sink rows merged) + each sequence's rest from the prefix's end, merged by
+    the log-sum-exps = the fused decode of each whole sequence."""
+    from vllm_seqkv.integration.decode_plan import merge_partial_attention
+
+    block_size, prefix_blocks, sinks = 16, 5, 2
+    layout = random_layout(heads, dim, pair_keys=True, seed=sharers)
+    params = transform_layer_params(layout)
+    lens = [prefix_blocks * block_size + 1 + 13 * i for i in range(sharers)]
+    pages, table, seq_lens = random_paged_case(layout, lens, block_size, seed=sharers)
+    table[:, :prefix_blocks] = table[0, :prefix_blocks]  # the shared blocks
+    query, own_k, own_v = _decode_inputs(heads, dim, group, sharers, torch.float32, seed=3)
+    gen = torch.Generator().manual_seed(5)
+    sink_k, sink_v = (torch.randn(1, sinks, heads, dim, generator=gen) for _ in range(2))
+    rope = rope_cache(-(-max(lens) // block_size) * block_size, dim, THETA)
+    expected = cpu_ops.transform_decode_attention_cpp(
+        query, own_k, own_v, pages, table, seq_lens, params, 0.2, rope=rope, skip_first=sinks,
+        sinks=(sink_k.expand(sharers, -1, -1, -1), sink_v.expand(sharers, -1, -1, -1)))
+    length = prefix_blocks * block_size
+    stacked = query.view(sharers, heads, group, dim).transpose(0, 1).reshape(1, heads * sharers * group, dim)
+    for _ in each_isa():
+        head, head_lse = cpu_ops.transform_decode_attention_cpp(
+            stacked.contiguous(), None, None, pages, table[:1, :prefix_blocks], torch.tensor([length + 1]), params,
+            0.2, rope=rope, skip_first=sinks, return_lse=True, sinks=(sink_k, sink_v))
+        head = head.view(heads, sharers, group, dim).transpose(0, 1).reshape(sharers, heads * group, dim)
+        head_lse = head_lse.view(heads, sharers, group).transpose(0, 1).reshape(sharers, heads * group)
+        rest, rest_lse = cpu_ops.transform_decode_attention_cpp(query, own_k, own_v, pages, table, seq_lens, params,
+                                                                0.2, rope=rope, skip_first=length, return_lse=True)
+        torch.testing.assert_close(merge_partial_attention(head, head_lse, rest, rest_lse), expected,
+                                   atol=1e-5, rtol=1e-4)
+
+
 # (kv heads, head_dim, GQA group, block size, seq_lens, sinks, pair keys, sink dtype)
 SINK_CASES = [
     (3, 64, 3, 32, [1, 2, 5, 70], 1, True, torch.float32),  # a sequence with no cached position, one sink only

@@ -2,8 +2,9 @@
 when vllm_seqkv._cpu is built), compared with the same engine on the torch path, for
 ``seqkv-3-nox`` (no cross-layer prediction): the C++ write, the fused decode attention of every
 decode step (exact sink rows merged by the log-sum-exp) and the C++ block reconstruction of
-prefill. ``SEQKV_KERNELS_CHECK=1`` compares every kernel call with the reference on the engine's
-own pages (see tests/e2e/test_kernels_in_engine.py, whose engine runner this reuses)."""
+prefill, and the shared-prefix decode. ``SEQKV_KERNELS_CHECK=1`` compares every kernel call
+with the reference on the engine's own pages (see tests/e2e/test_kernels_in_engine.py, whose
+engine runner this reuses)."""
 
 import os
 import re
@@ -18,9 +19,13 @@ pytestmark = [pytest.mark.e2e,
 
 def test_cpp_ops_in_the_engine_match_the_torch_path(tiny_model_dir, prompts, nox_calibration):  # noqa: F811
     options = {"preset": "seqkv-3-nox", "calibration": str(nox_calibration)}
+    # a third prompt shares the first one's leading 290 tokens (two 128-token blocks in the prefix
+    # cache): their decodes read that prefix once per layer (decode_plan.SharedPrefix)
+    prompts = [*prompts, prompts[0][:290] + prompts[1][:10]]
     reference, _ = run_engine(tiny_model_dir, prompts, options, "torch")
     cpp_run, log = run_engine(tiny_model_dir, prompts, options, "cpp")
     assert "seqkv kernels: cpp implementation on cpu" in log
+    assert "decode reads a prefix of 256 positions shared by 2 sequences" in log
     decode = kernel_errors(log, "fused decode")
     assert decode and max(decode) < 1e-4, decode  # every decode step of layers 1-3
     recon = kernel_errors(log, "reconstruction")

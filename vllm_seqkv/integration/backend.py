@@ -26,8 +26,11 @@ Writing new tokens is one C++ op per layer on CPU for the layers it covers
 (:meth:`~.engine_codec.EngineCodec.write_tokens`: NaN check, RoPE undone, coded), and one-token
 sequences attend in one fused decode call per layer with the exact sink rows merged inside it
 (:meth:`~.engine_codec.EngineCodec.decode_attention`; what every layer of a step shares is
-planned once per batch: :class:`FusedDecodes`). Otherwise writing and reading go through the
-kernels' dispatcher (:meth:`~.engine_codec.EngineCodec.write` -> :func:`vllm_seqkv.kernels.write_slots`,
+planned once per batch: :class:`~.decode_plan.FusedDecodes`). On CPU, decoding sequences that
+hold the same leading blocks (prefix caching) read them once per layer for all of them
+(:mod:`.decode_plan`, cascade attention); the Triton decode reads each sequence whole.
+Otherwise writing and reading go through the kernels' dispatcher
+(:meth:`~.engine_codec.EngineCodec.write` -> :func:`vllm_seqkv.kernels.write_slots`,
 :meth:`~.engine_codec.EngineCodec.reconstruct` -> :func:`vllm_seqkv.kernels.reconstruct_blocks`):
 the C++ CPU ops (``csrc/cpu/``) on CPU tensors when ``vllm_seqkv._cpu`` is built (else the
 codec's torch reference, warned once), the Triton kernels on CUDA tensors or with
@@ -65,6 +68,7 @@ from vllm_seqkv.integration.compat import (
     init_logger,
     layer_rotary,
 )
+from vllm_seqkv.integration.decode_plan import DecodePart, FusedDecodes, merge_partial_attention
 from vllm_seqkv.integration.engine_codec import EngineCodec, active_engine_codec, start_engine_codec
 from vllm_seqkv.integration.metrics import slot_bits_per_element, slot_ratio_vs_bf16
 from vllm_seqkv.integration.reads import ReadChunk, plan_reads
@@ -146,14 +150,19 @@ class SeqKVMetadata:
     read_plans: dict[tuple[int, ...], list[ReadChunk]] = field(default_factory=dict)
     per_batch: dict[tuple, object] = field(default_factory=dict)
 
-    def fused_decodes(self) -> "FusedDecodes | None":
-        """The batch's one-token sequences and what the fused decode takes for them, built once
-        per batch (every layer of a KV-cache group reads the same), or None when there are none."""
-        if "decodes" not in self.per_batch:
+    def fused_decodes(self, share_prefixes: bool = True) -> "FusedDecodes | None":
+        """The batch's one-token sequences and what the fused decode takes for them (shared
+        prefixes planned when ``share_prefixes``), built once per batch (every layer of a KV-cache
+        group reads the same), or None when there are none."""
+        key = ("decodes", share_prefixes)
+        if key not in self.per_batch:
             starts = self.query_starts
             decodes = [i for i in range(len(starts) - 1) if starts[i + 1] - starts[i] == 1]
-            self.per_batch["decodes"] = FusedDecodes.of(self, decodes) if decodes else None
-        return self.per_batch["decodes"]
+            block_size = self.per_batch.get("block_size")
+            self.per_batch[key] = FusedDecodes.of(
+                starts, self.seq_lens_host, self.block_table, self.block_table_host, decodes,
+                block_size, share_prefixes) if decodes else None
+        return self.per_batch[key]
 
     def sink_writes(self, slot_mapping: torch.Tensor, block_size: int, sink_tokens: int) -> torch.Tensor | None:
         """Indices ``[n]`` of the tokens written at a block offset below ``sink_tokens`` (what the
@@ -180,35 +189,6 @@ class SeqKVMetadata:
                               first_positions=firsts)
             self.read_plans[(tuple(seqs), window)] = plan
         return plan
-
-
-@dataclass
-class FusedDecodes:
-    """A batch's one-query sequences ``seqs`` as the fused decode takes them: their query rows
-    ``[B]``, ``seq_lens`` (host list and int32 tensor), the block table cut to the longest one's
-    blocks and each one's first block (the sink table's key)."""
-
-    seqs: list[int]
-    rows: torch.Tensor | slice  # a slice when they are consecutive (a view, no gather)
-    seq_lens: list[int]
-    lengths: torch.Tensor
-    block_table: torch.Tensor
-    first_blocks: list[int]
-
-    @classmethod
-    def of(cls, metadata: "SeqKVMetadata", seqs: list[int]) -> "FusedDecodes":
-        device = metadata.block_table.device
-        seq_lens = [metadata.seq_lens_host[i] for i in seqs]
-        block_size = metadata.per_batch.get("block_size")
-        table = metadata.block_table[seqs]
-        if block_size:
-            table = table[:, :-(-max(seq_lens) // block_size)]
-        rows = [metadata.query_starts[i] for i in seqs]
-        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-        return cls(seqs, slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows, device=device),
-                   seq_lens,
-                   torch.tensor(seq_lens, dtype=torch.int32, device=device), table,
-                   metadata.block_table_host[seqs, 0].tolist())
 
 
 class SeqKVMetadataBuilder(AttentionMetadataBuilder[SeqKVMetadata]):
@@ -344,7 +324,8 @@ class SeqKVAttentionImpl(AttentionImpl):
         fused = (self.engine.fused_decode_params(layer_index, pages.device)
                  if self.sliding_window is None else None)  # the fused kernel reads from position 0
         attn_metadata.per_batch.setdefault("block_size", block_size)
-        decodes = attn_metadata.fused_decodes() if fused is not None else None
+        decodes = (attn_metadata.fused_decodes(self.engine.reads_shared_prefixes(fused, pages.device))
+                   if fused is not None else None)
         if decodes is not None:
             self._fused_decode(layer_index, fused, decodes, query, key, value, pages, output)
             if len(decodes.seqs) == len(starts) - 1:
@@ -395,17 +376,53 @@ class SeqKVAttentionImpl(AttentionImpl):
     def _fused_decode(self, layer_index: int, params, decodes: FusedDecodes, query: torch.Tensor,
                       key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
                       output: torch.Tensor) -> None:
-        """The batch's one-token sequences in one fused decode kernel call."""
-        rows = decodes.rows
+        """The batch's one-token sequences by the fused decode kernel: one call for those alone,
+        a prefix pass and a call for the rest per shared prefix (:mod:`.decode_plan`)."""
+        if decodes.alone is not None:
+            part = decodes.alone
+            out = self._decode_part(layer_index, params, part, query, key, value, pages)
+            _store_rows(output, part.rows, out)
+        for prefix in decodes.shared:
+            part = prefix.part
+            _announce_shared_prefix(prefix.length, len(part))
+            queries = query[part.rows].float()
+            head, head_lse = self.engine.decode_shared_prefix(
+                layer_index, params, queries, pages, prefix.block_table, prefix.length, prefix.first_block,
+                self.scale)
+            rest, rest_lse = self._decode_part(layer_index, params, part, query, key, value, pages,
+                                               from_position=prefix.length, queries=queries)
+            _store_rows(output, part.rows, merge_partial_attention(head, head_lse, rest, rest_lse))
+
+    def _decode_part(self, layer_index: int, params, part: DecodePart, query: torch.Tensor,
+                     key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
+                     from_position: int | None = None, queries: torch.Tensor | None = None):
+        """``part``'s sequences over their pages (from ``from_position`` on, with the
+        log-sum-exp, when given) -> ``[n, Hq, D]`` float32 (and ``lse [n, Hq]``)."""
+        rows = part.rows
         # NOTE: a float32 query makes the op's output float32 (own K/V are converted inside the op)
-        out = self.engine.decode_attention(layer_index, params, query[rows].float(), key[rows], value[rows], pages,
-                                           decodes.block_table, decodes.seq_lens, self.scale,
-                                           lengths=decodes.lengths, first_blocks=decodes.first_blocks)
-        out = out.view(len(decodes.seqs), *output.shape[1:])
-        if isinstance(rows, slice):
-            output[rows].copy_(out)
-        else:
-            output[rows] = out.to(output.dtype)
+        return self.engine.decode_attention(
+            layer_index, params, query[rows].float() if queries is None else queries, key[rows], value[rows], pages,
+            part.block_table, part.seq_lens, self.scale, lengths=part.lengths, first_blocks=part.first_blocks,
+            from_position=from_position)
+
+
+_ANNOUNCED = []
+
+
+def _announce_shared_prefix(length: int, sharers: int) -> None:
+    if not _ANNOUNCED:
+        _ANNOUNCED.append(True)
+        logger.info("seqkv: decode reads a prefix of %d positions shared by %d sequences once per layer "
+                    "(logged once)", length, sharers)
+
+
+def _store_rows(output: torch.Tensor, rows: torch.Tensor | slice, out: torch.Tensor) -> None:
+    """``out [n, Hq, D]`` into the output rows ``rows`` of ``output [T, Hq, D]``."""
+    out = out.view(out.shape[0], *output.shape[1:])
+    if isinstance(rows, slice):
+        output[rows].copy_(out)
+    else:
+        output[rows] = out.to(output.dtype)
 
 
 def finite_or_zero(key: torch.Tensor, value: torch.Tensor, layer_index: int):

@@ -431,14 +431,16 @@ class EngineCodec:
     def decode_attention(self, layer: int, params, query: torch.Tensor, own_k: torch.Tensor,
                          own_v: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor,
                          seq_lens: list[int], scale: float, lengths: torch.Tensor | None = None,
-                         first_blocks: list[int] | None = None) -> torch.Tensor:
+                         first_blocks: list[int] | None = None, from_position: int | None = None):
         """One query per sequence over its pages, by the fused decode kernel: query ``[B, Hq, D]``,
         own_k/own_v ``[B, H, D]`` (post-RoPE, position ``seq_len - 1``), block_table ``[B, n]``
         -> ``[B, Hq, D]`` float32. The kernel skips the sink positions; their exact rows (coded
         ones where the sink table has none) are merged in by the log-sum-exp (inside the C++
         op). ``lengths`` (``seq_lens`` as an int32 tensor on the pages' device) and
         ``first_blocks`` (``block_table[:, 0]`` as a list): per-batch values a caller may pass
-        instead of having every layer rebuild them."""
+        instead of having every layer rebuild them. ``from_position``: read only the positions
+        from there on (past the sink tokens; the rest of a shared prefix, see
+        :meth:`decode_shared_prefix`) and return ``(out, lse [B, Hq])``."""
         from vllm_seqkv import kernels
 
         device = pages.device
@@ -455,6 +457,15 @@ class EngineCodec:
                 query, own_k = query * layer_rope.magnitude, own_k / layer_rope.magnitude
         sinks = self.codec.sink_tokens
         sink_rows = None
+        if from_position is not None:
+            if from_position < sinks:
+                raise ValueError(f"from_position {from_position} is inside the {sinks} sink positions")
+            out, lse = kernels.paged_decode_attention(query, own_k, own_v, pages, block_table, lengths, params,
+                                                      scale, rope=rope, skip_first=from_position, return_lse=True)
+            if CHECK_KERNELS:
+                self._check_decode(layer, params, query, own_k, own_v, pages, block_table, lengths, scale, rope,
+                                   out, None, skip_first=from_position)
+            return out.float(), lse
         if sinks:
             if first_blocks is None:
                 first_blocks = block_table[:, 0].tolist()
@@ -468,6 +479,47 @@ class EngineCodec:
             self._check_decode(layer, params, query, own_k, own_v, pages, block_table, lengths,
                                scale, rope, out, sink_rows)
         return out.float()
+
+    def reads_shared_prefixes(self, params, device: torch.device) -> bool:
+        """Whether the fused decode on ``device`` takes a pass without own token
+        (:meth:`decode_shared_prefix`): the C++ CPU op does."""
+        from vllm_seqkv import kernels
+
+        return kernels.decodes_without_own_token(params, device)
+
+    def decode_shared_prefix(self, layer: int, params, query: torch.Tensor, pages: torch.Tensor,
+                             block_table: torch.Tensor, length: int, first_block: int, scale: float):
+        """Attention of ``query [n, Hq, D]`` (n sequences, post-RoPE) over the ``length`` positions
+        they share (``block_table [1, length / bs]``, sink rows keyed by ``first_block``), read
+        once for all n: one fused-decode pass with the queries stacked per KV head as a group of
+        ``n * Hq / H`` and no own token -> ``(out [n, Hq, D] float32, lse [n, Hq])``."""
+        from vllm_seqkv import kernels
+
+        n, q_heads, dim = query.shape
+        heads = self.num_kv_heads
+        group = q_heads // heads
+        stacked = query.view(n, heads, group, dim).transpose(0, 1).reshape(1, heads * n * group, dim)
+        rope = None
+        if self.codec.pre_rope_keys:
+            layer_rope = self.rope_of(layer, length + 1)
+            rope = layer_rope.rotation_on(pages.device)
+            if layer_rope.magnitude != 1.0:  # as in decode_attention: folded into the query
+                stacked = stacked * layer_rope.magnitude
+        sinks = self.codec.sink_tokens
+        sink_rows = None
+        if sinks:
+            sink_rows = self._sink_rows(layer, pages, [first_block])
+            if rope is not None and layer_rope.magnitude != 1.0:
+                sink_rows = (sink_rows[0] / layer_rope.magnitude, sink_rows[1])
+        lengths = torch.tensor([length + 1], dtype=torch.int32, device=pages.device)
+        out, lse = kernels.paged_decode_attention(stacked.contiguous(), None, None, pages, block_table, lengths,
+                                                  params, scale, rope=rope, skip_first=sinks, return_lse=True,
+                                                  sinks=sink_rows)
+        if CHECK_KERNELS:
+            self._check_decode(layer, params, stacked, None, None, pages, block_table, lengths, scale, rope, out,
+                               sink_rows)
+        out = out.view(heads, n, group, dim).transpose(0, 1).reshape(n, q_heads, dim)
+        return out.float(), lse.view(heads, n, group).transpose(0, 1).reshape(n, q_heads)
 
     def _sink_rows(self, layer: int, pages: torch.Tensor, first_blocks: list[int]):
         """K (post-RoPE) and V ``[B, S0, H, D]`` of positions ``0 .. S0 - 1`` (``S0`` = sink
@@ -517,14 +569,14 @@ class EngineCodec:
         return self._default_rope
 
     def _check_decode(self, layer, params, query, own_k, own_v, pages, block_table, lengths, scale,
-                      rope, out, sink_rows) -> None:
+                      rope, out, sink_rows, skip_first: int | None = None) -> None:
         """``SEQKV_KERNELS_CHECK=1``: the fused decode against the reference on the engine's pages
         (the sink rows merged by the torch merge)."""
         from vllm_seqkv.kernels.reference import merge_sink_rows, transform_decode_attention_reference
 
         ref_out, ref_lse = transform_decode_attention_reference(
             query, own_k, own_v, pages, block_table, lengths, params.layout, scale, rope=rope,
-            skip_first=self.codec.sink_tokens, return_lse=True)
+            skip_first=self.codec.sink_tokens if skip_first is None else skip_first, return_lse=True)
         if sink_rows is not None:
             ref_out = merge_sink_rows(ref_out, ref_lse, query, sink_rows[0], sink_rows[1], lengths, scale)
         error = (out.float() - ref_out.float().to(out.device)).abs().max().item()

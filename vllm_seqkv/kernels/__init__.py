@@ -273,6 +273,13 @@ def paged_decode_attention(query: torch.Tensor, own_k: torch.Tensor, own_v: torc
     return _run("rotation", "decode", params, pages.device, head, (scale,))
 
 
+def decodes_without_own_token(params, device: torch.device) -> bool:
+    """Whether :func:`paged_decode_attention` on ``device`` takes ``own_k = own_v = None`` (a pass
+    over positions the queries are not part of): the C++ CPU op and the reference do."""
+    return isinstance(params, TransformLayerParams) and _kernel_for("transform", "decode", params, device) is _function(
+        KERNELS[("transform", "decode", "cpp")])
+
+
 def write_tokens_fused(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
                        positions: torch.Tensor, pages: torch.Tensor, params, rope: torch.Tensor | None = None):
     """The engine's write of new tokens in one C++ op (see

@@ -47,13 +47,16 @@ def check_pages(pages: torch.Tensor, params) -> None:
 def check_decode_inputs(query, own_k, own_v, block_table, seq_lens, rope, skip_first: int,
                         heads: int, dim: int, device: torch.device) -> None:
     """The decode-attention inputs every implementation takes: query ``[B, Hq, D]`` with
-    ``Hq`` a multiple of ``heads``, own_k/own_v ``[B, H, D]``, block_table ``[B, max_blocks]``,
+    ``Hq`` a multiple of ``heads``, own_k/own_v ``[B, H, D]`` (both None: no own token, see
+    :func:`~.cpu_ops.transform_decode_attention_cpp`), block_table ``[B, max_blocks]``,
     seq_lens ``[B]`` (contiguous), a float32 ``rope`` table ``[P, D]`` or None."""
     check_tensor("query", query, (None, None, dim), FLOAT_DTYPES, device)
     batch, q_heads = query.shape[:2]
     expect(q_heads % heads == 0, f"query heads {q_heads} are not a multiple of kv heads {heads}")
-    check_tensor("own_k", own_k, (batch, heads, dim), FLOAT_DTYPES, device)
-    check_tensor("own_v", own_v, (batch, heads, dim), FLOAT_DTYPES, device)
+    expect((own_k is None) == (own_v is None), "own_k/own_v: pass both or neither")
+    if own_k is not None:
+        check_tensor("own_k", own_k, (batch, heads, dim), FLOAT_DTYPES, device)
+        check_tensor("own_v", own_v, (batch, heads, dim), FLOAT_DTYPES, device)
     check_tensor("block_table", block_table, (batch, None), INDEX_DTYPES, device)
     check_tensor("seq_lens", seq_lens, (batch,), INDEX_DTYPES, device)
     expect(seq_lens.is_contiguous(), "seq_lens must be contiguous")

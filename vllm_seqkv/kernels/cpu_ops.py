@@ -162,8 +162,9 @@ def transform_decode_attention_cpp(query, own_k, own_v, pages, block_table, seq_
                                    num_splits: int | None = None, skip_first: int = 0,
                                    return_lse: bool = False, sinks=None):
     """query ``[B, Hq, D]`` (post-RoPE), own_k/own_v ``[B, H, D]`` (exact K/V of position
-    ``seq_lens - 1``), pages uint8 ``[N, H, bs, S]``, block_table int ``[B, max_blocks]``,
-    seq_lens int ``[B]`` (>= 1) -> ``[B, Hq, D]`` in the query's dtype (float32 math); with
+    ``seq_lens - 1``; both None: no own token, positions ``< seq_lens - 1`` only), pages uint8
+    ``[N, H, bs, S]``, block_table int ``[B, max_blocks]``, seq_lens int ``[B]`` (>= 1) ->
+    ``[B, Hq, D]`` in the query's dtype (float32 math); with
     ``return_lse`` also the log of each softmax denominator float32 ``[B, Hq]``. ``rope``: a
     ``rope_cache`` table for pre-RoPE keys; ``skip_first``: cached positions not read;
     ``num_splits``: context chunks per sequence (default: enough work items for every thread);

@@ -180,6 +180,7 @@ def check_fused_args(query, own_k, own_v, pages, block_table, seq_lens, params: 
     device, heads, dim = pages.device, params.num_kv_heads, params.head_dim
     expect(pages.stride(3) == 1, f"pages: last dimension must be contiguous, strides {pages.stride()}")
     check_decode_inputs(query, own_k, own_v, block_table, seq_lens, rope, skip_first, heads, dim, device)
+    expect(own_k is not None, "own_k/own_v: the Triton decode needs the own token's K/V")
     batch = query.shape[0]
     expect(precision in PRECISIONS, f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     return check_previous(previous, (batch, block_table.shape[1] * pages.shape[2], heads, dim), params,

@@ -101,7 +101,8 @@ def transform_decode_attention_reference(query: torch.Tensor, own_k: torch.Tenso
                                          rope: torch.Tensor | None = None, previous=None,
                                          skip_first: int = 0, return_lse: bool = False):
     """Per sequence: the codec's decode of positions ``[skip_first, seq_len - 1)`` (keys
-    RoPE-rotated when ``rope`` is given) + exact own K/V at ``seq_len - 1``, then softmax
+    RoPE-rotated when ``rope`` is given) + exact own K/V at ``seq_len - 1`` (none when own_k is
+    None), then softmax
     attention in float32; with ``return_lse`` also the log of each softmax denominator
     ``[B, Hq]``. ``previous``: the layer below's coding-frame reconstruction
     ``[B, max_blocks * bs, H, D]``."""
@@ -109,14 +110,17 @@ def transform_decode_attention_reference(query: torch.Tensor, own_k: torch.Tenso
     out = torch.empty_like(query)
     lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
     for i, seq_len in enumerate(seq_lens.tolist()):
-        count = -(-seq_len // block_size)
+        stored = seq_len if own_k is not None else seq_len - 1  # no own token: its position is not in the table
+        count = -(-stored // block_size)
         blocks = block_table[i, :count]
         prev = None if previous is None else tuple(p[i, : count * block_size] for p in previous)
         positions = torch.arange(count) * block_size
         key, value = reconstruct_transform_reference(pages, blocks, layout, prev, rope, positions)[:2]
         first = min(skip_first, seq_len - 1)
-        key = torch.cat([key[first: seq_len - 1].cpu(), own_k[i : i + 1].float().cpu()])
-        value = torch.cat([value[first: seq_len - 1].cpu(), own_v[i : i + 1].float().cpu()])
+        key, value = key[first: seq_len - 1].cpu(), value[first: seq_len - 1].cpu()
+        if own_k is not None:  # None: no own token (a shared prefix's pass)
+            key = torch.cat([key, own_k[i : i + 1].float().cpu()])
+            value = torch.cat([value, own_v[i : i + 1].float().cpu()])
         group = query.shape[1] // key.shape[1]
         scores = torch.einsum("hd,shd->hs", query[i].float().cpu(),
                               key.repeat_interleave(group, dim=1)) * scale  # [Hq, S]
