@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from benchmarks.attention import QUERY_CHUNK, attention, check_causal, read_starts
-from benchmarks.model import LayerKV, LlamaForward, apply_rope, rope_tables
+from benchmarks.model import LayerKV, LlamaForward, apply_rope
 from vllm_seqkv.codec.base import KVCodec
 
 
@@ -43,16 +43,16 @@ def run_window(model: LlamaForward, tokens: torch.Tensor, codec: KVCodec | None 
     length = tokens.numel()
     model.check_context(length)
     cfg = model.config
-    cos, sin = rope_tables(torch.arange(length), cfg.head_dim, cfg.rope_theta)
+    positions = torch.arange(length)
     starts = None
     if codec is not None:
         check_causal(codec, length)
         starts = read_starts(codec, length)
-    h = model.embed[tokens]
+    h = model.embed(tokens)
     result = WindowResult(log_probs=torch.empty(0))
     previous = None  # the layer below's reconstruction, for cross-layer codecs
     for layer in range(cfg.num_layers):
-        q, kv = model.qkv(layer, h, cos, sin)
+        q, kv = model.qkv(layer, h, positions)
         if collect_kv:
             result.kv.append(kv)
         if codec is None:
@@ -61,7 +61,7 @@ def run_window(model: LlamaForward, tokens: torch.Tensor, codec: KVCodec | None 
             key_codec, value_codec = codec.codecs_for_layer(layer)
             framed_key = _roundtrip(key_codec, kv.key_pre if codec.pre_rope_keys else kv.key, previous)
             coded_value = _roundtrip(value_codec, kv.value, previous)
-            coded_key = apply_rope(framed_key, cos, sin) if codec.pre_rope_keys else framed_key
+            coded_key = apply_rope(framed_key, *model.rope(layer, positions)) if codec.pre_rope_keys else framed_key
             previous = (framed_key, coded_value) if codec.cross_layer else None
             if collect_coded:
                 result.coded.append((coded_key, coded_value))

@@ -12,12 +12,13 @@ sequences advance one token per step at their own positions.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from benchmarks.forward import run_window
-from benchmarks.model import LlamaForward, apply_rope, rope_tables
+from benchmarks.model import LlamaForward, apply_rope
 from vllm_seqkv.codec.base import KVCodec
 
 
@@ -81,6 +82,7 @@ def _generate_batch(model, prompts, codec, max_new_tokens, temperature, seeds, s
 
 def _prefill(model: LlamaForward, prompts, codec, t_max):
     cfg = model.config
+    model.check_context(t_max)
     batch = len(prompts)
     shape = (batch, t_max, cfg.num_kv_heads, cfg.head_dim)
     caches = []
@@ -114,10 +116,8 @@ def _choose(log_probs: torch.Tensor, temperature: float, generators) -> torch.Te
 def _step(model: LlamaForward, caches: list[_LayerCache], tokens: torch.Tensor, positions: torch.Tensor,
           codec: KVCodec | None) -> torch.Tensor:
     """Feed ``tokens [B]`` at ``positions [B]``; returns next-token log-probs ``[B, vocab]``."""
-    cfg = model.config
     batch = tokens.numel()
     rows = torch.arange(batch)
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     t_max = caches[0].key.shape[1]
     cols = torch.arange(t_max)
     visible = cols[None, :] <= positions[:, None]  # [B, T_max]
@@ -125,14 +125,14 @@ def _step(model: LlamaForward, caches: list[_LayerCache], tokens: torch.Tensor, 
     if codec is not None:
         starts = torch.tensor([min(codec.exact_window_start(int(p)), int(p)) for p in positions])
         coded = (cols[None, :] < starts[:, None]) & (cols[None, :] >= codec.sink_tokens)
-    h = model.embed[tokens]
+    h = model.embed(tokens)
     previous = None
     for layer, cache in enumerate(caches):
-        q, kv = model.qkv(layer, h, cos, sin)
+        q, kv = model.qkv(layer, h, positions)
         cache.key[rows, positions], cache.value[rows, positions] = kv.key, kv.value
         if codec is not None:
-            previous = _code_new_rows(codec, layer, cache, kv, positions, (cos, sin, cfg.rope_theta),
-                                          previous)
+            previous = _code_new_rows(codec, layer, cache, kv, positions, functools.partial(model.rope, layer),
+                                      previous)
         keys, values = cache.key, cache.value
         if coded is not None:
             keys = torch.where(coded[:, :, None, None], cache.coded_key, cache.key)
@@ -145,9 +145,9 @@ def _step(model: LlamaForward, caches: list[_LayerCache], tokens: torch.Tensor, 
 def _code_new_rows(codec: KVCodec, layer: int, cache: _LayerCache, kv, positions, rope, previous):
     """Store what the codec returns for the new positions: per-token codecs code each new row
     now (cross-layer ones against the layer below's rows, returned for the layer above); block
-    codecs code a block of a sequence when its last row arrives."""
+    codecs code a block of a sequence when its last row arrives. ``rope``: positions ``[N]`` ->
+    this layer's ``cos, sin [N, D]`` (:meth:`LlamaForward.rope`)."""
     key_codec, value_codec = codec.codecs_for_layer(layer)
-    cos, sin, theta = rope
     rows = torch.arange(positions.numel())
     frame = kv.key_pre if codec.pre_rope_keys else kv.key
     cache.frame_key[rows, positions] = frame
@@ -155,7 +155,8 @@ def _code_new_rows(codec: KVCodec, layer: int, cache: _LayerCache, kv, positions
     if size == 1:
         coded_frame = _roundtrip(key_codec, frame, previous)
         coded_value = _roundtrip(value_codec, kv.value, previous)
-        cache.coded_key[rows, positions] = apply_rope(coded_frame, cos, sin) if codec.pre_rope_keys else coded_frame
+        coded_key = apply_rope(coded_frame, *rope(positions)) if codec.pre_rope_keys else coded_frame
+        cache.coded_key[rows, positions] = coded_key
         cache.coded_value[rows, positions] = coded_value
         return (coded_frame, coded_value) if codec.cross_layer else None
     for b in rows.tolist():
@@ -165,8 +166,7 @@ def _code_new_rows(codec: KVCodec, layer: int, cache: _LayerCache, kv, positions
         block = slice(end - size, end)
         coded_frame = key_codec.decode(key_codec.encode(cache.frame_key[b, block].contiguous())).float()
         if codec.pre_rope_keys:
-            block_cos, block_sin = rope_tables(torch.arange(end - size, end), cos.shape[-1], theta)
-            coded_frame = apply_rope(coded_frame, block_cos, block_sin)
+            coded_frame = apply_rope(coded_frame, *rope(torch.arange(end - size, end)))
         cache.coded_key[b, block] = coded_frame
         cache.coded_value[b, block] = value_codec.decode(value_codec.encode(cache.value[b, block].contiguous())).float()
     return None

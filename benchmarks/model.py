@@ -1,25 +1,69 @@
-"""A small pure-torch fp32 forward for Llama / Qwen2 / Mistral-style HF checkpoints.
+"""The ruler's own fp32 forward of a decoder checkpoint, read the way vLLM's engine reads it.
 
-The ruler's own model, so that every layer's attention can read its cached past through a
-KV codec exactly as a serving decode path would (see :func:`coded_attention`).
+The ruler needs its own forward so that every layer's attention can read its cached past
+through a KV codec exactly as a serving decode path would (see :mod:`benchmarks.forward`).
+So that the K/V it measures are the K/V the calibration captures and the engine serves, it
+takes from vLLM whatever vLLM defines:
 
-Supported: GQA, q/k/v biases when the checkpoint has them (Qwen2), tied embeddings,
-``rope_theta`` with the default (unscaled) RoPE in HF's rotate-half layout, RMSNorm, SiLU
-MLP. Not supported (clear error): other RoPE scalings, sliding windows shorter than the
-context.
+* the config through vLLM's own loader (:func:`compat.engine_text_config`: RoPE parameters
+  standardized as the engine sees them);
+* each layer's RoPE cos/sin table from vLLM's own ``get_rope`` for that layer's parameters
+  (:func:`compat.rotary_from_parameters`, the same table reading as the served path's
+  :func:`compat.layer_rotary`), applied with :func:`vllm_seqkv.codec.rope.table_rows`, the
+  function the served path uses: every RoPE type vLLM applies by position (default, linear,
+  llama3, YaRN incl. its mscale, dynamic NTK) works here without a copy of its formulas;
+* the layer arithmetic of vLLM's model classes, listed per architecture in
+  :data:`ARCHITECTURES` (what ``LlamaForCausalLM``, ``Qwen3ForCausalLM``,
+  ``Gemma3ForCausalLM`` ... in ``vllm/model_executor/models`` compute): q/k/v biases when the
+  checkpoint has them (Qwen2), per-head q/k RMS norm (Qwen3, Gemma 3), Gemma's ``(1 + w)``
+  RMS norm, its embedding scale ``sqrt(hidden)``, its sandwich norms around attention and
+  MLP, its ``query_pre_attn_scalar`` and final logit soft-cap, per-layer-type RoPE parameters
+  and sliding windows, SiLU or tanh-GELU gated MLPs, tied embeddings.
+
+Refused with the feature named (:class:`NotImplementedError`): an architecture not in
+:data:`ARCHITECTURES`, partial or interleaved (non-neox) rotary, attention logit soft-capping,
+and a context longer than any layer's sliding window (the ruler's attention is full causal).
+``tests/bench/test_ruler_matches_vllm.py`` checks the per-layer K/V and the logits against
+vLLM's engine on the fixtures of :mod:`seqkv_fixtures.architectures`.
 """
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from vllm_seqkv.codec.rope import apply_rope, rope_tables  # noqa: F401  (re-exported)
 import torch.nn.functional as F
 from safetensors import safe_open
+
+from vllm_seqkv.codec.rope import apply_rope, table_rows  # noqa: F401  (apply_rope re-exported)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a vLLM model class computes beyond the Llama layer (per architecture name)."""
+
+    gemma_norm: bool = False  # RMS norm weight applied as (1 + w)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(hidden), in the model dtype
+    sandwich_norms: bool = False  # norm after attention and before/after the MLP (Gemma 2/3)
+    query_scalar: bool = False  # attention scale query_pre_attn_scalar ** -0.5
+
+
+LLAMA = Family()
+GEMMA3 = Family(gemma_norm=True, embed_scale=True, sandwich_norms=True, query_scalar=True)
+ARCHITECTURES = {
+    "LlamaForCausalLM": LLAMA,
+    "MistralForCausalLM": LLAMA,
+    "Qwen2ForCausalLM": LLAMA,  # q/k/v biases: read from the checkpoint
+    "Qwen3ForCausalLM": LLAMA,  # q/k norm: read from the checkpoint
+    "Gemma3ForCausalLM": GEMMA3,
+}
+ACTIVATIONS = {  # vLLM's get_act_and_mul_fn names -> the gate's activation
+    "silu": F.silu, "swish": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu, "geglu": F.gelu,
+}
 
 
 @dataclass(frozen=True)
@@ -32,31 +76,69 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
-    sliding_window: int | None
+    architecture: str
+    family: Family
+    activation: str
+    attn_scale: float  # softmax scale of q . k
+    final_softcap: float | None
+    layer_rope: tuple[dict, ...]  # vLLM's rope_parameters of each layer
+    layer_window: tuple[int | None, ...]  # sliding window of each layer (None: full)
+    max_position: int
     name: str
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The shortest sliding window of any layer (None when every layer attends fully)."""
+        windows = [w for w in self.layer_window if w is not None]
+        return min(windows) if windows else None
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> "ModelConfig":
-        raw = json.loads((Path(model_dir) / "config.json").read_text())
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise NotImplementedError(f"{model_dir}: RoPE type {rope_type!r} is not supported by the ruler's forward")
-        theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
-        heads = raw["num_attention_heads"]
-        window = raw.get("sliding_window") if raw.get("use_sliding_window", True) else None
+        from vllm_seqkv.integration import compat
+
+        hf = compat.engine_text_config(model_dir)
+        architecture = (getattr(hf, "architectures", None) or ["?"])[0]
+        family = ARCHITECTURES.get(architecture)
+        if family is None:
+            raise NotImplementedError(f"{model_dir}: architecture {architecture} is not supported by the "
+                                      f"ruler's forward (supported: {', '.join(ARCHITECTURES)})")
+        if getattr(hf, "attn_logit_softcapping", None):
+            raise NotImplementedError(f"{model_dir}: attention logit soft-capping is not supported by the "
+                                      "ruler's forward")
+        activation = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
+        if activation not in ACTIVATIONS:
+            raise NotImplementedError(f"{model_dir}: MLP activation {activation!r} is not supported by the "
+                                      "ruler's forward")
+        heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        layers = hf.num_hidden_layers
+        types = getattr(hf, "layer_types", None)
+        rope = hf.rope_parameters or {}
+        window = getattr(hf, "sliding_window", None)
+        if types is not None:
+            windows = tuple(window if t == "sliding_attention" else None for t in types)
+        else:  # Mistral: the model's window on every layer (vLLM's cache config)
+            windows = (window if getattr(hf, "use_sliding_window", True) else None,) * layers
+        nested = types is not None and all(t in rope for t in set(types))
+        layer_rope = tuple(dict(rope[t]) if nested else dict(rope) for t in (types or [None] * layers))
+        scalar = getattr(hf, "query_pre_attn_scalar", None) if family.query_scalar else None
         return cls(
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_layers=raw["num_hidden_layers"],
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=layers,
             num_heads=heads,
-            num_kv_heads=raw.get("num_key_value_heads", heads),
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            sliding_window=window,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            architecture=architecture,
+            family=family,
+            activation=activation,
+            attn_scale=(scalar or head_dim) ** -0.5,
+            final_softcap=getattr(hf, "final_logit_softcapping", None),
+            layer_rope=layer_rope,
+            layer_window=windows,
+            max_position=getattr(hf, "max_position_embeddings", 8192),
             name=Path(model_dir).name,
         )
 
@@ -74,14 +156,15 @@ def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """RMS norm over the last dim; ``offset`` 1 for Gemma's ``(1 + w)`` weights."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + weight)
 
 
 @dataclass
 class LayerKV:
-    """One layer's K/V for a window: ``key_pre`` (pre-RoPE), ``key`` (post-RoPE, as cached),
-    ``value``; each ``[T, H_kv, D]``."""
+    """One layer's K/V for a window: ``key_pre`` (pre-RoPE, after any k norm: what vLLM's
+    ``rotary_emb`` receives), ``key`` (post-RoPE, as cached), ``value``; each ``[T, H_kv, D]``."""
 
     key_pre: torch.Tensor
     key: torch.Tensor
@@ -89,44 +172,97 @@ class LayerKV:
 
 
 class LlamaForward:
-    """fp32 reference forward. ``logits(tokens)`` for one sequence starting at position 0."""
+    """fp32 reference forward of a checkpoint in :data:`ARCHITECTURES` (the name is historical).
+    Per layer: ``rope(layer, positions)``, ``qkv(layer, h, positions)``, ``finish_layer``; then
+    ``logits``. ``embed(tokens)`` starts a sequence."""
 
     def __init__(self, model_dir: Path):
+        from vllm_seqkv.integration import compat
+
         self.config = ModelConfig.from_dir(model_dir)
+        cfg = self.config
         self.w = load_weights(model_dir)
         prefix = "model." if "model.embed_tokens.weight" in self.w else ""
         self.prefix = prefix
-        self.embed = self.w[f"{prefix}embed_tokens.weight"]
-        self.lm_head = self.w.get("lm_head.weight", self.embed)
+        self.embed_weight = self.w[f"{prefix}embed_tokens.weight"]
+        self.lm_head = self.w.get("lm_head.weight", self.embed_weight)
+        # vLLM's Gemma3Model: the normalizer is cast to the model dtype (float32 here)
+        self.embed_scale = float(torch.tensor(math.sqrt(cfg.hidden_size), dtype=torch.float32)) \
+            if cfg.family.embed_scale else 1.0
+        self.norm_offset = 1.0 if cfg.family.gemma_norm else 0.0
+        self._tables: dict[str, torch.Tensor] = {}
+        self._layer_table: list[torch.Tensor] = []
+        for rope in cfg.layer_rope:
+            key = repr(sorted(rope.items()))
+            if key not in self._tables:
+                rotary = compat.rotary_from_parameters(cfg.head_dim, cfg.max_position, rope or None)
+                if rotary.rotary_dim != cfg.head_dim or not rotary.is_neox:
+                    raise NotImplementedError(
+                        f"{model_dir}: {rotary.kind} rotates {rotary.rotary_dim} of {cfg.head_dim} "
+                        f"channels, {'neox' if rotary.is_neox else 'interleaved'} layout; the ruler's "
+                        "forward supports full-width neox (rotate-half) RoPE only")
+                self._tables[key] = rotary.table
+            self._layer_table.append(self._tables[key])
 
     def layer_weight(self, layer: int, name: str) -> torch.Tensor | None:
         return self.w.get(f"{self.prefix}layers.{layer}.{name}")
 
-    def qkv(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """``h [T, hidden]`` -> ``q [T, H, D]`` (post-RoPE) and :class:`LayerKV`."""
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight, self.config.rms_norm_eps, self.norm_offset)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens [T]`` -> the first layer's input ``[T, hidden]`` (embedding row x scale)."""
+        rows = self.embed_weight[tokens]
+        return rows * self.embed_scale if self.embed_scale != 1.0 else rows
+
+    def rope(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin [T, D]`` of layer ``layer`` at ``positions [T]`` (vLLM's table rows)."""
+        return table_rows(self._layer_table[layer], positions)
+
+    def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
+        """``h [T, hidden]`` at ``positions [T]`` -> ``q [T, H, D]`` (post-RoPE, pre-scaled so that
+        ``D ** -0.5`` is the model's softmax scale) and :class:`LayerKV`."""
         cfg = self.config
-        normed = rms_norm(h, self.layer_weight(layer, "input_layernorm.weight"), cfg.rms_norm_eps)
+        normed = self.norm(h, self.layer_weight(layer, "input_layernorm.weight"))
         proj = {}
         for name, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads), ("v", cfg.num_kv_heads)):
-            out = F.linear(normed, self.layer_weight(layer, f"self_attn.{name}_proj.weight"),
-                           self.layer_weight(layer, f"self_attn.{name}_proj.bias"))
+            out = self.linear(layer, f"self_attn.{name}_proj", normed)
             proj[name] = out.view(h.shape[0], heads, cfg.head_dim)
+            norm = self.layer_weight(layer, f"self_attn.{name}_norm.weight")
+            if norm is not None:  # per-head q/k RMS norm (Qwen3, Gemma 3)
+                proj[name] = self.norm(proj[name], norm)
+        cos, sin = self.rope(layer, positions)
         q = apply_rope(proj["q"], cos, sin)
+        if cfg.attn_scale != cfg.head_dim ** -0.5:
+            q = q * (cfg.attn_scale * cfg.head_dim ** 0.5)
         return q, LayerKV(key_pre=proj["k"], key=apply_rope(proj["k"], cos, sin), value=proj["v"])
 
     def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual adds: ``h [T, hidden]``, ``attn [T, H, D]`` (pre o_proj) -> next hidden state."""
-        h = h + F.linear(attn.reshape(h.shape[0], -1), self.layer_weight(layer, "self_attn.o_proj.weight"))
-        normed = rms_norm(h, self.layer_weight(layer, "post_attention_layernorm.weight"), self.config.rms_norm_eps)
-        gate = F.linear(normed, self.layer_weight(layer, "mlp.gate_proj.weight"))
-        up = F.linear(normed, self.layer_weight(layer, "mlp.up_proj.weight"))
-        return h + F.linear(F.silu(gate) * up, self.layer_weight(layer, "mlp.down_proj.weight"))
+        out = self.linear(layer, "self_attn.o_proj", attn.reshape(h.shape[0], -1))
+        if self.config.family.sandwich_norms:
+            h = h + self.norm(out, self.layer_weight(layer, "post_attention_layernorm.weight"))
+            mlp = self.mlp(layer, self.norm(h, self.layer_weight(layer, "pre_feedforward_layernorm.weight")))
+            return h + self.norm(mlp, self.layer_weight(layer, "post_feedforward_layernorm.weight"))
+        h = h + out
+        return h + self.mlp(layer, self.norm(h, self.layer_weight(layer, "post_attention_layernorm.weight")))
+
+    def linear(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s linear ``name`` (``weight`` and, when the checkpoint has it, ``bias``)."""
+        return F.linear(x, self.layer_weight(layer, f"{name}.weight"), self.layer_weight(layer, f"{name}.bias"))
+
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear(layer, "mlp.gate_proj", x), self.linear(layer, "mlp.up_proj", x)
+        return self.linear(layer, "mlp.down_proj", ACTIVATIONS[self.config.activation](gate) * up)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head: ``[T, hidden] -> [T, vocab]``."""
-        return F.linear(rms_norm(h, self.w[f"{self.prefix}norm.weight"], self.config.rms_norm_eps), self.lm_head)
+        """Final norm + LM head (+ soft-cap): ``[T, hidden] -> [T, vocab]``."""
+        logits = F.linear(self.norm(h, self.w[f"{self.prefix}norm.weight"]), self.lm_head)
+        cap = self.config.final_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def check_context(self, length: int) -> None:
         window = self.config.sliding_window
         if window is not None and length > window:
-            raise NotImplementedError(f"context {length} exceeds the model's sliding window {window}")
+            raise NotImplementedError(f"context {length} exceeds the model's sliding window {window} "
+                                      "(the ruler's attention is full causal)")

@@ -1,7 +1,12 @@
+import json
+import shutil
+
+import pytest
 import torch
 
 from benchmarks.forward import run_window
 from benchmarks.model import LlamaForward
+from seqkv_fixtures import architectures
 from vllm_seqkv.codec import make_codec
 
 
@@ -29,3 +34,32 @@ def test_coded_run_changes_only_what_the_codec_touches(tiny_model_dir):
     assert all(e > 0 for e in coarse.attn_err_sq)
     assert len(exact.kv) == model.config.num_layers
     assert exact.kv[0].key.shape == (64, model.config.num_kv_heads, model.config.head_dim)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mqa256"])
+def test_forward_matches_transformers_on_other_layouts(name):
+    """QKV bias (Qwen2), q/k norm (Qwen3), one KV head of size 256: random-weight fixtures, same
+    logits as transformers' own classes (vLLM's engine is the reference in
+    test_ruler_matches_vllm.py; this one is cheap)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = architectures.build(name)
+    tokens = torch.randint(0, 4096, (80,), generator=torch.Generator().manual_seed(2))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(hf(tokens[None]).logits[0], dim=-1)
+    got = run_window(LlamaForward(model_dir), tokens).log_probs
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_forward_refuses_what_it_cannot_compute(tiny_model_dir, tmp_path):
+    gemma = LlamaForward(architectures.build("gemma3"))
+    with pytest.raises(NotImplementedError, match="sliding window 64"):
+        run_window(gemma, torch.zeros(65, dtype=torch.long))
+    partial = tmp_path / "partial-rotary"
+    shutil.copytree(tiny_model_dir, partial)
+    config = json.loads((partial / "config.json").read_text())
+    config["partial_rotary_factor"] = 0.5
+    (partial / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NotImplementedError, match="rotates 16 of 32 channels"):
+        LlamaForward(partial)

@@ -1,10 +1,10 @@
 """Layer 0 from the token id on a real trained model: the calibration built and verified the
-table with transformers' forward; the ruler's own forward (another implementation) agrees."""
+table from vLLM's forward; the ruler's forward agrees."""
 
 import torch
 
 from vllm_seqkv import calibrate
-from benchmarks.model import LlamaForward, rope_tables
+from benchmarks.model import LlamaForward
 from vllm_seqkv.codec.token_table import TokenTableCodec
 
 
@@ -14,8 +14,7 @@ def test_tiny_models_layer_0_is_its_token_table(tiny_model_dir):
     assert "verified" in calibration.layer0_check
     model = LlamaForward(tiny_model_dir)
     tokens = torch.randint(0, model.config.vocab_size, (300,), generator=torch.Generator().manual_seed(0))
-    cos, sin = rope_tables(torch.arange(300), model.config.head_dim, model.config.rope_theta)
-    _, kv = model.qkv(0, model.embed[tokens], cos, sin)
+    _, kv = model.qkv(0, model.embed(tokens), torch.arange(300))
     key_codec, value_codec = calibration.codecs(0)
     for codec, exact in ((key_codec, kv.key_pre), (value_codec, kv.value)):
         assert isinstance(codec, TokenTableCodec)

@@ -263,15 +263,51 @@ def layer_rotary(layer_name: str) -> LayerRotary | None:
     rotary = _ROTARY_BY_LAYER.get(layer_name)
     if rotary is None:
         return None
+    return rotary_as_table(rotary, layer_name)
+
+
+def rotary_as_table(rotary: RotaryEmbeddingBase, where: str) -> LayerRotary:
+    """What ``rotary`` (one of vLLM's rotary embeddings) applies, as a float32 table; ``where``
+    names it in errors. The one reading of a rotary embedding that the served path
+    (:func:`layer_rotary`) and the offline ruler (:func:`rotary_from_parameters`) share."""
     # NOTE: the buffer is cast to the model's dtype; the variant's own computation of it
     # gives the same table in float32 (bf16 cos/sin would not be rotations to 1e-3)
     compute = getattr(rotary, "_compute_cos_sin_cache", None)
     table = compute() if compute is not None else getattr(rotary, "cos_sin_cache", None)
     if table is None:
-        raise ValueError(f"rotary embedding {type(rotary).__name__} of {layer_name} has no cos/sin "
+        raise ValueError(f"rotary embedding {type(rotary).__name__} of {where} has no cos/sin "
                          "cache (its rotation is not a table of positions)")
     return LayerRotary(table.detach().float().cpu().contiguous(), int(rotary.rotary_dim),
                        int(rotary.head_size), bool(rotary.is_neox_style), type(rotary).__name__)
+
+
+# --- the model as vLLM's engine reads it, for callers without an engine (the offline ruler) ---
+
+def engine_text_config(model_dir):
+    """The model's transformers text config as vLLM's engine reads it: vLLM's own config
+    loader (legacy RoPE names patched, ``rope_parameters`` standardized; nested per layer
+    type for interleaved models such as Gemma 3)."""
+    from vllm.transformers_utils.config import get_config, get_hf_text_config
+
+    return get_hf_text_config(get_config(str(model_dir), trust_remote_code=False))
+
+
+def rotary_from_parameters(head_size: int, max_position: int, rope_parameters: dict | None,
+                           is_neox_style: bool = True) -> LayerRotary:
+    """The rotary embedding vLLM's model code builds for these arguments (its own ``get_rope``,
+    as ``LlamaAttention`` / ``Qwen3Attention`` / ``Gemma3Attention`` call it), as a table: every
+    RoPE variant vLLM implements (default, linear, llama3, YaRN with its mscale, dynamic NTK,
+    ...) without a copy of its formulas here."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    with set_current_vllm_config(VllmConfig()):  # vLLM's CustomOp reads the current config
+        rotary = get_rope(head_size, max_position=max_position, is_neox_style=is_neox_style,
+                          rope_parameters=rope_parameters, dtype=torch.float32)
+    return rotary_as_table(rotary, f"RoPE {rope_parameters}")
+
+
+__all__ += ["rotary_as_table", "engine_text_config", "rotary_from_parameters"]
 
 
 # --- the KV budget: seqkv's fixed memory taken from what vLLM gives the pages ----------------
