@@ -129,6 +129,11 @@ class SeqKVConfig(BaseModel):
     cold_tier: ColdTierConfig | None = Field(
         default=None, description="cold tier for blocks evicted from the pages (KV connector); "
         "null: none")
+    shared_prefix_min_saved_positions: int = Field(
+        default=8192, ge=0, description="decode: read a prefix that n decoding sequences hold in "
+        "the same blocks once per layer for all of them when its positions x (n - 1) (the "
+        "positions not read again) reach this (CPU fused decode; BENCHMARKS.md, shared prefixes); "
+        "0: whenever 2 sequences share 256 positions")
 
     @field_validator("preset")
     @classmethod

@@ -37,6 +37,10 @@ def test_short_or_unshared_prefixes_are_not_worth_a_pass(monkeypatch):
     monkeypatch.setattr(decode_plan, "MIN_SHARED_POSITIONS", 4 * BS)
     table = _table([[1, 2, 3, 4, 5], [1, 2, 3, 6, 7]])
     assert shared_prefixes(table, [5 * BS, 5 * BS], BS) == []  # 3 shared blocks < 4
+    # positions x (sharers - 1) below the saving asked for
+    same = _table([[1, 2, 3, 4, 5]] * 3)
+    assert shared_prefixes(same, [5 * BS] * 3, BS, min_saved_positions=8 * BS + 1) == []
+    assert shared_prefixes(same, [5 * BS] * 3, BS, min_saved_positions=8 * BS) == [([0, 1, 2], 4)]
     monkeypatch.setattr(decode_plan, "MIN_SHARERS", 3)
     assert shared_prefixes(_table([[1, 2, 3, 4, 5]] * 2), [5 * BS] * 2, BS) == []
 
@@ -57,7 +61,9 @@ def test_fused_decodes_split_the_batch_into_alone_and_shared(monkeypatch):
     assert shared.part.block_table.tolist() == [[1, 2, 3], [1, 2, 8]]
     alone = plan.alone
     assert torch.equal(alone.rows, torch.tensor([4, 6])) and alone.first_blocks == [4, 11]
-    assert FusedDecodes.of(starts, lens, table, table, [1, 2, 3, 4], BS, share_prefixes=False).shared == []
+    assert FusedDecodes.of(starts, lens, table, table, [1, 2, 3, 4], BS, None).shared == []
+    # 2 * BS positions saved once (2 sharers): below a threshold of 2 * BS + 1, not shared
+    assert FusedDecodes.of(starts, lens, table, table, [1, 2, 3, 4], BS, 2 * BS + 1).shared == []
 
 
 @pytest.mark.parametrize("split", [1, 7, 19])

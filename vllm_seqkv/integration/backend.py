@@ -150,18 +150,19 @@ class SeqKVMetadata:
     read_plans: dict[tuple[int, ...], list[ReadChunk]] = field(default_factory=dict)
     per_batch: dict[tuple, object] = field(default_factory=dict)
 
-    def fused_decodes(self, share_prefixes: bool = True) -> "FusedDecodes | None":
+    def fused_decodes(self, min_saved_positions: int | None = 0) -> "FusedDecodes | None":
         """The batch's one-token sequences and what the fused decode takes for them (shared
-        prefixes planned when ``share_prefixes``), built once per batch (every layer of a KV-cache
+        prefixes planned unless ``min_saved_positions`` is None: see
+        :func:`~.decode_plan.shared_prefixes`), built once per batch (every layer of a KV-cache
         group reads the same), or None when there are none."""
-        key = ("decodes", share_prefixes)
+        key = ("decodes", min_saved_positions)
         if key not in self.per_batch:
             starts = self.query_starts
             decodes = [i for i in range(len(starts) - 1) if starts[i + 1] - starts[i] == 1]
             block_size = self.per_batch.get("block_size")
             self.per_batch[key] = FusedDecodes.of(
                 starts, self.seq_lens_host, self.block_table, self.block_table_host, decodes,
-                block_size, share_prefixes) if decodes else None
+                block_size, min_saved_positions) if decodes else None
         return self.per_batch[key]
 
     def sink_writes(self, slot_mapping: torch.Tensor, block_size: int, sink_tokens: int) -> torch.Tensor | None:
@@ -324,8 +325,9 @@ class SeqKVAttentionImpl(AttentionImpl):
         fused = (self.engine.fused_decode_params(layer_index, pages.device)
                  if self.sliding_window is None else None)  # the fused kernel reads from position 0
         attn_metadata.per_batch.setdefault("block_size", block_size)
-        decodes = (attn_metadata.fused_decodes(self.engine.reads_shared_prefixes(fused, pages.device))
-                   if fused is not None else None)
+        sharing = (self.engine.config.shared_prefix_min_saved_positions
+                   if fused is not None and self.engine.reads_shared_prefixes(fused, pages.device) else None)
+        decodes = attn_metadata.fused_decodes(sharing) if fused is not None else None
         if decodes is not None:
             self._fused_decode(layer_index, fused, decodes, query, key, value, pages, output)
             if len(decodes.seqs) == len(starts) - 1:

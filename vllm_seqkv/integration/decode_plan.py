@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 # NOTE: a prefix is read once for its sharers only when that pays for the extra op call and
-# merge per layer: at least 2 sharers and this many shared positions (BENCHMARKS.md, "Shared
-# prefixes").
+# merge per layer and for the wider pass: at least 2 sharers, this many shared positions, and
+# the config's shared_prefix_min_saved_positions (shared positions x (sharers - 1)), measured
+# in BENCHMARKS.md, "Shared prefixes"
 MIN_SHARERS = 2
 MIN_SHARED_POSITIONS = 256
 
@@ -74,9 +75,11 @@ class FusedDecodes:
     @classmethod
     def of(cls, query_starts: list[int], seq_lens_host: list[int], block_table: torch.Tensor,
            block_table_host: torch.Tensor, seqs: list[int], block_size: int | None,
-           share_prefixes: bool = True) -> "FusedDecodes":
-        groups = (shared_prefixes(block_table_host, [seq_lens_host[i] for i in seqs], block_size, seqs)
-                  if block_size and share_prefixes else [])
+           min_saved_positions: int | None = 0) -> "FusedDecodes":
+        """``min_saved_positions``: see :func:`shared_prefixes`; None plans no shared prefix."""
+        groups = (shared_prefixes(block_table_host, [seq_lens_host[i] for i in seqs], block_size, seqs,
+                                  min_saved_positions)
+                  if block_size and min_saved_positions is not None else [])
         grouped = {member for members, _ in groups for member in members}
 
         def part(members: list[int]) -> DecodePart:
@@ -94,11 +97,12 @@ class FusedDecodes:
 
 
 def shared_prefixes(block_table_host: torch.Tensor, seq_lens: list[int], block_size: int,
-                    seqs: list[int] | None = None) -> list[tuple[list[int], int]]:
+                    seqs: list[int] | None = None, min_saved_positions: int = 0) -> list[tuple[list[int], int]]:
     """Groups of the sequences (indices into ``seq_lens``; rows ``seqs`` of the host block table,
     default ``0 .. n - 1``) whose leading blocks are the same: ``(members, blocks)`` with at least
-    :data:`MIN_SHARERS` members and :data:`MIN_SHARED_POSITIONS` positions, ``blocks`` whole
-    blocks that end before each member's own position (``blocks * bs <= seq_len - 1``)."""
+    :data:`MIN_SHARERS` members, :data:`MIN_SHARED_POSITIONS` positions and ``positions x
+    (members - 1) >= min_saved_positions``, ``blocks`` whole blocks that end before each member's
+    own position (``blocks * bs <= seq_len - 1``)."""
     rows = seqs if seqs is not None else list(range(len(seq_lens)))
     by_first: dict[int, list[int]] = {}
     for j, row in enumerate(rows):
@@ -113,7 +117,8 @@ def shared_prefixes(block_table_host: torch.Tensor, seq_lens: list[int], block_s
         table = block_table_host[[rows[j] for j in members], :most]
         same = (table == table[0]).all(0)
         blocks = int(same.cumprod(0).sum())
-        if blocks * block_size >= MIN_SHARED_POSITIONS:
+        positions = blocks * block_size
+        if positions >= MIN_SHARED_POSITIONS and positions * (len(members) - 1) >= min_saved_positions:
             groups.append((members, blocks))
     return groups
 
