@@ -278,3 +278,30 @@ def test_kv_update_positions_follow_a_padded_slot_mapping():
     positions = torch.tensor([9, 0, 1])
     assert _padded(positions, 5).tolist() == [9, 0, 1, 0, 0]
     assert _padded(positions, 2).tolist() == [9, 0]
+
+
+def test_sink_rows_are_kept_in_the_model_dtype_and_read_back_bit_exact(tiny_model_dir):
+    """The backend hands the sink table float32 copies of vLLM's bf16 K/V: the table keeps them
+    in bf16 (half the bytes) and attention reads float32 rows equal to what it was handed."""
+    from vllm_seqkv.config import SeqKVConfig
+    from vllm_seqkv.integration.engine_codec import EngineCodec
+
+    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv", preset="seqkv-f4"), str(tiny_model_dir), 2, 32,
+                         10000.0, kv_dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    key, value = ((torch.randn(3, 2, 32, generator=gen) * 5).to(torch.bfloat16).float() for _ in range(2))
+    engine.sinks.record(1, torch.tensor([4, 6, 9]), torch.zeros(3, dtype=torch.long),
+                        torch.zeros(3, dtype=torch.long), key, value)
+    assert engine.sinks.nbytes == 3 * 2 * 2 * 32 * 2  # bf16 K and V [H, D] per sequence start
+    pages = torch.zeros(10, 2, 16, engine.slot_bytes, dtype=torch.uint8)
+    sink_k, sink_v = engine._sink_rows(1, pages, [4, 6, 9])  # what the fused decode merges
+    assert sink_k.dtype == sink_v.dtype == torch.float32
+    assert torch.equal(sink_k[:, 0], key) and torch.equal(sink_v[:, 0], value)
+    decoded_k, decoded_v = torch.zeros(1, 2, 32), torch.zeros(1, 2, 32)  # the prefill path's rows
+    engine.sinks.restore(1, 6, decoded_k, decoded_v)
+    assert torch.equal(decoded_k[0], key[1]) and torch.equal(decoded_v[0], value[1])
+    # a cold tier's float32 record of the rows installs the same bf16 rows in another engine
+    other = SinkTable(1, dtype=torch.bfloat16)
+    other.import_(1, 2, {o: (k.float(), v.float()) for o, (k, v) in engine.sinks.export(1, 9).items()})
+    k2, v2 = other.all_rows(1, [2])
+    assert k2.dtype == torch.bfloat16 and torch.equal(k2[0, 0].float(), key[2])
