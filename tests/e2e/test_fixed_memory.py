@@ -66,14 +66,16 @@ def test_blocks_shrink_by_the_fixed_memory_and_it_is_reported(tiny_model_dir, pr
     assert page_bytes % (layers * heads * block_size) == 0  # one slot per token, head and layer
     persistent = sum(parts[p] for p in ("token_table", "calibration", "kernel_params", "rope_tables"))
     sink_entry = layers * heads * dim * 2 * config.dtype.itemsize  # one sequence start, K and V, every layer
-    if preset == "seqkv-3":  # keyed by first token: at most one entry per vocabulary token
-        assert parts["token_table"] > 0
-        sink = min(64 << 20, config.vocab_size * sink_entry)
-        expected = (BUDGET - persistent - sink) // page_bytes
-    else:  # keyed by block: at most one entry per block
-        assert parts["token_table"] == 0
-        expected = (BUDGET - persistent) // (page_bytes + sink_entry)
-        sink = expected * sink_entry
+    # keyed by first token (seqkv-3): one entry per distinct first token of the blocks holding a
+    # start, at most min(vocab, blocks); keyed by block (seqkv-f4): one per block
+    assert (parts["token_table"] > 0) == (preset == "seqkv-3")
+    most_entries = config.vocab_size if preset == "seqkv-3" else BUDGET
+
+    def sink_bound(n):
+        return min(64 << 20, min(n, most_entries) * sink_entry)
+
+    expected = max(n for n in range(BUDGET // page_bytes + 1) if n * page_bytes + persistent + sink_bound(n) <= BUDGET)
+    sink = sink_bound(expected)
     assert blocks == expected < BUDGET // page_bytes
     assert parts["sink_table"] == sink and taken == persistent + sink
     assert parts["scratch"] > 0 and all(parts[p] > 0 for p in ("calibration", "rope_tables"))

@@ -305,3 +305,28 @@ def test_sink_rows_are_kept_in_the_model_dtype_and_read_back_bit_exact(tiny_mode
     other.import_(1, 2, {o: (k.float(), v.float()) for o, (k, v) in engine.sinks.export(1, 9).items()})
     k2, v2 = other.all_rows(1, [2])
     assert k2.dtype == torch.bfloat16 and torch.equal(k2[0, 0].float(), key[2])
+
+
+def test_sink_table_by_first_token_drops_a_token_no_block_starts_with_any_more():
+    """Entries by first token live while some block holds a sequence start with that token:
+    at most one per block (what the KV budget reserves for them)."""
+    first = {1: 42, 2: 42, 3: 5}  # block -> token id at its offset 0 (layer 0's slot)
+    table = SinkTable(sink_tokens=1, first_token=first.get)
+    key, value = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    zeros = torch.zeros(3, dtype=torch.long)
+    for layer in range(2):  # the backend records every layer of a step
+        table.record(layer, torch.tensor([1, 2, 3]), zeros, zeros, key, value)
+    assert len(table) == 2 * 2  # tokens 42 and 5, two layers
+    for layer in range(2):  # block 3 reused mid-sequence: no block starts with token 5
+        table.record(layer, torch.tensor([3]), zeros[:1], torch.tensor([640]), key[:1], value[:1])
+    assert len(table) == 2 and table.nbytes == 2 * 2 * 2 * 4 * 4
+    first[1] = 7  # block 1 now starts a sequence with token 7; block 2 still starts with 42
+    table.record(0, torch.tensor([1]), zeros[:1], zeros[:1], key[2:], value[2:])
+    k = torch.zeros(1, 2, 4)
+    table.restore(1, 2, k, torch.zeros(1, 2, 4))
+    torch.testing.assert_close(k[0], key[0])  # token 42's entry stays: block 2 starts with it
+    table.record(0, torch.tensor([2]), zeros[:1], torch.tensor([64]), key[:1], value[:1])
+    assert sorted(table._exact) == [(0, 7)]  # 42 is gone from every layer
+    # a cold-tier record with no sink rows over a start block ends its start
+    table.import_(0, 1, {})
+    assert len(table) == 0 and table.nbytes == 0

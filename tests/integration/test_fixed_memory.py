@@ -59,7 +59,9 @@ def test_token_table_preset_counts_the_tables_their_search_copies_and_a_sink_row
     search = 2 * vocab * (dim + 1) * 4  # float32 copies of head 0 and their squared norms
     assert fixed.token_table == bf16_tables + search
     assert fixed.sink_entries_by_token == vocab
-    assert fixed.sink_table(10**6) == min(64 << 20, vocab * layers * heads * dim * 2 * 2)  # bf16 rows
+    entry = layers * heads * dim * 2 * 2  # bf16 K and V rows of one sequence start, every layer
+    assert fixed.sink_table(10**6) == min(64 << 20, vocab * entry)
+    assert fixed.sink_table(100) == 100 * entry  # one distinct first token per block at most
     assert fixed.rope_tables == 2 * 512 * dim * 4  # one table and its rotation, shared by every layer
     assert fixed.calibration > 0 and fixed.kernel_params >= 0
 

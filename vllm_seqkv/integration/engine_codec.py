@@ -41,9 +41,12 @@ class SinkTable:
     * by first token (``first_token`` given, ``sink_tokens == 1``): position 0 attends only
       to itself, so its K/V at every layer are a function of its token id alone, and every
       sequence starting with that token shares one entry per layer. ``first_token(block)``
-      reads the token id at offset 0 of ``block`` (layer 0's token-table slot). Size: one
-      entry per distinct first token and layer (``H x D`` K and V each), not growing with
-      the number of sequences (chat templates start every sequence with the same token).
+      reads the token id at offset 0 of ``block`` (layer 0's token-table slot). The table
+      tracks which blocks hold a sequence start and with which token: an entry lives while
+      some block starts with its token (a write over a block's offset 0 moves or ends its
+      start). Size: one entry per distinct first token of the blocks that hold a start, and
+      layer (``H x D`` K and V each): at most ``min(vocab, blocks)`` per layer, not growing
+      with the number of sequences (chat templates start every sequence with the same token).
     * by (layer, block) otherwise. NOTE: an entry is valid only while its block holds the
       start of a sequence: a write at offset ``o < sink_tokens`` with position ``!= o`` means
       the block was reused for a later part of some sequence, and drops the entry. Size: up
@@ -70,6 +73,9 @@ class SinkTable:
         self.nbytes = 0  # NOTE: the bytes of every row in _exact, kept current
         self.refused = 0  # entries not kept because the table was full
         self._exact: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._start_token: dict[int, int] = {}  # by token: block -> the token it starts a sequence with
+        self._starts: dict[int, int] = {}  # by token: token -> how many blocks start with it
+        self._layers: set[int] = set()  # layers that have had entries
         self._version = 0  # bumped by every change of _exact (all_rows' memo is valid within one)
         self._stacked: dict[int, tuple[int, tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]] = {}
 
@@ -94,6 +100,7 @@ class SinkTable:
             return
         self.nbytes += size - freed
         self._exact[entry_key] = rows
+        self._layers.add(entry_key[0])
         self._version += 1
 
     def _drop(self, entry_key: tuple[int, int]) -> None:
@@ -119,15 +126,35 @@ class SinkTable:
             block, offset = int(blocks[i]), int(offsets[i])
             starts = int(positions[i]) == offset
             if self.by_token:
-                entry_key = self._entry_key(layer, block) if starts else None
-                if entry_key is not None and entry_key not in self._exact:  # one value per token
-                    self._set(entry_key, {0: self._row(key[i], value[i])})
+                token = self._track_start(block, starts)
+                if token is not None and (layer, token) not in self._exact:  # one value per token
+                    self._set((layer, token), {0: self._row(key[i], value[i])})
             elif not starts:
                 self._drop((layer, block))
             else:
                 rows = dict(self._exact.get((layer, block), {}))
                 rows[offset] = self._row(key[i], value[i])
                 self._set((layer, block), rows)
+
+    def _track_start(self, block: int, starts: bool) -> int | None:
+        """By token: ``block``'s offset 0 was just written, with a sequence start (``starts``)
+        or not; returns the token it starts with (None: no start). The block's former token
+        loses a start; a token no block starts with any more loses its entries (every layer)."""
+        old = self._start_token.get(block)
+        new = self.first_token(block) if starts else None
+        if new == old:
+            return new
+        if old is not None:
+            del self._start_token[block]
+            self._starts[old] -= 1
+            if not self._starts[old]:
+                del self._starts[old]
+                for layer in self._layers:
+                    self._drop((layer, old))
+        if new is not None:
+            self._start_token[block] = new
+            self._starts[new] = self._starts.get(new, 0) + 1
+        return new
 
     def _row(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Own copies of one position's K/V ``[H, D]`` in the table's dtype."""
@@ -142,13 +169,14 @@ class SinkTable:
 
     def import_(self, layer: int, block: int, entry: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Install what :meth:`export` gave for the block's bytes (already in the pages). By
-        block: replaces what the block held before (empty -> no entry). By token: adds the
-        token's entry if it has none."""
+        block: replaces what the block held before (empty -> no entry). By token: the block
+        starts a sequence with its token when the record has rows (else it starts none), and
+        adds the token's entry if it has none."""
         rows = {int(o): self._row(k, v) for o, (k, v) in entry.items()}
         if self.by_token:
-            entry_key = self._entry_key(layer, block)
-            if rows and entry_key is not None and entry_key not in self._exact:
-                self._set(entry_key, rows)
+            token = self._track_start(block, bool(rows))
+            if rows and token is not None and (layer, token) not in self._exact:
+                self._set((layer, token), rows)
         else:
             self._drop((layer, block))
             if rows:

@@ -15,9 +15,10 @@ Parts (:class:`FixedMemory`, bytes):
   copy shared by every layer whose table is equal: one for most models, two for Gemma-3's
   local and global layers).
 * ``sink_table``: :class:`~.engine_codec.SinkTable`, at most ``sink_table_bytes`` and at most
-  one entry per sequence start that can exist: per block (keyed by block) or per vocabulary
-  token (keyed by first token), each ``layers x sink_tokens x H x D`` K and V in the model's
-  dtype (the dtype of the K/V vLLM hands the backend).
+  one entry per sequence start that can exist: per block (keyed by block), or per distinct
+  first token of the blocks holding a start (keyed by first token: at most ``min(vocab,
+  blocks)``), each ``layers x sink_tokens x H x D`` K and V in the model's dtype (the dtype of
+  the K/V vLLM hands the backend).
 * ``scratch``: a bound on the largest per-step buffers (a read chunk's float32 K/V, the
   token-table search scores). Like vLLM's own activations it is not part of an explicit KV
   budget; vLLM's memory profile (when it profiles) runs a forward through seqkv and sees it.
@@ -72,7 +73,7 @@ class FixedMemory:
 
     def sink_table(self, num_blocks: int) -> int:
         """Bound on the sink table's bytes with ``num_blocks`` blocks of pages."""
-        entries = num_blocks if self.sink_entries_by_token is None else self.sink_entries_by_token
+        entries = num_blocks if self.sink_entries_by_token is None else min(num_blocks, self.sink_entries_by_token)
         return min(self.sink_table_bytes, entries * self.sink_entry_bytes)
 
     def parts(self, num_blocks: int) -> dict[str, int]:
