@@ -121,3 +121,13 @@ def fixed_engine(model_dir, options=None):
     return EngineCodec(validate({"kv_cache_backend": "seqkv", "preset": "seqkv-f4", **(options or {})}),
                        str(model_dir), config.num_key_value_heads,
                        config.hidden_size // config.num_attention_heads, kv_dtype=config.dtype)
+
+
+def test_front_end_counts_one_rope_table_per_distinct_rope_parameter_set():
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    from vllm_seqkv.integration.kv_budget import rope_tables_in_config
+
+    assert rope_tables_in_config(LlamaConfig()) == 1
+    assert rope_tables_in_config(LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 2.0})) == 1
+    assert rope_tables_in_config(Gemma3TextConfig()) == 2  # sliding-window and global layers
