@@ -77,7 +77,8 @@ def seqkv_budget_for_blocks(model_dir, blocks: int, max_model_len: int, block_si
 
     hf = AutoConfig.from_pretrained(model_dir)
     heads, hd = hf.num_key_value_heads, hf.hidden_size // hf.num_attention_heads
-    codec = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv"), str(model_dir), heads, hd, rope_theta(hf))
+    codec = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv"), str(model_dir), heads, hd, rope_theta(hf),
+                        kv_dtype=hf.dtype)  # the model's dtype, as vLLM's dtype "auto" serves it
     fixed = fixed_memory_of(codec, hf.num_hidden_layers, max_model_len)
     per_block = hf.num_hidden_layers * heads * block_size * codec.slot_bytes
     return fixed.budget_for(blocks, per_block, whole_budget=True, kv_on_host=True)

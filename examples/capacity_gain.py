@@ -2,6 +2,8 @@
 
     python examples/capacity_gain.py [MODEL_DIR] [--kv-cache-memory-bytes N] [--preset P]
 
+(``--preset``: default the serving default, ``seqkv-f4``.)
+
 Starts vLLM twice with the same KV budget, once with its own cache (`auto`) and once with
 seqkv, and prints the KV capacity vLLM itself reports (blocks x block size), the gain, and
 the bits per K/V element: the preset's page slot size, and what the budget works out to per
@@ -13,6 +15,8 @@ import argparse
 import gc
 
 from vllm import LLM, SamplingParams
+
+from vllm_seqkv.config import DEFAULT_PRESET
 
 
 def capacity(model: str, backend: str, kv_bytes: int, preset: str) -> dict:
@@ -51,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", nargs="?", default=None, help="default: the bundled SmolLM2-135M")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=256 << 20)
-    parser.add_argument("--preset", default="seqkv-3")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"seqkv preset (default {DEFAULT_PRESET})")
     args = parser.parse_args()
     if args.model is None:
         import seqkv_fixtures as fixtures

@@ -96,3 +96,32 @@ def test_heads_that_do_not_fit_the_first_heads_row_are_searched_on_their_own():
     codec = TokenTableCodec(rows)
     x = torch.stack([rows[5], rows[3]])
     assert torch.equal(codec.decode(codec.encode(x)), x)
+
+
+def full_search_ids(rows: torch.Tensor, x: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """The search as it was with a float32 copy of every head ``[H, vocab, D]``: head 0 against
+    its copy, a head that misfits its token's row against its own (the ids to keep)."""
+    search = rows.float().transpose(0, 1).contiguous()
+    norms = search.pow(2).sum(-1)
+    ids = TokenTableCodec._nearest(x[:, :1], search[:1], norms[:1]).expand(-1, x.shape[1]).clone()
+    heads = torch.arange(x.shape[1])
+    picked = search.transpose(0, 1)[ids, heads]
+    error = (x - picked).norm(dim=-1) / picked.norm(dim=-1).clamp_min(1e-6)
+    for h in (error > tolerance).any(0).nonzero().flatten().tolist():
+        ids[:, h] = TokenTableCodec._nearest(x[:, h:h + 1], search[h:h + 1], norms[h:h + 1])[:, 0]
+    return ids
+
+
+@pytest.mark.parametrize("heads, dim", [(1, 32), (3, 64), (4, 128)])
+def test_search_keeps_one_heads_float32_copy_and_finds_the_same_ids(heads, dim):
+    gen = torch.Generator().manual_seed(heads)
+    rows = (torch.randn(3000, heads, dim, generator=gen) * 3).to(torch.bfloat16)
+    rows[7, 0] = rows[11, 0]  # alike in head 0 only: head 1 and on are searched on their own
+    rows[100:110, 0] = rows[200:210, 0]
+    codec = TokenTableCodec(rows)
+    ids = torch.randint(0, 3000, (300,), generator=gen)
+    ids[:6] = torch.tensor([7, 11, 100, 205, 109, 3])
+    x = rows[ids].float() * (1 + 0.004 * torch.randn(300, heads, dim, generator=gen))  # bf16-like noise
+    found = codec.match(x)
+    assert torch.equal(found, full_search_ids(rows, x, codec.tolerance))
+    assert tuple(codec._search.shape) == (1, 3000, dim) and tuple(codec._sq_norms.shape) == (1, 3000)

@@ -91,22 +91,68 @@ def test_codes_are_packed_as_the_bit_plane_layout_defines(dim, bits):
     assert torch.equal(bit_plane_stream(codec, codec._unpack_fields(noise)), noise)
 
 
+def thresholds_by_width(codec):
+    """``[(components [C] into H * D, cuts [C, 2**bits - 1])]`` per width, from the levels by the
+    codec's formula (the midpoints of adjacent levels), independent of its ``cuts`` tensor."""
+    t = codec.transform
+    out = []
+    for b in range(1, 9):
+        mask = t.bits == b
+        if bool(mask.any()):
+            lv = t.levels[mask][:, : 1 << b]
+            out.append((mask.reshape(-1).nonzero().flatten(), ((lv[:, 1:] + lv[:, :-1]) / 2).contiguous()))
+    return out
+
+
 @pytest.mark.parametrize("dim, bits", [(32, 2.5), (64, 3.0), (128, 2.0)])
 def test_a_code_counts_the_thresholds_below_its_value_at_every_width(dim, bits):
     codec = fitted(correlated(dim=dim), bits)
-    widths = {b for b, _, _ in codec._cuts}
+    widths = {int(codec.transform.bits.reshape(-1)[c[0]]) for c, _ in thresholds_by_width(codec)}
     assert min(widths) <= 3 < max(widths)  # both ways of quantizing are exercised
     gen = torch.Generator().manual_seed(2)
     z = torch.randn(23, 2, dim, generator=gen) * 3
     flat = z.view(23, -1)
-    for _, components, cuts in codec._cuts:  # some values exactly at a threshold: not above it
+    for components, cuts in thresholds_by_width(codec):  # some values exactly at a threshold
         picks = torch.randint(0, cuts.shape[1], (components.numel(),), generator=gen)
         flat[:5, components] = cuts.gather(1, picks[:, None]).T
     codes = codec._quantize(z).view(23, -1)
-    for _, components, cuts in codec._cuts:
+    for components, cuts in thresholds_by_width(codec):
         expected = torch.searchsorted(cuts, flat[:, components].T.contiguous()).T
         assert torch.equal(codes[:, components].long(), expected)
         assert torch.equal(expected, (flat[:, components, None] > cuts).sum(-1))
+
+
+def test_one_copy_of_thresholds_and_inverse_is_what_codec_and_kernels_read():
+    """The codec keeps its thresholds in the kernels' padded layout and its inverse row-major;
+    the kernels' params view both (no second copy)."""
+    from vllm_seqkv.kernels.params import transform_layer_params
+
+    codec = fitted(correlated(dim=64), 3.0)
+    cuts = codec.cuts.view(-1, codec.cuts.shape[-1])
+    for components, compact in thresholds_by_width(codec):
+        width = compact.shape[1]
+        assert torch.equal(cuts[components, :width], compact)
+        assert bool(torch.isinf(cuts[components, width:]).all())
+    assert codec._inverse.is_contiguous()
+    inverse_as_fitted = torch.linalg.inv(codec.transform.basis.double()).float()  # column-major
+    for tokens in (1, 2, 9):  # decode multiplies as before: bit-equal (one token too: a gemv)
+        packed = codec.encode(correlated(tokens=tokens, dim=64, seed=tokens))
+        codes = codec._unpack_fields(packed.fields["codes"].reshape(tokens, 2, -1))
+        z = codec.transform.levels.reshape(-1)[(codes + codec._level_base).long()]
+        before = torch.baddbmm(codec.transform.mean[:, None, :], z.transpose(0, 1), inverse_as_fitted)
+        assert torch.equal(codec.decode(packed), before.transpose(0, 1))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # as while vLLM builds a bf16 model
+    try:
+        assert TransformCodec(codec.transform).cuts.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
+    params = transform_layer_params(SlotLayout(codec, codec, 2, 64))
+    for stream in (params.key, params.value):
+        assert stream.cuts.data_ptr() == codec.cuts.data_ptr()
+        assert stream.inverse.data_ptr() == codec._inverse.data_ptr()
+        assert stream.start.data_ptr() == codec.field_offset.data_ptr()
+        assert stream.nbits.data_ptr() == codec.field_bits.data_ptr()
 
 
 def test_transform_refuses_bad_input():

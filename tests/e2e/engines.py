@@ -60,7 +60,7 @@ def seqkv_fixed_memory(model_dir, seqkv_options: dict | None = None, max_model_l
     config = AutoConfig.from_pretrained(model_dir)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     codec = EngineCodec(validate({"kv_cache_backend": "seqkv", **(seqkv_options or {})}), str(model_dir),
-                        config.num_key_value_heads, head_dim)
+                        config.num_key_value_heads, head_dim, kv_dtype=config.dtype)  # vLLM's "auto"
     return fixed_memory_of(codec, config.num_hidden_layers, max_model_len), codec.slot_bytes
 
 

@@ -28,13 +28,15 @@ def test_capacity_gain(tiny_model_dir):
     gain = float(re.search(r"capacity gain: ([\d.]+)x", out.stdout)[1])
     taken = int(re.search(r"fixed memory taken from the budget: ([\d,]+) bytes", out.stdout)[1].replace(",", ""))
     budget = 32 << 20
+    assert "preset seqkv-f4" in out.stdout  # the serving default
     assert 0 < taken < budget / 2
-    assert gain * budget / (budget - taken) > 4.5  # seqkv-3: 5.33x in the pages' share
     auto_bits = float(re.search(r"auto : +[\d,]+ tokens, ([\d.]+) bits/element", out.stdout)[1])
     seqkv_bits, slot_bits = map(float, re.search(
         r"seqkv: +[\d,]+ tokens, ([\d.]+) bits/element \(([\d.]+) in the page slots\)", out.stdout).groups())
     assert auto_bits == pytest.approx(16, rel=0.02)
-    assert seqkv_bits == pytest.approx(slot_bits * budget / (budget - taken), rel=0.05) and 2.0 < slot_bits < 4.0
+    assert slot_bits == pytest.approx(4.0)  # seqkv-f4: K 3.5 + V 4.5 bits, every field counted
+    assert gain * budget / (budget - taken) == pytest.approx(16 / slot_bits, rel=0.05)  # the pages' share
+    assert seqkv_bits == pytest.approx(slot_bits * budget / (budget - taken), rel=0.05)
     assert gain == pytest.approx(auto_bits / seqkv_bits, rel=0.03)
 
 

@@ -28,8 +28,25 @@ def gauges(preset):
     return parts, REGISTRY.get_sample_value("seqkv_fixed_bytes_taken_from_kv_budget", {"preset": preset})
 
 
+def worker_state(worker):
+    """In the worker: bytes of the distinct storages of the engine codec's RoPE tables, and the
+    dtypes of its sink rows."""
+    from vllm_seqkv.integration.engine_codec import active_engine_codec
+
+    engine = active_engine_codec()
+    storages = {}
+    for rope in engine.rope_tables():
+        for tensor in (rope.table, rope.table_on("cpu"), rope.rotation_on("cpu")):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    dtypes = {str(t.dtype) for entry in engine.sinks._exact.values() for row in entry.values() for t in row}
+    return sum(storages.values()), len(engine._layer_rope), sorted(dtypes)
+
+
 @pytest.mark.parametrize("preset", ["seqkv-f4", "seqkv-3"])
-def test_blocks_shrink_by_the_fixed_memory_and_it_is_reported(tiny_model_dir, preset, capfd):
+def test_blocks_shrink_by_the_fixed_memory_and_it_is_reported(tiny_model_dir, preset, capfd, monkeypatch):
+    from vllm import SamplingParams
+
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # for collective_rpc(fn)
     config = AutoConfig.from_pretrained(tiny_model_dir)
     layers, heads = config.num_hidden_layers, config.num_key_value_heads
     dim = config.hidden_size // config.num_attention_heads
@@ -37,20 +54,28 @@ def test_blocks_shrink_by_the_fixed_memory_and_it_is_reported(tiny_model_dir, pr
         cache = llm.llm_engine.vllm_config.cache_config
         blocks, block_size = cache.num_gpu_blocks, cache.block_size
         parts, taken = gauges(preset)
+        llm.generate(["The os module provides", "import sys"], SamplingParams(max_tokens=4, temperature=0))
+        (rope_bytes, rope_layers, sink_dtypes), = llm.collective_rpc(worker_state)
+    # what the worker holds is what was counted: one RoPE table (and its rotation) for every
+    # layer, sink rows in the model's dtype
+    assert rope_layers == layers and rope_bytes == parts["rope_tables"]
+    assert sink_dtypes == [str(config.dtype)]
     log = capfd.readouterr()
     line = next(x for x in (log.out + log.err).splitlines() if FIXED_MEMORY_MARKER in x)
     page_bytes = int(re.search(r"pages get \d+ blocks of (\d+) bytes", line)[1])  # vLLM's divisor
     assert page_bytes % (layers * heads * block_size) == 0  # one slot per token, head and layer
     persistent = sum(parts[p] for p in ("token_table", "calibration", "kernel_params", "rope_tables"))
-    sink_entry = layers * heads * dim * 2 * 4  # one sequence start, float32 K and V, every layer
-    if preset == "seqkv-3":  # keyed by first token: at most one entry per vocabulary token
-        assert parts["token_table"] > 0
-        sink = min(64 << 20, config.vocab_size * sink_entry)
-        expected = (BUDGET - persistent - sink) // page_bytes
-    else:  # keyed by block: at most one entry per block
-        assert parts["token_table"] == 0
-        expected = (BUDGET - persistent) // (page_bytes + sink_entry)
-        sink = expected * sink_entry
+    sink_entry = layers * heads * dim * 2 * config.dtype.itemsize  # one sequence start, K and V, every layer
+    # keyed by first token (seqkv-3): one entry per distinct first token of the blocks holding a
+    # start, at most min(vocab, blocks); keyed by block (seqkv-f4): one per block
+    assert (parts["token_table"] > 0) == (preset == "seqkv-3")
+    most_entries = config.vocab_size if preset == "seqkv-3" else BUDGET
+
+    def sink_bound(n):
+        return min(64 << 20, min(n, most_entries) * sink_entry)
+
+    expected = max(n for n in range(BUDGET // page_bytes + 1) if n * page_bytes + persistent + sink_bound(n) <= BUDGET)
+    sink = sink_bound(expected)
     assert blocks == expected < BUDGET // page_bytes
     assert parts["sink_table"] == sink and taken == persistent + sink
     assert parts["scratch"] > 0 and all(parts[p] > 0 for p in ("calibration", "rope_tables"))

@@ -315,3 +315,55 @@ def test_shared_prefix_decode_equals_the_fused_decode(tiny_model_dir, nox_calibr
     torch.testing.assert_close(merge_partial_attention(head, head_lse, rest, rest_lse), whole, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="sink positions"):
         engine.decode_attention(1, params, query, own_k, own_v, pages, block_table, lengths, 0.2, from_position=0)
+
+
+def test_sink_rows_are_kept_in_the_model_dtype_and_read_back_bit_exact(tiny_model_dir):
+    """The backend hands the sink table float32 copies of vLLM's bf16 K/V: the table keeps them
+    in bf16 (half the bytes) and attention reads float32 rows equal to what it was handed."""
+    from vllm_seqkv.config import SeqKVConfig
+    from vllm_seqkv.integration.engine_codec import EngineCodec
+
+    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv", preset="seqkv-f4"), str(tiny_model_dir), 2, 32,
+                         10000.0, kv_dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    key, value = ((torch.randn(3, 2, 32, generator=gen) * 5).to(torch.bfloat16).float() for _ in range(2))
+    engine.sinks.record(1, torch.tensor([4, 6, 9]), torch.zeros(3, dtype=torch.long),
+                        torch.zeros(3, dtype=torch.long), key, value)
+    assert engine.sinks.nbytes == 3 * 2 * 2 * 32 * 2  # bf16 K and V [H, D] per sequence start
+    pages = torch.zeros(10, 2, 16, engine.slot_bytes, dtype=torch.uint8)
+    sink_k, sink_v = engine._sink_rows(1, pages, [4, 6, 9])  # what the fused decode merges
+    assert sink_k.dtype == sink_v.dtype == torch.float32
+    assert torch.equal(sink_k[:, 0], key) and torch.equal(sink_v[:, 0], value)
+    decoded_k, decoded_v = torch.zeros(1, 2, 32), torch.zeros(1, 2, 32)  # the prefill path's rows
+    engine.sinks.restore(1, 6, decoded_k, decoded_v)
+    assert torch.equal(decoded_k[0], key[1]) and torch.equal(decoded_v[0], value[1])
+    # a cold tier's float32 record of the rows installs the same bf16 rows in another engine
+    other = SinkTable(1, dtype=torch.bfloat16)
+    other.import_(1, 2, {o: (k.float(), v.float()) for o, (k, v) in engine.sinks.export(1, 9).items()})
+    k2, v2 = other.all_rows(1, [2])
+    assert k2.dtype == torch.bfloat16 and torch.equal(k2[0, 0].float(), key[2])
+
+
+def test_sink_table_by_first_token_drops_a_token_no_block_starts_with_any_more():
+    """Entries by first token live while some block holds a sequence start with that token:
+    at most one per block (what the KV budget reserves for them)."""
+    first = {1: 42, 2: 42, 3: 5}  # block -> token id at its offset 0 (layer 0's slot)
+    table = SinkTable(sink_tokens=1, first_token=first.get)
+    key, value = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    zeros = torch.zeros(3, dtype=torch.long)
+    for layer in range(2):  # the backend records every layer of a step
+        table.record(layer, torch.tensor([1, 2, 3]), zeros, zeros, key, value)
+    assert len(table) == 2 * 2  # tokens 42 and 5, two layers
+    for layer in range(2):  # block 3 reused mid-sequence: no block starts with token 5
+        table.record(layer, torch.tensor([3]), zeros[:1], torch.tensor([640]), key[:1], value[:1])
+    assert len(table) == 2 and table.nbytes == 2 * 2 * 2 * 4 * 4
+    first[1] = 7  # block 1 now starts a sequence with token 7; block 2 still starts with 42
+    table.record(0, torch.tensor([1]), zeros[:1], zeros[:1], key[2:], value[2:])
+    k = torch.zeros(1, 2, 4)
+    table.restore(1, 2, k, torch.zeros(1, 2, 4))
+    torch.testing.assert_close(k[0], key[0])  # token 42's entry stays: block 2 starts with it
+    table.record(0, torch.tensor([2]), zeros[:1], torch.tensor([64]), key[:1], value[:1])
+    assert sorted(table._exact) == [(0, 7)]  # 42 is gone from every layer
+    # a cold-tier record with no sink rows over a start block ends its start
+    table.import_(0, 1, {})
+    assert len(table) == 0 and table.nbytes == 0

@@ -20,7 +20,8 @@ import torch
 from vllm_seqkv.codec.base import CodecInputError, Packed, TensorCodec
 
 DEFAULT_TOLERANCE = 0.03  # bf16 rounding of vLLM's own K/V is ~0.5 % relative
-SEARCH_CHUNK = 256  # scores [H, chunk, vocab] fp32: 150 MB for SmolLM2
+SEARCH_CHUNK = 256  # scores [1, chunk, vocab] fp32 per search call
+SEARCH_HEADS = 1  # heads with a kept float32 search copy: head 0 (the others are checked)
 
 
 class TokenTableCodec(TensorCodec):
@@ -36,8 +37,8 @@ class TokenTableCodec(TensorCodec):
             raise CodecInputError(f"token table must be [vocab, H, D], got {tuple(table.shape)}")
         self.table = table
         self.tolerance = tolerance
-        self._search: torch.Tensor | None = None  # fp32 [H, vocab, D], built on first encode
-        self._sq_norms: torch.Tensor | None = None  # [H, vocab]
+        self._search: torch.Tensor | None = None  # fp32 [1, vocab, D] of head 0, built on first encode
+        self._sq_norms: torch.Tensor | None = None  # [1, vocab]
 
     def encode(self, x: torch.Tensor) -> Packed:
         """``x [T, H, D]`` -> ids ``int32 [T, H, 1]`` of the nearest rows (checked)."""
@@ -68,16 +69,20 @@ class TokenTableCodec(TensorCodec):
 
         NOTE: every head of a token comes from the same row, so head 0 is searched and the
         others are only checked; a head that does not fit its token's row is searched on its own.
+        Only head 0's float32 search copy is kept (the table's bytes again at float32 for one
+        head, not for all); a misfit head's copy is built for its search and dropped. Each
+        search scores the same float32 values in the same shapes either way: the same ids.
         """
         search, sq_norms = self._search_tables(x.device)
-        first = self._nearest(x[:, :1], search[:1], sq_norms[:1])  # [T, 1]
+        first = self._nearest(x[:, :1], search, sq_norms)  # [T, 1]
         ids = first.expand(-1, x.shape[1]).clone()
-        error = self._error(x, search, ids)
+        error = self._error(x, ids)
         misfit = (error > self.tolerance).any(0).nonzero().flatten().tolist()
         for h in misfit:
-            ids[:, h] = self._nearest(x[:, h:h + 1], search[h:h + 1], sq_norms[h:h + 1])[:, 0]
+            head, head_norms = self._head_search(h, x.device)
+            ids[:, h] = self._nearest(x[:, h:h + 1], head, head_norms)[:, 0]
         if misfit:
-            error = self._error(x, search, ids)
+            error = self._error(x, ids)
         worst = float(error.max()) if error.numel() else 0.0
         if worst > self.tolerance:
             raise CodecInputError(
@@ -96,16 +101,21 @@ class TokenTableCodec(TensorCodec):
             ids[start:start + SEARCH_CHUNK] = scores.argmin(-1).transpose(0, 1)
         return ids
 
-    @staticmethod
-    def _error(x: torch.Tensor, search: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _error(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Relative L2 error ``[T, H]`` of ``x [T, H, D]`` against rows ``ids [T, H]``."""
         heads = torch.arange(x.shape[1], device=x.device)
-        rows = search.transpose(0, 1)[ids, heads]  # [T, H, D]
+        rows = self.table.to(x.device)[ids, heads].float()  # [T, H, D]
         return (x - rows).norm(dim=-1) / rows.norm(dim=-1).clamp_min(1e-6)
 
+    def _head_search(self, head: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head ``head``'s search copy float32 ``[1, vocab, D]`` and squared norms ``[1, vocab]``."""
+        search = self.table[:, head].to(device=device, dtype=torch.float32)[None].contiguous()
+        return search, search.pow(2).sum(-1)
+
     def _search_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head 0's search copy (:meth:`_head_search`), kept (``SEARCH_HEADS``)."""
         if self._search is None or self._search.device != torch.device(device):
-            self._search = self.table.to(device=device, dtype=torch.float32).transpose(0, 1).contiguous()
-            self._sq_norms = self._search.pow(2).sum(-1)
+            self._search, self._sq_norms = self._head_search(0, device)
         return self._search, self._sq_norms
 
 

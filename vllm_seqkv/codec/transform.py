@@ -185,15 +185,21 @@ class TransformCodec(TensorCodec):
         self._field_mask = ((1 << t.bits) - 1).to(torch.int32)
         heads, dim = t.bits.shape
         self._level_base = (torch.arange(heads * dim).view(heads, dim) << MAX_BITS).to(torch.int32)
-        # (bits, components [C] as indices into H * D, decision thresholds [C, 2**bits - 1])
-        self._cuts = []
+        # decision thresholds [H, D, 2**MAX_BITS]: component c's (levels[i] + levels[i+1]) / 2,
+        # +inf from index 2**bits - 1 on, the layout the write kernels read (their params view
+        # this tensor: one copy); (bits, components [C] as indices into H * D) per width
+        # NOTE: float32 whatever the default dtype (vLLM builds the model, and so the codec,
+        # under the model's dtype)
+        self.cuts = torch.full((heads, dim, 1 << MAX_BITS), float("inf"), dtype=torch.float32)
+        self._widths = []
         for b in range(1, MAX_BITS + 1):
             mask = t.bits == b
             if bool(mask.any()):
                 lv = t.levels[mask][:, : 1 << b]
-                self._cuts.append((b, mask.reshape(-1).nonzero().flatten(),
-                                   ((lv[:, 1:] + lv[:, :-1]) / 2).contiguous()))
-        self._inverse = torch.linalg.inv(t.basis.double()).float()  # [H, component, D]
+                self.cuts[mask, : (1 << b) - 1] = (lv[:, 1:] + lv[:, :-1]) / 2
+                self._widths.append((b, mask.reshape(-1).nonzero().flatten()))
+        # [H, component, D], row-major: the layout the kernels read (their params view it)
+        self._inverse = torch.linalg.inv(t.basis.double()).float().contiguous()
 
     def encode(self, x: torch.Tensor) -> Packed:
         self.check_input(x)
@@ -211,7 +217,9 @@ class TransformCodec(TensorCodec):
         tokens = z.shape[0]
         flat = z.reshape(tokens, -1)
         codes = torch.zeros(flat.shape, dtype=torch.long)
-        for bits, components, cuts in self._cuts:
+        all_cuts = self.cuts.view(-1, self.cuts.shape[-1])
+        for bits, components in self._widths:
+            cuts = all_cuts[components, : (1 << bits) - 1]  # [C, 2**bits - 1] (a copy)
             values = flat.index_select(1, components)  # [T, C]
             code = ((values[..., None] > cuts).sum(-1) if bits <= COUNTED_BITS
                     else torch.searchsorted(cuts, values.T.contiguous()).T)
@@ -223,7 +231,13 @@ class TransformCodec(TensorCodec):
         tokens, heads, dim = packed.shape
         codes = self._unpack_fields(packed.fields["codes"].reshape(tokens, heads, -1))
         z = t.levels.reshape(-1)[(codes + self._level_base).long()]  # [T, H, D] component values
-        return torch.baddbmm(t.mean[:, None, :], z.transpose(0, 1), self._inverse).transpose(0, 1)
+        return torch.baddbmm(t.mean[:, None, :], z.transpose(0, 1), self._column_major_inverse()).transpose(0, 1)
+
+    def _column_major_inverse(self) -> torch.Tensor:
+        """``_inverse`` in column-major storage (a transient copy): the operand layout decode has
+        always multiplied by. NOTE: BLAS sums in another order for another layout (one-token
+        decodes differ in the last bits), so decode keeps this one and its results stay bit-equal."""
+        return self._inverse.transpose(1, 2).contiguous().transpose(1, 2)
 
     def _pack_fields(self, codes: torch.Tensor) -> torch.Tensor:
         """int32 ``[T, H, D]`` codes -> ``uint8 [T, H, B/8]``: each code's bit field, its low

@@ -310,6 +310,28 @@ def rotary_from_parameters(head_size: int, max_position: int, rope_parameters: d
 __all__ += ["rotary_as_table", "engine_text_config", "rotary_from_parameters"]
 
 
+def distinct_rotary_tables(layer_names, max_positions: int) -> int:
+    """How many different cos/sin tables (their first ``max_positions`` rows, as the backend
+    keeps them) the attention layers ``layer_names`` of the loaded model apply: one per
+    rotary embedding object (vLLM's ``get_rope`` shares one between layers of equal
+    parameters), equal tables counted once (the engine codec shares those too)."""
+    rotaries = {id(r): (name, r) for name in layer_names if (r := _ROTARY_BY_LAYER.get(name)) is not None}
+    tables: list[torch.Tensor] = []
+    for name, _ in rotaries.values():
+        table = layer_rotary(name).table[:max_positions]
+        if not any(t.shape == table.shape and torch.equal(t, table) for t in tables):
+            tables.append(table)
+    return len(tables)
+
+
+def attention_layer_names(vllm_config) -> list[str]:
+    """Names of the attention layers the engine built (vLLM's static forward context)."""
+    return list(vllm_config.compilation_config.static_forward_context)
+
+
+__all__ += ["distinct_rotary_tables", "attention_layer_names"]
+
+
 # --- the KV budget: seqkv's fixed memory taken from what vLLM gives the pages ----------------
 # vLLM's engine core asks each worker ``determine_available_memory()`` (bytes for KV pages:
 # ``--kv-cache-memory-bytes`` as given, or what its memory profile leaves), then makes

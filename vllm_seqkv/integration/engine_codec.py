@@ -29,7 +29,8 @@ WRITE_CHECK_TOLERANCE = 1e-2
 def build_codec(config: SeqKVConfig, model_config) -> EngineCodec:
     """The codec ``config.preset`` gives for a vLLM ``ModelConfig``."""
     return EngineCodec(config, model_config.model, model_config.get_total_num_kv_heads(),
-                       model_config.get_head_size(), rope_theta(model_config.hf_config))
+                       model_config.get_head_size(), rope_theta(model_config.hf_config),
+                       kv_dtype=model_config.dtype)
 
 
 class SinkTable:
@@ -40,27 +41,41 @@ class SinkTable:
     * by first token (``first_token`` given, ``sink_tokens == 1``): position 0 attends only
       to itself, so its K/V at every layer are a function of its token id alone, and every
       sequence starting with that token shares one entry per layer. ``first_token(block)``
-      reads the token id at offset 0 of ``block`` (layer 0's token-table slot). Size: one
-      entry per distinct first token and layer (``H x D`` K and V each), not growing with
-      the number of sequences (chat templates start every sequence with the same token).
+      reads the token id at offset 0 of ``block`` (layer 0's token-table slot). The table
+      tracks which blocks hold a sequence start and with which token: an entry lives while
+      some block starts with its token (a write over a block's offset 0 moves or ends its
+      start). Size: one entry per distinct first token of the blocks that hold a start, and
+      layer (``H x D`` K and V each): at most ``min(vocab, blocks)`` per layer, not growing
+      with the number of sequences (chat templates start every sequence with the same token).
     * by (layer, block) otherwise. NOTE: an entry is valid only while its block holds the
       start of a sequence: a write at offset ``o < sink_tokens`` with position ``!= o`` means
       the block was reused for a later part of some sequence, and drops the entry. Size: up
       to one entry per block and layer.
 
-    The table lives outside vLLM's KV budget, bounded by ``max_bytes``
-    (``sink_table_bytes``): when full, a new entry is not kept (warned once) and its
+    Rows are kept in ``dtype``, the dtype of the K/V the model hands the backend (vLLM's model
+    dtype, bf16 or fp16 when served): converting them to it is then exact, and every reader
+    gets float32 rows equal to the float32 view of what the model produced (a float32 container
+    would hold the same values in twice the bytes). Rows given in another dtype (float32 copies
+    from the backend, a cold tier's records) are converted on the way in.
+
+    The table is bounded by ``max_bytes`` (``sink_table_bytes``; taken from vLLM's KV budget,
+    :mod:`~.fixed_memory`): when full, a new entry is not kept (warned once) and its
     sequences attend over the sink rows as coded in the pages, like the ``-nosink``
     ablation. The bits/element figures count these tokens at 16 bits.
     """
 
-    def __init__(self, sink_tokens: int, first_token=None, max_bytes: int | None = None):
+    def __init__(self, sink_tokens: int, first_token=None, max_bytes: int | None = None,
+                 dtype: torch.dtype = torch.float32):
         self.sink_tokens = sink_tokens
         self.first_token = first_token if sink_tokens == 1 else None
         self.max_bytes = max_bytes
+        self.dtype = dtype
         self.nbytes = 0  # NOTE: the bytes of every row in _exact, kept current
         self.refused = 0  # entries not kept because the table was full
         self._exact: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._start_token: dict[int, int] = {}  # by token: block -> the token it starts a sequence with
+        self._starts: dict[int, int] = {}  # by token: token -> how many blocks start with it
+        self._layers: set[int] = set()  # layers that have had entries
         self._version = 0  # bumped by every change of _exact (all_rows' memo is valid within one)
         self._stacked: dict[int, tuple[int, tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]] = {}
 
@@ -85,6 +100,7 @@ class SinkTable:
             return
         self.nbytes += size - freed
         self._exact[entry_key] = rows
+        self._layers.add(entry_key[0])
         self._version += 1
 
     def _drop(self, entry_key: tuple[int, int]) -> None:
@@ -110,15 +126,39 @@ class SinkTable:
             block, offset = int(blocks[i]), int(offsets[i])
             starts = int(positions[i]) == offset
             if self.by_token:
-                entry_key = self._entry_key(layer, block) if starts else None
-                if entry_key is not None and entry_key not in self._exact:  # one value per token
-                    self._set(entry_key, {0: (key[i].clone(), value[i].clone())})
+                token = self._track_start(block, starts)
+                if token is not None and (layer, token) not in self._exact:  # one value per token
+                    self._set((layer, token), {0: self._row(key[i], value[i])})
             elif not starts:
                 self._drop((layer, block))
             else:
                 rows = dict(self._exact.get((layer, block), {}))
-                rows[offset] = (key[i].clone(), value[i].clone())
+                rows[offset] = self._row(key[i], value[i])
                 self._set((layer, block), rows)
+
+    def _track_start(self, block: int, starts: bool) -> int | None:
+        """By token: ``block``'s offset 0 was just written, with a sequence start (``starts``)
+        or not; returns the token it starts with (None: no start). The block's former token
+        loses a start; a token no block starts with any more loses its entries (every layer)."""
+        old = self._start_token.get(block)
+        new = self.first_token(block) if starts else None
+        if new == old:
+            return new
+        if old is not None:
+            del self._start_token[block]
+            self._starts[old] -= 1
+            if not self._starts[old]:
+                del self._starts[old]
+                for layer in self._layers:
+                    self._drop((layer, old))
+        if new is not None:
+            self._start_token[block] = new
+            self._starts[new] = self._starts.get(new, 0) + 1
+        return new
+
+    def _row(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Own copies of one position's K/V ``[H, D]`` in the table's dtype."""
+        return key.to(self.dtype, copy=True), value.to(self.dtype, copy=True)
 
     def export(self, layer: int, block: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Copy of the exact rows for sequence-start ``block``: ``{offset: (key [H, D],
@@ -129,21 +169,22 @@ class SinkTable:
 
     def import_(self, layer: int, block: int, entry: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Install what :meth:`export` gave for the block's bytes (already in the pages). By
-        block: replaces what the block held before (empty -> no entry). By token: adds the
-        token's entry if it has none."""
-        rows = {int(o): (k.clone(), v.clone()) for o, (k, v) in entry.items()}
+        block: replaces what the block held before (empty -> no entry). By token: the block
+        starts a sequence with its token when the record has rows (else it starts none), and
+        adds the token's entry if it has none."""
+        rows = {int(o): self._row(k, v) for o, (k, v) in entry.items()}
         if self.by_token:
-            entry_key = self._entry_key(layer, block)
-            if rows and entry_key is not None and entry_key not in self._exact:
-                self._set(entry_key, rows)
+            token = self._track_start(block, bool(rows))
+            if rows and token is not None and (layer, token) not in self._exact:
+                self._set((layer, token), rows)
         else:
             self._drop((layer, block))
             if rows:
                 self._set((layer, block), rows)
 
     def all_rows(self, layer: int, first_blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """K (post-RoPE) and V ``[B, S, H, D]`` of the sink positions of the sequences starting
-        at ``first_blocks``, when the table holds every one of them exactly (else None: the
+        """K (post-RoPE) and V ``[B, S, H, D]`` (the table's dtype) of the sink positions of the
+        sequences starting at ``first_blocks``, when the table holds every one of them exactly (else None: the
         caller decodes the pages and :meth:`restore` overwrites what the table knows). NOTE: the
         stacked rows are kept per layer until the table or the blocks change: a decode step asks
         every layer for the same sequences."""
@@ -218,7 +259,9 @@ class LayerChain:
 
 class EngineCodec:
     def __init__(self, config: SeqKVConfig, model_dir: str, num_kv_heads: int, head_dim: int,
-                 rope_theta: float | None = None):
+                 rope_theta: float | None = None, kv_dtype: torch.dtype = torch.float32):
+        """``kv_dtype``: the dtype of the K/V the model hands the backend (vLLM's model dtype);
+        the sink table keeps its exact rows in it."""
         self.config = config
         self.preset = config.preset
         self.model_dir = model_dir
@@ -236,7 +279,7 @@ class EngineCodec:
         layer0_is_token_table = isinstance(self.layout(0).key, TokenTableCodec)
         self.sinks = SinkTable(self.codec.sink_tokens,
                                self.first_token if layer0_is_token_table else None,
-                               config.sink_table_bytes)
+                               config.sink_table_bytes, kv_dtype)
         self.rope_theta = rope_theta
         self._announced: set[int] = set()
         self._kernel_params: dict[tuple[int, str], object] = {}
@@ -527,8 +570,8 @@ class EngineCodec:
         decoded from the pages."""
         sinks = self.codec.sink_tokens
         exact = self.sinks.all_rows(layer, first_blocks)
-        if exact is not None:
-            return exact[0].to(pages.device), exact[1].to(pages.device)
+        if exact is not None:  # NOTE: float32, exactly the values of the model's rows
+            return exact[0].to(pages.device, torch.float32), exact[1].to(pages.device, torch.float32)
         first_blocks = torch.tensor(first_blocks, dtype=torch.long, device=pages.device)
         slots = pages[first_blocks, :, :sinks].transpose(1, 2)  # [B, S0, H, S]
         batch = slots.shape[0]
@@ -546,7 +589,22 @@ class EngineCodec:
         if table.dim() != 2 or table.shape[1] != self.head_dim:
             raise ValueError(f"RoPE table of layer {layer}: shape {tuple(table.shape)}, expected "
                              f"[positions, {self.head_dim}]")
-        self._layer_rope[layer] = LayerRope(table.float().contiguous())
+        self._layer_rope[layer] = self._shared_rope(table)
+
+    def _shared_rope(self, table: torch.Tensor) -> LayerRope:
+        """The :class:`LayerRope` of ``table``: one another layer already has when their tables
+        are equal (all layers of most models share one rotary embedding; Gemma-3's local and
+        global layers have two), else a new one on its own compact float32 copy (``table`` may
+        be a view of a longer cos/sin cache, whose storage it would otherwise keep alive)."""
+        for rope in dict.fromkeys(self._layer_rope.values()):
+            if rope.table.shape == table.shape and torch.equal(rope.table, table.to(rope.table.dtype)):
+                return rope
+        return LayerRope(table.to(torch.float32, copy=True).contiguous())
+
+    def rope_tables(self) -> list[LayerRope]:
+        """The distinct RoPE tables the layers hold (each shared by the layers whose tables are
+        equal): what :mod:`~.fixed_memory` counts as ``rope_tables``."""
+        return list(dict.fromkeys(self._layer_rope.values()))
 
     def has_rope_table(self, layer: int) -> bool:
         return layer in self._layer_rope
@@ -686,11 +744,12 @@ def start_engine_codec(num_kv_heads: int, head_dim: int) -> EngineCodec:
     vllm_config = get_current_vllm_config()
     config = from_additional_config(vllm_config.additional_config)
     model_dir = vllm_config.model_config.model
-    key = (config, model_dir, num_kv_heads, head_dim)
+    kv_dtype = vllm_config.model_config.dtype
+    key = (config, model_dir, num_kv_heads, head_dim, kv_dtype)
     if _active is None or (_active.config, _active.model_dir, _active.num_kv_heads,
-                           _active.head_dim) != key:
+                           _active.head_dim, _active.sinks.dtype) != key:
         _active = EngineCodec(config, model_dir, num_kv_heads, head_dim,
-                              rope_theta(vllm_config.model_config.hf_config))
+                              rope_theta(vllm_config.model_config.hf_config), kv_dtype)
     return _active
 
 

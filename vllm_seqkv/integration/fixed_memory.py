@@ -3,15 +3,22 @@
 Parts (:class:`FixedMemory`, bytes):
 
 * ``token_table``: layer 0's token tables (``[vocab, H, D]`` K and V, as calibrated) and the
-  float32 search copies their encode builds (``[H, vocab, D]`` + squared norms ``[H, vocab]``).
-* ``calibration``: every other tensor of the codec (bases, quantizer levels, predictors).
+  float32 search copy of head 0 their encode builds (``[vocab, D]`` + squared norms
+  ``[vocab]``; :data:`~vllm_seqkv.codec.token_table.SEARCH_HEADS`).
+* ``calibration``: every other tensor of the codec (bases, quantizer levels and thresholds,
+  predictors).
 * ``kernel_params``: the tensors of the kernels' per-layer params that are not the codec's
-  own (on CPU they share the codec's tensors where dtype and layout already match).
-* ``rope_tables``: for pre-RoPE presets, each layer's cos/sin table and its pure-rotation
-  split, float32 ``[max_model_len, D]`` each (the backend keeps ``max_model_len`` rows).
+  own (on CPU they view the codec's tensors: every table the kernels read is the codec's own,
+  in the kernels' dtype and layout).
+* ``rope_tables``: for pre-RoPE presets, each distinct cos/sin table and its pure-rotation
+  split, float32 ``[max_model_len, D]`` each (the backend keeps ``max_model_len`` rows, one
+  copy shared by every layer whose table is equal: one for most models, two for Gemma-3's
+  local and global layers).
 * ``sink_table``: :class:`~.engine_codec.SinkTable`, at most ``sink_table_bytes`` and at most
-  one entry per sequence start that can exist: per block (keyed by block) or per vocabulary
-  token (keyed by first token), each ``layers x sink_tokens x H x D`` float32 K and V.
+  one entry per sequence start that can exist: per block (keyed by block), or per distinct
+  first token of the blocks holding a start (keyed by first token: at most ``min(vocab,
+  blocks)``), each ``layers x sink_tokens x H x D`` K and V in the model's dtype (the dtype of
+  the K/V vLLM hands the backend).
 * ``scratch``: a bound on the largest per-step buffers (a read chunk's float32 K/V, the
   token-table search scores). Like vLLM's own activations it is not part of an explicit KV
   budget; vLLM's memory profile (when it profiles) runs a forward through seqkv and sees it.
@@ -41,10 +48,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from vllm_seqkv.codec.token_table import SEARCH_CHUNK, TokenTableCodec
+from vllm_seqkv.codec.token_table import SEARCH_CHUNK, SEARCH_HEADS, TokenTableCodec
 from vllm_seqkv.integration.reads import ROWS_PER_CHUNK
 
-SINK_ROW_ELEMENT_BYTES = 4  # the backend records the exact K/V rows in float32
 FLOAT32_BYTES = 4
 PARTS = ("token_table", "calibration", "kernel_params", "rope_tables", "sink_table", "scratch")
 
@@ -67,7 +73,7 @@ class FixedMemory:
 
     def sink_table(self, num_blocks: int) -> int:
         """Bound on the sink table's bytes with ``num_blocks`` blocks of pages."""
-        entries = num_blocks if self.sink_entries_by_token is None else self.sink_entries_by_token
+        entries = num_blocks if self.sink_entries_by_token is None else min(num_blocks, self.sink_entries_by_token)
         return min(self.sink_table_bytes, entries * self.sink_entry_bytes)
 
     def parts(self, num_blocks: int) -> dict[str, int]:
@@ -114,10 +120,11 @@ class FixedMemory:
         return asdict(self)
 
 
-def fixed_memory_of(engine, num_layers: int, max_model_len: int) -> FixedMemory:
+def fixed_memory_of(engine, num_layers: int, max_model_len: int, rope_tables: int = 1) -> FixedMemory:
     """Measure ``engine``'s (an :class:`~.engine_codec.EngineCodec`) fixed memory for a model
-    of ``num_layers`` attention layers served up to ``max_model_len`` positions. Builds the
-    kernel params on the CPU to measure them (and drops them)."""
+    of ``num_layers`` attention layers served up to ``max_model_len`` positions, whose layers
+    apply ``rope_tables`` distinct RoPE tables. Builds the kernel params on the CPU to measure
+    them (and drops them)."""
     from vllm_seqkv import kernels
     from vllm_seqkv.codec.base import CodecInputError
 
@@ -141,16 +148,16 @@ def fixed_memory_of(engine, num_layers: int, max_model_len: int) -> FixedMemory:
         built.append(own)
         params_storages.update(_tensor_storages(own))
     kernel_params = sum(size for key, size in params_storages.items() if key not in codec_storages)
-    rope_tables = (num_layers * 2 * max_model_len * dim * FLOAT32_BYTES
-                   if engine.codec.pre_rope_keys else 0)
+    rope_bytes = (rope_tables * 2 * max_model_len * dim * FLOAT32_BYTES
+                  if engine.codec.pre_rope_keys else 0)
     sink_tokens = engine.codec.sink_tokens
-    sink_entry = num_layers * sink_tokens * heads * dim * 2 * SINK_ROW_ELEMENT_BYTES
+    sink_entry = num_layers * sink_tokens * heads * dim * 2 * engine.sinks.dtype.itemsize
     vocab = tables[0].shape[0] if tables else None
     read_chunk = max(ROWS_PER_CHUNK, max_model_len) * heads * dim * 2 * FLOAT32_BYTES
-    search_scores = heads * SEARCH_CHUNK * vocab * FLOAT32_BYTES if tables else 0
+    search_scores = SEARCH_HEADS * SEARCH_CHUNK * vocab * FLOAT32_BYTES if tables else 0
     return FixedMemory(
         token_table=token_table, calibration=calibration, kernel_params=kernel_params,
-        kernel_params_on_device=sum(params_storages.values()), rope_tables=rope_tables,
+        kernel_params_on_device=sum(params_storages.values()), rope_tables=rope_bytes,
         sink_table_bytes=engine.config.sink_table_bytes if sink_tokens else 0,
         sink_entry_bytes=sink_entry, sink_entries_by_token=vocab if engine.sinks.by_token else None,
         scratch=read_chunk + search_scores)
@@ -178,9 +185,10 @@ def _token_tables(engine) -> list[torch.Tensor]:
 
 
 def _search_bytes(table: torch.Tensor) -> int:
-    """The float32 ``[H, vocab, D]`` search copy and ``[H, vocab]`` norms an encode builds."""
+    """The float32 search copy of the searched heads ``[SEARCH_HEADS, vocab, D]`` and their
+    squared norms ``[SEARCH_HEADS, vocab]`` an encode builds."""
     vocab, heads, dim = table.shape
-    return heads * vocab * (dim + 1) * FLOAT32_BYTES
+    return min(heads, SEARCH_HEADS) * vocab * (dim + 1) * FLOAT32_BYTES
 
 
 def _tensor_storages(root, skip: tuple[type, ...] = ()) -> dict[int, int]:

@@ -20,14 +20,33 @@ def logger():
     return init_logger("vllm.seqkv")
 
 
-def fixed_memory_for(engine, vllm_config):
+def fixed_memory_for(engine, vllm_config, model_loaded: bool = False):
     """:class:`~.fixed_memory.FixedMemory` of an engine codec for the engine ``vllm_config``
-    builds (its layers on this worker, its ``max_model_len``)."""
+    builds (its layers on this worker, its ``max_model_len``). ``model_loaded`` (in the worker,
+    after vLLM loaded the model): the RoPE tables are counted from the layers' own rotary
+    embeddings; before (the front-end), from the model config (:func:`rope_tables_in_config`)."""
+    from vllm_seqkv.integration import compat
     from vllm_seqkv.integration.fixed_memory import fixed_memory_of
 
     model_config = vllm_config.model_config
+    if model_loaded:
+        rope_tables = compat.distinct_rotary_tables(compat.attention_layer_names(vllm_config),
+                                                    model_config.max_model_len)
+    else:
+        rope_tables = rope_tables_in_config(model_config.hf_config)
     return fixed_memory_of(engine, model_config.get_num_layers(vllm_config.parallel_config),
-                           model_config.max_model_len)
+                           model_config.max_model_len, rope_tables)
+
+
+def rope_tables_in_config(hf_config) -> int:
+    """Distinct RoPE tables a transformers config asks for: one per distinct RoPE parameter
+    set (Gemma-3: one for its sliding-window layers, one for its global ones)."""
+    import json
+
+    from vllm_seqkv.integration.support import rope_parameter_sets
+
+    sets = {json.dumps(rope, sort_keys=True, default=str) for rope in rope_parameter_sets(hf_config)}
+    return max(len(sets), 1)
 
 
 def whole_budget(vllm_config) -> bool:
@@ -79,7 +98,7 @@ def reserve_fixed_memory(worker, available: int) -> int:
     vllm_config = worker.vllm_config
     if not from_additional_config(vllm_config.additional_config).enabled:
         return available
-    fixed = fixed_memory_for(active_engine_codec(), vllm_config)
+    fixed = fixed_memory_for(active_engine_codec(), vllm_config, model_loaded=True)
     per_block = compat.kv_pool_bytes_per_block(worker)
     whole, on_host = whole_budget(vllm_config), compat.is_cpu()
     blocks = fixed.blocks_within(available, per_block, whole, on_host)

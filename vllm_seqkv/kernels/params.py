@@ -35,11 +35,14 @@ class TransformStreamParams:
 
     ``mean [H, D]``, ``basis [H, D, D]`` (encode: ``z = (x - mean) @ basis``), ``inverse
     [H, D, D]`` (the codec's own float32 inverse), ``levels [H, D, 256]``, ``cuts [H, D, 256]``
-    (decision thresholds ``(levels[i] + levels[i+1]) / 2`` computed as the codec does, padded
-    with +inf from index ``2**bits - 1`` on), ``start``/``nbits`` int32 ``[H, D]`` (bit offset
-    and width of each component in the stream), ``pred_w [2HD, HD]``/``pred_b [HD]`` float32
-    (zeros when the stream has no cross-layer predictor, ``has_pred`` False), ``offset``: byte
-    offset of the stream in the slot, ``nbytes``: its size.
+    (the codec's decision thresholds ``(levels[i] + levels[i+1]) / 2``, padded with +inf from
+    index ``2**bits - 1`` on), ``start``/``nbits`` int32 ``[H, D]`` (bit offset and width of
+    each component in the stream), ``pred_w [2HD, HD]``/``pred_b [HD]`` float32 (zeros when
+    the stream has no cross-layer predictor, ``has_pred`` False), ``offset``: byte offset of
+    the stream in the slot, ``nbytes``: its size.
+
+    NOTE: on the codec's device (CPU) every table is the codec's own tensor, not a copy (they
+    are already float32, contiguous and in this layout): the params add no memory there.
     """
 
     mean: torch.Tensor
@@ -108,7 +111,7 @@ def bit_starts(codec: TransformCodec) -> tuple[torch.Tensor, torch.Tensor]:
     if not torch.equal(start[rows, comp].long() + plane, torch.arange(comp.shape[1]).expand_as(comp)):
         raise CodecInputError("transform slot: a component's bit planes are not contiguous LSB-first "
                               "(codec bit order changed?)")
-    return start.clone(), nbits.clone()
+    return start, nbits  # NOTE: the codec's own tensors (the kernels only read them)
 
 
 def _stream(codec: TensorCodec, heads: int, dim: int, offset: int) -> TransformStreamParams:
@@ -121,12 +124,10 @@ def _stream(codec: TensorCodec, heads: int, dim: int, offset: int) -> TransformS
         raise CodecInputError(f"transform kernels need head_dim a multiple of 32, got {dim}")
     start, nbits = bit_starts(inner)
     levels = t.levels.float().contiguous()
-    cuts = torch.full((heads, dim, LEVELS), float("inf"))
-    for b in range(1, MAX_BITS + 1):
-        mask = t.bits == b
-        if bool(mask.any()):
-            lv = t.levels[mask][:, : 1 << b]
-            cuts[mask, : (1 << b) - 1] = (lv[:, 1:] + lv[:, :-1]) / 2  # the codec's own formula
+    if tuple(inner.cuts.shape) != (heads, dim, LEVELS):
+        raise CodecInputError(f"transform codec's cuts are {tuple(inner.cuts.shape)}, kernels read "
+                              f"[{heads}, {dim}, {LEVELS}]")
+    cuts = inner.cuts.float().contiguous()
     if predictor is None:
         pred_w, pred_b = torch.zeros(1, 1), torch.zeros(1)
     else:
@@ -136,7 +137,7 @@ def _stream(codec: TensorCodec, heads: int, dim: int, offset: int) -> TransformS
                                   f"({2 * heads * dim}, {heads * dim})")
     return TransformStreamParams(
         mean=t.mean.float().contiguous(), basis=t.basis.float().contiguous(),
-        inverse=inner._inverse.float().contiguous(), levels=levels, cuts=cuts.contiguous(),
+        inverse=inner._inverse.float().contiguous(), levels=levels, cuts=cuts,
         start=start, nbits=nbits, pred_w=pred_w, pred_b=pred_b, has_pred=predictor is not None,
         offset=offset, nbytes=t.bits_per_vector // 8)
 
