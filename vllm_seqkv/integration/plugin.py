@@ -15,7 +15,7 @@ from __future__ import annotations
 from vllm_seqkv.config import SeqKVConfig, from_additional_config
 
 BACKEND_CLASS = "vllm_seqkv.integration.backend.SeqKVAttentionBackend"
-STATUS = "vLLM pages hold the compressed slots (pure-torch attention path on CPU)"
+STATUS = "vLLM pages hold the compressed slots; attention reads them (the kernel in use is logged by the worker)"
 _registered = False
 
 
