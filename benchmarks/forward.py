@@ -5,7 +5,7 @@ back after decoding when ``codec.pre_rope_keys``) and V with ``codec.codecs_for_
 (cross-layer codecs get the reconstruction of layer ``l - 1``, as the decoder has it)
 (encode -> decode over the whole window; block codecs see aligned blocks from position 0)
 and attention reads them with the decode-path semantics of
-:mod:`benchmarks.attention`.
+:mod:`benchmarks.attention`, within the layer's sliding window where it has one.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def run_window(model: LlamaForward, tokens: torch.Tensor, codec: KVCodec | None 
         if collect_kv:
             result.kv.append(kv)
         if codec is None:
-            out = attention(q, kv.key, kv.value)
+            out = attention(q, kv.key, kv.value, window=model.window(layer))
         else:
             key_codec, value_codec = codec.codecs_for_layer(layer)
             framed_key = _roundtrip(key_codec, kv.key_pre if codec.pre_rope_keys else kv.key, previous)
@@ -66,7 +66,8 @@ def run_window(model: LlamaForward, tokens: torch.Tensor, codec: KVCodec | None 
             if collect_coded:
                 result.coded.append((coded_key, coded_value))
             rows = min(QUERY_CHUNK, length) if measure_attention else 0
-            got = attention(q, kv.key, kv.value, coded_key, coded_value, starts, codec.sink_tokens, rows)
+            got = attention(q, kv.key, kv.value, coded_key, coded_value, starts, codec.sink_tokens, rows,
+                            window=model.window(layer))
             out = got[0] if measure_attention else got
             if measure_attention:
                 result.attn_err_sq.append(float((out[-rows:] - got[1]).pow(2).sum()))

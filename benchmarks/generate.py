@@ -4,7 +4,9 @@ What a user sees when the model talks on top of its own compressed cache: the pr
 prefilled with the codec's decode-path reads (:func:`~benchmarks.forward.run_window`),
 then each new token attends over the cache in which every earlier position is read as the
 codec decodes it (coded before ``exact_window_start``, sinks and own K/V exact; block codecs
-code a block once it is complete), batched over sequences.
+code a block once it is complete), batched over sequences. On a sliding-window layer a token
+at ``p`` reads ``p - W < j <= p`` only, the sinks exact only while its window starts at 0
+(the rule of :mod:`benchmarks.attention`).
 
 Shapes: caches are ``[B, T_max, H_kv, D]`` per layer (``T_max`` = longest prompt + new tokens);
 sequences advance one token per step at their own positions.
@@ -121,13 +123,21 @@ def _step(model: LlamaForward, caches: list[_LayerCache], tokens: torch.Tensor, 
     t_max = caches[0].key.shape[1]
     cols = torch.arange(t_max)
     visible = cols[None, :] <= positions[:, None]  # [B, T_max]
-    coded = None
+    starts = None
     if codec is not None:
         starts = torch.tensor([min(codec.exact_window_start(int(p)), int(p)) for p in positions])
-        coded = (cols[None, :] < starts[:, None]) & (cols[None, :] >= codec.sink_tokens)
     h = model.embed(tokens)
     previous = None
     for layer, cache in enumerate(caches):
+        window = model.window(layer)
+        seen, coded = visible, None
+        if window is not None:
+            seen = visible & (cols[None, :] > positions[:, None] - window)
+        if starts is not None:
+            sinks = cols[None, :] < codec.sink_tokens
+            if window is not None:  # sinks are exact only while the window starts at position 0
+                sinks = sinks & (positions[:, None] < window)
+            coded = (cols[None, :] < starts[:, None]) & ~sinks
         q, kv = model.qkv(layer, h, positions)
         cache.key[rows, positions], cache.value[rows, positions] = kv.key, kv.value
         if codec is not None:
@@ -137,7 +147,7 @@ def _step(model: LlamaForward, caches: list[_LayerCache], tokens: torch.Tensor, 
         if coded is not None:
             keys = torch.where(coded[:, :, None, None], cache.coded_key, cache.key)
             values = torch.where(coded[:, :, None, None], cache.coded_value, cache.value)
-        out = _attend(q, keys, values, visible)
+        out = _attend(q, keys, values, seen)
         h = model.finish_layer(layer, h, out)
     return torch.log_softmax(model.logits(h), dim=-1)
 

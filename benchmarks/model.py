@@ -20,11 +20,17 @@ takes from vLLM whatever vLLM defines:
   MLP, its ``query_pre_attn_scalar`` and final logit soft-cap, per-layer-type RoPE parameters
   and sliding windows, SiLU or tanh-GELU gated MLPs, tied embeddings.
 
+Sliding-window layers (Mistral: every layer; Gemma 3: its ``sliding_attention`` layers) are
+computed as vLLM computes them: ``config.layer_window[l]`` is the layer's ``sliding_window``
+as vLLM's ``Attention`` receives it, and a query at position ``p`` attends to ``p - W < j <=
+p`` (:mod:`benchmarks.attention`, the served path's read rule).
+
 Refused with the feature named (:class:`NotImplementedError`): an architecture not in
-:data:`ARCHITECTURES`, partial or interleaved (non-neox) rotary, attention logit soft-capping,
-and a context longer than any layer's sliding window (the ruler's attention is full causal).
+:data:`ARCHITECTURES`, partial or interleaved (non-neox) rotary, attention logit soft-capping;
+a context longer than the RoPE tables is refused with a :class:`ValueError`.
 ``tests/bench/test_ruler_matches_vllm.py`` checks the per-layer K/V and the logits against
-vLLM's engine on the fixtures of :mod:`seqkv_fixtures.architectures`.
+vLLM's engine on the fixtures of :mod:`seqkv_fixtures.architectures`, past the sliding
+window of the windowed ones.
 """
 
 from __future__ import annotations
@@ -261,8 +267,14 @@ class LlamaForward:
         cap = self.config.final_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 
+    def window(self, layer: int) -> int | None:
+        """Layer ``layer``'s sliding window (a query at ``p`` attends to ``p - W < j <= p``), or
+        None where the layer attends to the whole past."""
+        return self.config.layer_window[layer]
+
     def check_context(self, length: int) -> None:
-        window = self.config.sliding_window
-        if window is not None and length > window:
-            raise NotImplementedError(f"context {length} exceeds the model's sliding window {window} "
-                                      "(the ruler's attention is full causal)")
+        """Refuse a context of ``length`` positions that the RoPE tables do not cover."""
+        rows = min(table.shape[0] for table in self._layer_table)
+        if length > rows:
+            raise ValueError(f"context {length} exceeds the {rows} positions of {self.config.name}'s RoPE "
+                             "tables (max_position_embeddings)")

@@ -53,9 +53,10 @@ def test_forward_matches_transformers_on_other_layouts(name):
 
 
 def test_forward_refuses_what_it_cannot_compute(tiny_model_dir, tmp_path):
-    gemma = LlamaForward(architectures.build("gemma3"))
-    with pytest.raises(NotImplementedError, match="sliding window 64"):
-        run_window(gemma, torch.zeros(65, dtype=torch.long))
+    model = LlamaForward(tiny_model_dir)
+    rows = model.config.max_position
+    with pytest.raises(ValueError, match=f"context {rows + 1} exceeds the {rows} positions"):
+        run_window(model, torch.zeros(rows + 1, dtype=torch.long))
     partial = tmp_path / "partial-rotary"
     shutil.copytree(tiny_model_dir, partial)
     config = json.loads((partial / "config.json").read_text())
@@ -63,3 +64,20 @@ def test_forward_refuses_what_it_cannot_compute(tiny_model_dir, tmp_path):
     (partial / "config.json").write_text(json.dumps(config))
     with pytest.raises(NotImplementedError, match="rotates 16 of 32 channels"):
         LlamaForward(partial)
+
+
+def test_generation_past_a_sliding_window_follows_the_teacher_forced_run():
+    """Mistral fixture (64-token window on every layer): a greedy answer generated through a
+    codec, from a prompt inside the window to well past it, is the argmax of the
+    teacher-forced run through the same codec (both apply the window, and its sink rule)."""
+    from benchmarks.generate import generate
+
+    model = LlamaForward(architectures.build("mistral"))
+    assert set(model.config.layer_window) == {architectures.MISTRAL_WINDOW}
+    prompt = torch.randint(0, 4096, (50,), generator=torch.Generator().manual_seed(3))
+    codec = make_codec("kivi-2")
+    tokens = generate(model, [prompt], codec, 90)[0]
+    sequence = torch.cat([prompt, torch.tensor(tokens)])
+    assert sequence.numel() > 2 * architectures.MISTRAL_WINDOW
+    log_probs = run_window(model, sequence[:-1], codec).log_probs[prompt.numel() - 1:]
+    assert log_probs.argmax(-1).tolist() == tokens

@@ -9,11 +9,14 @@ log-probabilities of the same prompt must equal them to float32 rounding:
 * ``rope-llama3``: the trained tiny Llama under llama3 RoPE scaling; the prompt runs past the
   original 512 positions, and keys above layer 0 depend on the RoPE table through attention;
 * ``gemma3``: Gemma-3 (random weights): q/k norm, ``(1 + w)`` norms, embedding scale
-  ``sqrt(hidden)``, sandwich norms, per-layer-type RoPE bases; its prompt stays within the
-  64-token sliding window (the ruler refuses longer contexts on windowed layers).
+  ``sqrt(hidden)``, sandwich norms, per-layer-type RoPE bases, and its interleaved
+  local/global layers: the prompt runs to 4x the 64-token sliding window of its local layers;
+* ``mistral``: the trained tiny Llama as a Mistral, a 64-token window on every layer, the
+  prompt 4x the window.
 
-Dropping the RoPE type or the embedding scale from the ruler moves these by far more than
-the tolerances (checked when the test was written).
+Dropping the RoPE type, the embedding scale or the sliding window from the ruler (or moving
+the window by one position) moves these by far more than the tolerances (checked when the
+test was written).
 """
 
 import functools
@@ -27,7 +30,7 @@ from benchmarks.model import LlamaForward
 from seqkv_fixtures import architectures
 
 pytestmark = pytest.mark.e2e
-CASES = {"rope-llama3": 600, "gemma3": 64}  # prompt tokens
+CASES = {"rope-llama3": 600, "gemma3": 4 * 64, "mistral": 4 * architectures.MISTRAL_WINDOW}  # prompt tokens
 KV_RELATIVE = 1e-5  # ||ruler - vLLM|| / ||vLLM|| per layer, float32 on both sides
 LOGPROB_ABS = 2e-4  # nats, per prompt token
 
