@@ -92,12 +92,6 @@ class ModelConfig:
     max_position: int
     name: str
 
-    @property
-    def sliding_window(self) -> int | None:
-        """The shortest sliding window of any layer (None when every layer attends fully)."""
-        windows = [w for w in self.layer_window if w is not None]
-        return min(windows) if windows else None
-
     @classmethod
     def from_dir(cls, model_dir: Path) -> "ModelConfig":
         from vllm_seqkv.integration import compat
