@@ -21,42 +21,20 @@ import os
 
 def held_bytes(worker) -> dict:
     """In the worker: bytes of the distinct storages of each part the engine codec holds."""
-    import torch
-
     from vllm_seqkv.codec.token_table import TokenTableCodec
     from vllm_seqkv.integration.engine_codec import active_engine_codec
+    from vllm_seqkv.integration.fixed_memory import tensor_storages
 
     engine = active_engine_codec()
 
-    def storages(tensors) -> dict[int, int]:
-        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in tensors if isinstance(t, torch.Tensor)}
-
-    def reachable(root, skip=()) -> list:
-        found, seen, stack = [], set(), [root]
-        while stack:
-            item = stack.pop()
-            if id(item) in seen or isinstance(item, skip):
-                continue
-            seen.add(id(item))
-            if isinstance(item, torch.Tensor):
-                found.append(item)
-            elif isinstance(item, dict):
-                stack.extend(item.values())
-            elif isinstance(item, (list, tuple, set)):
-                stack.extend(item)
-            elif hasattr(item, "__dict__") and not isinstance(item, type) and not callable(item):
-                stack.extend(vars(item).values())
-        return found
-
     ropes = engine._layer_rope.values()
-    rope = storages(t for r in ropes for t in (r.table, *r._tables.values(), *r._rotations.values()))
-    sinks = storages(t for entry in engine.sinks._exact.values() for row in entry.values() for t in row)
+    rope = tensor_storages([(r.table, *r._tables.values(), *r._rotations.values()) for r in ropes])
+    sinks = tensor_storages(list(engine.sinks._exact.values()))
     tables = [c for layer in engine.layers() for c in (engine.layout(layer).key, engine.layout(layer).value)
               if isinstance(c, TokenTableCodec)]
-    token = storages(t for c in tables for t in (c.table, c._search, c._sq_norms))
-    codec = storages(reachable(engine.codec, skip=(TokenTableCodec,)))
-    params = storages(reachable([p for p in engine._kernel_params.values() if p is not None]))
+    token = tensor_storages([(c.table, c._search, c._sq_norms) for c in tables])
+    codec = tensor_storages(engine.codec, skip=(TokenTableCodec,))
+    params = tensor_storages([p for p in engine._kernel_params.values() if p is not None])
     return {"token_table": sum(token.values()),
             "calibration": sum(size for key, size in codec.items() if key not in token),
             "kernel_params": sum(size for key, size in params.items() if key not in codec),

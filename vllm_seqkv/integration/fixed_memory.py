@@ -131,8 +131,8 @@ def fixed_memory_of(engine, num_layers: int, max_model_len: int, rope_tables: in
     heads, dim = engine.num_kv_heads, engine.head_dim
     tables = _token_tables(engine)
     token_table = sum(table.nbytes + _search_bytes(table) for table in tables)
-    codec_storages = _tensor_storages(engine.codec, skip=(TokenTableCodec,))
-    table_storages = _tensor_storages(tables)
+    codec_storages = tensor_storages(engine.codec, skip=(TokenTableCodec,))
+    table_storages = tensor_storages(tables)
     calibration = sum(size for key, size in codec_storages.items() if key not in table_storages)
     params_storages: dict[int, int] = {}
     built = []  # NOTE: kept alive while measuring, so that no two share a freed address
@@ -146,7 +146,7 @@ def fixed_memory_of(engine, num_layers: int, max_model_len: int, rope_tables: in
             continue  # decoded by the codec in torch: no params
         own = {name: value for name, value in vars(params).items() if name != "layout"}
         built.append(own)
-        params_storages.update(_tensor_storages(own))
+        params_storages.update(tensor_storages(own))
     kernel_params = sum(size for key, size in params_storages.items() if key not in codec_storages)
     rope_bytes = (rope_tables * 2 * max_model_len * dim * FLOAT32_BYTES
                   if engine.codec.pre_rope_keys else 0)
@@ -191,7 +191,7 @@ def _search_bytes(table: torch.Tensor) -> int:
     return min(heads, SEARCH_HEADS) * vocab * (dim + 1) * FLOAT32_BYTES
 
 
-def _tensor_storages(root, skip: tuple[type, ...] = ()) -> dict[int, int]:
+def tensor_storages(root, skip: tuple[type, ...] = ()) -> dict[int, int]:
     """``{storage address: bytes}`` of every tensor reachable from ``root`` through object
     attributes, dicts, lists and tuples (each storage once), not entering ``skip`` types."""
     found: dict[int, int] = {}
