@@ -38,7 +38,7 @@ def shared_table(sharers: int, ctx: int) -> torch.Tensor:
 
 
 def seqkv_cases(q_heads, kv_heads, dim, ctx, sharers, table, layout, rope_theta):
-    from vllm_seqkv.integration.decode_plan import merge_partial_attention
+    from vllm_seqkv.integration.decode_plan import merge_partial_attention, stack_sharers, unstack_sharers
     from vllm_seqkv.kernels.cpu_ops import transform_decode_attention_cpp
     from vllm_seqkv.kernels.params import rope_cache, transform_layer_params
 
@@ -48,7 +48,7 @@ def seqkv_cases(q_heads, kv_heads, dim, ctx, sharers, table, layout, rope_theta)
     own = torch.randn(sharers, kv_heads, dim)
     seq_lens = torch.full((sharers,), ctx, dtype=torch.int32)
     rope = rope_cache(ctx, dim, rope_theta)
-    scale, group = dim ** -0.5, q_heads // kv_heads
+    scale = dim ** -0.5
     length = (table.shape[1] - 1) * BLOCK
     prefix_lens = torch.tensor([length + 1], dtype=torch.int32)
 
@@ -56,11 +56,9 @@ def seqkv_cases(q_heads, kv_heads, dim, ctx, sharers, table, layout, rope_theta)
         return transform_decode_attention_cpp(query, own, own, pages, table, seq_lens, params, scale, rope=rope)
 
     def shared():
-        stacked = query.view(sharers, kv_heads, group, dim).transpose(0, 1).reshape(1, -1, dim).contiguous()
-        head, head_lse = transform_decode_attention_cpp(stacked, None, None, pages, table[:1, :-1], prefix_lens,
-                                                        params, scale, rope=rope, return_lse=True)
-        head = head.view(kv_heads, sharers, group, dim).transpose(0, 1).reshape(sharers, q_heads, dim)
-        head_lse = head_lse.view(kv_heads, sharers, group).transpose(0, 1).reshape(sharers, q_heads)
+        head, head_lse = unstack_sharers(*transform_decode_attention_cpp(
+            stack_sharers(query, kv_heads), None, None, pages, table[:1, :-1], prefix_lens, params, scale, rope=rope,
+            return_lse=True), sharers, kv_heads)
         rest, rest_lse = transform_decode_attention_cpp(query, own, own, pages, table, seq_lens, params, scale,
                                                         rope=rope, skip_first=length, return_lse=True)
         return merge_partial_attention(head, head_lse, rest, rest_lse)

@@ -140,7 +140,7 @@ def test_shared_prefix_pass_merged_with_the_rest_equals_one_decode(heads, dim, g
     """Cascade decode: the shared prefix read once with the sequences' queries stacked per KV head
     (no own token, exact sink rows merged) + each sequence's rest from the prefix's end, merged by
     the log-sum-exps = the fused decode of each whole sequence."""
-    from vllm_seqkv.integration.decode_plan import merge_partial_attention
+    from vllm_seqkv.integration.decode_plan import merge_partial_attention, stack_sharers, unstack_sharers
 
     block_size, prefix_blocks, sinks = 16, 5, 2
     layout = random_layout(heads, dim, pair_keys=True, seed=sharers)
@@ -156,13 +156,11 @@ def test_shared_prefix_pass_merged_with_the_rest_equals_one_decode(heads, dim, g
         query, own_k, own_v, pages, table, seq_lens, params, 0.2, rope=rope, skip_first=sinks,
         sinks=(sink_k.expand(sharers, -1, -1, -1), sink_v.expand(sharers, -1, -1, -1)))
     length = prefix_blocks * block_size
-    stacked = query.view(sharers, heads, group, dim).transpose(0, 1).reshape(1, heads * sharers * group, dim)
+    stacked = stack_sharers(query, heads)
     for _ in each_isa():
-        head, head_lse = cpu_ops.transform_decode_attention_cpp(
-            stacked.contiguous(), None, None, pages, table[:1, :prefix_blocks], torch.tensor([length + 1]), params,
-            0.2, rope=rope, skip_first=sinks, return_lse=True, sinks=(sink_k, sink_v))
-        head = head.view(heads, sharers, group, dim).transpose(0, 1).reshape(sharers, heads * group, dim)
-        head_lse = head_lse.view(heads, sharers, group).transpose(0, 1).reshape(sharers, heads * group)
+        head, head_lse = unstack_sharers(*cpu_ops.transform_decode_attention_cpp(
+            stacked, None, None, pages, table[:1, :prefix_blocks], torch.tensor([length + 1]), params,
+            0.2, rope=rope, skip_first=sinks, return_lse=True, sinks=(sink_k, sink_v)), sharers, heads)
         rest, rest_lse = cpu_ops.transform_decode_attention_cpp(query, own_k, own_v, pages, table, seq_lens, params,
                                                                 0.2, rope=rope, skip_first=length, return_lse=True)
         torch.testing.assert_close(merge_partial_attention(head, head_lse, rest, rest_lse), expected,

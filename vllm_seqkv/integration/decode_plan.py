@@ -123,6 +123,23 @@ def shared_prefixes(block_table_host: torch.Tensor, seq_lens: list[int], block_s
     return groups
 
 
+def stack_sharers(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Queries ``[n, Hq, D]`` of n sequences as one sequence's wide GQA group
+    ``[1, H * n * G, D]`` (per KV head: the n sequences' G heads), contiguous."""
+    sharers, q_heads, dim = query.shape
+    group = q_heads // kv_heads
+    return query.view(sharers, kv_heads, group, dim).transpose(0, 1).reshape(1, -1, dim).contiguous()
+
+
+def unstack_sharers(out: torch.Tensor, lse: torch.Tensor, sharers: int, kv_heads: int):
+    """The inverse of :func:`stack_sharers` for a pass's ``out [1, H * n * G, D]`` and
+    ``lse [1, H * n * G]`` -> ``[n, Hq, D]``, ``[n, Hq]``."""
+    dim = out.shape[-1]
+    group = out.shape[1] // (kv_heads * sharers)
+    out = out.view(kv_heads, sharers, group, dim).transpose(0, 1).reshape(sharers, kv_heads * group, dim)
+    return out, lse.view(kv_heads, sharers, group).transpose(0, 1).reshape(sharers, kv_heads * group)
+
+
 def merge_partial_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
                             lse_b: torch.Tensor) -> torch.Tensor:
     """Attention over two disjoint sets of positions merged: outputs ``[B, Hq, D]`` normalised

@@ -537,11 +537,9 @@ class EngineCodec:
         once for all n: one fused-decode pass with the queries stacked per KV head as a group of
         ``n * Hq / H`` and no own token -> ``(out [n, Hq, D] float32, lse [n, Hq])``."""
         from vllm_seqkv import kernels
+        from vllm_seqkv.integration.decode_plan import stack_sharers, unstack_sharers
 
-        n, q_heads, dim = query.shape
-        heads = self.num_kv_heads
-        group = q_heads // heads
-        stacked = query.view(n, heads, group, dim).transpose(0, 1).reshape(1, heads * n * group, dim)
+        stacked = stack_sharers(query, self.num_kv_heads)
         rope = None
         if self.codec.pre_rope_keys:
             layer_rope = self.rope_of(layer, length + 1)
@@ -555,14 +553,14 @@ class EngineCodec:
             if rope is not None and layer_rope.magnitude != 1.0:
                 sink_rows = (sink_rows[0] / layer_rope.magnitude, sink_rows[1])
         lengths = torch.tensor([length + 1], dtype=torch.int32, device=pages.device)
-        out, lse = kernels.paged_decode_attention(stacked.contiguous(), None, None, pages, block_table, lengths,
+        out, lse = kernels.paged_decode_attention(stacked, None, None, pages, block_table, lengths,
                                                   params, scale, rope=rope, skip_first=sinks, return_lse=True,
                                                   sinks=sink_rows)
         if CHECK_KERNELS:
             self._check_decode(layer, params, stacked, None, None, pages, block_table, lengths, scale, rope, out,
                                sink_rows)
-        out = out.view(heads, n, group, dim).transpose(0, 1).reshape(n, q_heads, dim)
-        return out.float(), lse.view(heads, n, group).transpose(0, 1).reshape(n, q_heads)
+        out, lse = unstack_sharers(out, lse, query.shape[0], self.num_kv_heads)
+        return out.float(), lse
 
     def _sink_rows(self, layer: int, pages: torch.Tensor, first_blocks: list[int]):
         """K (post-RoPE) and V ``[B, S0, H, D]`` of positions ``0 .. S0 - 1`` (``S0`` = sink
