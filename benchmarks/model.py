@@ -26,8 +26,10 @@ as vLLM's ``Attention`` receives it, and a query at position ``p`` attends to ``
 p`` (:mod:`benchmarks.attention`, the served path's read rule).
 
 Refused with the feature named (:class:`NotImplementedError`): an architecture not in
-:data:`ARCHITECTURES`, partial or interleaved (non-neox) rotary, attention logit soft-capping;
-a context longer than the RoPE tables is refused with a :class:`ValueError`.
+:data:`ARCHITECTURES`, attention logit soft-capping; a context longer than the RoPE tables is
+refused with a :class:`ValueError`. Partial rotary (``partial_rotary_factor``: vLLM's
+``get_rope`` rotates the first ``rotary_dim`` channels) is computed as served: q and k in the
+channel order of :func:`vllm_seqkv.codec.rope.channel_order`, under the full-width table.
 ``tests/bench/test_ruler_matches_vllm.py`` checks the per-layer K/V and the logits against
 vLLM's engine on the fixtures of :mod:`seqkv_fixtures.architectures`, past the sliding
 window of the windowed ones.
@@ -54,6 +56,7 @@ class Family:
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden), in the model dtype
     sandwich_norms: bool = False  # norm after attention and before/after the MLP (Gemma 2/3)
     query_scalar: bool = False  # attention scale query_pre_attn_scalar ** -0.5
+    neox_rope: bool = True  # the is_neox_style the vLLM class passes to get_rope
 
 
 LLAMA = Family()
@@ -190,19 +193,18 @@ class LlamaForward:
         self.embed_scale = float(torch.tensor(math.sqrt(cfg.hidden_size), dtype=torch.float32)) \
             if cfg.family.embed_scale else 1.0
         self.norm_offset = 1.0 if cfg.family.gemma_norm else 0.0
-        self._tables: dict[str, torch.Tensor] = {}
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._layer_table: list[torch.Tensor] = []
+        self._layer_order: list[torch.Tensor | None] = []
         for rope in cfg.layer_rope:
             key = repr(sorted(rope.items()))
             if key not in self._tables:
-                rotary = compat.rotary_from_parameters(cfg.head_dim, cfg.max_position, rope or None)
-                if rotary.rotary_dim != cfg.head_dim or not rotary.is_neox:
-                    raise NotImplementedError(
-                        f"{model_dir}: {rotary.kind} rotates {rotary.rotary_dim} of {cfg.head_dim} "
-                        f"channels, {'neox' if rotary.is_neox else 'interleaved'} layout; the ruler's "
-                        "forward supports full-width neox (rotate-half) RoPE only")
-                self._tables[key] = rotary.table
-            self._layer_table.append(self._tables[key])
+                rotary = compat.rotary_from_parameters(cfg.head_dim, cfg.max_position, rope or None,
+                                                       is_neox_style=cfg.family.neox_rope)
+                # partial / interleaved rotations: q and k reordered as the served path does
+                self._tables[key] = (rotary.full_width_table(), rotary.channel_order())
+            self._layer_table.append(self._tables[key][0])
+            self._layer_order.append(self._tables[key][1])
 
     def layer_weight(self, layer: int, name: str) -> torch.Tensor | None:
         return self.w.get(f"{self.prefix}layers.{layer}.{name}")
@@ -231,6 +233,9 @@ class LlamaForward:
             norm = self.layer_weight(layer, f"self_attn.{name}_norm.weight")
             if norm is not None:  # per-head q/k RMS norm (Qwen3, Gemma 3)
                 proj[name] = self.norm(proj[name], norm)
+        order = self._layer_order[layer]
+        if order is not None:  # the served path's channel order (vllm_seqkv.codec.rope)
+            proj["q"], proj["k"] = proj["q"][..., order], proj["k"][..., order]
         cos, sin = self.rope(layer, positions)
         q = apply_rope(proj["q"], cos, sin)
         if cfg.attn_scale != cfg.head_dim ** -0.5:

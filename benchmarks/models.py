@@ -44,6 +44,8 @@ ROWS = {  # architecture label -> (fixture name or "tiny", trained weights); in 
     "LlamaForCausalLM (default RoPE)": ("tiny", True),
     "LlamaForCausalLM (RoPE linear)": ("rope-linear", True),
     "LlamaForCausalLM (RoPE dynamic)": ("rope-dynamic", True),
+    "LlamaForCausalLM (partial rotary 0.5)": ("rope-partial", True),
+    "Glm4ForCausalLM (partial interleaved rotary, QKV bias)": ("glm4", False),
 }
 
 

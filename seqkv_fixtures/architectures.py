@@ -4,12 +4,13 @@ Each is a 4-layer model on the tiny test model's tokenizer (4k vocab; Gemma-3's 
 vocabulary is not reproduced: random small-vocab configs exercise the same code). Two kinds:
 
 * the trained tiny Llama's weights under another config: RoPE variants (``llama3``, ``yarn``,
-  ``linear``, ``dynamic``) and Mistral (a 64-token sliding window on every layer). The model
+  ``linear``, ``dynamic``, ``partial``: half of each head rotated) and Mistral (a 64-token
+  sliding window on every layer). The model
   still works (it was trained on 128-token windows), so perplexity deltas mean something.
 * other attention layouts (Qwen2 QKV bias, Qwen3 q/k norm, MQA with head size 256, Gemma-3
-  interleaved sliding/global layers), built from a transformers config with random weights,
-  then trained for ``steps`` steps of the tiny model's recipe (0 = random weights: plumbing
-  only).
+  interleaved sliding/global layers, GLM-4 partial interleaved rotary), built from a
+  transformers config with random weights, then trained for ``steps`` steps of the tiny
+  model's recipe (0 = random weights: plumbing only).
 
 ``build(name)`` writes ``$SEQKV_HOME/models/arch-<name>`` once and returns it.
 """
@@ -36,7 +37,7 @@ SMALL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, max_po
 
 
 def _configs(vocab: int) -> dict:
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, Glm4Config, LlamaConfig, Qwen2Config, Qwen3Config
 
     return {
         "qwen2": lambda: Qwen2Config(vocab_size=vocab, num_attention_heads=4, num_key_value_heads=2,
@@ -45,6 +46,9 @@ def _configs(vocab: int) -> dict:
                                      head_dim=32, rope_theta=10000.0, **SMALL),  # q/k RMS norm
         "mqa256": lambda: LlamaConfig(vocab_size=vocab, num_attention_heads=2, num_key_value_heads=1,
                                       head_dim=256, rope_theta=10000.0, **SMALL),
+        "glm4": lambda: Glm4Config(  # rotates half of each head, interleaved pairs; QKV bias
+            vocab_size=vocab, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            partial_rotary_factor=0.5, rope_theta=10000.0, pad_token_id=0, **SMALL),
         "gemma3": lambda: Gemma3TextConfig(
             vocab_size=vocab, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
             sliding_window=64, layer_types=["sliding_attention"] * 3 + ["full_attention"],
@@ -53,8 +57,9 @@ def _configs(vocab: int) -> dict:
 
 
 MISTRAL_WINDOW = 64
-TRAINED = tuple(f"rope-{v}" for v in ROPE_VARIANTS) + ("mistral",)  # the tiny model's weights
-ARCHITECTURES = TRAINED + ("qwen2", "qwen3", "mqa256", "gemma3")
+PARTIAL_ROTARY = 0.5  # rope-partial: the tiny Llama rotating 16 of its 32 channels per head
+TRAINED = tuple(f"rope-{v}" for v in ROPE_VARIANTS) + ("rope-partial", "mistral")  # the tiny model's weights
+ARCHITECTURES = TRAINED + ("qwen2", "qwen3", "mqa256", "gemma3", "glm4")
 
 
 def model_dir(name: str, steps: int = 0) -> Path:
@@ -73,7 +78,9 @@ def build(name: str, steps: int = 0) -> Path:
         raise ValueError(f"unknown architecture {name!r}; one of {', '.join(ARCHITECTURES)}")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if name.startswith("rope-"):
+    if name == "rope-partial":
+        _partial_rotary(tmp)
+    elif name.startswith("rope-"):
         _rope_variant(tmp, ROPE_VARIANTS[name[len("rope-"):]])
     elif name == "mistral":
         _mistral(tmp)
@@ -90,6 +97,17 @@ def _rope_variant(out: Path, rope: dict) -> None:
     config.pop("rope_theta", None)
     config["rope_parameters"] = dict(rope)
     config["rope_scaling"] = dict(rope)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _partial_rotary(out: Path) -> None:
+    """The tiny Llama rotating only the first half of each head's channels (as Phi-4-mini,
+    GLM-4 and StableLM do; vLLM's ``get_rope`` reads ``partial_rotary_factor``). The weights
+    were trained with full rotation: the model is perturbed but still a language model, and
+    auto and seqkv run the same perturbed model."""
+    shutil.copytree(tiny_model_dir(), out)
+    config = json.loads((out / "config.json").read_text())
+    config["partial_rotary_factor"] = PARTIAL_ROTARY
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 

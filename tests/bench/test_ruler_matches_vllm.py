@@ -12,7 +12,11 @@ log-probabilities of the same prompt must equal them to float32 rounding:
   ``sqrt(hidden)``, sandwich norms, per-layer-type RoPE bases, and its interleaved
   local/global layers: the prompt runs to 4x the 64-token sliding window of its local layers;
 * ``mistral``: the trained tiny Llama as a Mistral, a 64-token window on every layer, the
-  prompt 4x the window.
+  prompt 4x the window;
+* ``rope-partial``: the trained tiny Llama rotating half of each head (vLLM's
+  ``partial_rotary_factor``): the capture and the ruler both hand keys over in the channel
+  order of :func:`vllm_seqkv.codec.rope.channel_order`, and the logprobs show the ruler
+  rotates the channels vLLM rotates.
 
 Dropping the RoPE type, the embedding scale or the sliding window from the ruler (or moving
 the window by one position) moves these by far more than the tolerances (checked when the
@@ -30,7 +34,8 @@ from benchmarks.model import LlamaForward
 from seqkv_fixtures import architectures
 
 pytestmark = pytest.mark.e2e
-CASES = {"rope-llama3": 600, "gemma3": 4 * 64, "mistral": 4 * architectures.MISTRAL_WINDOW}  # prompt tokens
+CASES = {"rope-llama3": 600, "gemma3": 4 * 64, "mistral": 4 * architectures.MISTRAL_WINDOW,
+         "rope-partial": 256}  # prompt tokens
 KV_RELATIVE = 1e-5  # ||ruler - vLLM|| / ||vLLM|| per layer, float32 on both sides
 LOGPROB_ABS = 2e-4  # nats, per prompt token
 

@@ -32,7 +32,6 @@ def engine_config(model_dir, backend="seqkv", **engine_args):
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 16,
                           "long_factor": [2.0] * 16, "original_max_position_embeddings": 1024}},
      "RoPE type 'longrope'"),
-    ({"partial_rotary_factor": 0.5}, "partial rotary embeddings"),
     ({"head_dim": 48, "hidden_size": 192}, "head size 48"),
 ])
 def test_unsupported_model_is_refused_naming_the_feature(tiny_model_dir, tmp_path, overrides,
@@ -44,8 +43,10 @@ def test_unsupported_model_is_refused_naming_the_feature(tiny_model_dir, tmp_pat
     engine_config(model, backend="auto")  # the stock cache still takes it
 
 
-def test_supported_model_passes(tiny_model_dir):
+def test_supported_model_passes(tiny_model_dir, tmp_path):
     assert engine_config(tiny_model_dir).additional_config["kv_cache_backend"] == "seqkv"
+    partial = variant(tiny_model_dir, tmp_path, partial_rotary_factor=0.5)  # reordered, not refused
+    assert engine_config(partial).additional_config["kv_cache_backend"] == "seqkv"
 
 
 @pytest.mark.parametrize("option, feature", [("enable_prompt_embeds", "prompt embeddings"),
@@ -63,10 +64,17 @@ def test_a_layer_rotation_seqkv_cannot_invert_is_named():
     from vllm_seqkv.integration.compat import LayerRotary
     from vllm_seqkv.integration.support import rotary_refusals
 
-    table = torch.ones(8, 32)
+    angles = torch.rand(8, 16)
+    table = torch.cat([angles.cos(), angles.sin()], -1)
     assert rotary_refusals(LayerRotary(table, 32, 32, True, "RotaryEmbedding"), 32) == []
-    assert "GPT-J" in rotary_refusals(LayerRotary(table, 32, 32, False, "RotaryEmbedding"), 32)[0]
-    assert "partial rotary" in rotary_refusals(LayerRotary(table[:, :16], 16, 32, True, "R"), 32)[0]
+    # interleaved pairs and partial rotation are reordered to full-width neox
+    assert rotary_refusals(LayerRotary(table, 32, 32, False, "RotaryEmbedding"), 32) == []
+    half = torch.cat([angles[:, :8].cos(), angles[:, :8].sin()], -1)
+    assert rotary_refusals(LayerRotary(half, 16, 32, True, "R"), 32) == []
+    assert "different magnitudes" in rotary_refusals(LayerRotary(half * 1.2, 16, 32, True, "YaRN"), 32)[0]
+    assert "not one row per position" in rotary_refusals(LayerRotary(table, 16, 32, True, "R"), 32)[0]
+    assert "must be even" in rotary_refusals(LayerRotary(table[:, :15], 15, 32, True, "R"), 32)[0]
+    assert "head size 64" in rotary_refusals(LayerRotary(table, 32, 64, True, "R"), 32)[0]
     assert "no rotary embedding" in rotary_refusals(None, 32)[0]
 
 

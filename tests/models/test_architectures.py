@@ -4,8 +4,9 @@ architectures.py) served through the real CPU vLLM engine with the default prese
 Per architecture, one seqkv engine: it starts (no refusal), vLLM's own block count gives the
 preset's capacity over a bf16 cache, it generates, and the keys vLLM hands the cache,
 un-rotated with the layer's own RoPE table, equal the pre-RoPE keys the calibration captures
-from the same tokens (so what is calibrated is what is served: RoPE variant, QKV bias, q/k
-norm, one KV head, head size 256, sliding-window layers in their own KV-cache group). The
+from the same tokens (so what is calibrated is what is served: RoPE variant, partial and
+interleaved rotation, QKV bias, q/k norm, one KV head, head size 256, sliding-window layers in
+their own KV-cache group). The
 prompt is longer than the sliding windows, so windowed layers read from the window's start.
 Greedy agreement and perplexity against ``auto`` are benchmarks/models.py's (two engines per
 architecture).
@@ -21,13 +22,15 @@ from vllm_seqkv import calibrate
 from seqkv_fixtures import architectures
 
 pytestmark = pytest.mark.e2e
-# default: YaRN (a table with a magnitude) and Gemma-3 (q/k norm, one KV head, per-layer RoPE,
-# sliding and global layers in two KV-cache groups); the rest with SEQKV_ALL_ARCHITECTURES=1
+# default: YaRN (a table with a magnitude), Gemma-3 (q/k norm, one KV head, per-layer RoPE,
+# sliding and global layers in two KV-cache groups), GLM-4 (half of each head rotated,
+# interleaved pairs: channels reordered) and the trained tiny Llama rotating half of each
+# head (the reordering checked on a trained model); the rest with SEQKV_ALL_ARCHITECTURES=1
 # (~2 min each on 2 cores)
 EVERY = pytest.mark.skipif(os.environ.get("SEQKV_ALL_ARCHITECTURES") != "1",
                            reason="set SEQKV_ALL_ARCHITECTURES=1 (benchmarks/models.py measures them all)")
-SERVED = ["rope-yarn", "gemma3"] + [pytest.param(name, marks=EVERY)
-                                    for name in ("rope-llama3", "qwen2", "qwen3", "mqa256", "mistral")]
+SERVED = ["rope-yarn", "gemma3", "glm4", "rope-partial"] + [pytest.param(name, marks=EVERY) for name in (
+    "rope-llama3", "qwen2", "qwen3", "mqa256", "mistral")]
 PROMPT_TOKENS = 512  # past llama3's original 512 positions: the scaled frequencies matter
 KV_BYTES = 32 << 20
 
@@ -44,7 +47,7 @@ def install_key_probe(worker):
         positions = backend._padded(backend.layer_metadata(layer).positions, num)
         index = backend._layer_index(layer)
         self._ensure_rope(layer, index)
-        frame = self.engine.to_code_frame(key[:num].float(), positions, index)
+        frame = self.engine.to_code_frame(self.in_code_order(key[:num]).float(), positions, index)
         store.setdefault(index, []).append((positions.cpu(), frame.cpu()))
         return original(self, layer, key, value, kv_cache, slot_mapping)
 
@@ -107,5 +110,8 @@ def test_architecture_is_served_with_calibrated_keys(name, tmp_path, monkeypatch
     # it, the layers below attended over coded K/V (most on random Gemma-3, whose
     # post-attention norms scale the attention output up). A wrong RoPE table (variant,
     # magnitude, theta of a sliding vs global layer) or a missing sliding window moves these
-    # keys by about their own norm at positions past the window.
-    assert errors[0] < 0.02 and max(errors) < 0.3, f"vLLM's keys un-rotated vs the calibration's: {errors}"
+    # keys by about their own norm at positions past the window. On the trained fixtures the
+    # layers above stay within 0.025 (2026-12-05: yarn, llama3, mistral, partial); a query left
+    # in the model's channel order while the keys are reordered (partial rotary) gave 0.20.
+    bound = 0.08 if name in architectures.TRAINED else 0.3
+    assert errors[0] < 0.02 and max(errors) < bound, f"vLLM's keys un-rotated vs the calibration's: {errors}"

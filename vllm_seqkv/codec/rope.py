@@ -97,3 +97,54 @@ def default_table(max_positions: int, head_dim: int, theta: float) -> torch.Tens
     cos, sin = rope_tables(torch.arange(max_positions), head_dim, theta)
     half = head_dim // 2
     return torch.cat([cos[:, :half], sin[:, :half]], -1).contiguous()
+
+
+# --- partial and interleaved rotary: one channel order that makes them full-width neox --------
+# A model may rotate only the first ``rotary_dim`` of its ``D`` channels (partial rotary:
+# Phi-4-mini, GLM-4, StableLM) and may pair channels ``(2i, 2i+1)`` instead of
+# ``(i, i + rotary_dim/2)`` (interleaved / GPT-J style: GLM-4). Reordering the channels of
+# queries and keys alike leaves every dot product q.k as it was, so seqkv reorders them where
+# they enter (the attention backend, the calibration capture, the ruler) into the one layout
+# every codec and kernel pairs: ``(i, i + D/2)``, rotated pairs first, the channels the model
+# leaves alone after them, paired with a rotation by angle 0 (cos 1, sin 0).
+
+
+def channel_order(rotary_dim: int, head_dim: int, is_neox: bool) -> torch.Tensor | None:
+    """``order [D]`` (long) such that ``x[..., order]`` pairs channels ``(i, i + D/2)`` as the
+    model's rotation pairs them: for ``i < rotary_dim/2`` the model's ``i``-th rotated pair,
+    for the rest two channels it leaves alone. None when the model's layout already is that
+    (full-width neox). Values are not reordered: only q.k must be invariant."""
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim or head_dim % 2:
+        raise ValueError(f"rotary dim {rotary_dim} of head dim {head_dim}: both must be even, "
+                         "0 < rotary dim <= head dim")
+    if rotary_dim == head_dim and is_neox:
+        return None
+    pairs = rotary_dim // 2
+    rotated = torch.arange(rotary_dim)
+    first, second = ((rotated[:pairs], rotated[pairs:]) if is_neox else (rotated[0::2], rotated[1::2]))
+    passed = torch.arange(rotary_dim, head_dim)
+    half = (head_dim - rotary_dim) // 2
+    return torch.cat([first, passed[:half], second, passed[half:]])
+
+
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """The order that undoes ``order``: ``x[..., order][..., inverse_order(order)] == x``."""
+    return torch.argsort(order)
+
+
+def full_width_table(table: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A model's cos/sin table ``[P, rotary_dim]`` as the full-width table ``[P, head_dim]`` of
+    the reordered channels (:func:`channel_order`): the unrotated pairs get cos 1, sin 0.
+    Raises if the table's rows are scaled (YaRN's mscale) while some channels are not rotated:
+    no single magnitude would then describe the table (see :func:`split_table`)."""
+    rotary_dim = table.shape[1]
+    if rotary_dim == head_dim:
+        return table
+    cos, sin = table.chunk(2, dim=-1)
+    magnitude = (cos.double() ** 2 + sin.double() ** 2).sqrt()
+    if float((magnitude - 1).abs().max()) > 1e-3:
+        raise ValueError("a scaled RoPE table (e.g. YaRN's mscale) on a partial rotary embedding: "
+                         "the rotated and the unrotated channels would need different magnitudes")
+    rest = (head_dim - rotary_dim) // 2
+    ones = torch.ones(table.shape[0], rest, dtype=table.dtype, device=table.device)
+    return torch.cat([cos, ones, sin, torch.zeros_like(ones)], -1).contiguous()

@@ -253,6 +253,8 @@ class SeqKVAttentionImpl(AttentionImpl):
                 "(their own KV-cache group) do not allow; use a per-layer preset such as the "
                 "default seqkv-f4, or --kv-cache-backend auto.")
         self.kv_sharing_target_layer_name = None
+        self._rope_ready = False
+        self._channel_order: torch.Tensor | None = None  # see _ensure_rope
         pid = os.getpid()
         if self.engine.announce(pid):
             logger.info(
@@ -271,6 +273,7 @@ class SeqKVAttentionImpl(AttentionImpl):
         pages = _byte_pages(kv_cache)
         layer_index = _layer_index(layer)
         self._ensure_rope(layer, layer_index)
+        key = self.in_code_order(key)
         self.engine.chain.register(layer_index, pages)
         all_positions = _padded(metadata.positions, num)
         if self.engine.write_tokens(layer_index, pages, slot_mapping, all_positions, key[:num], value[:num]):
@@ -296,9 +299,12 @@ class SeqKVAttentionImpl(AttentionImpl):
         self.engine.sinks.record(layer_index, blocks, offsets, positions, key, value)
 
     def _ensure_rope(self, layer, layer_index: int) -> None:
-        """Give the engine codec the RoPE table of the model's own rotary embedding for this
-        layer (once), for pre-RoPE presets; refuses a rotation the codec cannot invert."""
-        if not self.engine.codec.pre_rope_keys or self.engine.has_rope_table(layer_index):
+        """Once per layer, for pre-RoPE presets: give the engine codec the RoPE table of the
+        model's own rotary embedding for this layer, over the channel order that makes it
+        full-width neox (partial and interleaved rotations; :func:`~vllm_seqkv.codec.rope.
+        channel_order`, applied to this layer's queries and keys by :meth:`in_code_order`);
+        refuses a rotation the codec cannot invert."""
+        if not self.engine.codec.pre_rope_keys or self._rope_ready:
             return
         rotary = layer_rotary(layer.layer_name)
         refusals = rotary_refusals(rotary, self.head_size)
@@ -306,7 +312,20 @@ class SeqKVAttentionImpl(AttentionImpl):
             raise UnsupportedModelError(
                 f"--kv-cache-backend seqkv does not support this model: layer {layer.layer_name} "
                 f"uses {'; '.join(refusals)}. Serve it with --kv-cache-backend auto.")
-        self.engine.set_rope_table(layer_index, rotary.table[:self.max_positions])
+        self._channel_order = rotary.channel_order()
+        if not self.engine.has_rope_table(layer_index):
+            self.engine.set_rope_table(layer_index, rotary.full_width_table()[:self.max_positions])
+        self._rope_ready = True
+
+    def in_code_order(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Queries or keys ``[T, H, D]`` as the model hands them -> the channel order the codec
+        and kernels pair (the same tensor when the model's rotation is full-width neox).
+        Reordering queries and keys alike keeps every q.k; values are never reordered."""
+        if x is None or self._channel_order is None:
+            return x
+        if self._channel_order.device != x.device:
+            self._channel_order = self._channel_order.to(x.device)
+        return x.index_select(-1, self._channel_order)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: SeqKVMetadata, output: torch.Tensor,
@@ -319,6 +338,7 @@ class SeqKVAttentionImpl(AttentionImpl):
         pages = _byte_pages(kv_cache)
         layer_index = _layer_index(layer)
         self._ensure_rope(layer, layer_index)
+        query, key = self.in_code_order(query), self.in_code_order(key)
         self.engine.chain.register(layer_index, pages)
         starts = attn_metadata.query_starts
         block_size = pages.shape[2]

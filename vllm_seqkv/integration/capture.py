@@ -7,7 +7,9 @@ and, through ``LLM.apply_model`` on every worker, hooks each attention layer:
 - a forward pre-hook on the layer's attention block (the module holding ``rotary_emb``)
   says which layer runs (vLLM shares one rotary module between layers);
 - a pre-hook on ``rotary_emb(positions, q, k)``: pre-RoPE q and k after any q/k norm
-  (Qwen3, Gemma3), so the keys are the ones the codec sees;
+  (Qwen3, Gemma3), so the keys are the ones the codec sees (channels reordered as the served
+  path reorders them for partial or interleaved rotations: :func:`vllm_seqkv.codec.rope.
+  channel_order`);
 - a pre-hook on vLLM's ``Attention`` layer: v;
 - a pre-hook on the model: the token ids of the batch (same flattened order as q/k/v).
 
@@ -100,6 +102,20 @@ def _first(args, kwargs, position: int, name: str):
     return args[position] if len(args) > position else kwargs.get(name)
 
 
+def _channel_order(rotary) -> torch.Tensor | None:
+    """The channel order (see :func:`vllm_seqkv.codec.rope.channel_order`) of one of vLLM's
+    rotary embeddings, on its device; raises :class:`CalibrationError` for one seqkv cannot
+    reorder to full width. On the host (moved to the tensors' device where used)."""
+    from vllm_seqkv.codec.rope import channel_order
+
+    try:
+        order = channel_order(int(rotary.rotary_dim), int(rotary.head_size), bool(rotary.is_neox_style))
+    except (AttributeError, ValueError) as exc:
+        raise CalibrationError(f"the capture cannot read {type(rotary).__name__}'s rotation "
+                               f"({type(exc).__name__}: {exc})") from None
+    return order
+
+
 def worker_start(model: torch.nn.Module, store_dtype: str) -> dict:
     """Install the hooks; returns this rank's layout."""
     from vllm_seqkv.integration import compat
@@ -123,16 +139,20 @@ def worker_start(model: torch.nn.Module, store_dtype: str) -> dict:
             state.current = layer.index
         return hook
 
-    def on_rotary(_module, args, kwargs):
+    def on_rotary(module, args, kwargs):
         layer = layers[state.current]
         q, k = _first(args, kwargs, 1, "query"), _first(args, kwargs, 2, "key")
         if k is None:
             raise CalibrationError("the capture needs rotary_emb(positions, q, k) with keys")
         tokens = q.shape[0]
+        order = orders[id(module)]
+        order = None if order is None else order.to(k.device)
         if state.mode == "sequence":
             qg = q.detach().reshape(tokens, layer.kv_heads, layer.group, layer.head_dim)
+            qg = qg if order is None else qg[..., order]
             state.query_sq[layer.index] += qg.double().pow(2).mean(2).sum(0).cpu()
         keep = k.detach().reshape(tokens, layer.kv_heads, layer.head_dim)
+        keep = keep if order is None else keep[..., order]
         state.keys.setdefault(layer.index, []).append(keep.to("cpu", state.store_dtype, copy=True))
 
     def on_attention(layer):
@@ -151,6 +171,8 @@ def worker_start(model: torch.nn.Module, store_dtype: str) -> dict:
         state.handles.append(layer.attention.register_forward_pre_hook(on_attention(layer),
                                                                        with_kwargs=True))
         rotaries[id(layer.block.rotary_emb)] = layer.block.rotary_emb
+    # partial / interleaved rotations: q and k in the channel order the served path uses
+    orders = {key: _channel_order(rotary) for key, rotary in rotaries.items()}
     for rotary in rotaries.values():
         state.handles.append(rotary.register_forward_pre_hook(on_rotary, with_kwargs=True))
     rank, size = compat.tensor_parallel_rank_and_size()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import vllm
 
+from vllm_seqkv.codec.rope import channel_order, full_width_table
+
 SUPPORTED_MINOR = "0.32"
 
 
@@ -227,6 +229,16 @@ class LayerRotary:
     head_size: int
     is_neox: bool
     kind: str
+
+    def channel_order(self) -> torch.Tensor | None:
+        """The channel order that makes this rotation full-width neox (None: it already is);
+        see :func:`vllm_seqkv.codec.rope.channel_order`."""
+        return channel_order(self.rotary_dim, self.head_size, self.is_neox)
+
+    def full_width_table(self) -> torch.Tensor:
+        """``[P, head_size]``: the table over the reordered channels (unrotated ones get cos 1,
+        sin 0); raises for a scaled table on a partial rotation."""
+        return full_width_table(self.table, self.head_size)
 
 
 _ROTARY_BY_LAYER: dict[str, RotaryEmbeddingBase] = {}

@@ -51,9 +51,6 @@ def rope_refusals(hf_config) -> list[str]:
                          f"{', '.join(POSITION_ONLY_ROPE_TYPES)})")
         if "mrope_section" in rope:
             found.append("multimodal RoPE (mrope sections)")
-        factor = rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
-        if factor != 1.0:
-            found.append(f"partial rotary embeddings (factor {factor})")
     return list(dict.fromkeys(found))
 
 
@@ -63,17 +60,17 @@ def rotary_refusals(rotary, head_size: int) -> list[str]:
     if rotary is None:
         return ["no rotary embedding seqkv can find (it codes keys pre-RoPE: the model's "
                 "attention modules must hold it as `rotary_emb`)"]
-    found = []
-    if not rotary.is_neox:
-        found.append(f"interleaved (GPT-J style) RoPE pairs ({rotary.kind}; the key codecs pair "
-                     "channels i and i + D/2)")
-    if rotary.rotary_dim != head_size:
-        found.append(f"partial rotary embeddings (rotary dim {rotary.rotary_dim} of head size "
-                     f"{head_size})")
     if rotary.table.dim() != 2 or rotary.table.shape[1] != rotary.rotary_dim:
-        found.append(f"a {rotary.kind} rotary embedding whose cos/sin cache is not one row per "
-                     "position")
-    return found
+        return [f"a {rotary.kind} rotary embedding whose cos/sin cache is not one row per position"]
+    try:  # partial and interleaved rotations are reordered to full-width neox (codec.rope)
+        rotary.channel_order()
+        rotary.full_width_table()
+    except ValueError as exc:
+        return [f"a {rotary.kind} rotary embedding seqkv cannot reorder to full width ({exc})"]
+    if rotary.head_size != head_size:
+        return [f"a {rotary.kind} rotary embedding of head size {rotary.head_size} on an "
+                f"attention layer of head size {head_size}"]
+    return []
 
 
 def unsupported_engine_options(vllm_config) -> list[str]:
