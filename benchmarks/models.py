@@ -8,8 +8,9 @@ its default calibration from ``calibrate.ensure``) with the same ``kv_cache_memo
 records vLLM's KV token count ratio, greedy agreement on fixed prompts (vllm_path's measure)
 and the perplexity delta on held-out text (prompt log-probabilities), or, for a model seqkv
 refuses, the refusal. ``delta_ppl_pct`` only for trained weights (the RoPE variants and Mistral
-are the trained tiny model under another config; the other layouts have random weights:
-plumbing only, null; Gemma-3 with a 4k vocabulary, not its real 262k). ``fixed_bytes``:
+are the trained tiny model under another config; GLM-4 is trained here with the tiny model's
+recipe, :data:`TRAINING_STEPS`; the other layouts have random weights: plumbing only, null;
+Gemma-3 with a 4k vocabulary, not its real 262k). ``fixed_bytes``:
 bytes of the KV budget seqkv keeps for its memory outside the pages
 (``seqkv_fixed_bytes_taken_from_kv_budget``: token table, codec constants, kernel params,
 RoPE tables and the sink table's bound at the engine's block count; see
@@ -45,8 +46,11 @@ ROWS = {  # architecture label -> (fixture name or "tiny", trained weights); in 
     "LlamaForCausalLM (RoPE linear)": ("rope-linear", True),
     "LlamaForCausalLM (RoPE dynamic)": ("rope-dynamic", True),
     "LlamaForCausalLM (partial rotary 0.5)": ("rope-partial", True),
-    "Glm4ForCausalLM (partial interleaved rotary, QKV bias)": ("glm4", False),
+    "Glm4ForCausalLM (partial interleaved rotary, QKV bias)": ("glm4", True),
 }
+# fixtures of their own layout trained here (seqkv_fixtures/architectures.py ``steps``: the tiny
+# model's recipe and step count) rather than the tiny model's weights under another config
+TRAINING_STEPS = {"glm4": 700}
 
 
 def run_engine(model: Path, backend: str, windows, prompts) -> dict:
@@ -113,7 +117,7 @@ def measure(label: str, name: str, trained: bool, command: str) -> dict:
     from vllm_seqkv.codec.presets import DEFAULT_PRESET
     from seqkv_fixtures import architectures
 
-    model = fixtures.tiny_model_dir() if name == "tiny" else architectures.build(name)
+    model = fixtures.tiny_model_dir() if name == "tiny" else architectures.build(name, TRAINING_STEPS.get(name, 0))
     entry = {"architecture": label, "model": model.name, "served": False, "refusal": None,
              "capacity_ratio": None, "greedy_agreement": None, "delta_ppl_pct": None,
              "fixed_bytes": None, "weights": "trained" if trained else "random",
