@@ -11,10 +11,12 @@ the preset's sink tokens (kept exact in :class:`~.engine_codec.SinkTable`). This
 the ruler (``benchmarks``) measures. Keys of pre-RoPE presets are un-rotated by their
 position before encoding and rotated back after decoding, with the cos/sin table of the
 layer's own vLLM rotary embedding (any position-only RoPE variant; see
-:func:`~.compat.layer_rotary`). Sliding-window layers read each sequence from the first
-position its queries attend to (vLLM frees the blocks before it; each KV-cache group has its
-own block table in its metadata), never through the fused decode kernel, which reads from
-position 0. Cross-layer presets code layer
+:func:`~.compat.layer_rotary`); partial and interleaved rotations are served by reordering
+each layer's query and key channels on entry into the rotate-half layout every codec and
+kernel pairs (:meth:`SeqKVAttentionImpl.in_code_order`; q.k is unchanged). Sliding-window
+layers read each sequence from the first position its queries attend to (vLLM frees the
+blocks before it; each KV-cache group has its own block table in its metadata), never
+through the fused decode kernel, which reads from position 0. Cross-layer presets code layer
 ``l`` against the reconstruction of layer ``l - 1`` for the same slots, which
 :class:`~.engine_codec.LayerChain` hands up from the layer that just ran.
 

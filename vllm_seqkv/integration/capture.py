@@ -104,8 +104,8 @@ def _first(args, kwargs, position: int, name: str):
 
 def _channel_order(rotary) -> torch.Tensor | None:
     """The channel order (see :func:`vllm_seqkv.codec.rope.channel_order`) of one of vLLM's
-    rotary embeddings, on its device; raises :class:`CalibrationError` for one seqkv cannot
-    reorder to full width. On the host (moved to the tensors' device where used)."""
+    rotary embeddings, on the host (moved to the tensors' device where used), None for
+    full-width neox; raises :class:`CalibrationError` for one seqkv cannot reorder."""
     from vllm_seqkv.codec.rope import channel_order
 
     try:
