@@ -57,15 +57,17 @@ class Family:
     sandwich_norms: bool = False  # norm after attention and before/after the MLP (Gemma 2/3)
     query_scalar: bool = False  # attention scale query_pre_attn_scalar ** -0.5
     neox_rope: bool = True  # the is_neox_style the vLLM class passes to get_rope
+    default_rope_theta: float | None = None  # set_default_rope_theta of the vLLM class
 
 
 LLAMA = Family()
+QWEN = Family(default_rope_theta=1e6)  # vLLM's Qwen2/Qwen3 decoder layers
 GEMMA3 = Family(gemma_norm=True, embed_scale=True, sandwich_norms=True, query_scalar=True)
 ARCHITECTURES = {
     "LlamaForCausalLM": LLAMA,
     "MistralForCausalLM": LLAMA,
-    "Qwen2ForCausalLM": LLAMA,  # q/k/v biases: read from the checkpoint
-    "Qwen3ForCausalLM": LLAMA,  # q/k norm: read from the checkpoint
+    "Qwen2ForCausalLM": QWEN,  # q/k/v biases: read from the checkpoint
+    "Qwen3ForCausalLM": QWEN,  # q/k norm: read from the checkpoint
     "Gemma3ForCausalLM": GEMMA3,
 }
 ACTIVATIONS = {  # vLLM's get_act_and_mul_fn names -> the gate's activation
@@ -112,6 +114,8 @@ class ModelConfig:
         if activation not in ACTIVATIONS:
             raise NotImplementedError(f"{model_dir}: MLP activation {activation!r} is not supported by the "
                                       "ruler's forward")
+        if family.default_rope_theta is not None:
+            compat.apply_default_rope_theta(hf, family.default_rope_theta)
         heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
         layers = hf.num_hidden_layers

@@ -74,3 +74,22 @@ def test_generation_past_a_sliding_window_follows_the_teacher_forced_run():
     assert sequence.numel() > 2 * architectures.MISTRAL_WINDOW
     log_probs = run_window(model, sequence[:-1], codec).log_probs[prompt.numel() - 1:]
     assert log_probs.argmax(-1).tolist() == tokens
+
+
+def test_config_without_a_rope_base_gets_the_vllm_classs_default(monkeypatch):
+    """vLLM's Qwen2/Qwen3 decoder layers set rope_theta 1e6 when a config has none (Llama's
+    get_rope falls back to 10000): the ruler reads the config as those classes do."""
+    from benchmarks.model import ModelConfig
+    from vllm_seqkv.integration import compat
+
+    model_dir = architectures.build("qwen3")
+    loaded = compat.engine_text_config
+
+    def without_base(path):
+        hf = loaded(path)
+        hf.rope_parameters = {"rope_type": "default"}
+        return hf
+
+    monkeypatch.setattr(compat, "engine_text_config", without_base)
+    assert ModelConfig.from_dir(model_dir).layer_rope[0]["rope_theta"] == 1e6
+    assert "rope_theta" not in ModelConfig.from_dir(architectures.build("mistral")).layer_rope[0]

@@ -304,6 +304,15 @@ def engine_text_config(model_dir):
     return get_hf_text_config(get_config(str(model_dir), trust_remote_code=False))
 
 
+def apply_default_rope_theta(hf_config, theta: float) -> None:
+    """What vLLM's model class does to a config without a RoPE base before building its
+    layers (``Qwen2DecoderLayer`` / ``Qwen3DecoderLayer``: 1e6): vLLM's own
+    ``set_default_rope_theta`` (a no-op when the config has one)."""
+    from vllm.transformers_utils.config import set_default_rope_theta
+
+    set_default_rope_theta(hf_config, default_theta=theta)
+
+
 def rotary_from_parameters(head_size: int, max_position: int, rope_parameters: dict | None,
                            is_neox_style: bool = True) -> LayerRotary:
     """The rotary embedding vLLM's model code builds for these arguments (its own ``get_rope``,
@@ -319,7 +328,7 @@ def rotary_from_parameters(head_size: int, max_position: int, rope_parameters: d
     return rotary_as_table(rotary, f"RoPE {rope_parameters}")
 
 
-__all__ += ["rotary_as_table", "engine_text_config", "rotary_from_parameters"]
+__all__ += ["rotary_as_table", "engine_text_config", "apply_default_rope_theta", "rotary_from_parameters"]
 
 
 def distinct_rotary_tables(layer_names, max_positions: int) -> int:
