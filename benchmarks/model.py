@@ -56,7 +56,6 @@ class Family:
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden), in the model dtype
     sandwich_norms: bool = False  # norm after attention and before/after the MLP (Gemma 2/3)
     query_scalar: bool = False  # attention scale query_pre_attn_scalar ** -0.5
-    neox_rope: bool = True  # the is_neox_style the vLLM class passes to get_rope
     default_rope_theta: float | None = None  # set_default_rope_theta of the vLLM class
 
 
@@ -203,8 +202,7 @@ class LlamaForward:
         for rope in cfg.layer_rope:
             key = repr(sorted(rope.items()))
             if key not in self._tables:
-                rotary = compat.rotary_from_parameters(cfg.head_dim, cfg.max_position, rope or None,
-                                                       is_neox_style=cfg.family.neox_rope)
+                rotary = compat.rotary_from_parameters(cfg.head_dim, cfg.max_position, rope or None)
                 # partial / interleaved rotations: q and k reordered as the served path does
                 self._tables[key] = (rotary.full_width_table(), rotary.channel_order())
             self._layer_table.append(self._tables[key][0])

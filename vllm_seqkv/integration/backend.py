@@ -316,7 +316,8 @@ class SeqKVAttentionImpl(AttentionImpl):
                 f"uses {'; '.join(refusals)}. Serve it with --kv-cache-backend auto.")
         self._channel_order = rotary.channel_order()
         if not self.engine.has_rope_table(layer_index):
-            self.engine.set_rope_table(layer_index, rotary.full_width_table()[:self.max_positions])
+            rows = replace(rotary, table=rotary.table[:self.max_positions])  # widen only the rows kept
+            self.engine.set_rope_table(layer_index, rows.full_width_table())
         self._rope_ready = True
 
     def in_code_order(self, x: torch.Tensor | None) -> torch.Tensor | None:
