@@ -107,8 +107,8 @@ def fit_transform_before(samples: torch.Tensor, metric: torch.Tensor, bits_per_e
         bases.append(basis)
         allocations.append(bits)
         all_levels.append(levels[bits, torch.arange(dim)])
-    return Transform(mean.float(), torch.stack(bases).float(), torch.stack(allocations),
-                     torch.stack(all_levels))
+    return Transform.from_padded(mean.float(), torch.stack(bases).float(), torch.stack(allocations),
+                                 torch.stack(all_levels))
 
 
 def fit_calibration_before(capture, preset) -> dict[str, torch.Tensor]:
@@ -137,7 +137,7 @@ def fit_calibration_before(capture, preset) -> dict[str, torch.Tensor]:
             codec = TransformCodec(transform)
             recon.append(codec.decode(codec.encode(x - prediction)) + prediction)
             for name, value in (("mean", transform.mean), ("basis", transform.basis),
-                                ("bits", transform.bits.to(torch.int32)), ("levels", transform.levels),
+                                ("bits", transform.bits.to(torch.int32)), ("levels", transform.padded_levels()),
                                 ("pred_w", predictor.weight), ("pred_b", predictor.bias)):
                 stacks.setdefault(f"{stream}.{name}", []).append(value)
         previous = (recon[0], recon[1])

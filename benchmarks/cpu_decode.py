@@ -85,8 +85,8 @@ def _with_widths(key_bits, value_bits, pair_keys: bool, seed: int):
     def transform(bits, pairs, gen):
         heads, dim = bits.shape
         levels = random_levels(bits, gen)
-        return Transform(torch.randn(heads, dim, generator=gen) * 0.5, random_basis(heads, dim, pairs, gen),
-                         bits.long().clone(), levels)
+        return Transform.from_padded(torch.randn(heads, dim, generator=gen) * 0.5,
+                                     random_basis(heads, dim, pairs, gen), bits.long().clone(), levels)
 
     gen = torch.Generator().manual_seed(seed)
     heads, dim = key_bits.shape

@@ -157,8 +157,8 @@ def synthetic_transform_layouts(heads: int = KV_HEADS, dim: int = HEAD_DIM, bits
         for c in range(dim):
             n = 1 << int(widths[c])
             levels[:, c, :n] = torch.randn(heads, n, generator=gen).sort(-1).values * variance[c].sqrt().float()
-        transform = Transform(torch.randn(heads, dim, generator=gen), basis.contiguous(),
-                              widths.expand(heads, -1).clone(), levels)
+        transform = Transform.from_padded(torch.randn(heads, dim, generator=gen), basis.contiguous(),
+                                          widths.expand(heads, -1).clone(), levels)
         predictor = None
         if predicted:
             predictor = LinearPredictor(torch.randn(2 * heads * dim, heads * dim, generator=gen)

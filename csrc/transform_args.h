@@ -9,7 +9,7 @@
 //   transform_decode_attention(query, own_k, own_v, pages, block_table, seq_lens, rope?, prev_k?,
 //                              prev_v?, k_tables, v_tables, k_format, v_format, scale, num_splits,
 //                              skip_first) -> (out, lse)
-// A stream's tables: [start, nbits, levels, cuts, basis, inverse, mean, pred_w, pred_b] (see
+// A stream's tables: [start, nbits, level_start, levels, cuts, basis, inverse, mean, pred_w, pred_b] (see
 // StreamTables in transform_format.cuh; vllm_seqkv/kernels/cuda_ops.py stream_tables);
 // a stream's format: [offset, nbytes, has_pred].
 #pragma once
@@ -37,31 +37,38 @@ inline void check_table(const at::Tensor& t, const char* name, at::ScalarType dt
 // The tensors of one stream -> StreamTables (pointers into them), with shape/dtype/device checks.
 inline StreamTables stream_tables(at::TensorList t, at::IntArrayRef format, const at::Tensor& pages,
                                   int64_t heads, int64_t dim) {
-  TORCH_CHECK(t.size() == 9, "a stream's tables are [start, nbits, levels, cuts, basis, inverse, mean, "
-              "pred_w, pred_b], got ", t.size(), " tensors");
+  TORCH_CHECK(t.size() == 10, "a stream's tables are [start, nbits, level_start, levels, cuts, basis, "
+              "inverse, mean, pred_w, pred_b], got ", t.size(), " tensors");
   TORCH_CHECK(format.size() == 3, "a stream's format is [offset, nbytes, has_pred]");
   const bool has_pred = format[2] != 0;
   check_table(t[0], "start", at::kInt, {heads, dim}, pages);
   check_table(t[1], "nbits", at::kInt, {heads, dim}, pages);
-  check_table(t[2], "levels", at::kFloat, {heads, dim, kLevels}, pages);
-  check_table(t[3], "cuts", at::kFloat, {heads, dim, kLevels}, pages);
-  check_table(t[4], "basis", at::kFloat, {heads, dim, dim}, pages);
-  check_table(t[5], "inverse", at::kFloat, {heads, dim, dim}, pages);
-  check_table(t[6], "mean", at::kFloat, {heads, dim}, pages);
+  check_table(t[2], "level_start", at::kInt, {heads, dim}, pages);
+  // packed levels/cuts: at least one entry per component (a 0-bit one has one level); that each
+  // component's 2**nbits entries fit is checked where the tables are read on the host (CPU
+  // ops) and guaranteed by the params builder (vllm_seqkv/kernels/params.py) on a GPU
+  const int64_t entries = t[3].numel();
+  TORCH_CHECK(t[3].dim() == 1 && entries >= heads * dim, "transform table levels must be packed 1-D with at "
+              "least H * D = ", heads * dim, " entries, got ", t[3].sizes());
+  check_table(t[3], "levels", at::kFloat, {entries}, pages);
+  check_table(t[4], "cuts", at::kFloat, {entries}, pages);
+  check_table(t[5], "basis", at::kFloat, {heads, dim, dim}, pages);
+  check_table(t[6], "inverse", at::kFloat, {heads, dim, dim}, pages);
+  check_table(t[7], "mean", at::kFloat, {heads, dim}, pages);
   if (has_pred) {
-    check_table(t[7], "pred_w", at::kFloat, {2 * heads * dim, heads * dim}, pages);
-    check_table(t[8], "pred_b", at::kFloat, {heads * dim}, pages);
+    check_table(t[8], "pred_w", at::kFloat, {2 * heads * dim, heads * dim}, pages);
+    check_table(t[9], "pred_b", at::kFloat, {heads * dim}, pages);
   } else {
-    TORCH_CHECK(t[7].device() == pages.device() && t[8].device() == pages.device(),
+    TORCH_CHECK(t[8].device() == pages.device() && t[9].device() == pages.device(),
                 "pred_w/pred_b must be on the pages' device");
   }
   const int64_t slot_bytes = pages.size(3);
   TORCH_CHECK(format[0] >= 0 && format[1] > 0 && format[0] + format[1] <= slot_bytes,
               "stream [offset ", format[0], ", nbytes ", format[1], "] does not fit a ", slot_bytes, "-byte slot");
-  return StreamTables{t[0].data_ptr<int32_t>(), t[1].data_ptr<int32_t>(), t[2].data_ptr<float>(),
+  return StreamTables{t[0].data_ptr<int32_t>(), t[1].data_ptr<int32_t>(), t[2].data_ptr<int32_t>(),
                       t[3].data_ptr<float>(),   t[4].data_ptr<float>(),   t[5].data_ptr<float>(),
-                      t[6].data_ptr<float>(),   has_pred ? t[7].data_ptr<float>() : nullptr,
-                      has_pred ? t[8].data_ptr<float>() : nullptr,
+                      t[6].data_ptr<float>(),   t[7].data_ptr<float>(),
+                      has_pred ? t[8].data_ptr<float>() : nullptr, has_pred ? t[9].data_ptr<float>() : nullptr,
                       static_cast<int>(format[0]), static_cast<int>(format[1]), has_pred};
 }
 

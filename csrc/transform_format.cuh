@@ -11,9 +11,10 @@
 // Slot format (vllm_seqkv/kernels/params.py): a token-head slot is
 // [K bitstream | V bitstream]; in a stream, component c of head h has nbits[h, c] (0..8) bits
 // starting at bit start[h, c], little-endian (LSB first) inside and across bytes; so a code
-// spans at most 2 bytes. Decode: x = levels[h, c, code] @ inverse[h] + mean[h] (+ prediction),
-// encode: z = (x - prediction - mean[h]) @ basis[h], code = #{cuts[h, c, i] < z} (cuts padded
-// with +inf past 2**nbits - 1, 256 entries per component).
+// spans at most 2 bytes. Levels and cuts are packed: component (h, c) owns the 2**nbits[h, c]
+// entries from level_start[h, c] on. Decode: x = levels[level_start + code] @ inverse[h] + mean[h]
+// (+ prediction), encode: z = (x - prediction - mean[h]) @ basis[h],
+// code = #{cuts[level_start + i] < z, i < 2**nbits - 1} (the component's last cut is +inf).
 #pragma once
 
 #include <cmath>
@@ -28,7 +29,6 @@
 namespace seqkv {
 namespace transform {
 
-constexpr int kLevels = 256;       // entries per component in levels / cuts
 constexpr float kNegBig = -1.0e30f;  // finite "minus infinity" for running maxima
 
 // Pointers of one stream's tables (all float32 / int32, contiguous, as TransformStreamParams
@@ -36,8 +36,9 @@ constexpr float kNegBig = -1.0e30f;  // finite "minus infinity" for running maxi
 struct StreamTables {
   const int32_t* start;    // [H, D] first bit of each component in the stream
   const int32_t* nbits;    // [H, D] its width, 0..8
-  const float* levels;     // [H, D, 256] decode levels
-  const float* cuts;       // [H, D, 256] decision thresholds (+inf padded)
+  const int32_t* level_start;  // [H, D] first entry of its levels / cuts
+  const float* levels;     // [n] decode levels, packed
+  const float* cuts;       // [n] decision thresholds, packed like levels
   const float* basis;      // [H, D, D]   encode: z = (x - mean) @ basis
   const float* inverse;    // [H, D, D]   decode: x = z @ inverse + mean
   const float* mean;       // [H, D]
@@ -62,18 +63,18 @@ SEQKV_HD int unpack_code(const uint8_t* stream, int start, int nbits) {
 // Decode level of component c of head h read from a slot.
 SEQKV_HD float component_level(const StreamTables& s, const uint8_t* slot, int h, int c, int dim) {
   const int hc = h * dim + c;
-  return s.levels[static_cast<int64_t>(hc) * kLevels + unpack_code(slot + s.offset, s.start[hc], s.nbits[hc])];
+  return s.levels[s.level_start[hc] + unpack_code(slot + s.offset, s.start[hc], s.nbits[hc])];
 }
 
 // ---- writing a slot ---------------------------------------------------------------------
 
 // Number of decision thresholds strictly below z (the codec's torch.searchsorted, side left):
-// binary search over the component's 256 ascending, +inf padded cuts. NaN codes as 0.
-SEQKV_HD int quantize(const float* cuts, float z) {
+// binary search over the component's 2**nbits - 1 ascending cuts (`cuts`: its first one), nbits
+// steps, reading only those cuts. NaN codes as 0.
+SEQKV_HD int quantize(const float* cuts, int nbits, float z) {
   int code = 0;
-  for (int step = 0; step < 8; ++step) {
-    const int cand = code + (128 >> step);
-    if (cand <= kLevels - 1 && cuts[cand - 1] < z) code = cand;
+  for (int half = (1 << nbits) >> 1; half > 0; half >>= 1) {
+    if (cuts[code + half - 1] < z) code += half;
   }
   return code;
 }

@@ -33,7 +33,7 @@ __device__ void encode_stream(const scalar_t* x_row, const float* prev_k_row, co
   __syncthreads();
   const int hc = h * dim + c;
   const float z = component_z(residual, s.mean + h * dim, s.basis + static_cast<int64_t>(h) * dim * dim, c, dim);
-  codes[c] = quantize(s.cuts + static_cast<int64_t>(hc) * kLevels, z);
+  codes[c] = quantize(s.cuts + s.level_start[hc], s.nbits[hc], z);
   __syncthreads();
   for (int j = c; j < s.nbytes; j += blockDim.x) {
     slot[s.offset + j] = pack_byte(codes, s.start + h * dim, s.nbits + h * dim, dim, j);

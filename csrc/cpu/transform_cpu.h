@@ -10,7 +10,6 @@
 namespace seqkv {
 namespace cpu {
 
-constexpr int kLevels = 256;  // entries per component in levels / cuts
 constexpr int kTile = 16;     // context positions per step of the decode kernel
 
 // One stream (K or V) of one layer. Per (head, component) extraction tables are derived by the
@@ -18,12 +17,13 @@ constexpr int kTile = 16;     // context positions per step of the decode kernel
 // included), 1 when the code spans a second byte (else 0, the same byte is read twice), the
 // right shift and the mask.
 struct Stream {
-  const float* levels;   // [H, D, 256]
-  const float* cuts;     // [H, D, 256] (+inf padded)
+  const float* levels;   // [n] packed: component (h, c) at level_start[h, c], 2**nbits entries
+  const float* cuts;     // [n] packed like levels (the component's last entry +inf)
   const float* inverse;  // [H, D, D]  x = z @ inverse + mean
   const float* mean;     // [H, D]
   const int32_t* start;  // [H, D] first bit in the stream
   const int32_t* nbits;  // [H, D]
+  const int32_t* level_start;  // [H, D] first entry of the component's levels / cuts
   const int32_t* byte;   // [H, D] derived: offset + start / 8
   const int32_t* extra;  // [H, D] derived: 1 if the code spans two bytes
   const int32_t* shift;  // [H, D] derived: start % 8

@@ -57,13 +57,13 @@ inline void extract_lanes(const uint8_t* const* slots, const Stream& s, int h, i
   const int32_t* extra = s.extra + hd;
   const int32_t* shift = s.shift + hd;
   const int32_t* mask = s.mask + hd;
-  const float* lv = s.levels + hd * kLevels;
+  const int32_t* first = s.level_start + hd;
   for (int t = 0; t < W; ++t) {
     const uint8_t* p = slots[t];
     for (int c = 0; c < dim; ++c) {
       const int i = byte[c];
       const int word = p[i] | (p[i + extra[c]] << 8);
-      z[c * W + t] = lv[c * kLevels + ((word >> shift[c]) & mask[c])];
+      z[c * W + t] = s.levels[first[c] + ((word >> shift[c]) & mask[c])];
     }
   }
 }
@@ -75,14 +75,14 @@ inline void extract_rows(const uint8_t* const* slots, int n, const Stream& s, in
   const int32_t* extra = s.extra + hd;
   const int32_t* shift = s.shift + hd;
   const int32_t* mask = s.mask + hd;
-  const float* lv = s.levels + hd * kLevels;
+  const int32_t* first = s.level_start + hd;
   for (int t = 0; t < n; ++t) {
     const uint8_t* p = slots[t];
     float* row = z + static_cast<int64_t>(t) * dim;
     for (int c = 0; c < dim; ++c) {
       const int i = byte[c];
       const int word = p[i] | (p[i + extra[c]] << 8);
-      row[c] = lv[c * kLevels + ((word >> shift[c]) & mask[c])];
+      row[c] = s.levels[first[c] + ((word >> shift[c]) & mask[c])];
     }
   }
 }
@@ -232,7 +232,7 @@ inline void load_words(const uint8_t* const* slots, const Stream& s, int32_t* wo
 
 // Levels of one component for the W slots whose words load_words gave.
 struct ComponentReader {
-  const int32_t *widx, *wshift, *wspan, *mask, *nbits;
+  const int32_t *widx, *wshift, *wspan, *mask, *nbits, *first;
   const float *lv, *lut;
   const int32_t* words;
   ComponentReader(const Stream& s, int h, int dim, const int32_t* w) : words(w) {
@@ -242,7 +242,8 @@ struct ComponentReader {
     wspan = s.wspan + hd;
     mask = s.mask + hd;
     nbits = s.nbits + hd;
-    lv = s.levels + hd * kLevels;
+    first = s.level_start + hd;
+    lv = s.levels;
     lut = s.lut16 + hd * 16;
   }
   inline __m512 operator()(int c) const { return at(c, words); }
@@ -255,7 +256,7 @@ struct ComponentReader {
     // levels of a narrower code), permutex2var 5, and bit 5 is tested for 6-bit codes
     const int bits = nbits[c];
     if (bits <= 4) return _mm512_permutexvar_ps(code, _mm512_loadu_ps(lut + c * 16));
-    const float* table = lv + c * kLevels;
+    const float* table = lv + first[c];
     if (bits == 5) return _mm512_permutex2var_ps(_mm512_loadu_ps(table), code, _mm512_loadu_ps(table + 16));
     if (bits == 6) {  // two 32-entry halves, picked by bit 5
       const __m512 lo = _mm512_permutex2var_ps(_mm512_loadu_ps(table), code, _mm512_loadu_ps(table + 16));
@@ -979,7 +980,7 @@ inline void pack_stream(const float* z, const Stream& s, int h, int dim, uint8_t
   for (int c = 0; c < dim; ++c) {
     const int bits = s.nbits[hd + c];
     if (bits <= 0) continue;
-    const int code = transform::quantize(s.cuts + (hd + c) * kLevels, z[c]);
+    const int code = transform::quantize(s.cuts + s.level_start[hd + c], bits, z[c]);
     const int start = s.start[hd + c];
     const uint32_t v = static_cast<uint32_t>(code) << (start & 7);
     buf[start >> 3] |= static_cast<uint8_t>(v & 0xFFu);

@@ -18,8 +18,8 @@
 //   cpu_kernel_isa(wanted) -> active ISA ("avx512" | "avx2" | "scalar"; "" only asks,
 //       "auto" picks the best the CPU has)
 //
-// Tables and formats as the CUDA transform ops take them (transform_args.h: [start, nbits, levels,
-// cuts, basis, inverse, mean, pred_w, pred_b], [offset, nbytes, has_pred]); cross-layer
+// Tables and formats as the CUDA transform ops take them (transform_args.h: [start, nbits,
+// level_start, levels, cuts, basis, inverse, mean, pred_w, pred_b], [offset, nbytes, has_pred]); cross-layer
 // predicted streams (has_pred) are refused. key_pairs: float32 [4, H, D/2], the 2x2 blocks
 // (a, b, c, d) of a pair-block-diagonal key inverse (see PairBlocks), or None for the general
 // path. The kernels run the ISA picked at first use (best supported; SEQKV_CPU_ISA overrides).
@@ -119,6 +119,7 @@ void build_stream(at::TensorList tables, at::IntArrayRef format, const at::Tenso
   TORCH_CHECK(!t.has_pred, "seqkv CPU ops read streams without cross-layer prediction (has_pred must be 0); "
               "cross-layer presets use the torch path");
   const int64_t n = heads * dim;
+  const int64_t entries = tables[3].numel();
   out.byte.resize(n);
   out.extra.resize(n);
   out.shift.resize(n);
@@ -131,6 +132,9 @@ void build_stream(at::TensorList tables, at::IntArrayRef format, const at::Tenso
     const int start = t.start[i], bits = t.nbits[i];
     TORCH_CHECK(bits >= 0 && bits <= 8 && start >= 0 && (bits == 0 || start + bits <= 8 * t.nbytes),
                 "transform table start/nbits out of range for a ", t.nbytes, "-byte stream");
+    TORCH_CHECK(t.level_start[i] >= 0 && t.level_start[i] + (int64_t{1} << bits) <= entries,
+                "transform table level_start out of range: component ", i, " needs entries [",
+                t.level_start[i], ", ", t.level_start[i] + (1 << bits), ") of ", entries);
     out.byte[i] = t.offset + (start >> 3);
     out.extra[i] = (start & 7) + bits > 8 ? 1 : 0;
     out.shift[i] = start & 7;
@@ -139,10 +143,10 @@ void build_stream(at::TensorList tables, at::IntArrayRef format, const at::Tenso
     out.word[i] = bit >> 5;
     out.wshift[i] = bit & 31;
     out.wspan[i] = (bit & 31) + bits > 32 ? 1 : 0;
-    for (int k = 0; k < 16; ++k) out.lut16[i * 16 + k] = t.levels[i * kLevels + (bits <= 4 ? (k & out.mask[i]) : k)];
+    for (int k = 0; k < 16; ++k) out.lut16[i * 16 + k] = t.levels[t.level_start[i] + (bits <= 4 ? (k & out.mask[i]) : k)];
   }
   const int first_word = t.offset / 4, last_word = (8 * (t.offset + t.nbytes) - 1) >> 5;
-  out.stream = Stream{t.levels, t.cuts, t.inverse, t.mean, t.start, t.nbits, out.byte.data(), out.extra.data(),
+  out.stream = Stream{t.levels, t.cuts, t.inverse, t.mean, t.start, t.nbits, t.level_start, out.byte.data(), out.extra.data(),
                       out.shift.data(), out.mask.data(), out.word.data(), out.wshift.data(), out.wspan.data(),
                       first_word, last_word - first_word + 1, t.offset, t.nbytes, out.lut16.data()};
 }
@@ -290,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_blocks(
   check_cpu(pages, "pages");
   transform::check_pages(pages);
   const int64_t heads = pages.size(1), block_size = pages.size(2);
-  const int64_t dim = k_tables.size() > 6 ? k_tables[6].size(-1) : 0;
+  const int64_t dim = k_tables.size() > 7 ? k_tables[7].size(-1) : 0;
   transform::check_head_dim(dim);
   TORCH_CHECK(block_ids_in.dim() == 1 && (block_ids_in.scalar_type() == at::kInt || block_ids_in.scalar_type() == at::kLong) &&
                   block_ids_in.device() == pages.device(), "block_ids must be int [M]");
@@ -452,8 +456,8 @@ at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, co
   if (has_rope) unrotate_keys(key.data_ptr<float>(), valid_positions.data_ptr<int64_t>(), rope->data_ptr<float>(), n, heads, dim);
   // NOTE: the codec's own expression (TransformCodec.encode), so codes at a decision threshold
   // come out exactly as the codec's
-  const auto zk = at::einsum("thd,hde->the", {key - k_tables[6], k_tables[4]}).contiguous();
-  const auto zv = at::einsum("thd,hde->the", {value - v_tables[6], v_tables[4]}).contiguous();
+  const auto zk = at::einsum("thd,hde->the", {key - k_tables[7], k_tables[5]}).contiguous();
+  const auto zv = at::einsum("thd,hde->the", {value - v_tables[7], v_tables[5]}).contiguous();
   WriteArgs args{zk.data_ptr<float>(), zv.data_ptr<float>(), valid_slots.data_ptr<int64_t>(), pages.data_ptr<uint8_t>(),
                  pages.stride(0), pages.stride(1), pages.stride(2), ks.stream, vs.stream, n, static_cast<int>(heads),
                  static_cast<int>(dim), static_cast<int>(block_size)};

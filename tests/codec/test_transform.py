@@ -99,7 +99,7 @@ def thresholds_by_width(codec):
     for b in range(1, 9):
         mask = t.bits == b
         if bool(mask.any()):
-            lv = t.levels[mask][:, : 1 << b]
+            lv = t.padded_levels()[mask][:, : 1 << b]
             out.append((mask.reshape(-1).nonzero().flatten(), ((lv[:, 1:] + lv[:, :-1]) / 2).contiguous()))
     return out
 
@@ -123,22 +123,25 @@ def test_a_code_counts_the_thresholds_below_its_value_at_every_width(dim, bits):
 
 
 def test_one_copy_of_thresholds_and_inverse_is_what_codec_and_kernels_read():
-    """The codec keeps its thresholds in the kernels' padded layout and its inverse row-major;
-    the kernels' params view both (no second copy)."""
+    """The codec keeps its thresholds packed like its levels (each component's ``2**bits - 1``
+    cuts, then +inf) and its inverse row-major; the kernels' params view them (no second copy)."""
     from vllm_seqkv.kernels.params import transform_layer_params
 
     codec = fitted(correlated(dim=64), 3.0)
-    cuts = codec.cuts.view(-1, codec.cuts.shape[-1])
+    starts = codec.level_start.reshape(-1).long()
+    assert codec.cuts.shape == codec.transform.levels.shape
     for components, compact in thresholds_by_width(codec):
         width = compact.shape[1]
-        assert torch.equal(cuts[components, :width], compact)
-        assert bool(torch.isinf(cuts[components, width:]).all())
+        assert torch.equal(codec.cuts[starts[components, None] + torch.arange(width)], compact)
+        assert bool(torch.isinf(codec.cuts[starts[components] + width]).all())
+    zero_bit = (codec.transform.bits.reshape(-1) == 0).nonzero().flatten()
+    assert zero_bit.numel() and bool(torch.isinf(codec.cuts[starts[zero_bit]]).all())
     assert codec._inverse.is_contiguous()
     inverse_as_fitted = torch.linalg.inv(codec.transform.basis.double()).float()  # column-major
     for tokens in (1, 2, 9):  # decode multiplies as before: bit-equal (one token too: a gemv)
         packed = codec.encode(correlated(tokens=tokens, dim=64, seed=tokens))
         codes = codec._unpack_fields(packed.fields["codes"].reshape(tokens, 2, -1))
-        z = codec.transform.levels.reshape(-1)[(codes + codec._level_base).long()]
+        z = codec.transform.padded_levels().view(-1, 256)[torch.arange(128).view(2, 64), codes.long()]
         before = torch.baddbmm(codec.transform.mean[:, None, :], z.transpose(0, 1), inverse_as_fitted)
         assert torch.equal(codec.decode(packed), before.transpose(0, 1))
     default = torch.get_default_dtype()
@@ -150,6 +153,8 @@ def test_one_copy_of_thresholds_and_inverse_is_what_codec_and_kernels_read():
     params = transform_layer_params(SlotLayout(codec, codec, 2, 64))
     for stream in (params.key, params.value):
         assert stream.cuts.data_ptr() == codec.cuts.data_ptr()
+        assert stream.levels.data_ptr() == codec.transform.levels.data_ptr()
+        assert stream.level_start.data_ptr() == codec.level_start.data_ptr()
         assert stream.inverse.data_ptr() == codec._inverse.data_ptr()
         assert stream.start.data_ptr() == codec.field_offset.data_ptr()
         assert stream.nbits.data_ptr() == codec.field_bits.data_ptr()
@@ -166,8 +171,26 @@ def test_transform_refuses_bad_input():
         codec.encode(torch.randn(4, 3, 32))
     t = codec.transform
     with pytest.raises(CodecInputError, match="whole number of bytes"):
-        Transform(t.mean, t.basis, t.bits.clone().index_put_((torch.tensor([0]), torch.tensor([0])),
-                                                             torch.tensor(9)), t.levels)
+        odd = t.bits.clone()
+        odd[0, 0] += -1 if odd[0, 0] > 0 else 1
+        Transform.from_padded(t.mean, t.basis, odd, t.padded_levels())
+    with pytest.raises(CodecInputError, match="packed levels hold"):
+        Transform(t.mean, t.basis, t.bits, t.levels[:-1])
+    with pytest.raises(CodecInputError, match="0..8 bits"):
+        Transform.from_padded(t.mean, t.basis, t.bits + 9, t.padded_levels())
+
+
+def test_packed_levels_hold_exactly_the_used_entries_in_component_order():
+    t = fitted(correlated(dim=64), 3.0).transform
+    padded = t.padded_levels()
+    sizes = 1 << t.bits.long()
+    assert t.levels.numel() == int(sizes.sum()) < padded.numel() // 4
+    start = t.level_start.long()
+    for h, c in [(0, 0), (0, 63), (1, 5), (1, 63)]:
+        n = int(sizes[h, c])
+        assert torch.equal(t.levels[start[h, c]: start[h, c] + n], padded[h, c, :n])
+        assert bool((padded[h, c, n:] == 0).all())
+    assert torch.equal(Transform.from_padded(t.mean, t.basis, t.bits, padded).levels, t.levels)
 
 
 def test_cross_layer_prediction_codes_less_error_at_equal_bits():

@@ -62,7 +62,7 @@ def random_transform(heads: int, dim: int, bits_per_element: float, pairs: bool,
     bits = random_bits(heads, dim, bits_per_element, gen)
     levels = random_levels(bits, gen)
     mean = torch.randn(heads, dim, generator=gen) * 0.5
-    return Transform(mean, random_basis(heads, dim, pairs, gen), bits, levels)
+    return Transform.from_padded(mean, random_basis(heads, dim, pairs, gen), bits, levels)
 
 
 def random_layout(heads: int, dim: int, key_bits: float = 2.5, value_bits: float = 3.5, pair_keys: bool = False,

@@ -380,6 +380,16 @@ def test_wrappers_check_arguments():
         cpu_ops.write_transform_slots_cpp(own_k, own_v, torch.tensor([0.0]), pages, params)
     with pytest.raises(KernelArgumentError, match="block_positions"):
         cpu_ops.reconstruct_transform_blocks_cpp(pages, table[0], params, rope=rope_cache(64, 32, THETA))
+    # packed level tables: a component whose 2**nbits entries run past the table is refused
+    shifted = replace(params, value=replace(params.value, level_start=params.value.level_start + 1))
+    with pytest.raises(RuntimeError, match="level_start out of range"):
+        decode(query, own_k, own_v, pages, table, seq_lens, shifted, 0.1)
+    with pytest.raises(RuntimeError, match="level_start out of range"):
+        cpu_ops.write_transform_slots_cpp(own_k, own_v, torch.tensor([0]), pages.clone(), shifted)
+    short = replace(params, key=replace(params.key, levels=params.key.levels[:-1].contiguous(),
+                                        cuts=params.key.cuts[:-1].contiguous()))
+    with pytest.raises(RuntimeError, match="level_start out of range"):
+        decode(query, own_k, own_v, pages, table, seq_lens, short, 0.1)
 
 
 def test_pair_blocks_detection():

@@ -72,7 +72,7 @@ void write_transform_slots_host(const at::Tensor& key_in, const at::Tensor& valu
         }
         for (int c = 0; c < D; ++c) {
           const float z = component_z(residual.data(), s.mean + h * D, s.basis + static_cast<int64_t>(h) * D * D, c, D);
-          codes[c] = quantize(s.cuts + static_cast<int64_t>(h * D + c) * kLevels, z);
+          codes[c] = quantize(s.cuts + s.level_start[h * D + c], s.nbits[h * D + c], z);
         }
         for (int j = 0; j < s.nbytes; ++j) {
           slot[s.offset + j] = pack_byte(codes.data(), s.start + h * D, s.nbits + h * D, D, j);

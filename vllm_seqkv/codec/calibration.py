@@ -220,7 +220,7 @@ class TransformCalibration:
         out = []
         for stream in _STREAMS:
             t = {f: self.tensors[f"{stream}.{f}"][layer] for f in _FIELDS}
-            transform = Transform(t["mean"], t["basis"], t["bits"].long(), t["levels"])
+            transform = Transform.from_padded(t["mean"], t["basis"], t["bits"].long(), t["levels"])
             predictor = (LinearPredictor(t["pred_w"], t["pred_b"])
                          if self.cross_layer and layer > 0 else None)
             out.append(CrossLayerCodec(TransformCodec(transform), predictor))
@@ -317,7 +317,7 @@ def _fit_stream(x: torch.Tensor, metric: torch.Tensor, bits: float, rope_pairs: 
         codec = TransformCodec(transform)
         recon = codec.decode(codec.encode(x - prediction)) + prediction
     fields = {"mean": transform.mean, "basis": transform.basis, "bits": transform.bits.to(torch.int32),
-              "levels": transform.levels}
+              "levels": transform.padded_levels()}  # the file keeps the padded [H, D, 256] form
     return fields, {"pred_w": predictor.weight, "pred_b": predictor.bias}, recon
 
 

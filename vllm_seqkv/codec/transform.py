@@ -8,7 +8,8 @@ The classic transform coder (KLT + reverse water-filling), fitted per model, lay
 
 ``basis [H, D, D]`` diagonalises the covariance in the *attention-weighted* space (see
 :func:`fit_transform`), each component ``i`` has its own quantizer fitted to calibration
-data (``levels [H, D, 2**MAX_BITS]``, the first ``2**bits[h, i]`` used), and the widths
+data (``2**bits[h, i]`` levels, all components' levels packed into one flat table, see
+:class:`Transform`), and the widths
 ``bits [H, D]`` (0-8, the same total per head) come from greedy reverse water-filling on
 the measured distortions. All of it is a per-model constant: a token-head costs exactly
 ``sum(bits[h])`` bits, with no per-token scale, norm or zero point. Components with little
@@ -60,10 +61,35 @@ def _check_budget(total_bits: int, dim: int) -> None:
         raise CodecInputError(f"{total_bits} bits exceed {MAX_BITS} per component")
 
 
+def level_starts(bits: torch.Tensor) -> torch.Tensor:
+    """int32 ``[H, D]``: where component ``(h, c)``'s ``2**bits[h, c]`` entries begin in a packed
+    level (or threshold) table: row-major over ``(h, c)``, no padding."""
+    sizes = (1 << bits.long()).reshape(-1)
+    return (sizes.cumsum(0) - sizes).view(bits.shape).to(torch.int32)
+
+
+def pack_levels(bits: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+    """``padded [H, D, 2**MAX_BITS]`` (first ``2**bits`` entries used) -> the packed float32
+    table ``[sum(2**bits)]`` (component ``(h, c)``'s levels at ``level_starts(bits)[h, c]``)."""
+    used = torch.arange(padded.shape[-1]) < (1 << bits.long())[..., None]
+    return padded.float()[used].contiguous()  # row-major boolean indexing keeps (h, c, i) order
+
+
+def unpack_levels(bits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_levels`: ``[H, D, 2**MAX_BITS]``, zeros past each ``2**bits``."""
+    used = torch.arange(1 << MAX_BITS) < (1 << bits.long())[..., None]
+    padded = torch.zeros(used.shape, dtype=packed.dtype)
+    padded[used] = packed
+    return padded
+
+
 @dataclass(frozen=True)
 class Transform:
     """Per-head constants: ``mean [H, D]``, ``basis [H, D, D]``, ``bits [H, D]`` and the
-    component quantizers ``levels [H, D, 2**MAX_BITS]`` (first ``2**bits`` used, ascending)."""
+    component quantizers, packed: ``levels [sum(2**bits)]`` float32, component ``(h, c)``'s
+    ``2**bits[h, c]`` ascending levels from ``level_starts(bits)[h, c]`` on. Packed because a
+    ``[H, D, 256]`` table is ~92 % padding at 2-4 bits per component (the engine holds it for
+    its whole life); files store the padded form (:meth:`padded_levels`, :meth:`from_padded`)."""
 
     mean: torch.Tensor
     basis: torch.Tensor
@@ -72,13 +98,36 @@ class Transform:
 
     def __post_init__(self):
         heads, dim = self.mean.shape
-        if self.basis.shape != (heads, dim, dim) or self.bits.shape != (heads, dim) \
-                or self.levels.shape != (heads, dim, 1 << MAX_BITS):
+        if self.basis.shape != (heads, dim, dim) or self.bits.shape != (heads, dim) or self.levels.dim() != 1:
             raise CodecInputError("transform tensors must be mean/bits [H, D], basis [H, D, D], "
-                                  f"levels [H, D, {1 << MAX_BITS}]")
+                                  "levels [sum(2**bits)] (packed)")
+        if bool(((self.bits < 0) | (self.bits > MAX_BITS)).any()):
+            raise CodecInputError(f"transform widths must be 0..{MAX_BITS} bits")
+        if self.levels.numel() != int((1 << self.bits.long()).sum()):
+            raise CodecInputError(f"packed levels hold {self.levels.numel()} entries, the widths need "
+                                  f"{int((1 << self.bits.long()).sum())}")
         totals = self.bits.sum(-1)
         if not bool((totals == totals[0]).all()) or int(totals[0]) % 8:
             raise CodecInputError("every head needs the same whole number of bytes of bits")
+
+    @classmethod
+    def from_padded(cls, mean: torch.Tensor, basis: torch.Tensor, bits: torch.Tensor,
+                    levels: torch.Tensor) -> "Transform":
+        """From ``levels [H, D, 2**MAX_BITS]`` (the fit's and the calibration file's form)."""
+        heads, dim = mean.shape
+        if levels.shape != (heads, dim, 1 << MAX_BITS) or bits.shape != (heads, dim):
+            raise CodecInputError(f"padded levels must be [H, D, {1 << MAX_BITS}] with bits [H, D]")
+        if bool(((bits < 0) | (bits > MAX_BITS)).any()):
+            raise CodecInputError(f"transform widths must be 0..{MAX_BITS} bits")
+        return cls(mean, basis, bits, pack_levels(bits, levels))
+
+    def padded_levels(self) -> torch.Tensor:
+        """``[H, D, 2**MAX_BITS]`` (a new tensor; zeros past each component's ``2**bits``)."""
+        return unpack_levels(self.bits, self.levels)
+
+    @property
+    def level_start(self) -> torch.Tensor:
+        return level_starts(self.bits)
 
     @property
     def bits_per_vector(self) -> int:
@@ -133,8 +182,8 @@ def fit_transform(samples: torch.Tensor, metric: torch.Tensor, bits_per_element:
         components.append(((samples[:, h] - mean[h]) @ basis).T)  # [D, N]
     # every head's components at once: quantizers fitted lazily, widths per head
     fit = fit_and_allocate(torch.cat(components), heads, total)
-    return Transform(mean.float(), torch.stack(bases).float(), fit.bits.view(heads, dim),
-                     fit.levels.view(heads, dim, -1))
+    return Transform.from_padded(mean.float(), torch.stack(bases).float(), fit.bits.view(heads, dim),
+                                 fit.levels.view(heads, dim, -1))
 
 
 def _pair_basis(root: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -183,23 +232,32 @@ class TransformCodec(TensorCodec):
         self._field_byte = offset // 8  # [H, D]
         self._field_shift = (offset % 8).to(torch.int32)
         self._field_mask = ((1 << t.bits) - 1).to(torch.int32)
-        heads, dim = t.bits.shape
-        self._level_base = (torch.arange(heads * dim).view(heads, dim) << MAX_BITS).to(torch.int32)
-        # decision thresholds [H, D, 2**MAX_BITS]: component c's (levels[i] + levels[i+1]) / 2,
-        # +inf from index 2**bits - 1 on, the layout the write kernels read (their params view
-        # this tensor: one copy); (bits, components [C] as indices into H * D) per width
+        # where each component's levels (and thresholds) begin in the packed tables [H, D]
+        self.level_start = level_starts(t.bits)
+        # decision thresholds, packed like the levels: component c's (levels[i] + levels[i+1]) / 2
+        # at level_start + i (i < 2**bits - 1), +inf in its last entry; the layout the write
+        # kernels read (their params view this tensor: one copy); (bits, components [C] as
+        # indices into H * D) per width
         # NOTE: float32 whatever the default dtype (vLLM builds the model, and so the codec,
         # under the model's dtype)
-        self.cuts = torch.full((heads, dim, 1 << MAX_BITS), float("inf"), dtype=torch.float32)
+        levels = t.levels.float()
+        following = torch.cat([levels[1:], levels.new_full((1,), float("inf"))])
+        self.cuts = torch.where(self._is_last_entry(), float("inf"), (levels + following) / 2).contiguous()
         self._widths = []
+        flat_bits = t.bits.reshape(-1)
         for b in range(1, MAX_BITS + 1):
-            mask = t.bits == b
-            if bool(mask.any()):
-                lv = t.levels[mask][:, : 1 << b]
-                self.cuts[mask, : (1 << b) - 1] = (lv[:, 1:] + lv[:, :-1]) / 2
-                self._widths.append((b, mask.reshape(-1).nonzero().flatten()))
+            components = (flat_bits == b).nonzero().flatten()
+            if components.numel():
+                self._widths.append((b, components))
         # [H, component, D], row-major: the layout the kernels read (their params view it)
         self._inverse = torch.linalg.inv(t.basis.double()).float().contiguous()
+
+    def _is_last_entry(self) -> torch.Tensor:
+        """bool ``[sum(2**bits)]``: True at each component's last packed entry."""
+        ends = (self.level_start.long() + (1 << self.transform.bits.long()) - 1).reshape(-1)
+        last = torch.zeros(self.transform.levels.numel(), dtype=torch.bool)
+        last[ends] = True
+        return last
 
     def encode(self, x: torch.Tensor) -> Packed:
         self.check_input(x)
@@ -217,9 +275,10 @@ class TransformCodec(TensorCodec):
         tokens = z.shape[0]
         flat = z.reshape(tokens, -1)
         codes = torch.zeros(flat.shape, dtype=torch.long)
-        all_cuts = self.cuts.view(-1, self.cuts.shape[-1])
+        starts = self.level_start.reshape(-1).long()
         for bits, components in self._widths:
-            cuts = all_cuts[components, : (1 << bits) - 1]  # [C, 2**bits - 1] (a copy)
+            entries = starts[components, None] + torch.arange((1 << bits) - 1)
+            cuts = self.cuts[entries]  # [C, 2**bits - 1] (a copy)
             values = flat.index_select(1, components)  # [T, C]
             code = ((values[..., None] > cuts).sum(-1) if bits <= COUNTED_BITS
                     else torch.searchsorted(cuts, values.T.contiguous()).T)
@@ -230,7 +289,7 @@ class TransformCodec(TensorCodec):
         t = self.transform
         tokens, heads, dim = packed.shape
         codes = self._unpack_fields(packed.fields["codes"].reshape(tokens, heads, -1))
-        z = t.levels.reshape(-1)[(codes + self._level_base).long()]  # [T, H, D] component values
+        z = t.levels[(codes + self.level_start).long()]  # [T, H, D] component values
         return torch.baddbmm(t.mean[:, None, :], z.transpose(0, 1), self._column_major_inverse()).transpose(0, 1)
 
     def _column_major_inverse(self) -> torch.Tensor:

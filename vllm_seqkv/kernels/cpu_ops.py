@@ -74,7 +74,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("seqkv::cpu_reconstruct_transform_blocks")
     def _(pages, block_ids, *args):
-        shape = (block_ids.shape[0] * pages.shape[2], pages.shape[1], args[2][6].shape[-1])
+        shape = (block_ids.shape[0] * pages.shape[2], pages.shape[1], args[2][7].shape[-1])
         return pages.new_empty(shape, dtype=torch.float32), pages.new_empty(shape, dtype=torch.float32)
 
     @torch.library.register_fake("seqkv::cpu_write_transform_slots")
@@ -94,8 +94,8 @@ def _require_ops() -> None:
 
 def stream_tables(stream: TransformStreamParams) -> list[torch.Tensor]:
     """A stream's tables in the order the ops take them (csrc/transform_args.h)."""
-    return [stream.start, stream.nbits, stream.levels, stream.cuts, stream.basis, stream.inverse,
-            stream.mean, stream.pred_w, stream.pred_b]
+    return [stream.start, stream.nbits, stream.level_start, stream.levels, stream.cuts, stream.basis,
+            stream.inverse, stream.mean, stream.pred_w, stream.pred_b]
 
 
 def stream_format(stream: TransformStreamParams) -> list[int]:

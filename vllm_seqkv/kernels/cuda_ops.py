@@ -114,8 +114,8 @@ def paged_decode_attention_cuda(query, own_k, own_v, pages, block_table, seq_len
 
 def stream_tables(stream: TransformStreamParams) -> list[torch.Tensor]:
     """A stream's tables in the order the transform ops take them (csrc/transform_args.h)."""
-    return [stream.start, stream.nbits, stream.levels, stream.cuts, stream.basis, stream.inverse,
-            stream.mean, stream.pred_w, stream.pred_b]
+    return [stream.start, stream.nbits, stream.level_start, stream.levels, stream.cuts, stream.basis,
+            stream.inverse, stream.mean, stream.pred_w, stream.pred_b]
 
 
 def transform_stream_format(stream: TransformStreamParams) -> list[int]:

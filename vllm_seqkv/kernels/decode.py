@@ -85,8 +85,8 @@ def tile_slots(pages_ptr, block_table_ptr, b, kvh, positions, valid, stride_pb, 
 def transform_decode_partial_kernel(
         q_ptr, pages_ptr, block_table_ptr, seq_lens_ptr, rope_ptr, prev_k_ptr, prev_v_ptr,
         acc_ptr, pred_acc_ptr, max_ptr, sum_ptr,
-        k_start, k_nbits, k_levels, k_inverse, k_mean, k_w, k_b,
-        v_start, v_nbits, v_levels, v_w, v_b,
+        k_start, k_nbits, k_lstart, k_levels, k_inverse, k_mean, k_w, k_b,
+        v_start, v_nbits, v_lstart, v_levels, v_w, v_b,
         stride_qb, stride_qh, stride_pb, stride_ph, stride_pt, stride_bt,
         num_heads, num_q_heads, num_splits, tiles_per_split, prev_rows_per_seq, scale, skip_first,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -114,7 +114,7 @@ def transform_decode_partial_kernel(
                            stride_pb, stride_ph, stride_pt, stride_bt, BLOCK_SIZE)
         rows = b.to(tl.int64) * prev_rows_per_seq + positions
         k_lo, k_hi = decode_transform_stream(slots, valid, rows, kvh, num_heads, k_start, k_nbits,
-                                             k_levels, k_inverse, k_mean, k_w, k_b, prev_k_ptr,
+                                             k_lstart, k_levels, k_inverse, k_mean, k_w, k_b, prev_k_ptr,
                                              prev_v_ptr, K_OFF, D, K_PRED, PRECISION)
         if ROPE:
             k_lo, k_hi = rope_halves(k_lo, k_hi, rope_ptr, positions, valid, D)
@@ -124,7 +124,7 @@ def transform_decode_partial_kernel(
         alpha = tl.exp(run_max - new_max)
         probs = tl.exp(scores - new_max[:, None])
         run_sum = run_sum * alpha + tl.sum(probs, axis=1)
-        z_v = unpack_levels(slots, valid, kvh, v_start, v_nbits, v_levels, V_OFF, D)
+        z_v = unpack_levels(slots, valid, kvh, v_start, v_nbits, v_lstart, v_levels, V_OFF, D)
         acc = acc * alpha[:, None] + mma(probs, z_v, PRECISION)
         if V_PRED:
             pred_v = predict_columns(prev_k_ptr, prev_v_ptr, rows, valid, v_w, v_b, kvh, num_heads,
@@ -230,8 +230,8 @@ def fused_transform_decode_attention(query: torch.Tensor, own_k: torch.Tensor, o
     transform_decode_partial_kernel[(batch, heads, splits)](
         query, pages, block_table, seq_lens, rope if rope is not None else k.mean, prev_k, prev_v,
         acc, pred_acc, split_max, split_sum,
-        k.start, k.nbits, k.levels, k.inverse, k.mean, k.pred_w, k.pred_b,
-        v.start, v.nbits, v.levels, v.pred_w, v.pred_b,
+        k.start, k.nbits, k.level_start, k.levels, k.inverse, k.mean, k.pred_w, k.pred_b,
+        v.start, v.nbits, v.level_start, v.levels, v.pred_w, v.pred_b,
         query.stride(0), query.stride(1), pages.stride(0), pages.stride(1), pages.stride(2),
         block_table.stride(0), heads, q_heads, splits, triton.cdiv(max_tiles, splits),
         prev_rows_per_seq, float(scale), int(skip_first),

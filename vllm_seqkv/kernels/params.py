@@ -11,7 +11,7 @@ byte. Components are stored in descending-width order (stable), each component's
 and ``start`` is the codec's public ``field_offset``, checked here against its bit-plane order
 (``plane_component``/``plane_index``), so a codec change that breaks the assumption fails
 loudly instead of decoding garbage. A stream
-decodes as ``levels[h, c, code] @ inverse[h] + mean[h] (+ prev @ pred_w + pred_b)``.
+decodes as ``levels[level_start[h, c] + code] @ inverse[h] + mean[h] (+ prev @ pred_w + pred_b)``.
 Nothing here depends on vLLM or Triton.
 """
 
@@ -23,10 +23,8 @@ import torch
 
 from vllm_seqkv.codec.base import CodecInputError, SlotLayout, TensorCodec
 from vllm_seqkv.codec.crosslayer import CrossLayerCodec
-from vllm_seqkv.codec.transform import MAX_BITS, TransformCodec
+from vllm_seqkv.codec.transform import TransformCodec, level_starts
 from vllm_seqkv.kernels.shared import tensors_to
-
-LEVELS = 1 << MAX_BITS  # 256 entries per component in ``levels`` / ``cuts``
 
 
 @dataclass(frozen=True)
@@ -34,10 +32,11 @@ class TransformStreamParams:
     """One stream (K or V) of one layer; all tensors contiguous.
 
     ``mean [H, D]``, ``basis [H, D, D]`` (encode: ``z = (x - mean) @ basis``), ``inverse
-    [H, D, D]`` (the codec's own float32 inverse), ``levels [H, D, 256]``, ``cuts [H, D, 256]``
-    (the codec's decision thresholds ``(levels[i] + levels[i+1]) / 2``, padded with +inf from
-    index ``2**bits - 1`` on), ``start``/``nbits`` int32 ``[H, D]`` (bit offset and width of
-    each component in the stream), ``pred_w [2HD, HD]``/``pred_b [HD]`` float32 (zeros when
+    [H, D, D]`` (the codec's own float32 inverse), ``levels [n]`` and ``cuts [n]`` packed
+    (component ``(h, c)``'s ``2**nbits[h, c]`` entries from ``level_start[h, c]`` on; cuts are
+    the codec's decision thresholds ``(levels[i] + levels[i+1]) / 2``, +inf in the component's
+    last entry), ``start``/``nbits``/``level_start`` int32 ``[H, D]`` (bit offset and width of
+    each component in the stream, first entry of its levels), ``pred_w [2HD, HD]``/``pred_b [HD]`` float32 (zeros when
     the stream has no cross-layer predictor, ``has_pred`` False), ``offset``: byte offset of
     the stream in the slot, ``nbytes``: its size.
 
@@ -52,6 +51,7 @@ class TransformStreamParams:
     cuts: torch.Tensor
     start: torch.Tensor
     nbits: torch.Tensor
+    level_start: torch.Tensor
     pred_w: torch.Tensor
     pred_b: torch.Tensor
     has_pred: bool
@@ -124,9 +124,9 @@ def _stream(codec: TensorCodec, heads: int, dim: int, offset: int) -> TransformS
         raise CodecInputError(f"transform kernels need head_dim a multiple of 32, got {dim}")
     start, nbits = bit_starts(inner)
     levels = t.levels.float().contiguous()
-    if tuple(inner.cuts.shape) != (heads, dim, LEVELS):
-        raise CodecInputError(f"transform codec's cuts are {tuple(inner.cuts.shape)}, kernels read "
-                              f"[{heads}, {dim}, {LEVELS}]")
+    if inner.cuts.shape != levels.shape or not torch.equal(inner.level_start, level_starts(t.bits)):
+        raise CodecInputError(f"transform codec's cuts {tuple(inner.cuts.shape)} / level starts do not "
+                              f"match its packed levels {tuple(levels.shape)}")
     cuts = inner.cuts.float().contiguous()
     if predictor is None:
         pred_w, pred_b = torch.zeros(1, 1), torch.zeros(1)
@@ -138,7 +138,8 @@ def _stream(codec: TensorCodec, heads: int, dim: int, offset: int) -> TransformS
     return TransformStreamParams(
         mean=t.mean.float().contiguous(), basis=t.basis.float().contiguous(),
         inverse=inner._inverse.float().contiguous(), levels=levels, cuts=cuts,
-        start=start, nbits=nbits, pred_w=pred_w, pred_b=pred_b, has_pred=predictor is not None,
+        start=start, nbits=nbits, level_start=inner.level_start, pred_w=pred_w, pred_b=pred_b,
+        has_pred=predictor is not None,
         offset=offset, nbytes=t.bits_per_vector // 8)
 
 

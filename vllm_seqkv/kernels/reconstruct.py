@@ -5,7 +5,7 @@ of one page and head, and for both streams
 
 1. unpacks each component's code from the bitstream (``start``/``nbits`` tables,
    :mod:`.params`; a code spans at most 2 bytes),
-2. looks up the component's Lloyd-Max level (``levels [H, D, 256]``),
+2. looks up the component's Lloyd-Max level (packed ``levels``, from ``level_start [H, D]``),
 3. multiplies by the inverse basis with ``tl.dot`` (``[TILE, D] x [D, D/2]`` twice: the two
    halves are kept apart so RoPE can pair channel ``i`` with ``i + D/2`` in registers),
 4. adds the mean and, for cross-layer layers, the prediction
@@ -77,7 +77,7 @@ def mma(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def unpack_levels(slot_ptrs, row_mask, h, start_ptr, nbits_ptr, levels_ptr,
+def unpack_levels(slot_ptrs, row_mask, h, start_ptr, nbits_ptr, lstart_ptr, levels_ptr,
                   OFF: tl.constexpr, D: tl.constexpr):
     """Level ``z [TILE, D]`` of every component of the stream at byte ``OFF`` of each slot."""
     c = tl.arange(0, D)
@@ -89,7 +89,7 @@ def unpack_levels(slot_ptrs, row_mask, h, start_ptr, nbits_ptr, levels_ptr,
     b0 = tl.load(ptrs, mask=row_mask[:, None], other=0).to(tl.int32)
     b1 = tl.load(ptrs + 1, mask=row_mask[:, None] & spans[None, :], other=0).to(tl.int32)
     code = ((b0 | (b1 << 8)) >> shift[None, :]) & ((1 << nbits[None, :]) - 1)
-    return tl.load(levels_ptr + (h * D + c)[None, :] * 256 + code)
+    return tl.load(levels_ptr + tl.load(lstart_ptr + h * D + c)[None, :] + code)
 
 
 @triton.jit
@@ -124,11 +124,11 @@ def predict_columns(prev_k_ptr, prev_v_ptr, rows, row_mask, w_ptr, b_ptr, h, num
 
 @triton.jit
 def decode_transform_stream(slot_ptrs, row_mask, rows, h, num_heads, start_ptr, nbits_ptr,
-                            levels_ptr, inverse_ptr, mean_ptr, w_ptr, b_ptr, prev_k_ptr, prev_v_ptr,
+                            lstart_ptr, levels_ptr, inverse_ptr, mean_ptr, w_ptr, b_ptr, prev_k_ptr, prev_v_ptr,
                             OFF: tl.constexpr, D: tl.constexpr, HAS_PRED: tl.constexpr,
                             PRECISION: tl.constexpr):
     """Reconstructed stream in the coding frame as two halves ``[TILE, D/2]`` (lo, hi)."""
-    z = unpack_levels(slot_ptrs, row_mask, h, start_ptr, nbits_ptr, levels_ptr, OFF, D)
+    z = unpack_levels(slot_ptrs, row_mask, h, start_ptr, nbits_ptr, lstart_ptr, levels_ptr, OFF, D)
     lo = inverse_half(z, inverse_ptr, mean_ptr, h, 0, D, PRECISION)
     hi = inverse_half(z, inverse_ptr, mean_ptr, h, D // 2, D, PRECISION)
     if HAS_PRED:
@@ -154,8 +154,8 @@ def rope_halves(lo, hi, rope_ptr, positions, row_mask, D: tl.constexpr):
 def reconstruct_transform_kernel(
         pages_ptr, block_ids_ptr, block_pos_ptr, rope_ptr, key_ptr, value_ptr, key_code_ptr,
         prev_k_ptr, prev_v_ptr,
-        k_start, k_nbits, k_levels, k_inverse, k_mean, k_w, k_b,
-        v_start, v_nbits, v_levels, v_inverse, v_mean, v_w, v_b,
+        k_start, k_nbits, k_lstart, k_levels, k_inverse, k_mean, k_w, k_b,
+        v_start, v_nbits, v_lstart, v_levels, v_inverse, v_mean, v_w, v_b,
         num_heads, stride_pb, stride_ph, stride_pt,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, D: tl.constexpr,
         K_OFF: tl.constexpr, V_OFF: tl.constexpr, K_PRED: tl.constexpr, V_PRED: tl.constexpr,
@@ -173,10 +173,10 @@ def reconstruct_transform_kernel(
                  + n.to(tl.int64) * stride_pt)
     rows = m.to(tl.int64) * BLOCK_SIZE + n
     k_lo, k_hi = decode_transform_stream(slot_ptrs, row_mask, rows, h, num_heads, k_start, k_nbits,
-                                         k_levels, k_inverse, k_mean, k_w, k_b, prev_k_ptr,
+                                         k_lstart, k_levels, k_inverse, k_mean, k_w, k_b, prev_k_ptr,
                                          prev_v_ptr, K_OFF, D, K_PRED, PRECISION)
     v_lo, v_hi = decode_transform_stream(slot_ptrs, row_mask, rows, h, num_heads, v_start, v_nbits,
-                                         v_levels, v_inverse, v_mean, v_w, v_b, prev_k_ptr,
+                                         v_lstart, v_levels, v_inverse, v_mean, v_w, v_b, prev_k_ptr,
                                          prev_v_ptr, V_OFF, D, V_PRED, PRECISION)
     keep = valid.to(tl.float32)  # unused table entries -> zeros
     j = tl.arange(0, D // 2)
@@ -256,8 +256,8 @@ def reconstruct_transform_blocks(pages: torch.Tensor, block_ids: torch.Tensor, p
         reconstruct_transform_kernel[(num, block_size // tile, heads)](
             pages, block_ids.contiguous(), block_positions.contiguous() if rope is not None else block_ids,
             rope if rope is not None else k.mean, key, value, key_code, prev_k, prev_v,
-            k.start, k.nbits, k.levels, k.inverse, k.mean, k.pred_w, k.pred_b,
-            v.start, v.nbits, v.levels, v.inverse, v.mean, v.pred_w, v.pred_b,
+            k.start, k.nbits, k.level_start, k.levels, k.inverse, k.mean, k.pred_w, k.pred_b,
+            v.start, v.nbits, v.level_start, v.levels, v.inverse, v.mean, v.pred_w, v.pred_b,
             heads, pages.stride(0), pages.stride(1), pages.stride(2),
             BLOCK_SIZE=block_size, TILE=tile, D=dim, K_OFF=k.offset, V_OFF=v.offset,
             K_PRED=k.has_pred, V_PRED=v.has_pred, ROPE=rope is not None, KEEP_CODE=keep_code_frame,

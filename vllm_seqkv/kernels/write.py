@@ -39,7 +39,7 @@ from vllm_seqkv.kernels.reconstruct import predict_columns
 @triton.jit
 def encode_transform_stream(x_ptr, stride_xt, stride_xh, rows, row_mask, h, num_heads,
                             prev_k_ptr, prev_v_ptr, w_ptr, b_ptr, mean_ptr, basis_ptr, cuts_ptr,
-                            start_ptr, nbits_ptr, slot_ptrs, slot_mask,
+                            lstart_ptr, start_ptr, nbits_ptr, slot_ptrs, slot_mask,
                             OFF: tl.constexpr, NBYTES: tl.constexpr, NB_PAD: tl.constexpr,
                             D: tl.constexpr, HAS_PRED: tl.constexpr):
     c = tl.arange(0, D)
@@ -50,17 +50,19 @@ def encode_transform_stream(x_ptr, stride_xt, stride_xh, rows, row_mask, h, num_
                                 0, D, D, 0)
     basis = tl.load(basis_ptr + h * D * D + c[:, None] * D + c[None, :])
     z = tl.dot(x - tl.load(mean_ptr + h * D + c)[None, :], basis, input_precision="ieee")
-    # code = number of thresholds < z; thresholds ascending, padded with +inf (8 halvings)
-    cut_row = cuts_ptr + (h * D + c)[None, :] * 256
+    # code = number of thresholds < z: 8 halvings over each component's 2**nbits - 1 ascending
+    # packed thresholds (a candidate past them reads nothing: +inf)
+    nbits = tl.load(nbits_ptr + h * D + c)
+    cut_row = cuts_ptr + tl.load(lstart_ptr + h * D + c)[None, :]
+    last = ((1 << nbits) - 1)[None, :]
     code = tl.zeros([rows.shape[0], D], tl.int32)
     for step in tl.static_range(8):
         cand = code + (128 >> step)
-        below = tl.load(cut_row + cand - 1, mask=cand <= 255, other=float("inf")) < z
+        below = tl.load(cut_row + cand - 1, mask=cand <= last, other=float("inf")) < z
         code = tl.where(below, cand, code)
     start = tl.load(start_ptr + h * D + c)
     shifted = code << (start & 7)[None, :]
     byte0 = start >> 3
-    nbits = tl.load(nbits_ptr + h * D + c)
     spans = ((start & 7) + nbits) > 8
     j = tl.arange(0, NB_PAD)
     one_lo = (byte0[:, None] == j[None, :]).to(tl.float32)  # [D, NB_PAD]
@@ -74,8 +76,8 @@ def encode_transform_stream(x_ptr, stride_xt, stride_xh, rows, row_mask, h, num_
 @triton.jit
 def write_transform_kernel(
         key_ptr, value_ptr, slot_mapping_ptr, pages_ptr, prev_k_ptr, prev_v_ptr,
-        k_w, k_b, k_mean, k_basis, k_cuts, k_start, k_nbits,
-        v_w, v_b, v_mean, v_basis, v_cuts, v_start, v_nbits,
+        k_w, k_b, k_mean, k_basis, k_cuts, k_lstart, k_start, k_nbits,
+        v_w, v_b, v_mean, v_basis, v_cuts, v_lstart, v_start, v_nbits,
         num_tokens, num_heads, stride_kt, stride_kh, stride_vt, stride_vh,
         stride_pb, stride_ph, stride_pt,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, D: tl.constexpr,
@@ -90,11 +92,11 @@ def write_transform_kernel(
     slot_ptrs = (pages_ptr + (safe // BLOCK_SIZE) * stride_pb + h * stride_ph
                  + (safe % BLOCK_SIZE) * stride_pt)
     encode_transform_stream(key_ptr, stride_kt, stride_kh, rows, row_mask, h, num_heads, prev_k_ptr,
-                            prev_v_ptr, k_w, k_b, k_mean, k_basis, k_cuts, k_start, k_nbits,
-                            slot_ptrs, slot_mask, K_OFF, K_NBYTES, K_NB_PAD, D, K_PRED)
+                            prev_v_ptr, k_w, k_b, k_mean, k_basis, k_cuts, k_lstart, k_start,
+                            k_nbits, slot_ptrs, slot_mask, K_OFF, K_NBYTES, K_NB_PAD, D, K_PRED)
     encode_transform_stream(value_ptr, stride_vt, stride_vh, rows, row_mask, h, num_heads, prev_k_ptr,
-                            prev_v_ptr, v_w, v_b, v_mean, v_basis, v_cuts, v_start, v_nbits,
-                            slot_ptrs, slot_mask, V_OFF, V_NBYTES, V_NB_PAD, D, V_PRED)
+                            prev_v_ptr, v_w, v_b, v_mean, v_basis, v_cuts, v_lstart, v_start,
+                            v_nbits, slot_ptrs, slot_mask, V_OFF, V_NBYTES, V_NB_PAD, D, V_PRED)
 
 
 def check_write_args(key, value, slot_mapping, pages, params: TransformLayerParams, previous):
@@ -127,8 +129,8 @@ def write_transform_slots(key: torch.Tensor, value: torch.Tensor, slot_mapping: 
     tile = 16
     write_transform_kernel[(triton.cdiv(tokens, tile), heads)](
         key, value, slot_mapping.contiguous(), pages, prev_k, prev_v,
-        k.pred_w, k.pred_b, k.mean, k.basis, k.cuts, k.start, k.nbits,
-        v.pred_w, v.pred_b, v.mean, v.basis, v.cuts, v.start, v.nbits,
+        k.pred_w, k.pred_b, k.mean, k.basis, k.cuts, k.level_start, k.start, k.nbits,
+        v.pred_w, v.pred_b, v.mean, v.basis, v.cuts, v.level_start, v.start, v.nbits,
         tokens, heads, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         pages.stride(0), pages.stride(1), pages.stride(2),
         BLOCK_SIZE=pages.shape[2], TILE=tile, D=dim,

@@ -122,7 +122,7 @@ def layer_layout(key, value, heads: int, head_dim: int, slot_bytes: int | None =
             t = inner.transform
             comp, plane = inner.plane_component.numpy(), inner.plane_index.numpy()
             bits = t.bits.numpy()
-            levels = t.levels.double().numpy()
+            levels = t.padded_levels().double().numpy()
             for h in range(heads):
                 base = (h * width + offset) * 8
                 for c in np.argsort(-bits[h], kind="stable"):
