@@ -218,7 +218,8 @@ def grid_layout(heads=2, dim=32, seed=0):
         mean = torch.randint(-16, 17, (heads, dim), generator=gen).float() / 8
         weight = torch.randint(-2, 3, (2 * heads * dim, heads * dim), generator=gen).float() / 16
         bias = torch.randint(-8, 9, (heads * dim,), generator=gen).float() / 8
-        return CrossLayerCodec(TransformCodec(Transform.from_padded(mean, basis, bits, levels)), LinearPredictor(weight, bias))
+        transform = Transform.from_padded(mean, basis, bits, levels)
+        return CrossLayerCodec(TransformCodec(transform), LinearPredictor(weight, bias))
 
     return SlotLayout(stream(3), stream(4), heads, dim)
 

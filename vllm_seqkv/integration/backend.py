@@ -255,6 +255,7 @@ class SeqKVAttentionImpl(AttentionImpl):
                 "(their own KV-cache group) do not allow; use a per-layer preset such as the "
                 "default seqkv-f4, or --kv-cache-backend auto.")
         self.kv_sharing_target_layer_name = None
+        self._layer_index: int | None = None  # of the one layer this impl serves (vLLM: one impl per layer)
         self._rope_ready = False
         self._channel_order: torch.Tensor | None = None  # see _ensure_rope
         pid = os.getpid()
@@ -273,7 +274,7 @@ class SeqKVAttentionImpl(AttentionImpl):
         num = slot_mapping.shape[0]
         metadata = layer_metadata(layer)
         pages = _byte_pages(kv_cache)
-        layer_index = _layer_index(layer)
+        layer_index = self.index_of(layer)
         self._ensure_rope(layer, layer_index)
         key = self.in_code_order(key)
         self.engine.chain.register(layer_index, pages)
@@ -299,6 +300,12 @@ class SeqKVAttentionImpl(AttentionImpl):
                           value)
         blocks, offsets = slots // pages.shape[2], slots % pages.shape[2]
         self.engine.sinks.record(layer_index, blocks, offsets, positions, key, value)
+
+    def index_of(self, layer) -> int:
+        """The layer's index in the model (parsed from its name once: every step asks)."""
+        if self._layer_index is None:
+            self._layer_index = extract_layer_index(layer.layer_name)
+        return self._layer_index
 
     def _ensure_rope(self, layer, layer_index: int) -> None:
         """Once per layer, for pre-RoPE presets: give the engine codec the RoPE table of the
@@ -339,7 +346,7 @@ class SeqKVAttentionImpl(AttentionImpl):
         if attn_metadata is None:
             return output
         pages = _byte_pages(kv_cache)
-        layer_index = _layer_index(layer)
+        layer_index = self.index_of(layer)
         self._ensure_rope(layer, layer_index)
         query, key = self.in_code_order(query), self.in_code_order(key)
         self.engine.chain.register(layer_index, pages)
@@ -615,6 +622,3 @@ def _byte_pages(kv_cache: torch.Tensor) -> torch.Tensor:
     """vLLM's layer view ``[num_blocks, H, block_size, C]`` (any dtype) as uint8 slots."""
     return kv_cache.view(torch.uint8) if kv_cache.dtype != torch.uint8 else kv_cache
 
-
-def _layer_index(layer) -> int:
-    return extract_layer_index(layer.layer_name)

@@ -282,7 +282,7 @@ class EngineCodec:
                                config.sink_table_bytes, kv_dtype)
         self.rope_theta = rope_theta
         self._announced: set[int] = set()
-        self._kernel_params: dict[tuple[int, str], object] = {}
+        self._kernel_params: dict[tuple[int, torch.device | str], object] = {}
         self._kernel_error: dict[tuple[int, str], float] = {}
         self._layer_rope: dict[int, LayerRope] = {}
         self._default_rope: LayerRope | None = None
@@ -307,21 +307,23 @@ class EngineCodec:
         """The layer's :mod:`vllm_seqkv.kernels` constants on ``device`` (built once), or None
         for a layer whose slots the kernels do not read (layer 0's token table: a row gather),
         which is then decoded by the codec in torch."""
+        cache_key = (layer, device)
+        found = self._kernel_params.get(cache_key, _MISSING)
+        if found is not _MISSING:  # NOTE: every layer asks, every step
+            return found
         from vllm_seqkv import kernels
         from vllm_seqkv.codec.base import CodecInputError
 
-        cache_key = (layer, str(device))
-        if cache_key not in self._kernel_params:
-            layout = self.layout(layer)
-            try:
-                params = (None if isinstance(layout.key, TokenTableCodec)
-                          else kernels.layer_params(layout, device))
-            except (kernels.KernelArgumentError, CodecInputError) as e:
-                logger.warning("seqkv: layer %d of preset %s has no kernel params (%s); it is "
-                               "decoded by the codec in torch", layer, self.preset, e)
-                params = None
-            self._kernel_params[cache_key] = params
-        return self._kernel_params[cache_key]
+        layout = self.layout(layer)
+        try:
+            params = (None if isinstance(layout.key, TokenTableCodec)
+                      else kernels.layer_params(layout, device))
+        except (kernels.KernelArgumentError, CodecInputError) as e:
+            logger.warning("seqkv: layer %d of preset %s has no kernel params (%s); it is "
+                           "decoded by the codec in torch", layer, self.preset, e)
+            params = None
+        self._kernel_params[cache_key] = params
+        return params
 
     def encode_slots(self, layer: int, key: torch.Tensor, value: torch.Tensor,
                      previous=None) -> torch.Tensor:
@@ -715,6 +717,9 @@ class LayerRope:
         if str(device) not in self._rotations:
             self._rotations[str(device)] = self._rotations["cpu"].to(device)
         return self._rotations[str(device)]
+
+
+_MISSING = object()
 
 
 def _on_cpu(previous):

@@ -36,6 +36,7 @@ import os
 
 import torch
 
+from vllm_seqkv.kernels import cpu_ops
 from vllm_seqkv.kernels.checks import KernelArgumentError
 from vllm_seqkv.kernels.rotation.params import LayerKernelParams, StreamParams
 from vllm_seqkv.kernels.rotation.params import layer_params as rotation_layer_params
@@ -65,15 +66,26 @@ def _triton_available() -> bool:
 
 
 def _cpp_available() -> bool:
-    from vllm_seqkv.kernels.cpu_ops import load_cpu_ops
-
-    return load_cpu_ops()
+    return cpu_ops.load_cpu_ops()
 
 
 def implementation(device: torch.device) -> str:
     """Which implementation runs for tensors on ``device``: "cpp", "triton", "cuda" or "torch".
-    NOTE: decided once per (device, ``SEQKV_KERNELS``) and kept: every layer asks, every step."""
-    wanted = os.environ.get("SEQKV_KERNELS", "auto").lower()
+    NOTE: decided once per (device, ``SEQKV_KERNELS``, C++ ops loaded) and kept: every layer
+    asks, several times per step, so a decided case is one dict lookup."""
+    raw = os.environ.get("SEQKV_KERNELS", "auto")
+    decided = _decided.get((device, raw, cpu_ops._loaded))
+    if decided is not None:
+        return decided
+    chosen = _decide(device, raw.lower())
+    _decided[(device, raw, cpu_ops._loaded)] = chosen
+    return chosen
+
+
+_decided: dict[tuple, str] = {}
+
+
+def _decide(device, wanted: str) -> str:
     name = str(device)
     key = (name, wanted, _cpp_available() if name == "cpu" else None)
     chosen = _chosen.get(key)
