@@ -45,7 +45,7 @@ def install_key_probe(worker):
     def probe(self, layer, key, value, kv_cache, slot_mapping):
         num = slot_mapping.shape[0]
         positions = backend._padded(backend.layer_metadata(layer).positions, num)
-        index = backend._layer_index(layer)
+        index = self.index_of(layer)
         self._ensure_rope(layer, index)
         frame = self.engine.to_code_frame(self.in_code_order(key[:num]).float(), positions, index)
         store.setdefault(index, []).append((positions.cpu(), frame.cpu()))
