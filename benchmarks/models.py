@@ -10,7 +10,8 @@ and the perplexity delta on held-out text (prompt log-probabilities), or, for a 
 refuses, the refusal. ``delta_ppl_pct`` only for trained weights (the RoPE variants and Mistral
 are the trained tiny model under another config; GLM-4 is trained here with the tiny model's
 recipe, :data:`TRAINING_STEPS`; the other layouts have random weights: plumbing only, null;
-Gemma-3 with a 4k vocabulary, not its real 262k). ``fixed_bytes``:
+Gemma-3 with a 4k vocabulary, and again with its real 262k rows of embedding and logits on
+the same 4k-token tokenizer). ``fixed_bytes``:
 bytes of the KV budget seqkv keeps for its memory outside the pages
 (``seqkv_fixed_bytes_taken_from_kv_budget``: token table, codec constants, kernel params,
 RoPE tables and the sink table's bound at the engine's block count; see
@@ -39,6 +40,7 @@ ROWS = {  # architecture label -> (fixture name or "tiny", trained weights); in 
     "LlamaForCausalLM (RoPE yarn)": ("rope-yarn", True),
     "MistralForCausalLM (sliding window 64, all layers)": ("mistral", True),
     "Gemma3ForCausalLM (interleaved sliding/global)": ("gemma3", False),
+    "Gemma3ForCausalLM (interleaved sliding/global, 262k vocabulary)": ("gemma3-262k", False),
     "Qwen3ForCausalLM (q/k norm)": ("qwen3", False),
     "Qwen2ForCausalLM (QKV bias)": ("qwen2", False),
     "LlamaForCausalLM (MQA, head size 256)": ("mqa256", False),

@@ -1,7 +1,7 @@
 """Small offline models of the architectures people serve, for plumbing and quality tests.
 
-Each is a 4-layer model on the tiny test model's tokenizer (4k vocab; Gemma-3's real 262k
-vocabulary is not reproduced: random small-vocab configs exercise the same code). Two kinds:
+Each is a 4-layer model on the tiny test model's tokenizer (4k vocab; ``gemma3-262k`` has
+Gemma-3's real 262,144 rows of embedding and logits on that tokenizer). Two kinds:
 
 * the trained tiny Llama's weights under another config: RoPE variants (``llama3``, ``yarn``,
   ``linear``, ``dynamic``, ``partial``: half of each head rotated) and Mistral (a 64-token
@@ -53,13 +53,20 @@ def _configs(vocab: int) -> dict:
             vocab_size=vocab, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
             sliding_window=64, layer_types=["sliding_attention"] * 3 + ["full_attention"],
             query_pre_attn_scalar=64, **{k: v for k, v in SMALL.items() if k != "tie_word_embeddings"}),
+        # Gemma-3's real vocabulary size (embedding and logits 262,144 rows); the tokenizer
+        # stays the tiny model's, so prompts use its first 4k ids and outputs may be any id
+        "gemma3-262k": lambda: Gemma3TextConfig(
+            vocab_size=GEMMA3_VOCAB, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+            sliding_window=64, layer_types=["sliding_attention"] * 3 + ["full_attention"],
+            query_pre_attn_scalar=64, **{k: v for k, v in SMALL.items() if k != "tie_word_embeddings"}),
     }
 
 
+GEMMA3_VOCAB = 262_144  # Gemma-3's vocabulary (Gemma-3-270M: 262,144 rows)
 MISTRAL_WINDOW = 64
 PARTIAL_ROTARY = 0.5  # rope-partial: the tiny Llama rotating 16 of its 32 channels per head
 TRAINED = tuple(f"rope-{v}" for v in ROPE_VARIANTS) + ("rope-partial", "mistral")  # the tiny model's weights
-ARCHITECTURES = TRAINED + ("qwen2", "qwen3", "mqa256", "gemma3", "glm4")
+ARCHITECTURES = TRAINED + ("qwen2", "qwen3", "mqa256", "gemma3", "gemma3-262k", "glm4")
 
 
 def model_dir(name: str, steps: int = 0) -> Path:
