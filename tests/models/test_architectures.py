@@ -23,10 +23,10 @@ from seqkv_fixtures import architectures
 
 pytestmark = pytest.mark.e2e
 # default: YaRN (a table with a magnitude), Gemma-3 (q/k norm, one KV head, per-layer RoPE,
-# sliding and global layers in two KV-cache groups; also with Gemma-3's 262k vocabulary), GLM-4 (half of each head rotated,
-# interleaved pairs: channels reordered) and the trained tiny Llama rotating half of each
-# head (the reordering checked on a trained model); the rest with SEQKV_ALL_ARCHITECTURES=1
-# (~2 min each on 2 cores)
+# sliding and global layers in two KV-cache groups; also with Gemma-3's 262k vocabulary),
+# GLM-4 (half of each head rotated, interleaved pairs: channels reordered) and the trained tiny
+# Llama rotating half of each head (the reordering checked on a trained model); the rest with
+# SEQKV_ALL_ARCHITECTURES=1 (~2 min each on 2 cores)
 EVERY = pytest.mark.skipif(os.environ.get("SEQKV_ALL_ARCHITECTURES") != "1",
                            reason="set SEQKV_ALL_ARCHITECTURES=1 (benchmarks/models.py measures them all)")
 SERVED = ["rope-yarn", "gemma3", "gemma3-262k", "glm4", "rope-partial"] + [pytest.param(name, marks=EVERY) for name in (
