@@ -92,11 +92,11 @@ def test_budget_smaller_than_the_fixed_memory_is_one_clear_error(tiny_model_dir)
     from vllm_seqkv.integration.plugin import register
 
     register()
-    args = EngineArgs(model=str(tiny_model_dir), max_model_len=256, kv_cache_memory_bytes=1 << 20,
+    args = EngineArgs(model=str(tiny_model_dir), max_model_len=256, kv_cache_memory_bytes=1 << 18,
                       additional_config={"kv_cache_backend": "seqkv"})
     with pytest.raises(SeqKVConfigError) as error:
         args.create_engine_config()
     message = str(error.value)
-    assert "--kv-cache-memory-bytes 1,048,576 cannot hold seqkv's fixed memory" in message
+    assert "--kv-cache-memory-bytes 262,144 cannot hold seqkv's fixed memory" in message
     needed = int(re.search(r"at least ([\d,]+) bytes", message)[1].replace(",", ""))
-    assert needed > 1 << 20 and "calibration" in message and "sink_table_bytes" in message
+    assert needed > 1 << 18 and "calibration" in message and "sink_table_bytes" in message
