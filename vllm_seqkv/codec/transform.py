@@ -117,8 +117,6 @@ class Transform:
         heads, dim = mean.shape
         if levels.shape != (heads, dim, 1 << MAX_BITS) or bits.shape != (heads, dim):
             raise CodecInputError(f"padded levels must be [H, D, {1 << MAX_BITS}] with bits [H, D]")
-        if bool(((bits < 0) | (bits > MAX_BITS)).any()):
-            raise CodecInputError(f"transform widths must be 0..{MAX_BITS} bits")
         return cls(mean, basis, bits, pack_levels(bits, levels))
 
     def padded_levels(self) -> torch.Tensor:

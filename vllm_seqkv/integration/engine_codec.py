@@ -282,7 +282,7 @@ class EngineCodec:
                                config.sink_table_bytes, kv_dtype)
         self.rope_theta = rope_theta
         self._announced: set[int] = set()
-        self._kernel_params: dict[tuple[int, torch.device | str], object] = {}
+        self._kernel_params: dict[tuple[int, torch.device], object] = {}
         self._kernel_error: dict[tuple[int, str], float] = {}
         self._layer_rope: dict[int, LayerRope] = {}
         self._default_rope: LayerRope | None = None

@@ -87,23 +87,14 @@ _decided: dict[tuple, str] = {}
 
 def _decide(device, wanted: str) -> str:
     name = str(device)
-    key = (name, wanted, _cpp_available() if name == "cpu" else None)
-    chosen = _chosen.get(key)
-    if chosen is None:
-        chosen = _choose_implementation(torch.device(device), wanted)
-        _chosen[key] = chosen
+    chosen = _choose_implementation(torch.device(device), wanted)
     if (name, chosen) not in _announced:
         _announced.add((name, chosen))
         if chosen == "cpp":
-            from vllm_seqkv.kernels.cpu_ops import active_isa
-
-            logger.info("seqkv kernels: cpp implementation on %s (C++ CPU ops, %s)", device, active_isa())
+            logger.info("seqkv kernels: cpp implementation on %s (C++ CPU ops, %s)", device, cpu_ops.active_isa())
         else:
             logger.info("seqkv kernels: %s implementation on %s", chosen, device)
     return chosen
-
-
-_chosen: dict[tuple[str, str], str] = {}
 
 
 def _choose_implementation(device: torch.device, wanted: str) -> str:

@@ -33,7 +33,7 @@ from vllm_seqkv.kernels.checks import (
     check_tensor,
     expect,
 )
-from vllm_seqkv.kernels.params import TransformLayerParams, TransformStreamParams
+from vllm_seqkv.kernels.params import TransformLayerParams, stream_format, stream_tables
 
 _loaded: bool | None = None
 _error: str = ""
@@ -90,16 +90,6 @@ def _require_ops() -> None:
     if not load_cpu_ops():
         raise RuntimeError(f"seqkv C++ CPU kernels are not built ({_error}); run `bash scripts/setup.sh` "
                            "or `python setup.py build_ext --inplace`")
-
-
-def stream_tables(stream: TransformStreamParams) -> list[torch.Tensor]:
-    """A stream's tables in the order the ops take them (csrc/transform_args.h)."""
-    return [stream.start, stream.nbits, stream.level_start, stream.levels, stream.cuts, stream.basis,
-            stream.inverse, stream.mean, stream.pred_w, stream.pred_b]
-
-
-def stream_format(stream: TransformStreamParams) -> list[int]:
-    return [stream.offset, stream.nbytes, int(stream.has_pred)]
 
 
 def pair_blocks(inverse: torch.Tensor) -> torch.Tensor | None:

@@ -17,7 +17,9 @@ import torch
 
 from vllm_seqkv.kernels.rotation.decode_attention import check_decode_args
 from vllm_seqkv.kernels.rotation.params import LayerKernelParams, StreamParams
-from vllm_seqkv.kernels.params import TransformLayerParams, TransformStreamParams
+from vllm_seqkv.kernels.params import TransformLayerParams
+from vllm_seqkv.kernels.params import stream_format as transform_stream_format
+from vllm_seqkv.kernels.params import stream_tables
 from vllm_seqkv.kernels.rotation.write import check_write_args, rotate_stream
 
 _loaded: bool | None = None
@@ -112,15 +114,6 @@ def paged_decode_attention_cuda(query, own_k, own_v, pages, block_table, seq_len
 # ---- transform format ---------------------------------------------------------------------
 
 
-def stream_tables(stream: TransformStreamParams) -> list[torch.Tensor]:
-    """A stream's tables in the order the transform ops take them (csrc/transform_args.h)."""
-    return [stream.start, stream.nbits, stream.level_start, stream.levels, stream.cuts, stream.basis,
-            stream.inverse, stream.mean, stream.pred_w, stream.pred_b]
-
-
-def transform_stream_format(stream: TransformStreamParams) -> list[int]:
-    """``[offset, nbytes, has_pred]`` as the transform ops take it."""
-    return [stream.offset, stream.nbytes, int(stream.has_pred)]
 
 
 def write_transform_args(key, value, slot_mapping, pages, params: TransformLayerParams,

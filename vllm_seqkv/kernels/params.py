@@ -143,6 +143,18 @@ def _stream(codec: TensorCodec, heads: int, dim: int, offset: int) -> TransformS
         offset=offset, nbytes=t.bits_per_vector // 8)
 
 
+def stream_tables(stream: TransformStreamParams) -> list[torch.Tensor]:
+    """A stream's tables in the order the transform ops (C++ CPU and CUDA) take them
+    (csrc/transform_args.h)."""
+    return [stream.start, stream.nbits, stream.level_start, stream.levels, stream.cuts, stream.basis,
+            stream.inverse, stream.mean, stream.pred_w, stream.pred_b]
+
+
+def stream_format(stream: TransformStreamParams) -> list[int]:
+    """``[offset, nbytes, has_pred]`` as the transform ops take it."""
+    return [stream.offset, stream.nbytes, int(stream.has_pred)]
+
+
 def transform_layer_params(layout: SlotLayout, device=None) -> TransformLayerParams:
     """Kernel constants of one transform layer's :class:`SlotLayout` (build once per layer)."""
     heads, dim = layout.num_kv_heads, layout.head_dim
