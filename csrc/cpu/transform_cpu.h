@@ -64,6 +64,12 @@ struct DecodeArgs {
   const uint8_t* pages_end;  // one past the last byte of the pages' storage that may be read
   Stream k, v;
   PairBlocks pairs;  // a == nullptr: general key path
+  // with rope: its rotations of the kTile in-tile offsets, cos and sin [D/2][kTile] (rows 0..kTile-1,
+  // the last row repeated past the table's end); with rope and pairs also, per head and pair
+  // [6][kTile], R(t) (a, b, c, d) and R(t) mean (see the kernels' TileRope); else nullptr
+  const float* tile_cos;
+  const float* tile_sin;
+  const float* tile_pairs;
   int batch, heads, q_heads, dim, block_size;
   float scale;
   int64_t skip_first;

@@ -329,13 +329,14 @@ inline DecodeScratch& thread_scratch(int group, int64_t span, int dim, int slot_
   return *kept.scratch;
 }
 
-// Tile geometry shared by the items of one call: RoPE rotations of the W in-tile offsets
-// (cos/sin of rows 0..W-1 of the rope table, [D/2][W]); a position p0 + t is rotated as
-// R(p0 + t) = R(p0) R(t): keys by R(t), the queries by R(p0)^T once per tile.
+// Tile geometry shared by the items of one call (built by the op layer, see DecodeArgs): RoPE
+// rotations of the W in-tile offsets ([D/2][W] cos and sin of rope rows 0..W-1); a position p0 + t
+// is rotated as R(p0 + t) = R(p0) R(t): keys by R(t), the queries by R(p0)^T once per tile.
 struct TileRope {
-  std::vector<float> cos, sin;
+  const float* cos;
+  const float* sin;
   // pair-diagonal keys: per head and pair [6][W]: R(t) B_j (m00, m01, m10, m11) and R(t) mean
-  std::vector<float> pair_blocks;
+  const float* pair_blocks;
 };
 
 // Scores of NG query heads (rows of q, stride D) against the tile's keys [D][W] -> dst rows
@@ -506,8 +507,8 @@ void decode_item(const DecodeArgs& a, const Item& item, int h, int64_t span, con
   const int64_t poff = static_cast<int64_t>(h) * half;
   const float *pa = pairs ? a.pairs.a + poff : nullptr, *pb = pairs ? a.pairs.b + poff : nullptr;
   const float *pc = pairs ? a.pairs.c + poff : nullptr, *pd = pairs ? a.pairs.d + poff : nullptr;
-  const float* rcos = tr.cos.data();
-  const float* rsin = tr.sin.data();
+  const float* rcos = tr.cos;
+  const float* rsin = tr.sin;
   const bool rope = a.rope != nullptr;
   float* zk = s.zk.data();
   float* key = s.key.data();
@@ -526,7 +527,7 @@ void decode_item(const DecodeArgs& a, const Item& item, int h, int64_t span, con
     if (pairs && rope) {  // fused: levels read straight into the precomposed pair blocks
       load_words(slots, a.k, words);
       const ComponentReader read(a.k, h, D, words);
-      const float* m = tr.pair_blocks.data() + static_cast<int64_t>(h) * half * 6 * W;
+      const float* m = tr.pair_blocks + static_cast<int64_t>(h) * half * 6 * W;
       for (int j = 0; j < half; ++j) {
         const float* mj = m + j * 6 * W;
         const __m512 lo = read(j), hi = read(j + half);
@@ -538,7 +539,7 @@ void decode_item(const DecodeArgs& a, const Item& item, int h, int64_t span, con
     {
     extract_tile(slots, a.k, h, D, zk, words);
     if (pairs && rope) {  // rotated key pair = (R(t) B_j) z + R(t) mean, precomposed per lane
-      const float* m = tr.pair_blocks.data() + static_cast<int64_t>(h) * half * 6 * W;
+      const float* m = tr.pair_blocks + static_cast<int64_t>(h) * half * 6 * W;
       for (int j = 0; j < half; ++j) {
         const float* mj = m + j * 6 * W;
         for (int u = 0; u < W; u += VS) {
@@ -701,7 +702,7 @@ void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t 
   const float* q = a.query + (static_cast<int64_t>(item.b) * a.q_heads + static_cast<int64_t>(h) * G) * D;
   const int64_t* bt = a.block_table + item.b * a.stride_bt;
   const uint8_t* head_pages = a.pages + h * a.stride_ph;
-  const float* m = tr.pair_blocks.data() + static_cast<int64_t>(h) * half * 6 * W;
+  const float* m = tr.pair_blocks + static_cast<int64_t>(h) * half * 6 * W;
   float* sc = s.scores.data();
   float* qrot = s.qrot.data();
   float* key = s.key.data();
@@ -815,42 +816,7 @@ void decode_attention(const DecodeArgs& a) {
       items.push_back(Item{b, std::max(c0, lo), std::min(c0 + chunk, cached)});  // never empty
   }
   first[B] = static_cast<int64_t>(items.size());
-  TileRope tr;
-  if (a.rope != nullptr) {
-    const int half = D / 2;
-    tr.cos.resize(static_cast<size_t>(half) * W);
-    tr.sin.resize(static_cast<size_t>(half) * W);
-    for (int t = 0; t < W; ++t) {
-      // rows >= the table's are only needed by masked lanes (then every position is < W)
-      const float* row = a.rope + std::min<int64_t>(t, std::max<int64_t>(a.num_rope_rows - 1, 0)) * D;
-      for (int j = 0; j < half; ++j) {
-        tr.cos[j * W + t] = row[j];
-        tr.sin[j * W + t] = row[half + j];
-      }
-    }
-  }
-  if (a.rope != nullptr && a.pairs.a != nullptr) {
-    const int half = D / 2;
-    tr.pair_blocks.resize(static_cast<size_t>(H) * half * 6 * W);
-    for (int h = 0; h < H; ++h) {
-      for (int j = 0; j < half; ++j) {
-        const int64_t i = static_cast<int64_t>(h) * half + j;
-        const float pa = a.pairs.a[i], pb = a.pairs.b[i], pc = a.pairs.c[i], pd = a.pairs.d[i];
-        const float m_lo = a.k.mean[static_cast<int64_t>(h) * D + j], m_hi = a.k.mean[static_cast<int64_t>(h) * D + half + j];
-        float* out = tr.pair_blocks.data() + i * 6 * W;
-        for (int t = 0; t < W; ++t) {
-          const float c = tr.cos[j * W + t], sn = tr.sin[j * W + t];
-          // k_lo = lo pa + hi pb + m_lo, k_hi = lo pc + hi pd + m_hi; r_lo = k_lo c - k_hi s, r_hi = k_hi c + k_lo s
-          out[t] = pa * c - pc * sn;
-          out[W + t] = pb * c - pd * sn;
-          out[2 * W + t] = pc * c + pa * sn;
-          out[3 * W + t] = pd * c + pb * sn;
-          out[4 * W + t] = m_lo * c - m_hi * sn;
-          out[5 * W + t] = m_hi * c + m_lo * sn;
-        }
-      }
-    }
-  }
+  const TileRope tr{a.tile_cos, a.tile_sin, a.tile_pairs};
   const int64_t row = D + 2;
   const int64_t span = chunk + 5 * W;  // a chunk, its alignment and the value pass' padding tiles
   const int slot_bytes = std::max(a.k.offset + a.k.nbytes, a.v.offset + a.v.nbytes);

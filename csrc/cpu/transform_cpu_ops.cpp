@@ -15,6 +15,9 @@
 //       k_format, v_format) -> int64 []: tokens with NaN/inf   (the engine's write from the model's K/V:
 //       NaN/inf stored as 0, keys un-rotated by the exact inverse of `rope` (the model's table,
 //       magnitude included), components by the codec's own einsum: the codec's bytes)
+//   cpu_transform_layer_tables(pages, k_tables, v_tables, k_format, v_format, key_pairs?, rope?) -> int32 [N]:
+//       what the ops below derive from a layer's tables (and the decode's rope) independently of the
+//       tokens; each op takes it as its last argument `layer_tables` (optional: else built per call)
 //   cpu_kernel_isa(wanted) -> active ISA ("avx512" | "avx2" | "scalar"; "" only asks,
 //       "auto" picks the best the CPU has)
 //
@@ -106,51 +109,6 @@ std::string kernel_isa(c10::string_view wanted_view) {
   return isa_name(active_isa());
 }
 
-// Extraction tables of one stream ([H, D] each), owned here, pointed to by Stream.
-struct StreamStore {
-  std::vector<int32_t> byte, extra, shift, mask, word, wshift, wspan;
-  std::vector<float> lut16;
-  Stream stream;
-};
-
-void build_stream(at::TensorList tables, at::IntArrayRef format, const at::Tensor& pages, int64_t heads,
-                  int64_t dim, StreamStore& out) {
-  const transform::StreamTables t = transform::stream_tables(tables, format, pages, heads, dim);
-  TORCH_CHECK(!t.has_pred, "seqkv CPU ops read streams without cross-layer prediction (has_pred must be 0); "
-              "cross-layer presets use the torch path");
-  const int64_t n = heads * dim;
-  const int64_t entries = tables[3].numel();
-  out.byte.resize(n);
-  out.extra.resize(n);
-  out.shift.resize(n);
-  out.mask.resize(n);
-  out.word.resize(n);
-  out.wshift.resize(n);
-  out.wspan.resize(n);
-  out.lut16.resize(n * 16);
-  for (int64_t i = 0; i < n; ++i) {
-    const int start = t.start[i], bits = t.nbits[i];
-    TORCH_CHECK(bits >= 0 && bits <= 8 && start >= 0 && (bits == 0 || start + bits <= 8 * t.nbytes),
-                "transform table start/nbits out of range for a ", t.nbytes, "-byte stream");
-    TORCH_CHECK(t.level_start[i] >= 0 && t.level_start[i] + (int64_t{1} << bits) <= entries,
-                "transform table level_start out of range: component ", i, " needs entries [",
-                t.level_start[i], ", ", t.level_start[i] + (1 << bits), ") of ", entries);
-    out.byte[i] = t.offset + (start >> 3);
-    out.extra[i] = (start & 7) + bits > 8 ? 1 : 0;
-    out.shift[i] = start & 7;
-    out.mask[i] = (1 << bits) - 1;
-    const int bit = 8 * t.offset + (bits > 0 ? start : 0);
-    out.word[i] = bit >> 5;
-    out.wshift[i] = bit & 31;
-    out.wspan[i] = (bit & 31) + bits > 32 ? 1 : 0;
-    for (int k = 0; k < 16; ++k) out.lut16[i * 16 + k] = t.levels[t.level_start[i] + (bits <= 4 ? (k & out.mask[i]) : k)];
-  }
-  const int first_word = t.offset / 4, last_word = (8 * (t.offset + t.nbytes) - 1) >> 5;
-  out.stream = Stream{t.levels, t.cuts, t.inverse, t.mean, t.start, t.nbits, t.level_start, out.byte.data(), out.extra.data(),
-                      out.shift.data(), out.mask.data(), out.word.data(), out.wshift.data(), out.wspan.data(),
-                      first_word, last_word - first_word + 1, t.offset, t.nbytes, out.lut16.data()};
-}
-
 PairBlocks pair_blocks(const std::optional<at::Tensor>& key_pairs, int64_t heads, int64_t dim, const at::Tensor& pages) {
   if (!key_pairs.has_value() || !key_pairs->defined()) return PairBlocks{nullptr, nullptr, nullptr, nullptr};
   const at::Tensor& p = *key_pairs;
@@ -160,6 +118,226 @@ PairBlocks pair_blocks(const std::optional<at::Tensor>& key_pairs, int64_t heads
   const float* base = p.data_ptr<float>();
   const int64_t step = heads * (dim / 2);
   return PairBlocks{base, base + step, base + 2 * step, base + 3 * step};
+}
+
+bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_rope(const std::optional<at::Tensor>& rope, int64_t dim, int64_t rows_needed, const at::Tensor& pages) {
+  if (!given(rope)) return;
+  TORCH_CHECK(rope->dim() == 2 && rope->size(1) == dim && rope->scalar_type() == at::kFloat && rope->is_contiguous() &&
+                  rope->device() == pages.device(),
+              "rope must be a contiguous float32 [P, D] table on the pages' device");
+  TORCH_CHECK(rope->size(0) >= rows_needed, "rope table has ", rope->size(0), " rows, positions up to ",
+              rows_needed - 1, " are read");
+}
+
+// ---- Layer tables: what the ops derive from one layer's codec tables (and, for the decode, its
+// RoPE) independently of the tokens, in one int32 tensor. Built inside each call, or once per
+// layer by cpu_transform_layer_tables and passed in (`layer_tables`): a decode step calls the ops
+// once per layer with the same tables, and rebuilding them was a large part of a short context's
+// call. int32 layout (floats bit-cast):
+//   header [kHeader]: magic, version, heads, dim, slot_bytes, k offset, k nbytes, k level entries,
+//     v offset, v nbytes, v level entries, has_rope, has_pairs, rope rows used, total size; from
+//     int32 kSourcesAt on, the data pointers (int64) of the tensors it was built from (k tables
+//     0..7, v tables 0..7, key_pairs, rope), compared at every use;
+//   per stream (K, then V): byte, extra, shift, mask, word, wshift, wspan [n] each, lut16 [16 n];
+//   with rope: tile cos, tile sin [D/2 * kTile] each; with rope and pairs: tile pairs
+//   [H * D/2 * 6 * kTile] (DecodeArgs).
+constexpr int32_t kLayerMagic = 0x564b5153;  // "SQKV"
+constexpr int32_t kLayerVersion = 1;
+constexpr int64_t kHeader = 64;
+constexpr int64_t kSourcesAt = 16;
+constexpr int kSources = 18;
+
+struct LayerSizes {
+  int64_t stream, tile_rope, tile_pairs, total;
+};
+
+LayerSizes layer_sizes(int64_t heads, int64_t dim, bool rope, bool pairs) {
+  const int64_t n = heads * dim, half = dim / 2;
+  LayerSizes z{};
+  z.stream = 7 * n + 16 * n;
+  z.tile_rope = rope ? half * kTile : 0;
+  z.tile_pairs = rope && pairs ? heads * half * 6 * kTile : 0;
+  z.total = kHeader + 2 * z.stream + 2 * z.tile_rope + z.tile_pairs;
+  return z;
+}
+
+void sources(at::TensorList k_tables, at::TensorList v_tables, const std::optional<at::Tensor>& key_pairs,
+             const std::optional<at::Tensor>& rope, int64_t* out) {
+  for (int i = 0; i < 8; ++i) {
+    out[i] = reinterpret_cast<int64_t>(k_tables[i].data_ptr());
+    out[8 + i] = reinterpret_cast<int64_t>(v_tables[i].data_ptr());
+  }
+  out[16] = given(key_pairs) ? reinterpret_cast<int64_t>(key_pairs->data_ptr()) : 0;
+  out[17] = given(rope) ? reinterpret_cast<int64_t>(rope->data_ptr()) : 0;
+}
+
+// One stream's extraction tables (see Stream) from its start/nbits/level_start/levels.
+void fill_stream(const transform::StreamTables& t, int64_t entries, int64_t n, int32_t* dst) {
+  int32_t *byte = dst, *extra = dst + n, *shift = dst + 2 * n, *mask = dst + 3 * n;
+  int32_t *word = dst + 4 * n, *wshift = dst + 5 * n, *wspan = dst + 6 * n;
+  float* lut16 = reinterpret_cast<float*>(dst + 7 * n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int start = t.start[i], bits = t.nbits[i];
+    TORCH_CHECK(bits >= 0 && bits <= 8 && start >= 0 && (bits == 0 || start + bits <= 8 * t.nbytes),
+                "transform table start/nbits out of range for a ", t.nbytes, "-byte stream");
+    TORCH_CHECK(t.level_start[i] >= 0 && t.level_start[i] + (int64_t{1} << bits) <= entries,
+                "transform table level_start out of range: component ", i, " needs entries [",
+                t.level_start[i], ", ", t.level_start[i] + (1 << bits), ") of ", entries);
+    byte[i] = t.offset + (start >> 3);
+    extra[i] = (start & 7) + bits > 8 ? 1 : 0;
+    shift[i] = start & 7;
+    mask[i] = (1 << bits) - 1;
+    const int bit = 8 * t.offset + (bits > 0 ? start : 0);
+    word[i] = bit >> 5;
+    wshift[i] = bit & 31;
+    wspan[i] = (bit & 31) + bits > 32 ? 1 : 0;
+    for (int k = 0; k < 16; ++k) lut16[i * 16 + k] = t.levels[t.level_start[i] + (bits <= 4 ? (k & mask[i]) : k)];
+  }
+}
+
+Stream view_stream(const transform::StreamTables& t, const int32_t* src, int64_t n) {
+  const int first_word = t.offset / 4, last_word = (8 * (t.offset + t.nbytes) - 1) >> 5;
+  return Stream{t.levels, t.cuts, t.inverse, t.mean, t.start, t.nbits, t.level_start, src, src + n, src + 2 * n,
+                src + 3 * n, src + 4 * n, src + 5 * n, src + 6 * n, first_word, last_word - first_word + 1, t.offset,
+                t.nbytes, reinterpret_cast<const float*>(src + 7 * n)};
+}
+
+// Rotations of the in-tile offsets (and the pair blocks composed with them), see DecodeArgs.
+void fill_tile(const float* rope, int64_t rope_rows, const PairBlocks& pairs, const float* mean_k, int64_t heads,
+               int64_t dim, float* cos, float* sin, float* pair_blocks) {
+  const int64_t half = dim / 2;
+  for (int t = 0; t < kTile; ++t) {
+    // rows >= the table's are only needed by masked lanes (then every position is < kTile)
+    const float* row = rope + std::min<int64_t>(t, std::max<int64_t>(rope_rows - 1, 0)) * dim;
+    for (int64_t j = 0; j < half; ++j) {
+      cos[j * kTile + t] = row[j];
+      sin[j * kTile + t] = row[half + j];
+    }
+  }
+  if (pair_blocks == nullptr) return;
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t j = 0; j < half; ++j) {
+      const int64_t i = h * half + j;
+      const float pa = pairs.a[i], pb = pairs.b[i], pc = pairs.c[i], pd = pairs.d[i];
+      const float m_lo = mean_k[h * dim + j], m_hi = mean_k[h * dim + half + j];
+      float* out = pair_blocks + i * 6 * kTile;
+      for (int t = 0; t < kTile; ++t) {
+        const float c = cos[j * kTile + t], sn = sin[j * kTile + t];
+        // k_lo = lo pa + hi pb + m_lo, k_hi = lo pc + hi pd + m_hi; r_lo = k_lo c - k_hi s, r_hi = k_hi c + k_lo s
+        out[t] = pa * c - pc * sn;
+        out[kTile + t] = pb * c - pd * sn;
+        out[2 * kTile + t] = pc * c + pa * sn;
+        out[3 * kTile + t] = pd * c + pb * sn;
+        out[4 * kTile + t] = m_lo * c - m_hi * sn;
+        out[5 * kTile + t] = m_hi * c + m_lo * sn;
+      }
+    }
+  }
+}
+
+// What the kernels read of one layer: streams, pair blocks, tile rotations (pointers into the
+// codec's tables and into `owner`, the layer tables).
+struct LayerView {
+  Stream k, v;
+  PairBlocks pairs;
+  const float *tile_cos, *tile_sin, *tile_pairs;
+  at::Tensor owner;
+};
+
+at::Tensor build_layer_tables(const transform::StreamTables& kt, const transform::StreamTables& vt, at::TensorList k_tables,
+                              at::TensorList v_tables, const PairBlocks& pairs, const std::optional<at::Tensor>& key_pairs,
+                              const std::optional<at::Tensor>& rope, const at::Tensor& pages, int64_t heads, int64_t dim) {
+  const bool has_rope = given(rope), has_pairs = pairs.a != nullptr;
+  const LayerSizes z = layer_sizes(heads, dim, has_rope, has_pairs);
+  const int64_t n = heads * dim, half = dim / 2;
+  auto blob = at::empty({z.total}, pages.options().dtype(at::kInt));
+  int32_t* p = blob.data_ptr<int32_t>();
+  std::fill(p, p + kHeader, 0);
+  const int64_t rope_rows = has_rope ? rope->size(0) : 0;
+  const int64_t header[] = {kLayerMagic, kLayerVersion, heads, dim, pages.size(3), kt.offset, kt.nbytes, k_tables[3].numel(),
+                            vt.offset, vt.nbytes, v_tables[3].numel(), has_rope, has_pairs,
+                            std::min<int64_t>(rope_rows, kTile), z.total};
+  for (size_t i = 0; i < sizeof(header) / sizeof(header[0]); ++i) p[i] = static_cast<int32_t>(header[i]);
+  sources(k_tables, v_tables, key_pairs, rope, reinterpret_cast<int64_t*>(p + kSourcesAt));
+  fill_stream(kt, k_tables[3].numel(), n, p + kHeader);
+  fill_stream(vt, v_tables[3].numel(), n, p + kHeader + z.stream);
+  if (has_rope) {
+    float* cos = reinterpret_cast<float*>(p + kHeader + 2 * z.stream);
+    fill_tile(rope->data_ptr<float>(), rope_rows, pairs, kt.mean, heads, dim, cos, cos + half * kTile,
+              has_pairs ? cos + 2 * half * kTile : nullptr);
+  }
+  return blob;
+}
+
+// The layer's tables for one call: `layer_tables` when given (checked to have been built from
+// these very tensors: same data pointers, sizes and formats; with `with_tile` also the same
+// key_pairs and rope), else built here. The codec tables are checked (shapes, dtypes, device) in
+// every call.
+LayerView layer_view(const std::optional<at::Tensor>& layer_tables, at::TensorList k_tables, at::TensorList v_tables,
+                     at::IntArrayRef k_format, at::IntArrayRef v_format, const std::optional<at::Tensor>& key_pairs,
+                     const std::optional<at::Tensor>& rope, const at::Tensor& pages, int64_t heads, int64_t dim,
+                     bool with_tile) {
+  const transform::StreamTables kt = transform::stream_tables(k_tables, k_format, pages, heads, dim);
+  const transform::StreamTables vt = transform::stream_tables(v_tables, v_format, pages, heads, dim);
+  TORCH_CHECK(!kt.has_pred && !vt.has_pred, "seqkv CPU ops read streams without cross-layer prediction (has_pred "
+              "must be 0); cross-layer presets use the torch path");
+  LayerView view{};
+  view.pairs = pair_blocks(key_pairs, heads, dim, pages);
+  const bool has_rope = with_tile && given(rope);
+  if (has_rope) check_rope(rope, dim, 0, pages);
+  if (given(layer_tables)) {
+    const at::Tensor& t = *layer_tables;
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.is_contiguous() && t.device() == pages.device() &&
+                    t.numel() >= kHeader, "layer_tables must be the int32 tensor cpu_transform_layer_tables returns");
+    const int32_t* p = t.data_ptr<int32_t>();
+    TORCH_CHECK(p[0] == kLayerMagic && p[1] == kLayerVersion && p[14] == t.numel(),
+                "layer_tables: not (or no longer) a cpu_transform_layer_tables result (magic, version or size differ)");
+    const int64_t expected[] = {heads, dim, pages.size(3), kt.offset, kt.nbytes, k_tables[3].numel(), vt.offset,
+                                vt.nbytes, v_tables[3].numel()};
+    bool same = true;
+    for (int i = 0; i < 9; ++i) same = same && p[2 + i] == expected[i];
+    int64_t now[kSources];
+    sources(k_tables, v_tables, key_pairs, rope, now);
+    const int64_t* then = reinterpret_cast<const int64_t*>(p + kSourcesAt);
+    for (int i = 0; i < 16; ++i) same = same && now[i] == then[i];
+    TORCH_CHECK(same, "layer_tables were built from other codec tables or pages than this call's (rebuild them "
+                "with cpu_transform_layer_tables for these tensors)");
+    if (with_tile) {
+      const int64_t rows = has_rope ? std::min<int64_t>(rope->size(0), kTile) : 0;
+      TORCH_CHECK(p[11] == has_rope && p[12] == (view.pairs.a != nullptr) && p[13] == rows && now[16] == then[16] &&
+                      now[17] == then[17],
+                  "layer_tables were built for another rope / key_pairs than this call's");
+    }
+    view.owner = t;
+  } else {
+    view.owner = build_layer_tables(kt, vt, k_tables, v_tables, view.pairs, key_pairs, has_rope ? rope : std::nullopt,
+                                    pages, heads, dim);
+  }
+  const int32_t* p = view.owner.data_ptr<int32_t>();
+  const LayerSizes z = layer_sizes(heads, dim, p[11] != 0, p[12] != 0);
+  const int64_t n = heads * dim, half = dim / 2;
+  view.k = view_stream(kt, p + kHeader, n);
+  view.v = view_stream(vt, p + kHeader + z.stream, n);
+  const float* cos = p[11] ? reinterpret_cast<const float*>(p + kHeader + 2 * z.stream) : nullptr;
+  view.tile_cos = has_rope ? cos : nullptr;
+  view.tile_sin = has_rope ? cos + half * kTile : nullptr;
+  view.tile_pairs = has_rope && view.pairs.a != nullptr ? cos + 2 * half * kTile : nullptr;
+  return view;
+}
+
+// The layer tables of cpu_transform_layer_tables (see above): for the decode and write ops of
+// `pages`' layer with these codec tables, key_pairs and rope.
+at::Tensor layer_tables(const at::Tensor& pages, at::TensorList k_tables, at::TensorList v_tables, at::IntArrayRef k_format,
+                        at::IntArrayRef v_format, const std::optional<at::Tensor>& key_pairs,
+                        const std::optional<at::Tensor>& rope) {
+  TORCH_CHECK(pages.device().is_cpu(), "seqkv CPU ops: pages must be a CPU tensor, got ", pages.device());
+  transform::check_pages(pages);
+  const int64_t heads = pages.size(1);
+  const int64_t dim = k_tables.size() > 7 ? k_tables[7].size(-1) : 0;
+  transform::check_head_dim(dim);
+  return layer_view(std::nullopt, k_tables, v_tables, k_format, v_format, key_pairs, rope, pages, heads, dim, true).owner;
 }
 
 // One past the last byte of the pages view (a 4-byte SIMD read must not pass it).
@@ -174,22 +352,14 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "seqkv CPU ops: ", name, " must be a CPU tensor, got ", t.device());
 }
 
-void check_rope(const std::optional<at::Tensor>& rope, int64_t dim, int64_t rows_needed, const at::Tensor& pages) {
-  if (!rope.has_value() || !rope->defined()) return;
-  TORCH_CHECK(rope->dim() == 2 && rope->size(1) == dim && rope->scalar_type() == at::kFloat && rope->is_contiguous() &&
-                  rope->device() == pages.device(),
-              "rope must be a contiguous float32 [P, D] table on the pages' device");
-  TORCH_CHECK(rope->size(0) >= rows_needed, "rope table has ", rope->size(0), " rows, positions up to ",
-              rows_needed - 1, " are read");
-}
-
 std::tuple<at::Tensor, at::Tensor> decode_attention(
     const at::Tensor& query_in, const std::optional<at::Tensor>& own_k_in, const std::optional<at::Tensor>& own_v_in,
     const at::Tensor& pages, const at::Tensor& block_table_in, const at::Tensor& seq_lens_in,
     const std::optional<at::Tensor>& rope, at::TensorList k_tables, at::TensorList v_tables, at::IntArrayRef k_format,
     at::IntArrayRef v_format, const std::optional<at::Tensor>& key_pairs, double scale, int64_t num_splits,
     int64_t skip_first,
-    const std::optional<at::Tensor>& sink_k_in, const std::optional<at::Tensor>& sink_v_in) {
+    const std::optional<at::Tensor>& sink_k_in, const std::optional<at::Tensor>& sink_v_in,
+    const std::optional<at::Tensor>& layer_tables) {
   check_cpu(pages, "pages");
   transform::check_pages(pages);
   const int64_t heads = pages.size(1), block_size = pages.size(2);
@@ -215,10 +385,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
                   (seq_lens_in.scalar_type() == at::kInt || seq_lens_in.scalar_type() == at::kLong) &&
                   seq_lens_in.device() == pages.device(), "seq_lens must be int [B]");
   TORCH_CHECK(skip_first >= 0, "skip_first must be >= 0");
-  StreamStore ks, vs;
-  build_stream(k_tables, k_format, pages, heads, dim, ks);
-  build_stream(v_tables, v_format, pages, heads, dim, vs);
-  const PairBlocks pairs = pair_blocks(key_pairs, heads, dim, pages);
+  const LayerView lv = layer_view(layer_tables, k_tables, v_tables, k_format, v_format, key_pairs, rope, pages, heads,
+                                  dim, true);
   auto out = at::empty({batch, q_heads, dim}, query_in.options());
   auto lse = at::empty({batch, q_heads}, query_in.options().dtype(at::kFloat));
   if (batch == 0) return {out, lse};
@@ -276,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
                   has_own ? own_v.data_ptr<float>() : nullptr, pages.data_ptr<uint8_t>(),
                   pages.stride(0), pages.stride(1), pages.stride(2), block_table.data_ptr<int64_t>(), block_table.size(1),
                   lens, has_rope ? rope->data_ptr<float>() : nullptr, has_rope ? rope->size(0) : 0, pages_end(pages),
-                  ks.stream, vs.stream, pairs,
+                  lv.k, lv.v, lv.pairs, lv.tile_cos, lv.tile_sin, lv.tile_pairs,
                   static_cast<int>(batch), static_cast<int>(heads), static_cast<int>(q_heads), static_cast<int>(dim),
                   static_cast<int>(block_size), static_cast<float>(scale), skip_first, num_splits,
                   out_f.data_ptr<float>(), lse.data_ptr<float>(),
@@ -290,7 +458,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
 std::tuple<at::Tensor, at::Tensor> reconstruct_blocks(
     const at::Tensor& pages, const at::Tensor& block_ids_in, const std::optional<at::Tensor>& rope,
     const std::optional<at::Tensor>& block_positions_in, at::TensorList k_tables, at::TensorList v_tables,
-    at::IntArrayRef k_format, at::IntArrayRef v_format, const std::optional<at::Tensor>& key_pairs) {
+    at::IntArrayRef k_format, at::IntArrayRef v_format, const std::optional<at::Tensor>& key_pairs,
+    const std::optional<at::Tensor>& layer_tables) {
   check_cpu(pages, "pages");
   transform::check_pages(pages);
   const int64_t heads = pages.size(1), block_size = pages.size(2);
@@ -298,10 +467,8 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_blocks(
   transform::check_head_dim(dim);
   TORCH_CHECK(block_ids_in.dim() == 1 && (block_ids_in.scalar_type() == at::kInt || block_ids_in.scalar_type() == at::kLong) &&
                   block_ids_in.device() == pages.device(), "block_ids must be int [M]");
-  StreamStore ks, vs;
-  build_stream(k_tables, k_format, pages, heads, dim, ks);
-  build_stream(v_tables, v_format, pages, heads, dim, vs);
-  const PairBlocks pairs = pair_blocks(key_pairs, heads, dim, pages);
+  const LayerView lv = layer_view(layer_tables, k_tables, v_tables, k_format, v_format, key_pairs, std::nullopt, pages,
+                                  heads, dim, false);
   const auto block_ids = block_ids_in.to(at::kLong).contiguous();
   const int64_t num_ids = block_ids.numel();
   const int64_t* ids = block_ids.data_ptr<int64_t>();
@@ -328,14 +495,15 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_blocks(
   if (num_ids == 0) return {key, value};
   ReconstructArgs args{pages.data_ptr<uint8_t>(), pages.stride(0), pages.stride(1), pages.stride(2), ids,
                        has_rope ? positions.data_ptr<int64_t>() : nullptr, has_rope ? rope->data_ptr<float>() : nullptr,
-                       has_rope ? rope->size(0) : 0, ks.stream, vs.stream, pairs, num_ids, static_cast<int>(heads),
+                       has_rope ? rope->size(0) : 0, lv.k, lv.v, lv.pairs, num_ids, static_cast<int>(heads),
                        static_cast<int>(dim), static_cast<int>(block_size), key.data_ptr<float>(), value.data_ptr<float>()};
   SEQKV_CPU_DISPATCH(reconstruct, args);
   return {key, value};
 }
 
 void write_slots(const at::Tensor& zk_in, const at::Tensor& zv_in, const at::Tensor& slot_mapping_in, const at::Tensor& pages,
-                 at::TensorList k_tables, at::TensorList v_tables, at::IntArrayRef k_format, at::IntArrayRef v_format) {
+                 at::TensorList k_tables, at::TensorList v_tables, at::IntArrayRef k_format, at::IntArrayRef v_format,
+                 const std::optional<at::Tensor>& layer_tables) {
   check_cpu(pages, "pages");
   transform::check_pages(pages);
   const int64_t heads = pages.size(1), block_size = pages.size(2);
@@ -348,9 +516,8 @@ void write_slots(const at::Tensor& zk_in, const at::Tensor& zv_in, const at::Ten
   TORCH_CHECK(slot_mapping_in.dim() == 1 && slot_mapping_in.size(0) == tokens &&
                   (slot_mapping_in.scalar_type() == at::kInt || slot_mapping_in.scalar_type() == at::kLong) &&
                   slot_mapping_in.device() == pages.device(), "slot_mapping must be int [T]");
-  StreamStore ks, vs;
-  build_stream(k_tables, k_format, pages, heads, dim, ks);
-  build_stream(v_tables, v_format, pages, heads, dim, vs);
+  const LayerView lv = layer_view(layer_tables, k_tables, v_tables, k_format, v_format, std::nullopt, std::nullopt, pages,
+                                  heads, dim, false);
   if (tokens == 0) return;
   const auto zk = zk_in.contiguous();
   const auto zv = zv_in.contiguous();
@@ -359,7 +526,7 @@ void write_slots(const at::Tensor& zk_in, const at::Tensor& zv_in, const at::Ten
   for (int64_t t = 0; t < tokens; ++t)
     TORCH_CHECK(slots[t] < pages.size(0) * block_size, "slot_mapping[", t, "] = ", slots[t], " is beyond the pages");
   WriteArgs args{zk.data_ptr<float>(), zv.data_ptr<float>(), slots, pages.data_ptr<uint8_t>(), pages.stride(0),
-                 pages.stride(1), pages.stride(2), ks.stream, vs.stream, tokens, static_cast<int>(heads),
+                 pages.stride(1), pages.stride(2), lv.k, lv.v, tokens, static_cast<int>(heads),
                  static_cast<int>(dim), static_cast<int>(block_size)};
   SEQKV_CPU_DISPATCH(write_slots, args);
 }
@@ -403,7 +570,7 @@ void zero_nonfinite(float* x, int64_t tokens, int64_t row, uint8_t* flags) {
 at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, const at::Tensor& slot_mapping_in,
                         const at::Tensor& positions_in, const at::Tensor& pages, const std::optional<at::Tensor>& rope,
                         at::TensorList k_tables, at::TensorList v_tables, at::IntArrayRef k_format,
-                        at::IntArrayRef v_format) {
+                        at::IntArrayRef v_format, const std::optional<at::Tensor>& layer_tables) {
   check_cpu(pages, "pages");
   transform::check_pages(pages);
   const int64_t heads = pages.size(1), block_size = pages.size(2);
@@ -417,9 +584,8 @@ at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, co
     TORCH_CHECK(t->dim() == 1 && t->size(0) == tokens && (t->scalar_type() == at::kInt || t->scalar_type() == at::kLong) &&
                     t->device() == pages.device(), "slot_mapping/positions must be int [T]");
   }
-  StreamStore ks, vs;
-  build_stream(k_tables, k_format, pages, heads, dim, ks);
-  build_stream(v_tables, v_format, pages, heads, dim, vs);
+  const LayerView lv = layer_view(layer_tables, k_tables, v_tables, k_format, v_format, std::nullopt, std::nullopt, pages,
+                                  heads, dim, false);
   auto nonfinite = at::zeros({}, pages.options().dtype(at::kLong));
   if (tokens == 0) return nonfinite;
   const auto slot_mapping = slot_mapping_in.to(at::kLong).contiguous();
@@ -461,7 +627,7 @@ at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, co
   const auto zk = at::bmm((key - k_tables[7]).transpose(0, 1), k_tables[5]).transpose(0, 1).contiguous();
   const auto zv = at::bmm((value - v_tables[7]).transpose(0, 1), v_tables[5]).transpose(0, 1).contiguous();
   WriteArgs args{zk.data_ptr<float>(), zv.data_ptr<float>(), valid_slots.data_ptr<int64_t>(), pages.data_ptr<uint8_t>(),
-                 pages.stride(0), pages.stride(1), pages.stride(2), ks.stream, vs.stream, n, static_cast<int>(heads),
+                 pages.stride(0), pages.stride(1), pages.stride(2), lv.k, lv.v, n, static_cast<int>(heads),
                  static_cast<int>(dim), static_cast<int>(block_size)};
   SEQKV_CPU_DISPATCH(write_slots, args);
   return nonfinite;
@@ -474,14 +640,18 @@ at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, co
 TORCH_LIBRARY_FRAGMENT(seqkv, m) {
   m.def("cpu_transform_decode_attention(Tensor query, Tensor? own_k, Tensor? own_v, Tensor pages, Tensor block_table, "
         "Tensor seq_lens, Tensor? rope, Tensor[] k_tables, Tensor[] v_tables, int[] k_format, int[] v_format, "
-        "Tensor? key_pairs, float scale, int num_splits, int skip_first, Tensor? sink_k=None, Tensor? sink_v=None) "
-        "-> (Tensor, Tensor)");
+        "Tensor? key_pairs, float scale, int num_splits, int skip_first, Tensor? sink_k=None, Tensor? sink_v=None, "
+        "Tensor? layer_tables=None) -> (Tensor, Tensor)");
   m.def("cpu_reconstruct_transform_blocks(Tensor pages, Tensor block_ids, Tensor? rope, Tensor? block_positions, "
-        "Tensor[] k_tables, Tensor[] v_tables, int[] k_format, int[] v_format, Tensor? key_pairs) -> (Tensor, Tensor)");
+        "Tensor[] k_tables, Tensor[] v_tables, int[] k_format, int[] v_format, Tensor? key_pairs, Tensor? layer_tables=None) "
+        "-> (Tensor, Tensor)");
   m.def("cpu_write_transform_slots(Tensor zk, Tensor zv, Tensor slot_mapping, Tensor(a!) pages, Tensor[] k_tables, "
-        "Tensor[] v_tables, int[] k_format, int[] v_format) -> ()");
+        "Tensor[] v_tables, int[] k_format, int[] v_format, Tensor? layer_tables=None) -> ()");
   m.def("cpu_write_transform_tokens(Tensor key, Tensor value, Tensor slot_mapping, Tensor positions, Tensor(a!) pages, "
-        "Tensor? rope, Tensor[] k_tables, Tensor[] v_tables, int[] k_format, int[] v_format) -> Tensor");
+        "Tensor? rope, Tensor[] k_tables, Tensor[] v_tables, int[] k_format, int[] v_format, Tensor? layer_tables=None) "
+        "-> Tensor");
+  m.def("cpu_transform_layer_tables(Tensor pages, Tensor[] k_tables, Tensor[] v_tables, int[] k_format, int[] v_format, "
+        "Tensor? key_pairs, Tensor? rope) -> Tensor");
   m.def("cpu_kernel_isa(str wanted) -> str", &seqkv::cpu::kernel_isa);
 }
 
@@ -490,6 +660,7 @@ TORCH_LIBRARY_IMPL(seqkv, CPU, m) {
   m.impl("cpu_reconstruct_transform_blocks", &seqkv::cpu::reconstruct_blocks);
   m.impl("cpu_write_transform_slots", &seqkv::cpu::write_slots);
   m.impl("cpu_write_transform_tokens", &seqkv::cpu::write_tokens);
+  m.impl("cpu_transform_layer_tables", &seqkv::cpu::layer_tables);
 }
 
 // An empty Python module named _cpu (the build names the extension vllm_seqkv._cpu).

@@ -47,7 +47,8 @@ def greedy(llm, prompts, max_tokens: int = 16) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def seqkv_fixed_memory(model_dir, seqkv_options: dict | None = None, max_model_len: int = 512):
+def seqkv_fixed_memory(model_dir, seqkv_options: dict | None = None, max_model_len: int = 512,
+                       pages_on_cpu: bool = True):
     """:class:`~vllm_seqkv.integration.fixed_memory.FixedMemory` of a seqkv engine for the model
     (built from its HF config, as the worker's engine codec is), and one block's page bytes per
     layer and KV head for block size 1 (times ``block_size * layers * kv_heads``: a block)."""
@@ -61,7 +62,8 @@ def seqkv_fixed_memory(model_dir, seqkv_options: dict | None = None, max_model_l
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     codec = EngineCodec(validate({"kv_cache_backend": "seqkv", **(seqkv_options or {})}), str(model_dir),
                         config.num_key_value_heads, head_dim, kv_dtype=config.dtype)  # vLLM's "auto"
-    return fixed_memory_of(codec, config.num_hidden_layers, max_model_len), codec.slot_bytes
+    return fixed_memory_of(codec, config.num_hidden_layers, max_model_len,
+                           pages_on_cpu=pages_on_cpu), codec.slot_bytes
 
 
 def seqkv_budget_for_blocks(model_dir, blocks: int, seqkv_options: dict | None = None,

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig
 
 from tests.e2e.engines import seqkv_fixed_memory
+from vllm_seqkv import kernels
 from vllm_seqkv.integration.fixed_memory import FixedMemory
 
 
@@ -75,9 +76,22 @@ def test_per_layer_preset_has_no_token_table_and_a_sink_entry_per_block(tiny_mod
     assert fixed.sink_table(100) == 100 * layers * heads * dim * 2 * 2  # bf16 K and V rows
     assert fixed.sink_table(10**6) == 1 << 20
     # the fused kernels' params view the codec's tables: only each stream's two placeholder
-    # predictor scalars (no cross-layer predictor) are their own
-    assert fixed.kernel_params == layers * 2 * (4 + 4)
+    # predictor scalars (no cross-layer predictor) are their own; the C++ CPU ops keep the key
+    # pair blocks and their layer tables per layer (csrc/cpu/transform_cpu_ops.cpp's layout:
+    # header, 7 int32 and 16 float entries per component and stream, RoPE tile rotations of
+    # the 16 in-tile offsets, pair blocks composed with them)
+    placeholders = layers * 2 * (4 + 4)
+    if kernels.implementation(torch.device("cpu")) == "cpp":
+        half, tile = dim // 2, 16
+        table_entries = 64 + 2 * 23 * heads * dim + 2 * half * tile + heads * half * 6 * tile
+        pair_blocks = 4 * heads * half
+        assert fixed.kernel_params == placeholders + layers * 4 * (table_entries + pair_blocks)
+    else:
+        assert fixed.kernel_params == placeholders
     assert fixed.kernel_params_on_device > fixed.calibration // 2  # a GPU holds its own copies
+    without_cpu_ops = seqkv_fixed_memory(tiny_model_dir, {"preset": "seqkv-f4", "sink_table_bytes": 1 << 20},
+                                         pages_on_cpu=False)[0]
+    assert without_cpu_ops.kernel_params == placeholders
 
 
 def rope_storage_bytes(engine) -> int:

@@ -351,6 +351,69 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.seqkv.cpu_transform_decode_attention,
                           (query, own_k, own_v, pages, table, seq_lens, rope, *tables, cpu_ops.key_pairs(params),
                            0.3, 0, 1, sinks, sinks.clone()), test_utils=tests)
+    # NOTE: not with layer_tables: opcheck runs the op on copies of the arguments, and layer
+    # tables of other tensors than the call's are refused (test_layer_tables_built_once_...)
+
+
+def test_layer_tables_built_once_give_the_per_call_results_and_are_checked():
+    """The ops' layer tables built once (cpu_transform_layer_tables, what the wrappers pass) give
+    the same bits as tables built inside each call; tables of other tensors are refused."""
+    heads, dim, group = 3, 64, 3
+    layout = random_layout(heads, dim, pair_keys=True, seed=5)
+    params = transform_layer_params(layout)
+    pages, table, seq_lens = random_paged_case(layout, [3, 40, 150], 16, seed=5)
+    query, own_k, own_v = _decode_inputs(heads, dim, group, 3, torch.float32, seed=5)
+    rope = rope_cache(160, dim, THETA)
+    args = cpu_ops.layer_args(params)
+    sinks = torch.randn(3, 2, heads, dim), torch.randn(3, 2, heads, dim)
+
+    def decode(rope, layer_tables=None, pairs=args.pairs, k_tables=args.k_tables):
+        return torch.ops.seqkv.cpu_transform_decode_attention(
+            query, own_k, own_v, pages, table, seq_lens, rope, k_tables, args.v_tables, args.k_format,
+            args.v_format, pairs, 0.2, 0, 2, *sinks, layer_tables)
+
+    for use_rope in (rope, None):
+        prepared = torch.ops.seqkv.cpu_transform_layer_tables(pages, args.k_tables, args.v_tables, args.k_format,
+                                                              args.v_format, args.pairs, use_rope)
+        for _ in each_isa():
+            for built, once in zip(decode(use_rope), decode(use_rope, prepared)):
+                assert torch.equal(built, once)
+    prepared = args.layer_tables(pages, rope)
+    assert args.layer_tables(pages, rope) is prepared and args.any_tables(pages) is prepared  # kept per layer
+    assert cpu_ops.layer_args(params) is args
+    assert cpu_ops.layer_args(replace(params)) is not args  # a copy derives its own
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(5, heads, dim, generator=gen)
+    slots = torch.tensor([0, 3, -1, 17, 40])
+    written = [pages.clone(), pages.clone()]
+    torch.ops.seqkv.cpu_write_transform_slots(z, z * 0.5, slots, written[0], args.k_tables, args.v_tables,
+                                              args.k_format, args.v_format)
+    torch.ops.seqkv.cpu_write_transform_slots(z, z * 0.5, slots, written[1], args.k_tables, args.v_tables,
+                                              args.k_format, args.v_format, prepared)
+    assert torch.equal(written[0], written[1]) and not torch.equal(written[0], pages)
+    other = transform_layer_params(random_layout(heads, dim, pair_keys=True, seed=6))
+    with pytest.raises(RuntimeError, match="built from other codec tables"):
+        decode(rope, cpu_ops._LayerArgs(other).layer_tables(pages, rope))
+    with pytest.raises(RuntimeError, match="another rope"):
+        decode(rope.clone(), prepared)
+    with pytest.raises(RuntimeError, match="another rope"):
+        decode(None, prepared)
+    with pytest.raises(RuntimeError, match="another rope"):
+        decode(rope, prepared, pairs=None)
+    with pytest.raises(RuntimeError, match="built from other codec tables"):
+        decode(rope, prepared, k_tables=[t.clone() for t in args.k_tables])
+    tampered = prepared.clone()
+    tampered[0] += 1
+    with pytest.raises(RuntimeError, match="magic"):
+        decode(rope, tampered)
+    with pytest.raises(RuntimeError, match="magic"):
+        decode(rope, prepared[:-1])
+    with pytest.raises(RuntimeError, match="int32"):
+        decode(rope, prepared.float())
+    smaller = pages[..., :-1]  # another slot size: the stream formats no longer fit
+    with pytest.raises(RuntimeError):
+        torch.ops.seqkv.cpu_transform_layer_tables(smaller, args.k_tables, args.v_tables, args.k_format, args.v_format,
+                                                   args.pairs, rope)
 
 
 def test_wrappers_check_arguments():

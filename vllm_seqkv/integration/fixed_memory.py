@@ -9,7 +9,9 @@ Parts (:class:`FixedMemory`, bytes):
   predictors).
 * ``kernel_params``: the tensors of the kernels' per-layer params that are not the codec's
   own (on CPU they view the codec's tensors: every table the kernels read is the codec's own,
-  in the kernels' dtype and layout).
+  in the kernels' dtype and layout), and where the C++ CPU ops run (pages on the host), what
+  they derive once per layer and keep with the params (key pair blocks and layer tables:
+  extraction tables, 16-entry level tables, RoPE tile rotations; ``cpu_ops.layer_args``).
 * ``rope_tables``: for pre-RoPE presets, each distinct cos/sin table and its pure-rotation
   split, float32 ``[max_model_len, D]`` each (the backend keeps ``max_model_len`` rows, one
   copy shared by every layer whose table is equal: one for most models, two for Gemma-3's
@@ -120,11 +122,12 @@ class FixedMemory:
         return asdict(self)
 
 
-def fixed_memory_of(engine, num_layers: int, max_model_len: int, rope_tables: int = 1) -> FixedMemory:
+def fixed_memory_of(engine, num_layers: int, max_model_len: int, rope_tables: int = 1,
+                    pages_on_cpu: bool = True) -> FixedMemory:
     """Measure ``engine``'s (an :class:`~.engine_codec.EngineCodec`) fixed memory for a model
     of ``num_layers`` attention layers served up to ``max_model_len`` positions, whose layers
     apply ``rope_tables`` distinct RoPE tables. Builds the kernel params on the CPU to measure
-    them (and drops them)."""
+    them (and drops them); with ``pages_on_cpu`` also what the C++ CPU ops derive from them."""
     from vllm_seqkv import kernels
     from vllm_seqkv.codec.base import CodecInputError
 
@@ -144,6 +147,8 @@ def fixed_memory_of(engine, num_layers: int, max_model_len: int, rope_tables: in
             params = kernels.layer_params(layout, torch.device("cpu"))
         except (kernels.KernelArgumentError, CodecInputError):
             continue  # decoded by the codec in torch: no params
+        if pages_on_cpu:
+            _derive_cpu_op_tables(engine, params)
         own = {name: value for name, value in vars(params).items() if name != "layout"}
         built.append(own)
         params_storages.update(tensor_storages(own))
@@ -161,6 +166,23 @@ def fixed_memory_of(engine, num_layers: int, max_model_len: int, rope_tables: in
         sink_table_bytes=engine.config.sink_table_bytes if sink_tokens else 0,
         sink_entry_bytes=sink_entry, sink_entries_by_token=vocab if engine.sinks.by_token else None,
         scratch=read_chunk + search_scores)
+
+
+def _derive_cpu_op_tables(engine, params) -> None:
+    """Build in ``params.derived`` what the C++ CPU ops keep per layer when they serve it (see
+    ``cpu_ops.layer_args``): the decode's layer tables (with RoPE tile rotations for pre-RoPE
+    presets whose decode the op runs), else the write's. Their size does not depend on the
+    pages or the RoPE values, so one page of one slot and a zero table stand in for them."""
+    from vllm_seqkv import kernels
+    from vllm_seqkv.kernels import cpu_ops
+
+    cpu = torch.device("cpu")
+    if kernels.implementation(cpu) != "cpp" or not kernels.runs_kernel(params, cpu):
+        return
+    pages = torch.zeros(1, params.num_kv_heads, 1, params.slot_bytes, dtype=torch.uint8)
+    with_rope = engine.codec.pre_rope_keys and not engine.codec.cross_layer
+    rope = torch.zeros(16, params.head_dim) if with_rope else None
+    cpu_ops.layer_args(params).layer_tables(pages, rope)
 
 
 def describe(fixed: FixedMemory, num_blocks: int, whole_budget: bool, kv_on_host: bool) -> str:

@@ -35,7 +35,7 @@ def fixed_memory_for(engine, vllm_config, model_loaded: bool = False):
     else:
         rope_tables = rope_tables_in_config(model_config.hf_config)
     return fixed_memory_of(engine, model_config.get_num_layers(vllm_config.parallel_config),
-                           model_config.max_model_len, rope_tables)
+                           model_config.max_model_len, rope_tables, pages_on_cpu=kv_on_host())
 
 
 def rope_tables_in_config(hf_config) -> int:

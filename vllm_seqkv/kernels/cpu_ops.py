@@ -13,6 +13,15 @@ Transform format (:class:`TransformLayerParams`), streams WITHOUT cross-layer pr
 - :func:`reconstruct_transform_blocks_cpp`: whole blocks to float32 K (optionally RoPE-rotated)
   and V, for prefill.
 
+What the ops derive from a layer's tables independently of the tokens (extraction tables,
+16-entry level tables, RoPE tile rotations: ``cpu_transform_layer_tables``) is built once per
+params object and RoPE table and passed to every call (:func:`layer_args`; the op checks that it
+was built from the call's very tensors). Argument checks: the ops check every argument
+themselves; the wrappers of the engine's per-layer calls (decode, write of tokens) check params
+and pages here (pages once per tensor) and, when the op refuses a call, the other arguments, to
+name the wrong one (each check costs ~1 µs of Python, and a decode step makes two calls per
+layer).
+
 ``load_cpu_ops()`` imports the extension once and returns False (never raises) when it is
 missing or fails to load; :func:`load_error` says why. Keys whose inverse basis is
 "RoPE-pair block diagonal" (``inverse[c, d] == 0`` unless ``c`` and ``d`` are in the same pair
@@ -21,6 +30,8 @@ missing or fails to load; :func:`load_error` says why. Keys whose inverse basis 
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -37,7 +48,6 @@ from vllm_seqkv.kernels.params import TransformLayerParams, stream_format, strea
 
 _loaded: bool | None = None
 _error: str = ""
-_pairs: dict[int, tuple[TransformLayerParams, torch.Tensor | None]] = {}
 
 
 def load_cpu_ops() -> bool:
@@ -110,25 +120,80 @@ def pair_blocks(inverse: torch.Tensor) -> torch.Tensor | None:
     return torch.stack([inv[:, lo, lo], inv[:, hi, lo], inv[:, lo, hi], inv[:, hi, hi]]).contiguous()
 
 
+class _LayerArgs:
+    """What every op call of one layer passes besides the tokens, built once per params object:
+    the stream tables and formats, the key pair blocks, and the ops' layer tables
+    (``cpu_transform_layer_tables``) for the RoPE table the decode was last given. Its tensors
+    other than the params' own are what :mod:`~vllm_seqkv.integration.fixed_memory` counts for
+    the C++ ops (the RoPE table is only referenced weakly: it is counted as the layer's)."""
+
+    def __init__(self, params: TransformLayerParams):
+        self.k_tables, self.v_tables = stream_tables(params.key), stream_tables(params.value)
+        self.k_format, self.v_format = stream_format(params.key), stream_format(params.value)
+        self.pairs = pair_blocks(params.key.inverse)
+        self._tables: torch.Tensor | None = None
+        self._rope: weakref.ref | None = None  # the rope _tables were built for (None: none)
+        self.checked_pages: weakref.ref | None = None  # the pages _checked_args last accepted
+
+    def layer_tables(self, pages: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+        """The decode's layer tables for ``rope`` (None: keys without RoPE), built at the first
+        call with it. NOTE: the op checks at every call that they were built from this call's
+        very tensors (same data pointers)."""
+        same = (self._rope is None) if rope is None else (self._rope is not None and self._rope() is rope)
+        if self._tables is None or not same:
+            self._tables = torch.ops.seqkv.cpu_transform_layer_tables(
+                pages, self.k_tables, self.v_tables, self.k_format, self.v_format, self.pairs, rope)
+            # NOTE: one set per layer (the engine gives a layer one RoPE table)
+            self._rope = None if rope is None else weakref.ref(rope)
+        return self._tables
+
+    def any_tables(self, pages: torch.Tensor) -> torch.Tensor:
+        """Layer tables for the write and the reconstruction (which read the streams only):
+        the decode's when built, else rope-less ones (replaced by the decode's later)."""
+        return self._tables if self._tables is not None else self.layer_tables(pages, None)
+
+    def nbytes(self) -> int:
+        """Bytes of what this object holds that the params do not: the key pair blocks and the
+        layer tables built so far."""
+        return sum(t.nbytes for t in (self.pairs, self._tables) if t is not None)
+
+
+def layer_args(params: TransformLayerParams) -> _LayerArgs:
+    """The :class:`_LayerArgs` of ``params``, kept with them (``params.derived``)."""
+    args = params.derived.get("cpu_ops")
+    if args is None:
+        args = params.derived["cpu_ops"] = _LayerArgs(params)
+    return args
+
+
 def key_pairs(params: TransformLayerParams) -> torch.Tensor | None:
     """:func:`pair_blocks` of the key inverse, computed once per params object."""
-    entry = _pairs.get(id(params))
-    if entry is None or entry[0] is not params:
-        if len(_pairs) > 1024:
-            _pairs.clear()
-        entry = (params, pair_blocks(params.key.inverse))
-        _pairs[id(params)] = entry
-    return entry[1]
+    return layer_args(params).pairs
 
 
 def _check_common(pages: torch.Tensor, params: TransformLayerParams, what: str) -> None:
+    _check_params(params, what)
+    check_pages(pages, params)
+    expect(pages.device.type == "cpu", f"{what}: the C++ CPU ops take CPU tensors, pages are on {pages.device}")
+    expect(pages.stride(3) == 1, f"pages: last dimension must be contiguous, strides {pages.stride()}")
+
+
+def _check_params(params, what: str) -> None:
     expect(isinstance(params, TransformLayerParams), f"{what}: transform-format params expected, got "
            f"{type(params).__name__}")
     expect(not params.cross_layer, f"{what}: the C++ CPU ops read layers without cross-layer prediction; "
            "cross-layer presets use the torch path")
-    check_pages(pages, params)
-    expect(pages.device.type == "cpu", f"{what}: the C++ CPU ops take CPU tensors, pages are on {pages.device}")
-    expect(pages.stride(3) == 1, f"pages: last dimension must be contiguous, strides {pages.stride()}")
+
+
+def _checked_args(pages: torch.Tensor, params: TransformLayerParams, what: str) -> _LayerArgs:
+    """The layer's :class:`_LayerArgs` after the checks of params and pages; pages are checked
+    once per pages tensor (a layer's pages are one tensor for the engine's life)."""
+    _check_params(params, what)
+    args = layer_args(params)
+    if args.checked_pages is None or args.checked_pages() is not pages:
+        _check_common(pages, params, what)
+        args.checked_pages = weakref.ref(pages)
+    return args
 
 
 def _check_write_inputs(key, value, slot_mapping, pages, params: TransformLayerParams) -> int:
@@ -147,6 +212,22 @@ def _check_rope(rope, rows: int, dim: int, device) -> None:
     expect(rope.shape[0] >= rows, f"rope: {rope.shape[0]} rows, positions up to {rows - 1} are read")
 
 
+def _check_decode_arguments(query, own_k, own_v, pages, block_table, seq_lens, params, rope, skip_first,
+                            sinks) -> None:
+    """The decode's arguments, checked here to name the wrong one (:class:`KernelArgumentError`)."""
+    device, heads, dim = pages.device, params.num_kv_heads, params.head_dim
+    check_decode_inputs(query, own_k, own_v, block_table, seq_lens, rope, skip_first, heads, dim, device)
+    batch = query.shape[0]
+    if batch and rope is not None:
+        _check_rope(rope, int(seq_lens.max()) - 1, dim, device)
+    if sinks is not None:
+        sink_k, sink_v = sinks
+        check_tensor("sink_k", sink_k, (batch, None, heads, dim), FLOAT_DTYPES, device)
+        check_tensor("sink_v", sink_v, tuple(sink_k.shape), FLOAT_DTYPES, device)
+        expect(sink_k.shape[1] <= skip_first, f"sinks: {sink_k.shape[1]} exact rows but skip_first {skip_first}: "
+               "the pages' rows of those positions would count too")
+
+
 def transform_decode_attention_cpp(query, own_k, own_v, pages, block_table, seq_lens,
                                    params: TransformLayerParams, scale: float, rope=None, previous=None,
                                    num_splits: int | None = None, skip_first: int = 0,
@@ -161,24 +242,17 @@ def transform_decode_attention_cpp(query, own_k, own_v, pages, block_table, seq_
     ``sinks``: ``(sink_k, sink_v)`` float ``[B, S, H, D]``, the exact rows of positions ``0 .. S - 1``
     (``S <= skip_first``), merged in by the op (``lse`` then covers them too)."""
     _require_ops()
-    _check_common(pages, params, "decode attention")
+    args = _checked_args(pages, params, "decode attention")
     expect(previous is None, "previous: the C++ CPU decode reads layers without cross-layer prediction")
-    device, heads, dim = pages.device, params.num_kv_heads, params.head_dim
-    check_decode_inputs(query, own_k, own_v, block_table, seq_lens, rope, skip_first, heads, dim, device)
-    batch = query.shape[0]
-    if batch and rope is not None:
-        _check_rope(rope, int(seq_lens.max()) - 1, dim, device)
     sink_k, sink_v = sinks if sinks is not None else (None, None)
-    if sinks is not None:
-        check_tensor("sink_k", sink_k, (batch, None, heads, dim), FLOAT_DTYPES, device)
-        check_tensor("sink_v", sink_v, tuple(sink_k.shape), FLOAT_DTYPES, device)
-        expect(sink_k.shape[1] <= skip_first, f"sinks: {sink_k.shape[1]} exact rows but skip_first {skip_first}: "
-               "the pages' rows of those positions would count too")
-    k, v = params.key, params.value
-    out, lse = torch.ops.seqkv.cpu_transform_decode_attention(
-        query, own_k, own_v, pages, block_table, seq_lens, rope, stream_tables(k), stream_tables(v),
-        stream_format(k), stream_format(v), key_pairs(params), float(scale), int(num_splits or 0),
-        int(skip_first), sink_k, sink_v)
+    try:
+        out, lse = torch.ops.seqkv.cpu_transform_decode_attention(
+            query, own_k, own_v, pages, block_table, seq_lens, rope, args.k_tables, args.v_tables, args.k_format,
+            args.v_format, args.pairs, float(scale), int(num_splits or 0), int(skip_first), sink_k, sink_v,
+            args.layer_tables(pages, rope))
+    except RuntimeError:  # the op checks every argument; say which one, where this side can
+        _check_decode_arguments(query, own_k, own_v, pages, block_table, seq_lens, params, rope, skip_first, sinks)
+        raise
     return (out, lse) if return_lse else out
 
 
@@ -200,8 +274,9 @@ def write_transform_slots_cpp(key, value, slot_mapping, pages, params: Transform
     # threshold come out exactly as the codec's
     zk = torch.einsum("thd,hde->the", key.float() - k.mean, k.basis)
     zv = torch.einsum("thd,hde->the", value.float() - v.mean, v.basis)
-    torch.ops.seqkv.cpu_write_transform_slots(zk, zv, slot_mapping, pages, stream_tables(k), stream_tables(v),
-                                              stream_format(k), stream_format(v))
+    args = layer_args(params)
+    torch.ops.seqkv.cpu_write_transform_slots(zk, zv, slot_mapping, pages, args.k_tables, args.v_tables,
+                                              args.k_format, args.v_format, args.any_tables(pages))
 
 
 def write_transform_tokens_cpp(key, value, slot_mapping, positions, pages, params: TransformLayerParams,
@@ -214,16 +289,18 @@ def write_transform_tokens_cpp(key, value, slot_mapping, positions, pages, param
     The bytes equal the codec's encode of the un-rotated keys (the same float operations, the
     codec's own einsum on the same rows)."""
     _require_ops()
-    _check_common(pages, params, "write")
-    tokens = _check_write_inputs(key, value, slot_mapping, pages, params)
-    check_tensor("positions", positions, (tokens,), INDEX_DTYPES, pages.device)
-    if rope is not None:
-        check_tensor("rope", rope, (None, params.head_dim), (torch.float32,), pages.device)
-        expect(rope.is_contiguous(), "rope: must be contiguous")
-    k, v = params.key, params.value
-    return torch.ops.seqkv.cpu_write_transform_tokens(key, value, slot_mapping, positions, pages, rope,
-                                                      stream_tables(k), stream_tables(v), stream_format(k),
-                                                      stream_format(v))
+    args = _checked_args(pages, params, "write")
+    try:
+        return torch.ops.seqkv.cpu_write_transform_tokens(key, value, slot_mapping, positions, pages, rope,
+                                                          args.k_tables, args.v_tables, args.k_format,
+                                                          args.v_format, args.any_tables(pages))
+    except RuntimeError:  # the op checks every argument; say which one, where this side can
+        tokens = _check_write_inputs(key, value, slot_mapping, pages, params)
+        check_tensor("positions", positions, (tokens,), INDEX_DTYPES, pages.device)
+        if rope is not None:
+            check_tensor("rope", rope, (None, params.head_dim), (torch.float32,), pages.device)
+            expect(rope.is_contiguous(), "rope: must be contiguous")
+        raise
 
 
 def reconstruct_transform_blocks_cpp(pages, block_ids, params: TransformLayerParams, previous=None,
@@ -240,10 +317,10 @@ def reconstruct_transform_blocks_cpp(pages, block_ids, params: TransformLayerPar
         valid = block_ids >= 0
         rows = int((block_positions[valid].max() + pages.shape[2])) if bool(valid.any()) else 0
         _check_rope(rope, rows, params.head_dim, pages.device)
-    k, v = params.key, params.value
+    args = layer_args(params)
     return torch.ops.seqkv.cpu_reconstruct_transform_blocks(
-        pages, block_ids, rope, block_positions if rope is not None else None, stream_tables(k), stream_tables(v),
-        stream_format(k), stream_format(v), key_pairs(params))
+        pages, block_ids, rope, block_positions if rope is not None else None, args.k_tables, args.v_tables,
+        args.k_format, args.v_format, args.pairs, args.any_tables(pages))
 
 
 __all__ = ["KernelArgumentError", "active_isa", "key_pairs", "load_cpu_ops", "load_error", "pair_blocks",

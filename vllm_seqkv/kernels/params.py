@@ -72,6 +72,10 @@ class TransformLayerParams:
     key: TransformStreamParams
     value: TransformStreamParams
     layout: SlotLayout | None = field(default=None, compare=False, repr=False)
+    # what an implementation derives from these params once and keeps with them (the C++ CPU
+    # ops' argument lists and layer tables, see cpu_ops.layer_args); never copied by replace()
+    # or to(): derived tables would not match the new object's tensors
+    derived: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def device(self) -> torch.device:
