@@ -410,10 +410,13 @@ def test_layer_tables_built_once_give_the_per_call_results_and_are_checked():
         decode(rope, prepared[:-1])
     with pytest.raises(RuntimeError, match="int32"):
         decode(rope, prepared.float())
-    smaller = pages[..., :-1]  # another slot size: the stream formats no longer fit
-    with pytest.raises(RuntimeError):
-        torch.ops.seqkv.cpu_transform_layer_tables(smaller, args.k_tables, args.v_tables, args.k_format, args.v_format,
-                                                   args.pairs, rope)
+    for other_size in (pages[..., :-1], torch.zeros(*pages.shape[:3], pages.shape[3] + 1, dtype=torch.uint8)):
+        with pytest.raises(RuntimeError, match="slot"):  # the pages of another slot size
+            torch.ops.seqkv.cpu_transform_layer_tables(other_size, args.k_tables, args.v_tables, args.k_format,
+                                                       args.v_format, args.pairs, rope)
+        with pytest.raises(KernelArgumentError, match="pages"):  # the wrapper names the argument
+            cpu_ops.transform_decode_attention_cpp(query, own_k, own_v, other_size, table, seq_lens, params, 0.2,
+                                                   rope=rope)
 
 
 def test_wrappers_check_arguments():

@@ -17,9 +17,8 @@ What the ops derive from a layer's tables independently of the tokens (extractio
 16-entry level tables, RoPE tile rotations: ``cpu_transform_layer_tables``) is built once per
 params object and RoPE table and passed to every call (:func:`layer_args`; the op checks that it
 was built from the call's very tensors). Argument checks: the ops check every argument
-themselves; the wrappers of the engine's per-layer calls (decode, write of tokens) check params
-and pages here (pages once per tensor) and, when the op refuses a call, the other arguments, to
-name the wrong one (each check costs ~1 µs of Python, and a decode step makes two calls per
+themselves; the wrappers of the engine's per-layer calls (decode, write of tokens) check the
+params here and, when the op refuses a call, every other argument, to name the wrong one (each check costs ~1 µs of Python, and a decode step makes two calls per
 layer).
 
 ``load_cpu_ops()`` imports the extension once and returns False (never raises) when it is
@@ -133,7 +132,6 @@ class _LayerArgs:
         self.pairs = pair_blocks(params.key.inverse)
         self._tables: torch.Tensor | None = None
         self._rope: weakref.ref | None = None  # the rope _tables were built for (None: none)
-        self.checked_pages: weakref.ref | None = None  # the pages _checked_args last accepted
 
     def layer_tables(self, pages: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
         """The decode's layer tables for ``rope`` (None: keys without RoPE), built at the first
@@ -185,15 +183,10 @@ def _check_params(params, what: str) -> None:
            "cross-layer presets use the torch path")
 
 
-def _checked_args(pages: torch.Tensor, params: TransformLayerParams, what: str) -> _LayerArgs:
-    """The layer's :class:`_LayerArgs` after the checks of params and pages; pages are checked
-    once per pages tensor (a layer's pages are one tensor for the engine's life)."""
+def _checked_args(params: TransformLayerParams, what: str) -> _LayerArgs:
+    """The layer's :class:`_LayerArgs` after the checks of ``params`` (the op checks the pages)."""
     _check_params(params, what)
-    args = layer_args(params)
-    if args.checked_pages is None or args.checked_pages() is not pages:
-        _check_common(pages, params, what)
-        args.checked_pages = weakref.ref(pages)
-    return args
+    return layer_args(params)
 
 
 def _check_write_inputs(key, value, slot_mapping, pages, params: TransformLayerParams) -> int:
@@ -215,6 +208,7 @@ def _check_rope(rope, rows: int, dim: int, device) -> None:
 def _check_decode_arguments(query, own_k, own_v, pages, block_table, seq_lens, params, rope, skip_first,
                             sinks) -> None:
     """The decode's arguments, checked here to name the wrong one (:class:`KernelArgumentError`)."""
+    _check_common(pages, params, "decode attention")
     device, heads, dim = pages.device, params.num_kv_heads, params.head_dim
     check_decode_inputs(query, own_k, own_v, block_table, seq_lens, rope, skip_first, heads, dim, device)
     batch = query.shape[0]
@@ -242,7 +236,7 @@ def transform_decode_attention_cpp(query, own_k, own_v, pages, block_table, seq_
     ``sinks``: ``(sink_k, sink_v)`` float ``[B, S, H, D]``, the exact rows of positions ``0 .. S - 1``
     (``S <= skip_first``), merged in by the op (``lse`` then covers them too)."""
     _require_ops()
-    args = _checked_args(pages, params, "decode attention")
+    args = _checked_args(params, "decode attention")
     expect(previous is None, "previous: the C++ CPU decode reads layers without cross-layer prediction")
     sink_k, sink_v = sinks if sinks is not None else (None, None)
     try:
@@ -289,12 +283,13 @@ def write_transform_tokens_cpp(key, value, slot_mapping, positions, pages, param
     The bytes equal the codec's encode of the un-rotated keys (the same float operations, the
     codec's own einsum on the same rows)."""
     _require_ops()
-    args = _checked_args(pages, params, "write")
+    args = _checked_args(params, "write")
     try:
         return torch.ops.seqkv.cpu_write_transform_tokens(key, value, slot_mapping, positions, pages, rope,
                                                           args.k_tables, args.v_tables, args.k_format,
                                                           args.v_format, args.any_tables(pages))
     except RuntimeError:  # the op checks every argument; say which one, where this side can
+        _check_common(pages, params, "write")
         tokens = _check_write_inputs(key, value, slot_mapping, pages, params)
         check_tensor("positions", positions, (tokens,), INDEX_DTYPES, pages.device)
         if rope is not None:
