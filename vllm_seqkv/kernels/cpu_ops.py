@@ -18,8 +18,8 @@ What the ops derive from a layer's tables independently of the tokens (extractio
 params object and RoPE table and passed to every call (:func:`layer_args`; the op checks that it
 was built from the call's very tensors). Argument checks: the ops check every argument
 themselves; the wrappers of the engine's per-layer calls (decode, write of tokens) check the
-params here and, when the op refuses a call, every other argument, to name the wrong one (each check costs ~1 µs of Python, and a decode step makes two calls per
-layer).
+params here and, when the op refuses a call, every other argument, to name the wrong one (a
+check costs ~1 µs of Python, and a decode step makes two such calls per layer).
 
 ``load_cpu_ops()`` imports the extension once and returns False (never raises) when it is
 missing or fails to load; :func:`load_error` says why. Keys whose inverse basis is
