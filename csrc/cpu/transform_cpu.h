@@ -20,6 +20,7 @@ struct Stream {
   const float* levels;   // [n] packed: component (h, c) at level_start[h, c], 2**nbits entries
   const float* cuts;     // [n] packed like levels (the component's last entry +inf)
   const float* inverse;  // [H, D, D]  x = z @ inverse + mean
+  const float* basis;    // [H, D, D]  z = (x - mean) @ basis (the write)
   const float* mean;     // [H, D]
   const int32_t* start;  // [H, D] first bit in the stream
   const int32_t* nbits;  // [H, D]
@@ -99,8 +100,14 @@ struct ReconstructArgs {
 };
 
 struct WriteArgs {
-  const float* zk;  // [T, H, D] components (x - mean) @ basis, computed as the codec does
+  // [T, H, D] components (x - mean) @ basis as the codec computes them (bytes = the codec's), or
+  // nullptr: then xk / xv [T, H, D] (finite, keys in the coding frame) and the kernel computes
+  // the components itself (float32 multiply-adds in order of d: a code may differ from the
+  // codec's by one where z lies within float32 rounding of a decision threshold)
+  const float* zk;
   const float* zv;
+  const float* xk;
+  const float* xv;
   const int64_t* slot_mapping;  // [T] (-1: skip)
   uint8_t* pages;
   int64_t stride_pb, stride_ph, stride_pt;

@@ -956,10 +956,24 @@ inline void pack_stream(const float* z, const Stream& s, int h, int dim, uint8_t
 }
 }  // namespace
 
+// z = (x - mean) @ basis of one token-head (basis [D, D] of its head): float32 multiply-adds in
+// order of d, lanes over the components.
+inline void project(const float* x, const float* mean, const float* basis, int dim, float* centred, float* z) {
+  for (int d = 0; d < dim; ++d) centred[d] = x[d] - mean[d];
+  for (int e = 0; e < dim; e += VS) Vec(0.f).store(z + e);
+  for (int d = 0; d < dim; ++d) {
+    const Vec xd(centred[d]);
+    const float* row = basis + static_cast<int64_t>(d) * dim;
+    for (int e = 0; e < dim; e += VS) at::vec::fmadd(xd, Vec::loadu(row + e), Vec::loadu(z + e)).store(z + e);
+  }
+}
+
 void write_slots(const WriteArgs& a) {
   const int H = a.heads, D = a.dim;
+  const bool project_here = a.zk == nullptr;
   at::parallel_for(0, a.tokens, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> buf(std::max(a.k.nbytes, a.v.nbytes) + 2);
+    std::vector<float> centred(D), zk(project_here ? D : 0), zv(project_here ? D : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = a.slot_mapping[t];
       if (slot < 0) continue;
@@ -967,8 +981,16 @@ void write_slots(const WriteArgs& a) {
       for (int h = 0; h < H; ++h) {
         uint8_t* dst = a.pages + blk * a.stride_pb + h * a.stride_ph + off * a.stride_pt;
         const int64_t row = (t * H + h) * D;
-        pack_stream(a.zk + row, a.k, h, D, dst, buf.data());
-        pack_stream(a.zv + row, a.v, h, D, dst, buf.data());
+        if (project_here) {
+          const int64_t hd = static_cast<int64_t>(h) * D;
+          project(a.xk + row, a.k.mean + hd, a.k.basis + hd * D, D, centred.data(), zk.data());
+          project(a.xv + row, a.v.mean + hd, a.v.basis + hd * D, D, centred.data(), zv.data());
+          pack_stream(zk.data(), a.k, h, D, dst, buf.data());
+          pack_stream(zv.data(), a.v, h, D, dst, buf.data());
+        } else {
+          pack_stream(a.zk + row, a.k, h, D, dst, buf.data());
+          pack_stream(a.zv + row, a.v, h, D, dst, buf.data());
+        }
       }
     }
   });

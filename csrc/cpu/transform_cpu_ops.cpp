@@ -14,7 +14,8 @@
 //   cpu_write_transform_tokens(key, value, slot_mapping, positions, pages!, rope?, k_tables, v_tables,
 //       k_format, v_format) -> int64 []: tokens with NaN/inf   (the engine's write from the model's K/V:
 //       NaN/inf stored as 0, keys un-rotated by the exact inverse of `rope` (the model's table,
-//       magnitude included), components by the codec's own einsum: the codec's bytes)
+//       magnitude included), components computed in the kernel: the codec's bytes up to a code
+//       one away where z lies within float32 rounding of a decision threshold, as the GPU writes)
 //   cpu_transform_layer_tables(pages, k_tables, v_tables, k_format, v_format, key_pairs?, rope?) -> int32 [N]:
 //       what the ops below derive from a layer's tables (and the decode's rope) independently of the
 //       tokens; each op takes it as its last argument `layer_tables` (optional: else built per call)
@@ -199,7 +200,7 @@ void fill_stream(const transform::StreamTables& t, int64_t entries, int64_t n, i
 
 Stream view_stream(const transform::StreamTables& t, const int32_t* src, int64_t n) {
   const int first_word = t.offset / 4, last_word = (8 * (t.offset + t.nbytes) - 1) >> 5;
-  return Stream{t.levels, t.cuts, t.inverse, t.mean, t.start, t.nbits, t.level_start, src, src + n, src + 2 * n,
+  return Stream{t.levels, t.cuts, t.inverse, t.basis, t.mean, t.start, t.nbits, t.level_start, src, src + n, src + 2 * n,
                 src + 3 * n, src + 4 * n, src + 5 * n, src + 6 * n, first_word, last_word - first_word + 1, t.offset,
                 t.nbytes, reinterpret_cast<const float*>(src + 7 * n)};
 }
@@ -527,7 +528,7 @@ void write_slots(const at::Tensor& zk_in, const at::Tensor& zv_in, const at::Ten
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t)
     TORCH_CHECK(slots[t] < pages.size(0) * block_size, "slot_mapping[", t, "] = ", slots[t], " is beyond the pages");
-  WriteArgs args{zk.data_ptr<float>(), zv.data_ptr<float>(), slots, pages.data_ptr<uint8_t>(), pages.stride(0),
+  WriteArgs args{zk.data_ptr<float>(), zv.data_ptr<float>(), nullptr, nullptr, slots, pages.data_ptr<uint8_t>(), pages.stride(0),
                  pages.stride(1), pages.stride(2), lv.k, lv.v, tokens, static_cast<int>(heads),
                  static_cast<int>(dim), static_cast<int>(block_size)};
   SEQKV_CPU_DISPATCH(write_slots, args);
@@ -622,15 +623,11 @@ at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, co
   for (int64_t i = 0; i < n; ++i) count += flags[i];
   nonfinite.fill_(count);
   if (has_rope) unrotate_keys(key.data_ptr<float>(), valid_positions.data_ptr<int64_t>(), rope->data_ptr<float>(), n, heads, dim);
-  // NOTE: the codec's own product (TransformCodec.encode's einsum "thd,hde->the"), as the batched
-  // matmul that einsum runs: the same bits (tests compare the bytes with the codec's), without
-  // einsum's equation parsing and permutes, which cost more than the product itself for the one
-  // token of a decode step
-  const auto zk = at::bmm((key - k_tables[7]).transpose(0, 1), k_tables[5]).transpose(0, 1).contiguous();
-  const auto zv = at::bmm((value - v_tables[7]).transpose(0, 1), v_tables[5]).transpose(0, 1).contiguous();
-  WriteArgs args{zk.data_ptr<float>(), zv.data_ptr<float>(), valid_slots.data_ptr<int64_t>(), pages.data_ptr<uint8_t>(),
-                 pages.stride(0), pages.stride(1), pages.stride(2), lv.k, lv.v, n, static_cast<int>(heads),
-                 static_cast<int>(dim), static_cast<int>(block_size)};
+  // NOTE: the components z = (x - mean) @ basis are computed by the kernel (see WriteArgs): a
+  // BLAS product costs more than the rest of a decode step's one-token write
+  WriteArgs args{nullptr, nullptr, key.data_ptr<float>(), value.data_ptr<float>(), valid_slots.data_ptr<int64_t>(),
+                 pages.data_ptr<uint8_t>(), pages.stride(0), pages.stride(1), pages.stride(2), lv.k, lv.v, n,
+                 static_cast<int>(heads), static_cast<int>(dim), static_cast<int>(block_size)};
   SEQKV_CPU_DISPATCH(write_slots, args);
   return nonfinite;
 }

@@ -95,3 +95,23 @@ def stream_codes(slots: torch.Tensor, params: TransformLayerParams, stream: str)
         bit = bits.gather(-1, pos.expand(raw.shape[0], -1, -1))
         codes |= torch.where(j < nbits, bit, 0) << j
     return codes
+
+
+def assert_threshold_flips(got: torch.Tensor, exp: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           params: TransformLayerParams, max_fraction: float = 1e-3) -> int:
+    """Slots ``got`` vs ``exp`` uint8 ``[T, H, S]`` of tokens whose K (coding frame) / V are
+    ``key``/``value`` ``[T, H, D]`` (streams without prediction): every code equal, except at
+    most ``max_fraction`` of them one level away where the codec's ``z`` lies within float32
+    rounding (1e-4 relative) of the decision threshold between the two. Returns how many differ."""
+    flips = 0
+    for stream, x in (("key", key), ("value", value)):
+        a, b = stream_codes(got, params, stream), stream_codes(exp, params, stream)
+        differ = a != b
+        assert differ.float().mean().item() <= max_fraction, f"{stream}: {int(differ.sum())} codes differ"
+        assert ((a - b).abs()[differ] == 1).all()
+        p = getattr(params, stream)
+        z = torch.einsum("thd,hde->the", x.float().cpu() - p.mean.cpu(), p.basis.cpu())
+        between = p.cuts.cpu()[(p.level_start.cpu().long() + torch.minimum(a, b))]
+        assert ((z - between).abs()[differ] <= 1e-4 * (1 + z.abs()[differ])).all()
+        flips += int(differ.sum())
+    return flips

@@ -9,7 +9,7 @@ Transform format (:class:`TransformLayerParams`), streams WITHOUT cross-layer pr
   ``z = (x - mean) @ basis`` are computed here with the codec's own einsum, the op quantizes,
   packs and stores);
 - :func:`write_transform_tokens_cpp`: the engine's write in one op, from the model's K/V (NaN/inf
-  check, RoPE undone, components, codes: the codec's bytes);
+  check, RoPE undone, components, codes: the codec's bytes up to threshold flips, see there);
 - :func:`reconstruct_transform_blocks_cpp`: whole blocks to float32 K (optionally RoPE-rotated)
   and V, for prefill.
 
@@ -280,8 +280,12 @@ def write_transform_tokens_cpp(key, value, slot_mapping, positions, pages, param
     ``[P, D]`` as the model applies it (magnitude included; keys are un-rotated by its exact
     inverse) or None for post-RoPE presets. NaN/inf elements are stored as 0. Returns an int64
     scalar tensor: how many written tokens had NaN/inf in K or V (``.item()``: no kernel launch).
-    The bytes equal the codec's encode of the un-rotated keys (the same float operations, the
-    codec's own einsum on the same rows)."""
+    The bytes equal the codec's encode of the un-rotated keys except where a component ``z`` lies
+    within float32 rounding of a decision threshold: the op computes ``z = (x - mean) @ basis``
+    with its own multiply-adds (a BLAS call cost more than the rest of a one-token write), not
+    the codec's einsum, so such a code may come out one level away (equally close to ``z``; the
+    GPU writes have the same contract, ``tests/kernels/test_transform_kernels.py::check_flips``).
+    :func:`write_transform_slots_cpp` keeps exact bytes."""
     _require_ops()
     args = _checked_args(params, "write")
     try:
