@@ -1,7 +1,7 @@
 """Time per output token through the CPU vLLM engine: `auto` vs `seqkv`, long contexts.
 
     python -m benchmarks.tpot [--contexts 4096,8192] [--batches 1,16] [--preset P] [--tokens 32]
-                              [--prompts shared|distinct]
+                              [--prompts shared|distinct] [--repeats 3]
 
 For each backend, one in-process engine (same KV budget, prefix caching on). Per (context,
 batch): one prompt of ``context`` held-out tokens, shared by ``batch`` requests that differ
@@ -10,8 +10,9 @@ layer, ``integration/decode_plan.py``); with ``--prompts distinct`` each request
 ``context`` tokens of the text instead (nothing shared); a warm-up request with
 ``max_tokens=1`` prefills it, the batch itself runs once untimed (its last blocks cached), then
 the batch runs with ``max_tokens=1`` and with
-``max_tokens=1+N``, and time per output token is the difference over ``N`` (prefill and
-scheduling cancel). Ratios are seqkv / auto from the same process. Writes
+``max_tokens=1+N``, ``repeats`` times, and time per output token is the median of the
+differences over ``N`` (prefill and scheduling cancel; one pair alone varied by up to ~1.5x
+between runs). Ratios are seqkv / auto from the same process. Writes
 ``benchmarks/tpot.json``.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import subprocess
 import time
 from datetime import date
@@ -45,7 +47,9 @@ def batch_prompts(ids: list[int], length: int, batch: int, distinct: bool) -> li
 
 
 def run_backend(model: Path, backend: str, preset: str | None, contexts, batches, new_tokens, ids,
-                max_len: int, distinct: bool = False) -> dict:
+                max_len: int, distinct: bool = False, repeats: int = 1) -> tuple[dict, dict]:
+    """Median seconds per output token of ``repeats`` timed pairs per (context, batch), and every
+    repeat's figure."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -55,7 +59,7 @@ def run_backend(model: Path, backend: str, preset: str | None, contexts, batches
     llm = LLM(model=str(model), max_model_len=min(max(contexts) + new_tokens + 64, max_len),
               kv_cache_memory_bytes=4 << 30, additional_config=extra, seed=0,
               max_num_seqs=max(batches), enable_prefix_caching=True)
-    out = {}
+    out, out_repeats = {}, {}
     try:
         for context in contexts:
             length = prompt_length(context, new_tokens, max_len)
@@ -64,22 +68,27 @@ def run_backend(model: Path, backend: str, preset: str | None, contexts, batches
             llm.generate([TokensPrompt(prompt_token_ids=prompt + [ids[length]])], warm, use_tqdm=False)
             for batch in batches:
                 prompts = [TokensPrompt(prompt_token_ids=p) for p in batch_prompts(ids, length, batch, distinct)]
-                timings = {}
                 # the exact prompts once first: the timed runs then both find every full block
                 # cached (else the first would prefill the last block and the second not)
                 llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
-                for n in (1, 1 + new_tokens):
-                    params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0, ignore_eos=True)
-                    start = time.perf_counter()
-                    llm.generate(prompts, params, use_tqdm=False)
-                    timings[n] = time.perf_counter() - start
-                out[f"{context}x{batch}"] = (timings[1 + new_tokens] - timings[1]) / new_tokens
-                print(backend, context, batch, f"{1000 * out[f'{context}x{batch}']:.1f} ms/token", flush=True)
+                per_token = []
+                for _ in range(repeats):
+                    timings = {}
+                    for n in (1, 1 + new_tokens):
+                        params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0, ignore_eos=True)
+                        start = time.perf_counter()
+                        llm.generate(prompts, params, use_tqdm=False)
+                        timings[n] = time.perf_counter() - start
+                    per_token.append((timings[1 + new_tokens] - timings[1]) / new_tokens)
+                out[f"{context}x{batch}"] = statistics.median(per_token)
+                out_repeats[f"{context}x{batch}"] = per_token
+                print(backend, context, batch, f"{1000 * out[f'{context}x{batch}']:.1f} ms/token",
+                      [round(1000 * t, 1) for t in per_token], flush=True)
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-    return out
+    return out, out_repeats
 
 
 def uptime() -> str:
@@ -100,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--preset", default=DEFAULT_PRESET)
     parser.add_argument("--prompts", choices=("shared", "distinct"), default="shared")
+    parser.add_argument("--repeats", type=int, default=3, help="timed (1, 1+N) pairs per cell; the median is kept")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/tpot.json"))
     args = parser.parse_args(argv)
     distinct = args.prompts == "distinct"
@@ -111,17 +121,21 @@ def main(argv: list[str] | None = None) -> None:
     chars = 12 * max(contexts) * (max(batches) if distinct else 1)
     ids = AutoTokenizer.from_pretrained(model)(text[:chars])["input_ids"]
     uptime_start = uptime()
-    runs = {b: run_backend(model, b, args.preset, contexts, batches, args.tokens, ids, max_len, distinct)
-            for b in ("auto", "seqkv")}
+    measured = {b: run_backend(model, b, args.preset, contexts, batches, args.tokens, ids, max_len, distinct,
+                               args.repeats)
+                for b in ("auto", "seqkv")}
+    runs = {b: m[0] for b, m in measured.items()}
     record = {
         "date": date.today().isoformat(), "machine": machine(), "model": model.name, "preset": args.preset,
         "command": "python -m benchmarks.tpot " + " ".join(
             f"--{k} {v}" for k, v in (("contexts", args.contexts), ("batches", args.batches),
-                                      ("tokens", args.tokens), ("preset", args.preset), ("prompts", args.prompts))),
+                                      ("tokens", args.tokens), ("preset", args.preset), ("prompts", args.prompts),
+                                      ("repeats", args.repeats))),
         "prompts": args.prompts,
         "uptime_at_start": uptime_start, "uptime_at_end": uptime(),
         "prompt_tokens": {c: prompt_length(c, args.tokens, max_len) for c in contexts},
         "seconds_per_token": runs,
+        "seconds_per_token_repeats": {b: m[1] for b, m in measured.items()},
         "ratio_seqkv_over_auto": {k: runs["seqkv"][k] / runs["auto"][k] for k in runs["auto"]},
     }
     args.json.write_text(json.dumps(record, indent=2) + "\n")
