@@ -295,7 +295,8 @@ LayerView layer_view(const std::optional<at::Tensor>& layer_tables, at::TensorLi
     TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.is_contiguous() && t.device() == pages.device() &&
                     t.numel() >= kHeader, "layer_tables must be the int32 tensor cpu_transform_layer_tables returns");
     const int32_t* p = t.data_ptr<int32_t>();
-    TORCH_CHECK(p[0] == kLayerMagic && p[1] == kLayerVersion && p[14] == t.numel(),
+    TORCH_CHECK(p[0] == kLayerMagic && p[1] == kLayerVersion && p[14] == t.numel() &&
+                    layer_sizes(heads, dim, p[11] != 0, p[12] != 0).total == t.numel(),
                 "layer_tables: not (or no longer) a cpu_transform_layer_tables result (magic, version or size differ)");
     const int64_t expected[] = {heads, dim, pages.size(3), kt.offset, kt.nbytes, k_tables[3].numel(), vt.offset,
                                 vt.nbytes, v_tables[3].numel()};

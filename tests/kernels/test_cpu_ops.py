@@ -411,6 +411,10 @@ def test_layer_tables_built_once_give_the_per_call_results_and_are_checked():
         decode(rope, tampered)
     with pytest.raises(RuntimeError, match="magic"):
         decode(rope, prepared[:-1])
+    lying = prepared.clone()
+    lying[11:13] = 1 - lying[11:13]  # header flags of another layout, size unchanged
+    with pytest.raises(RuntimeError, match="magic"):
+        decode(rope, lying)
     with pytest.raises(RuntimeError, match="int32"):
         decode(rope, prepared.float())
     for other_size in (pages[..., :-1], torch.zeros(*pages.shape[:3], pages.shape[3] + 1, dtype=torch.uint8)):

@@ -150,11 +150,6 @@ class _LayerArgs:
         the decode's when built, else rope-less ones (replaced by the decode's later)."""
         return self._tables if self._tables is not None else self.layer_tables(pages, None)
 
-    def nbytes(self) -> int:
-        """Bytes of what this object holds that the params do not: the key pair blocks and the
-        layer tables built so far."""
-        return sum(t.nbytes for t in (self.pairs, self._tables) if t is not None)
-
 
 def layer_args(params: TransformLayerParams) -> _LayerArgs:
     """The :class:`_LayerArgs` of ``params``, kept with them (``params.derived``)."""
