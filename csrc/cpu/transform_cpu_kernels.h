@@ -247,7 +247,7 @@ struct ComponentReader {
     lut = s.lut16 + hd * 16;
   }
   inline __m512 operator()(int c) const { return at(c, words); }
-  inline __m512 at(int c, const int32_t* tile_words) const {
+  __attribute__((always_inline)) inline __m512 at(int c, const int32_t* tile_words) const {
     const int32_t* src = tile_words + widx[c] * W;
     const int sh = wshift[c];
     __m512i code = _mm512_srl_epi32(_mm512_loadu_si512(src), _mm_cvtsi32_si128(sh));
