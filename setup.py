@@ -5,6 +5,7 @@
   times (csrc/cpu/isa_*.cpp: AVX-512, AVX2, portable) with their own -m flags and picked at run
   time from the CPU's features, so the build never depends on the build machine's CPU. Skip it
   with SEQKV_NO_CPU_EXT=1 (the package then runs the slow torch path, and says so).
+  SEQKV_CPU_CXXFLAGS adds compiler flags to it (benchmarks/cpu_decode_ablation.py's ablations).
 - ``vllm_seqkv._C`` (csrc/*.cu, csrc/rotation/*.cu, csrc/*.cpp): the CUDA ops, only when CUDA
   and a CUDA build of torch exist (a plain CPU install skips them with a message). Force-skip
   with SEQKV_NO_CUDA=1.
@@ -25,6 +26,8 @@ CPU_ISA_SOURCES = {
     "csrc/cpu/isa_default.cpp": [],
 }
 CPU_CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]
+# extra flags for vllm_seqkv._cpu, e.g. benchmarks/cpu_decode_ablation.py's -DSEQKV_ABLATE_<PART>
+CPU_CXX_FLAGS += os.environ.get("SEQKV_CPU_CXXFLAGS", "").split()
 
 
 def _x86() -> bool:

@@ -50,6 +50,30 @@ static_assert(W % VS == 0, "tile must be a whole number of vectors");
 constexpr int NV = W / VS;  // vectors per tile row
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// Ablations of the fused RoPE-pair decode, for benchmarks/cpu_decode_ablation.py only (it builds
+// with -DSEQKV_ABLATE_<PART>): the part is skipped, the results are garbage and only the time of
+// what is left is read. None is defined in a normal build. TRANSPOSE: the 16 x 16 word transposes.
+#ifdef SEQKV_ABLATE_SCORES
+constexpr bool kAblateScores = true;  // the key reads, rebuild and scores of pass 1
+#else
+constexpr bool kAblateScores = false;
+#endif
+#ifdef SEQKV_ABLATE_VALUES
+constexpr bool kAblateValues = true;  // the value pass
+#else
+constexpr bool kAblateValues = false;
+#endif
+#ifdef SEQKV_ABLATE_PAGE_READS
+constexpr bool kAblatePageReads = true;  // pass 1's slot addressing, word loads and transposes (tiles left stale)
+#else
+constexpr bool kAblatePageReads = false;
+#endif
+#ifdef SEQKV_ABLATE_HEAD_FMAS
+constexpr bool kAblateHeadFmas = true;  // the value pass' multiply-adds of every query head but one
+#else
+constexpr bool kAblateHeadFmas = false;
+#endif
+
 // Levels of every component of one stream for W slots, positions in lanes: z[c * W + t].
 inline void extract_lanes(const uint8_t* const* slots, const Stream& s, int h, int dim, float* z) {
   const int64_t hd = static_cast<int64_t>(h) * dim;
@@ -221,7 +245,9 @@ inline void load_word_range(const uint8_t* const* slots, int first_word, int num
     const int word = first_word + w0;
     __m512 r[16];
     for (int t = 0; t < W; ++t) r[t] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, slots[t] + 4 * word));
+#ifndef SEQKV_ABLATE_TRANSPOSE
     transpose16(r);
+#endif
     for (int i = 0; i < nw; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(words + (word + i) * W), r[i]);
   }
 }
@@ -392,7 +418,7 @@ inline void value_sums(const ComponentReader& read, const int32_t* words, int64_
       for (int g = 0; g < NG; ++g) pv[g] = _mm512_loadu_ps(p + g * span + i * W);
       for (int cc = 0; cc < 4; ++cc) {
         const __m512 z = read.at(c0 + cc, tile_words);
-        for (int g = 0; g < NG; ++g) r[cc][g] = _mm512_fmadd_ps(pv[g], z, r[cc][g]);
+        for (int g = 0; g < (kAblateHeadFmas ? 1 : NG); ++g) r[cc][g] = _mm512_fmadd_ps(pv[g], z, r[cc][g]);
       }
     }
     for (int cc = 0; cc < 4; ++cc) {
@@ -720,12 +746,16 @@ void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t 
   for (int i = 0; i < ntiles; ++i) {
     const int64_t p0 = first + static_cast<int64_t>(i) * W;
     const int64_t lo = std::max(p0, item.lo), hi = std::min(p0 + W, item.hi);
-    locate_tile(a, item, head_pages, bt, p0, slots);
     int32_t* tw = tiles + i * stride;
-    load_word_range(slots, first_word, num_words, tw);
+    if (!kAblatePageReads) {
+      locate_tile(a, item, head_pages, bt, p0, slots);
+      load_word_range(slots, first_word, num_words, tw);
+    }
     rotate_queries(q, a.rope + p0 * D, G, D, qrot);  // queries by R(p0)^T
     float* dst = sc + (p0 - first);
-    if (G <= 8) {
+    if (kAblateScores) {
+      for (int g = 0; g < G; ++g) std::fill(dst + g * span, dst + g * span + W, 0.f);
+    } else if (G <= 8) {
       score_pairs_group<8>(read_k, tw, m, qrot, D, a.scale, dst, span, G);
     } else {  // wide groups (a shared prefix's queries): the tile's keys rebuilt once, then scored
       rebuild_pair_keys(read_k, tw, m, D, key);
@@ -769,6 +799,7 @@ void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t 
       }
       continue;
     }
+    if (kAblateValues) continue;
     int g = 0;
     for (; g + 4 <= G; g += 4) value_sums<4>(read_v, tw, stride, n, p + g * span, span, D, acc + g * D * W);
     switch (G - g) {

@@ -473,6 +473,12 @@ class EngineCodec:
             return None
         return params
 
+    @property
+    def fused_decode_rotates_keys(self) -> bool:
+        """Whether the fused decode gets a RoPE table (pre-RoPE keys; cross-layer presets never
+        run it): the rule the fixed-memory count of the CPU ops' layer tables follows too."""
+        return self.codec.pre_rope_keys and not self.codec.cross_layer
+
     def decode_attention(self, layer: int, params, query: torch.Tensor, own_k: torch.Tensor,
                          own_v: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor,
                          seq_lens: list[int], scale: float, lengths: torch.Tensor | None = None,
@@ -492,7 +498,7 @@ class EngineCodec:
         if lengths is None:
             lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
         rope = None
-        if self.codec.pre_rope_keys:
+        if self.fused_decode_rotates_keys:
             layer_rope = self.rope_of(layer, max(seq_lens))
             rope = layer_rope.rotation_on(device)
             # NOTE: the kernels rotate by pure rotations (composing them); a magnitude the
@@ -543,7 +549,7 @@ class EngineCodec:
 
         stacked = stack_sharers(query, self.num_kv_heads)
         rope = None
-        if self.codec.pre_rope_keys:
+        if self.fused_decode_rotates_keys:
             layer_rope = self.rope_of(layer, length + 1)
             rope = layer_rope.rotation_on(pages.device)
             if layer_rope.magnitude != 1.0:  # as in decode_attention: folded into the query

@@ -180,8 +180,7 @@ def _derive_cpu_op_tables(engine, params) -> None:
     if kernels.implementation(cpu) != "cpp" or not kernels.runs_kernel(params, cpu):
         return
     pages = torch.zeros(1, params.num_kv_heads, 1, params.slot_bytes, dtype=torch.uint8)
-    with_rope = engine.codec.pre_rope_keys and not engine.codec.cross_layer
-    rope = torch.zeros(16, params.head_dim) if with_rope else None
+    rope = torch.zeros(16, params.head_dim) if engine.fused_decode_rotates_keys else None
     cpu_ops.layer_args(params).layer_tables(pages, rope)
 
 
