@@ -54,10 +54,10 @@ def build_variant(part: str, into: Path) -> Path:
         elif src.exists():
             shutil.copy2(src, root / name)
     env = dict(os.environ, SEQKV_CPU_CXXFLAGS=PARTS[part], SEQKV_NO_CUDA="1")
-    subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not list((root / "vllm_seqkv").glob("_cpu*.so")):
-        raise RuntimeError(f"the {part} variant built no vllm_seqkv._cpu")
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root, env=env,
+                           capture_output=True, text=True)
+    if build.returncode != 0 or not list((root / "vllm_seqkv").glob("_cpu*.so")):
+        raise RuntimeError(f"the {part} variant's vllm_seqkv._cpu did not build:\n{build.stderr[-3000:]}")
     return root
 
 
@@ -65,8 +65,12 @@ def measure(cells: list[str], repeats: int) -> list[dict]:
     """Time each cell (shape:context:batch) with the vllm_seqkv this process imports, 1 thread."""
     import torch
 
+    import vllm_seqkv
     from benchmarks import cpu_decode as cd
     from vllm_seqkv.kernels import cpu_ops
+
+    if not Path(vllm_seqkv.__file__).resolve().is_relative_to(Path.cwd().resolve()):
+        raise RuntimeError(f"measuring {vllm_seqkv.__file__}, not the variant built in {Path.cwd()}")
 
     torch.set_num_threads(1)
     cpu_ops.load_cpu_ops()
