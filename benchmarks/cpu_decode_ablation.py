@@ -117,11 +117,12 @@ def main(argv: list[str] | None = None) -> None:
         for round_ in range(args.rounds):
             for part in parts:
                 env = dict(os.environ, PYTHONPATH=str(roots[part]))
-                out = subprocess.run(
+                child = subprocess.run(
                     [sys.executable, "-m", "benchmarks.cpu_decode_ablation", "--measure", "--cells", args.cells,
-                     "--repeats", str(args.repeats)], cwd=roots[part], env=env, check=True, capture_output=True,
-                    text=True).stdout
-                rows = json.loads(out.strip().splitlines()[-1])
+                     "--repeats", str(args.repeats)], cwd=roots[part], env=env, capture_output=True, text=True)
+                if child.returncode != 0:
+                    raise RuntimeError(f"measuring the {part} variant failed:\n{child.stderr[-3000:]}")
+                rows = json.loads(child.stdout.strip().splitlines()[-1])
                 runs[part].append(rows)
                 print(f"round {round_} {part}: " + ", ".join(f"{r['cell']} {r['seqkv_ms']:.3f} "
                                                              f"(vLLM {r['vllm_ms']:.3f})" for r in rows), flush=True)
@@ -137,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
             summary.append({"cell": cell, "part": part, "seqkv_ms": round(seqkv, 4), "vllm_ms": round(vllm, 4),
                             "seqkv_over_vllm": round(relative(part), 3),
                             "share_of_op": None if part == "base" else round(1 - relative(part) / base, 3)})
-    result = {"command": "taskset -c 1 python -m benchmarks.cpu_decode_ablation " + " ".join(argv or sys.argv[1:]),
+    pinned = sorted(os.sched_getaffinity(0))
+    taskset = f"taskset -c {','.join(map(str, pinned))} " if len(pinned) < os.cpu_count() else ""
+    result = {"command": f"{taskset}python -m benchmarks.cpu_decode_ablation " + " ".join(argv or sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": info, "uptime_at_end": uptime(), "threads": 1, "repeats": args.repeats,
               "rounds": args.rounds, "summary": summary, "runs": runs}
