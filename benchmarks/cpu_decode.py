@@ -42,7 +42,15 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
+ROPE_THETA = {"smollm2": 100000.0, "llama8b": 500000.0}  # SmolLM2's config; Llama-3's
 BLOCK = 128
+
+
+def shuffled_block_table(ctx: int, batch: int) -> torch.Tensor:
+    """``[batch, ctx / BLOCK]`` int32: every sequence its own blocks, in a shuffled order."""
+    blocks_per_seq = -(-ctx // BLOCK)
+    gen = torch.Generator().manual_seed(ctx + batch)
+    return torch.randperm(batch * blocks_per_seq, generator=gen).to(torch.int32).view(batch, -1)
 
 
 def uptime() -> str:
@@ -210,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     for shape in args.shapes.split(","):
         q_heads, kv_heads, dim = SHAPES[shape]
         layouts = f4_layouts(shape, kv_heads, dim, args.layer)
-        rope_theta = 100000.0 if shape == "smollm2" else 500000.0  # SmolLM2's config; Llama-3's
+        rope_theta = ROPE_THETA[shape]
         for ctx in map(int, args.contexts.split(",")):
             for batch in map(int, args.batches.split(",")):
                 bf16_bytes = batch * ctx * kv_heads * dim * 2 * 2
@@ -221,9 +229,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"skip {shape} ctx={ctx} batch={batch}: --skip", flush=True)
                     skipped.append(f"{shape}:{ctx}:{batch}")
                     continue
-                blocks_per_seq = -(-ctx // BLOCK)
-                gen = torch.Generator().manual_seed(ctx + batch)
-                table = torch.randperm(batch * blocks_per_seq, generator=gen).to(torch.int32).view(batch, -1)
+                table = shuffled_block_table(ctx, batch)
                 make_vllm_run, vllm_bytes, vllm_isa = vllm_case(q_heads, kv_heads, dim, ctx, batch, table)
                 keys = ["pair"] + (["general"] if batch == 1 and ctx in general_ctx else [])
                 fns = {"vllm": None}

@@ -80,12 +80,9 @@ def measure(cells: list[str], repeats: int) -> list[dict]:
         ctx, batch = int(ctx), int(batch)
         q_heads, kv_heads, dim = cd.SHAPES[shape]
         layout = cd.f4_layouts(shape, kv_heads, dim, 15)["pair"]
-        torch.manual_seed(0)
-        blocks = (ctx + cd.BLOCK - 1) // cd.BLOCK
-        table = torch.randperm(batch * blocks).to(torch.int32).view(batch, blocks)
+        table = cd.shuffled_block_table(ctx, batch)
         make_vllm, _, _ = cd.vllm_case(q_heads, kv_heads, dim, ctx, batch, table)
-        rope_theta = 100000.0 if shape == "smollm2" else 500000.0
-        seqkv, _ = cd.seqkv_case(q_heads, kv_heads, dim, ctx, batch, table, layout, rope_theta)
+        seqkv, _ = cd.seqkv_case(q_heads, kv_heads, dim, ctx, batch, table, layout, cd.ROPE_THETA[shape])
         med, low = cd.interleaved({"vllm": make_vllm(), "seqkv": seqkv}, repeats, warmup=3)
         rows.append({"cell": cell, "vllm_ms": med["vllm"], "seqkv_ms": med["seqkv"],
                      "vllm_min_ms": low["vllm"], "seqkv_min_ms": low["seqkv"]})

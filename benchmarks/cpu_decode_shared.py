@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cpu_decode import BLOCK, SHAPES, f4_layouts, interleaved, machine, uptime, vllm_case
+from benchmarks.cpu_decode import BLOCK, ROPE_THETA, SHAPES, f4_layouts, interleaved, machine, uptime, vllm_case
 
 
 def shared_table(sharers: int, ctx: int) -> torch.Tensor:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     for shape in args.shapes.split(","):
         q_heads, kv_heads, dim = SHAPES[shape]
         layout = f4_layouts(shape, kv_heads, dim, args.layer)["pair"]
-        rope_theta = 100000.0 if shape == "smollm2" else 500000.0
+        rope_theta = ROPE_THETA[shape]
         for ctx in map(int, args.contexts.split(",")):
             for sharers in map(int, args.sharers.split(",")):
                 table = shared_table(sharers, ctx)
