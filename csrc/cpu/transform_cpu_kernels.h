@@ -33,6 +33,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 #include <vector>
 
 #include "../transform_format.cuh"
@@ -314,9 +315,24 @@ constexpr int kValueGroupTiles = 8;  // AVX-512: tiles whose words stay in L1 du
 // word) for W positions; 16-word transposes may write up to 15 words past the last one.
 inline int64_t tile_stride(int slot_bytes) { return static_cast<int64_t>((slot_bytes + 3) / 4 + 17) * W; }
 
+// Scratch aligned to cache lines: a 64-byte vector load that straddles two lines costs two.
+template <class T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <class U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+};
+template <class T>
+using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
+
 struct DecodeScratch {
-  std::vector<float> scores, zk, key, qrot, acc, zv;
-  std::vector<int32_t> words, vwords, tiles;
+  AlignedVector<float> scores, zk, key, qrot, acc, zv;
+  AlignedVector<int32_t> words, vwords, tiles;
   DecodeScratch(int group, int64_t span, int dim, int slot_bytes)
       : scores(static_cast<size_t>(group) * span),
         zk(static_cast<size_t>(dim) * W),
@@ -851,7 +867,7 @@ void decode_attention(const DecodeArgs& a) {
   const int64_t row = D + 2;
   const int64_t span = chunk + 5 * W;  // a chunk, its alignment and the value pass' padding tiles
   const int slot_bytes = std::max(a.k.offset + a.k.nbytes, a.v.offset + a.v.nbytes);
-  std::vector<float> part(items.size() * H * G * row);
+  AlignedVector<float> part(items.size() * H * G * row);
   const int64_t tasks = static_cast<int64_t>(items.size()) * H;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     DecodeScratch& scratch = thread_scratch(G, span, D, slot_bytes);
