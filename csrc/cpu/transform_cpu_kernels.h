@@ -758,13 +758,24 @@ void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t 
   const uint8_t* slots[W];
   const ComponentReader read_k(a.k, h, D, nullptr);
 
-  // ---- pass 1: words of every tile (kept), scores of the item's positions
+  // ---- pass 1: words of every tile (kept), scores of the item's positions; the next tile's slot
+  // rows are prefetched while this one is scored (a block's rows are contiguous, but the next
+  // block of a sequence is anywhere in the pages)
+  const uint8_t* next[W];
+  if (!kAblatePageReads) locate_tile(a, item, head_pages, bt, first, next);
+  const int line_first = 4 * first_word / 64 * 64, line_end = 4 * (first_word + num_words);
   for (int i = 0; i < ntiles; ++i) {
     const int64_t p0 = first + static_cast<int64_t>(i) * W;
     const int64_t lo = std::max(p0, item.lo), hi = std::min(p0 + W, item.hi);
     int32_t* tw = tiles + i * stride;
     if (!kAblatePageReads) {
-      locate_tile(a, item, head_pages, bt, p0, slots);
+      std::copy(next, next + W, slots);
+      if (i + 1 < ntiles) {
+        locate_tile(a, item, head_pages, bt, p0 + W, next);
+        for (int t = 0; t < W; ++t)
+          for (int off = line_first; off < line_end; off += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(next[t] + off), _MM_HINT_T0);
+      }
       load_word_range(slots, first_word, num_words, tw);
     }
     rotate_queries(q, a.rope + p0 * D, G, D, qrot);  // queries by R(p0)^T
