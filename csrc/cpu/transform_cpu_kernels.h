@@ -24,7 +24,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -295,6 +295,87 @@ struct ComponentReader {
 };
 #endif
 
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+// In place: r[i] lane j <- r[j] lane i (8 x 8 int32).
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// The AVX2 build's load_words: the stream's 32-bit words of the W slots (masked row loads: never
+// past a slot), transposed 8 x 8 to one row per word (positions in lanes): words[word * W + t].
+inline void load_words_avx2(const uint8_t* const* slots, const Stream& s, int32_t* words) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int w0 = 0; w0 < s.num_words; w0 += 8) {
+    const int nw = std::min(8, s.num_words - w0);
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(nw), lane);
+    const int word = s.first_word + w0;
+    for (int t0 = 0; t0 < W; t0 += 8) {
+      __m256 r[8];
+      for (int t = 0; t < 8; ++t)
+        r[t] = _mm256_castsi256_ps(_mm256_maskload_epi32(reinterpret_cast<const int*>(slots[t0 + t] + 4 * word), m));
+      transpose8(r);
+      for (int i = 0; i < nw; ++i) _mm256_storeu_ps(reinterpret_cast<float*>(words + (word + i) * W + t0), r[i]);
+    }
+  }
+}
+
+// The AVX2 build's ComponentReader: levels of component c for the W slots whose words
+// load_words_avx2 gave, 8 lanes at a time (a 3-bit register permute of lut16 for codes up to 3
+// bits, two and a blend on bit 3 for 4 bits, a gather above).
+struct ComponentReader8 {
+  const int32_t *widx, *wshift, *wspan, *mask, *nbits, *first;
+  const float *lv, *lut;
+  ComponentReader8(const Stream& s, int h, int dim) {
+    const int64_t hd = static_cast<int64_t>(h) * dim;
+    widx = s.word + hd;
+    wshift = s.wshift + hd;
+    wspan = s.wspan + hd;
+    mask = s.mask + hd;
+    nbits = s.nbits + hd;
+    first = s.level_start + hd;
+    lv = s.levels;
+    lut = s.lut16 + hd * 16;
+  }
+  inline void read(int c, const int32_t* words, float* out) const {
+    const int32_t* src = words + widx[c] * W;
+    const __m256i sh = _mm256_set1_epi32(wshift[c]);
+    const int bits = nbits[c];
+    const float* table = lut + c * 16;
+    for (int t0 = 0; t0 < W; t0 += 8) {
+      __m256i code = _mm256_srlv_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + t0)), sh);
+      if (wspan[c])
+        code = _mm256_or_si256(code, _mm256_sllv_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + W + t0)),
+                                                       _mm256_sub_epi32(_mm256_set1_epi32(32), sh)));
+      __m256 v;
+      if (bits <= 3) {
+        v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), code);
+      } else if (bits == 4) {
+        const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), code);
+        const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), code);
+        v = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+      } else {
+        v = _mm256_i32gather_ps(lv + first[c], _mm256_and_si256(code, _mm256_set1_epi32(mask[c])), 4);
+      }
+      _mm256_storeu_ps(out + t0, v);
+    }
+  }
+};
+#endif
+
 // Levels of every component of one stream for W slots, positions in lanes: z[c * W + t].
 // words: scratch of at least (slot bytes / 4 + 17) * W int32.
 inline void extract_tile(const uint8_t* const* slots, const Stream& s, int h, int dim, float* z, int32_t* words) {
@@ -302,6 +383,10 @@ inline void extract_tile(const uint8_t* const* slots, const Stream& s, int h, in
   load_words(slots, s, words);
   const ComponentReader read(s, h, dim, words);
   for (int c = 0; c < dim; ++c) _mm512_storeu_ps(z + c * W, read(c));
+#elif defined(CPU_CAPABILITY_AVX2)
+  load_words_avx2(slots, s, words);
+  const ComponentReader8 read(s, h, dim);
+  for (int c = 0; c < dim; ++c) read.read(c, words, z + c * W);
 #else
   (void)words;
   extract_lanes(slots, s, h, dim, z);
