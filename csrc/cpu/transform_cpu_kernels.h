@@ -16,7 +16,8 @@
 //     (lanes = components); values are never rebuilt.
 //   merge (per sequence x query head): log-sum-exp merge of the chunks with the exact own
 //   token (position seq_len - 1), inverse_v and mean_v applied once, lse written.
-// Reconstruct: per (block, kv head), whole blocks to float32 K (optionally RoPE-rotated) / V.
+// Reconstruct: per (block, kv head), whole blocks to float32 K (optionally RoPE-rotated) / V; codes
+// read W slots at a time by the decode's field reader, values rebuilt with register accumulators.
 // Write: per token, components -> codes (binary search over the cuts, transform_format.cuh's
 //   quantize) -> bit fields -> the slot.
 #pragma once
@@ -89,25 +90,6 @@ inline void extract_lanes(const uint8_t* const* slots, const Stream& s, int h, i
       const int i = byte[c];
       const int word = p[i] | (p[i + extra[c]] << 8);
       z[c * W + t] = s.levels[first[c] + ((word >> shift[c]) & mask[c])];
-    }
-  }
-}
-
-// Levels of every component of one stream for n slots, one row per slot: z[t * D + c].
-inline void extract_rows(const uint8_t* const* slots, int n, const Stream& s, int h, int dim, float* z) {
-  const int64_t hd = static_cast<int64_t>(h) * dim;
-  const int32_t* byte = s.byte + hd;
-  const int32_t* extra = s.extra + hd;
-  const int32_t* shift = s.shift + hd;
-  const int32_t* mask = s.mask + hd;
-  const int32_t* first = s.level_start + hd;
-  for (int t = 0; t < n; ++t) {
-    const uint8_t* p = slots[t];
-    float* row = z + static_cast<int64_t>(t) * dim;
-    for (int c = 0; c < dim; ++c) {
-      const int i = byte[c];
-      const int word = p[i] | (p[i + extra[c]] << 8);
-      row[c] = s.levels[first[c] + ((word >> shift[c]) & mask[c])];
     }
   }
 }
@@ -1040,11 +1022,60 @@ void decode_attention(const DecodeArgs& a) {
   });
 }
 
+namespace {
+// rows[t] = z_t @ inverse + mean for the n rows of z [n][D], NVD = D / VS accumulators in
+// registers (rebuild_rows keeps them in memory: a load and a store per multiply-add).
+template <int NVD>
+inline void rebuild_rows_in_registers(float* rows, int n, const float* inverse, const float* mean) {
+  constexpr int D = NVD * VS;
+  for (int t = 0; t < n; ++t) {
+    float* z = rows + static_cast<int64_t>(t) * D;
+    Vec acc[NVD];
+    for (int u = 0; u < NVD; ++u) acc[u] = Vec::loadu(mean + u * VS);
+    for (int c = 0; c < D; ++c) {
+      const Vec zc(z[c]);
+      const float* inv = inverse + static_cast<int64_t>(c) * D;
+      for (int u = 0; u < NVD; ++u) acc[u] = at::vec::fmadd(zc, Vec::loadu(inv + u * VS), acc[u]);
+    }
+    for (int u = 0; u < NVD; ++u) acc[u].store(z + u * VS);
+  }
+}
+
+inline void rebuild_rows_fast(float* rows, int n, const float* inverse, const float* mean, int dim, float* tmp) {
+  switch (dim / VS) {
+    case 2: if (dim == 2 * VS) return rebuild_rows_in_registers<2>(rows, n, inverse, mean); break;
+    case 4: if (dim == 4 * VS) return rebuild_rows_in_registers<4>(rows, n, inverse, mean); break;
+    case 8: if (dim == 8 * VS) return rebuild_rows_in_registers<8>(rows, n, inverse, mean); break;
+    case 16: if (dim == 16 * VS) return rebuild_rows_in_registers<16>(rows, n, inverse, mean); break;
+    default: break;
+  }
+  rebuild_rows(rows, n, inverse, mean, dim, tmp);
+}
+
+// Levels of both streams of the block's bs slots as rows [bs][D], W slots at a time through
+// extract_tile (the decode's vectorized field reader), transposed from its [D][W] layout.
+inline void extract_block_rows(const uint8_t* block, int64_t stride_pt, int bs, const Stream& k, const Stream& v, int h,
+                               int dim, float* zk, float* zv, float* tile, int32_t* words) {
+  const uint8_t* slots[W];
+  for (int s0 = 0; s0 < bs; s0 += W) {
+    const int n = std::min(W, bs - s0);
+    for (int t = 0; t < W; ++t) slots[t] = block + (s0 + std::min(t, n - 1)) * stride_pt;
+    for (int stream = 0; stream < 2; ++stream) {
+      extract_tile(slots, stream == 0 ? k : v, h, dim, tile, words);
+      float* rows = (stream == 0 ? zk : zv) + static_cast<int64_t>(s0) * dim;
+      for (int t = 0; t < n; ++t)
+        for (int c = 0; c < dim; ++c) rows[static_cast<int64_t>(t) * dim + c] = tile[c * W + t];
+    }
+  }
+}
+}  // namespace
+
 void reconstruct(const ReconstructArgs& a) {
   const int H = a.heads, D = a.dim, bs = a.block_size, half = D / 2;
+  const int slot_bytes = std::max(a.k.offset + a.k.nbytes, a.v.offset + a.v.nbytes);
   at::parallel_for(0, a.num_ids * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> zk(static_cast<size_t>(bs) * D), zv(static_cast<size_t>(bs) * D), tmp(D);
-    std::vector<const uint8_t*> slots(bs);
+    AlignedVector<float> zk(static_cast<size_t>(bs) * D), zv(static_cast<size_t>(bs) * D), tmp(D), tile(D * W);
+    AlignedVector<int32_t> words(static_cast<size_t>(slot_bytes / 4 + 18) * W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m = task / H;
       const int h = static_cast<int>(task % H);
@@ -1057,22 +1088,28 @@ void reconstruct(const ReconstructArgs& a) {
         }
         continue;
       }
-      for (int s = 0; s < bs; ++s) slots[s] = a.pages + id * a.stride_pb + h * a.stride_ph + s * a.stride_pt;
-      extract_rows(slots.data(), bs, a.k, h, D, zk.data());
-      extract_rows(slots.data(), bs, a.v, h, D, zv.data());
+      extract_block_rows(a.pages + id * a.stride_pb + h * a.stride_ph, a.stride_pt, bs, a.k, a.v, h, D, zk.data(),
+                         zv.data(), tile.data(), words.data());
       const float* mean_k = a.k.mean + static_cast<int64_t>(h) * D;
       if (a.pairs.a != nullptr) {
         rebuild_rows_pairs(zk.data(), bs, a.pairs, h, mean_k, D);
       } else {
-        rebuild_rows(zk.data(), bs, a.k.inverse + static_cast<int64_t>(h) * D * D, mean_k, D, tmp.data());
+        rebuild_rows_fast(zk.data(), bs, a.k.inverse + static_cast<int64_t>(h) * D * D, mean_k, D, tmp.data());
       }
-      rebuild_rows(zv.data(), bs, a.v.inverse + static_cast<int64_t>(h) * D * D, a.v.mean + static_cast<int64_t>(h) * D,
-                   D, tmp.data());
+      rebuild_rows_fast(zv.data(), bs, a.v.inverse + static_cast<int64_t>(h) * D * D,
+                        a.v.mean + static_cast<int64_t>(h) * D, D, tmp.data());
       for (int s = 0; s < bs; ++s) {
         float* krow = zk.data() + static_cast<int64_t>(s) * D;
         if (a.rope != nullptr) {
           const float* rope_row = a.rope + (a.block_positions[m] + s) * D;
-          for (int j = 0; j < half; ++j) transform::rope_pair(krow, rope_row, j, D);
+          int j = 0;
+          for (; j + VS <= half; j += VS) {
+            const Vec c = Vec::loadu(rope_row + j), sn = Vec::loadu(rope_row + half + j);
+            const Vec lo = Vec::loadu(krow + j), hi = Vec::loadu(krow + half + j);
+            (lo * c - hi * sn).store(krow + j);
+            (hi * c + lo * sn).store(krow + half + j);
+          }
+          for (; j < half; ++j) transform::rope_pair(krow, rope_row, j, D);
         }
         std::memcpy(out_row(a.key, s), krow, sizeof(float) * D);
         std::memcpy(out_row(a.value, s), zv.data() + static_cast<int64_t>(s) * D, sizeof(float) * D);

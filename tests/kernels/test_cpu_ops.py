@@ -313,21 +313,24 @@ def test_write_bytes_identical_to_reference(heads, dim, block_size, dtype):
         assert torch.equal(ours, expected)
 
 
+# (kv heads, head_dim, block size): blocks read 16 slots at a time (24: a partial last tile),
+# value rebuilds with register accumulators (64, 128) or without (96: 6 or 12 vectors)
+@pytest.mark.parametrize("heads,dim,block_size", [(2, 64, 32), (3, 96, 24), (1, 128, 16)])
 @pytest.mark.parametrize("pair,use_rope", [(False, True), (True, True), (True, False)])
-def test_reconstruct_matches_reference(pair, use_rope):
-    layout = random_layout(2, 64, pair_keys=pair, seed=9)
+def test_reconstruct_matches_reference(pair, use_rope, heads, dim, block_size):
+    layout = random_layout(heads, dim, pair_keys=pair, seed=9)
     params = transform_layer_params(layout)
-    pages, table, _ = random_paged_case(layout, [100], 32, seed=9)
+    pages, table, _ = random_paged_case(layout, [100], block_size, seed=9)
     ids = torch.cat([table[0], torch.tensor([-1], dtype=torch.int32)])
-    positions = torch.arange(ids.numel()) * 32 if use_rope else None
-    rope = rope_cache(ids.numel() * 32, 64, THETA) if use_rope else None
+    positions = torch.arange(ids.numel()) * block_size if use_rope else None
+    rope = rope_cache(ids.numel() * block_size, dim, THETA) if use_rope else None
     ref_k, ref_v = reconstruct_transform_reference(pages, ids, layout, rope=rope, block_positions=positions)[:2]
     for _ in each_isa():
         key, value = cpu_ops.reconstruct_transform_blocks_cpp(pages, ids, params, rope=rope,
                                                               block_positions=positions)
         torch.testing.assert_close(key, ref_k, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(value, ref_v, atol=1e-4, rtol=1e-4)
-        assert not key[-32:].any() and not value[-32:].any()
+        assert not key[-block_size:].any() and not value[-block_size:].any()
 
 
 def test_opcheck():
