@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             results[isa] = median_ms(lambda: cpu_ops.reconstruct_transform_blocks_cpp(
                 pages, ids, params, rope=rope, block_positions=positions), args.calls)
-            print(f"{isa}: reconstruct {blocks * BLOCK} positions x {kv_heads} heads: {results[isa]:.3f} ms", flush=True)
+            print(f"{isa}: reconstruct {blocks * BLOCK} positions x {kv_heads} heads: {results[isa]:.3f} ms",
+                  flush=True)
     finally:
         torch.ops.seqkv.cpu_kernel_isa("auto")
     q = torch.randn(1, q_heads, 128, dim, generator=gen)
