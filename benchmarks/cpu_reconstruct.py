@@ -10,9 +10,7 @@ prefill chunk over the same positions beside it for scale::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,17 +18,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.cpu_decode import BLOCK, ROPE_THETA, SHAPES, f4_layouts  # noqa: E402
+from benchmarks.cpu_decode import BLOCK, ROPE_THETA, SHAPES, f4_layouts, interleaved  # noqa: E402
 
 
 def median_ms(fn, calls: int) -> float:
-    fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return interleaved({"fn": fn}, calls)[0]["fn"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -359,7 +359,7 @@ struct ComponentReader8 {
 #endif
 
 // Levels of every component of one stream for W slots, positions in lanes: z[c * W + t].
-// words: scratch of at least (slot bytes / 4 + 17) * W int32.
+// words: scratch of tile_words(slot bytes) int32.
 inline void extract_tile(const uint8_t* const* slots, const Stream& s, int h, int dim, float* z, int32_t* words) {
 #if defined(CPU_CAPABILITY_AVX512)
   load_words(slots, s, words);
@@ -381,6 +381,13 @@ constexpr int kValueGroupTiles = 8;  // AVX-512: tiles whose words stay in L1 du
 // int32 per tile in DecodeScratch::tiles: every word of the slot (+ one past: a field's second
 // word) for W positions; 16-word transposes may write up to 15 words past the last one.
 inline int64_t tile_stride(int slot_bytes) { return static_cast<int64_t>((slot_bytes + 3) / 4 + 17) * W; }
+
+// int32 of one tile's words for extract_tile (every word of the slot, one past, 8- or 16-word
+// transposes' padding).
+inline size_t tile_words(int slot_bytes) { return static_cast<size_t>(slot_bytes / 4 + 18) * W; }
+
+// Bytes of a slot: the K and V streams' extent.
+inline int slot_bytes_of(const Stream& k, const Stream& v) { return std::max(k.offset + k.nbytes, v.offset + v.nbytes); }
 
 // Scratch aligned to cache lines: a 64-byte vector load that straddles two lines costs two.
 template <class T>
@@ -407,9 +414,9 @@ struct DecodeScratch {
         qrot(static_cast<size_t>(group) * dim),
         acc(static_cast<size_t>(group) * dim * W),
         zv(static_cast<size_t>(kMaxValueTiles) * dim * W),
-        words(static_cast<size_t>(kMaxValueTiles) * (slot_bytes / 4 + 18) * W),
+        words(kMaxValueTiles * tile_words(slot_bytes)),
 #if defined(CPU_CAPABILITY_AVX512)
-        vwords(static_cast<size_t>(kValueGroupTiles) * (slot_bytes / 4 + 18) * W),
+        vwords(kValueGroupTiles * tile_words(slot_bytes)),
         tiles(static_cast<size_t>(span / W + 1) * tile_stride(slot_bytes))
 #else
         vwords()
@@ -816,7 +823,7 @@ void decode_item_pairs512(const DecodeArgs& a, const Item& item, int h, int64_t 
   float* qrot = s.qrot.data();
   float* key = s.key.data();
   int32_t* tiles = s.tiles.data();
-  const int slot_bytes = std::max(a.k.offset + a.k.nbytes, a.v.offset + a.v.nbytes);
+  const int slot_bytes = slot_bytes_of(a.k, a.v);
   const int64_t stride = tile_stride(slot_bytes);
   const int first_word = std::min(a.k.first_word, a.v.first_word);
   const int num_words = std::max(a.k.first_word + a.k.num_words, a.v.first_word + a.v.num_words) - first_word;
@@ -944,7 +951,7 @@ void decode_attention(const DecodeArgs& a) {
   const TileRope tr{a.tile_cos, a.tile_sin, a.tile_pairs};
   const int64_t row = D + 2;
   const int64_t span = chunk + 5 * W;  // a chunk, its alignment and the value pass' padding tiles
-  const int slot_bytes = std::max(a.k.offset + a.k.nbytes, a.v.offset + a.v.nbytes);
+  const int slot_bytes = slot_bytes_of(a.k, a.v);
   AlignedVector<float> part(items.size() * H * G * row);
   const int64_t tasks = static_cast<int64_t>(items.size()) * H;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
@@ -1072,10 +1079,10 @@ inline void extract_block_rows(const uint8_t* block, int64_t stride_pt, int bs, 
 
 void reconstruct(const ReconstructArgs& a) {
   const int H = a.heads, D = a.dim, bs = a.block_size, half = D / 2;
-  const int slot_bytes = std::max(a.k.offset + a.k.nbytes, a.v.offset + a.v.nbytes);
+  const int slot_bytes = slot_bytes_of(a.k, a.v);
   at::parallel_for(0, a.num_ids * H, 1, [&](int64_t begin, int64_t end) {
     AlignedVector<float> zk(static_cast<size_t>(bs) * D), zv(static_cast<size_t>(bs) * D), tmp(D), tile(D * W);
-    AlignedVector<int32_t> words(static_cast<size_t>(slot_bytes / 4 + 18) * W);
+    AlignedVector<int32_t> words(tile_words(slot_bytes));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m = task / H;
       const int h = static_cast<int>(task % H);
