@@ -9,12 +9,16 @@ variant in a fresh process:
 
 * ``auto``: vLLM's bf16 cache;
 * ``seqkv``: the default preset with the C++ ops; also the wall time of every call of the
-  decode and write wrappers (``vllm_seqkv.kernels.cpu_ops``) and of the ops inside them, in
+  decode and write wrappers (``vllm_seqkv.kernels.cpu_ops``: the checked functions, or in a
+  decode-only step the layer's ``DecodeStepOps`` methods) and of the ops inside them, in
   the engine (between two calls the model's other layers run: the ops meet their tables and
   code cold), and the last call of each wrapper replayed 200 times back to back (warm);
 * ``seqkv, no decode op``: the same engine with the decode wrapper returning zeros (attention
   output wrong, everything else the same work);
 * ``seqkv, no decode or write op``: also the write wrapper doing nothing.
+
+Every variant also times each call of vLLM's attention layer (``attention layer``: the KV write
+and the attention with vLLM's dispatch, per layer and step; its median is a decode step's).
 
 The differences say what the two ops cost in the engine, and what remains (Python, metadata,
 the model) against ``auto``. NOT a serving configuration: the stubbed variants generate
@@ -66,6 +70,11 @@ def _stub_ops(variant: str, calls: dict, last: dict) -> None:
         return (out, torch.zeros(query.shape[:2])) if return_lse else out
 
     decode, write = cpu_ops.transform_decode_attention_cpp, cpu_ops.write_transform_tokens_cpp
+    # a decode-only step calls the ops through the layer's DecodeStepOps, other steps through
+    # the wrappers: both are timed (or stubbed) alike (a tree before DecodeStepOps, for an A/B:
+    # the wrappers only)
+    step_ops = getattr(cpu_ops, "DecodeStepOps", None)
+    step_decode, step_write = (step_ops.decode, step_ops.write_tokens) if step_ops else (None, None)
     if variant == "seqkv":
         decode_op = torch.ops.seqkv.cpu_transform_decode_attention
         write_op = torch.ops.seqkv.cpu_write_transform_tokens
@@ -84,13 +93,38 @@ def _stub_ops(variant: str, calls: dict, last: dict) -> None:
 
         cpu_ops.torch = Torch()
         decode, write = timed("decode wrapper", decode), timed("write wrapper", write)
+        step_decode, step_write = timed("decode wrapper", step_decode), timed("write wrapper", step_write)
     if "no decode" in variant:
         decode = no_decode
+
+        def step_decode(self, query, *args, **kwargs):
+            return no_decode(query, None, None, return_lse=True)
     if "write op" in variant:
         def write(key, *args, **kwargs):
             return torch.zeros((), dtype=torch.long)
+
+        def step_write(self, key, *args, **kwargs):
+            return torch.zeros((), dtype=torch.long)
     kernels._function.cache_clear()  # the dispatch table resolves the module attributes again
     cpu_ops.transform_decode_attention_cpp, cpu_ops.write_transform_tokens_cpp = decode, write
+    if step_ops is not None:
+        step_ops.decode, step_ops.write_tokens = step_decode, step_write
+
+
+def _time_attention_layers(calls: dict) -> None:
+    """Time every call of vLLM's attention layer (``Attention.forward``: the KV write and the
+    attention, all the backend does per layer and step, vLLM's dispatch included)."""
+    from vllm.model_executor.layers.attention import attention
+
+    forward = attention.Attention.forward
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = forward(self, *args, **kwargs)
+        calls.setdefault("attention layer", []).append(time.perf_counter() - start)
+        return out
+
+    attention.Attention.forward = timed
 
 
 def run_variant(variant: str, context: int, new_tokens: int, repeats: int) -> dict:
@@ -112,6 +146,7 @@ def run_variant(variant: str, context: int, new_tokens: int, repeats: int) -> di
     last: dict[str, tuple] = {}
     if backend == "seqkv":
         _stub_ops(variant, calls, last)
+    _time_attention_layers(calls)
     llm.generate([prompt], many, use_tqdm=False)  # warm-up of the variant
     calls.clear()
     per_token = []

@@ -331,7 +331,7 @@ def test_sink_rows_are_kept_in_the_model_dtype_and_read_back_bit_exact(tiny_mode
                         torch.zeros(3, dtype=torch.long), key, value)
     assert engine.sinks.nbytes == 3 * 2 * 2 * 32 * 2  # bf16 K and V [H, D] per sequence start
     pages = torch.zeros(10, 2, 16, engine.slot_bytes, dtype=torch.uint8)
-    sink_k, sink_v = engine._sink_rows(1, pages, [4, 6, 9])  # what the fused decode merges
+    sink_k, sink_v = engine.sink_rows(1, pages, [4, 6, 9])  # what the fused decode merges
     assert sink_k.dtype == sink_v.dtype == torch.float32
     assert torch.equal(sink_k[:, 0], key) and torch.equal(sink_v[:, 0], value)
     decoded_k, decoded_v = torch.zeros(1, 2, 32), torch.zeros(1, 2, 32)  # the prefill path's rows
@@ -367,3 +367,57 @@ def test_sink_table_by_first_token_drops_a_token_no_block_starts_with_any_more()
     # a cold-tier record with no sink rows over a start block ends its start
     table.import_(0, 1, {})
     assert len(table) == 0 and table.nbytes == 0
+
+
+def test_decode_step_ops_write_and_attend_as_the_general_path(tiny_model_dir, monkeypatch):
+    """A decode-only step on CPU goes through EngineCodec.decode_step_ops (the two C++ ops called
+    straight): the same page bytes as EngineCodec.write_tokens and the same attention as
+    EngineCodec.decode_attention (bf16 in and out: the float32 result rounded once), on mixed
+    lengths with exact sink rows and the layer's own RoPE table; None where the C++ ops do not run."""
+    from vllm_seqkv.codec.rope import default_table
+    from vllm_seqkv.config import SeqKVConfig
+    from vllm_seqkv.integration.engine_codec import EngineCodec
+    from vllm_seqkv.kernels import KernelArgumentError, cpu_ops
+
+    if not cpu_ops.load_cpu_ops():
+        pytest.skip(f"C++ CPU ops not built: {cpu_ops.load_error()}")
+    monkeypatch.setenv("SEQKV_KERNELS", "auto")
+    engine = EngineCodec(SeqKVConfig(kv_cache_backend="seqkv", preset="seqkv-f4"), str(tiny_model_dir), 2, 32,
+                         10000.0, kv_dtype=torch.bfloat16)
+    engine.set_rope_table(1, default_table(256, 32, 10000.0))
+    gen = torch.Generator().manual_seed(5)
+    block_size, lengths = 16, [5, 17, 40]
+    block_table = torch.tensor([[6, 0, 0], [1, 7, 0], [2, 3, 5]], dtype=torch.int32)
+    general, fast = (torch.zeros(8, 2, block_size, engine.slot_bytes, dtype=torch.uint8) for _ in range(2))
+    for b, length in enumerate(lengths):  # the cached positions, written alike into both pages
+        positions = torch.arange(length - 1)
+        slots = block_table[b, positions // block_size].long() * block_size + positions % block_size
+        key, value = (torch.randn(length - 1, 2, 32, generator=gen).to(torch.bfloat16) for _ in range(2))
+        for pages in (general, fast):
+            assert engine.write_tokens(1, pages, slots, positions, key, value)
+        engine.sinks.record(1, slots // block_size, slots % block_size, positions, key.float(), value.float())
+    step = engine.decode_step_ops(1, fast)
+    assert step is not None and engine.decode_step_ops(1, fast) is step
+    positions = torch.tensor(lengths) - 1
+    slot_mapping = block_table[torch.arange(3), positions // block_size].long() * block_size + positions % block_size
+    key, value = (torch.randn(3, 2, 32, generator=gen).to(torch.bfloat16) for _ in range(2))
+    query = torch.randn(3, 6, 32, generator=gen).to(torch.bfloat16)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    first_blocks = block_table[:, 0].tolist()
+
+    assert engine.write_tokens(1, general, slot_mapping, positions, key, value)
+    params = engine.kernel_params(1, torch.device("cpu"))
+    expected = engine.decode_attention(1, params, query.float(), key, value, general, block_table, lengths, 0.3,
+                                       lengths=seq_lens, first_blocks=first_blocks)
+    assert int(step.write_tokens(key, value, slot_mapping, positions)) == 0
+    assert torch.equal(fast, general)
+    sinks = engine.codec.sink_tokens
+    out, lse = step.decode(query, key, value, block_table, seq_lens, 0.3, skip_first=sinks,
+                           sinks=engine.sink_rows(1, fast, first_blocks))
+    assert out.dtype == torch.bfloat16 and lse.shape == (3, 6)
+    assert torch.equal(out, expected.to(torch.bfloat16))
+
+    with pytest.raises(KernelArgumentError, match="block_table"):  # a refused call names its argument
+        step.decode(query, key, value, block_table[:2], seq_lens, 0.3, skip_first=sinks)
+    monkeypatch.setenv("SEQKV_KERNELS", "torch")
+    assert engine.decode_step_ops(1, fast) is None

@@ -40,18 +40,16 @@ def install_key_probe(worker):
     from vllm_seqkv.integration import backend
 
     store: dict[int, list] = {}
-    original = backend.SeqKVAttentionImpl.do_kv_cache_update
+    original = backend.SeqKVAttentionImpl._write_new_tokens
 
-    def probe(self, layer, key, value, kv_cache, slot_mapping):
-        num = slot_mapping.shape[0]
-        positions = backend._padded(backend.layer_metadata(layer).positions, num)
-        index = self.index_of(layer)
-        self._ensure_rope(layer, index)
-        frame = self.engine.to_code_frame(self.in_code_order(key[:num]).float(), positions, index)
+    def probe(self, index, metadata, key, value, pages):  # key: in code order, rotated as the model does
+        num = min(metadata.slot_mapping.shape[0], key.shape[0])
+        positions = backend._padded(metadata.positions, num)
+        frame = self.engine.to_code_frame(key[:num].float(), positions, index)
         store.setdefault(index, []).append((positions.cpu(), frame.cpu()))
-        return original(self, layer, key, value, kv_cache, slot_mapping)
+        return original(self, index, metadata, key, value, pages)
 
-    backend.SeqKVAttentionImpl.do_kv_cache_update = probe
+    backend.SeqKVAttentionImpl._write_new_tokens = probe
     worker._seqkv_key_probe = store
 
 

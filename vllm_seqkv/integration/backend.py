@@ -24,7 +24,11 @@ Reads are planned per batch (:mod:`.reads`): the sequences a layer reads are dec
 one call per chunk and layer, each slot once however many sequences share its block; the
 decode-only sequences of a chunk then attend in batched matmuls (:func:`attend_decodes`).
 
-Writing new tokens is one C++ op per layer on CPU for the layers it covers
+``forward`` writes the step's new tokens, then attends (vLLM's separate KV-update hook is not
+used: one entry per layer and step). A step whose sequences all decode one token and share no
+prefix runs both C++ ops through the layer's
+:class:`~vllm_seqkv.kernels.cpu_ops.DecodeStepOps` (:meth:`SeqKVAttentionImpl._decode_step`);
+other steps as follows. Writing new tokens is one C++ op per layer on CPU for the layers it covers
 (:meth:`~.engine_codec.EngineCodec.write_tokens`: NaN check, RoPE undone, coded), and one-token
 sequences attend in one fused decode call per layer with the exact sink rows merged inside it
 (:meth:`~.engine_codec.EngineCodec.decode_attention`; what every layer of a step shares is
@@ -66,7 +70,6 @@ from vllm_seqkv.integration.compat import (
     backend_slot,
     extract_layer_index,
     get_current_vllm_config,
-    get_forward_context,
     init_logger,
     layer_rotary,
 )
@@ -85,7 +88,10 @@ class SeqKVAttentionBackend(AttentionBackend):
     :func:`~.compat.backend_slot`): the same metadata, write path and read path on either
     device; the kernels' dispatcher picks torch, Triton or CUDA code by the pages' device."""
 
-    forward_includes_kv_cache_update = False
+    # NOTE: forward writes the step's new tokens, then attends: one entry per layer and step
+    # (vLLM's separate unified_kv_cache_update was a second Python path per layer, ~1 ms per
+    # output token of SmolLM2 at one sequence, BENCHMARKS.md "One entry per layer")
+    forward_includes_kv_cache_update = True
     supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes = ["auto"]
 
@@ -268,26 +274,39 @@ class SeqKVAttentionImpl(AttentionImpl):
                 slot_ratio_vs_bf16(self.engine.slot_bytes, self.engine.head_dim), "bf16",
             )
 
-    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
-                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Code the new tokens' K/V ``[T, H, D]`` into their slots (slot -1 = padding)."""
+    def _decode_step(self, step, layer_index: int, metadata: SeqKVMetadata, part: DecodePart,
+                     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor) -> None:
+        """A step whose sequences all decode one token and share no prefix, on CPU: the new
+        tokens written and every sequence's attention in one fused decode, both C++ ops called
+        through the layer's :class:`~vllm_seqkv.kernels.cpu_ops.DecodeStepOps` (what
+        :meth:`_write_new_tokens` and :meth:`_fused_decode` do for such a step, with fewer
+        Python calls: a decode step calls this once per layer)."""
+        slot_mapping = metadata.slot_mapping[:key.shape[0]]
         num = slot_mapping.shape[0]
-        metadata = layer_metadata(layer)
-        pages = _byte_pages(kv_cache)
-        layer_index = self.index_of(layer)
-        self._ensure_rope(layer, layer_index)
-        key = self.in_code_order(key)
-        self.engine.chain.register(layer_index, pages)
+        positions = _padded(metadata.positions, num)
+        nonfinite = step.write_tokens(key[:num], value[:num], slot_mapping, positions)
+        if nonfinite.item():
+            self.engine.warn_nonfinite(layer_index, nonfinite.item(), num)
+        sinks = self.engine.codec.sink_tokens
+        if sinks:
+            self._record_sink_writes(layer_index, metadata, slot_mapping, positions, key, value, step.pages)
+        sink_rows = self.engine.sink_rows(layer_index, step.pages, part.first_blocks) if sinks else None
+        rows = part.rows
+        # NOTE: the model's dtype in and out (the op converts its inputs and computes in float32)
+        out, _ = step.decode(query[rows], key[rows], value[rows], part.block_table, part.lengths, self.scale,
+                             skip_first=sinks, sinks=sink_rows)
+        _store_rows(output, rows, out)
+
+    def _write_new_tokens(self, layer_index: int, metadata: SeqKVMetadata, key: torch.Tensor,
+                          value: torch.Tensor, pages: torch.Tensor) -> None:
+        """Code the step's new tokens' K (in code order) / V ``[T, H, D]`` into their slots
+        (``metadata.slot_mapping``; -1 = padding)."""
+        slot_mapping = metadata.slot_mapping[:key.shape[0]]
+        num = slot_mapping.shape[0]
         all_positions = _padded(metadata.positions, num)
         if self.engine.write_tokens(layer_index, pages, slot_mapping, all_positions, key[:num], value[:num]):
             if self.engine.codec.sink_tokens:
-                rows = metadata.sink_writes(slot_mapping, pages.shape[2], self.engine.codec.sink_tokens)
-                if rows is not None:
-                    slots = slot_mapping[rows].long()
-                    clean = [torch.nan_to_num(t[rows].float(), nan=0.0, posinf=0.0, neginf=0.0)
-                             for t in (key, value)]
-                    self.engine.sinks.record(layer_index, slots // pages.shape[2], slots % pages.shape[2],
-                                             all_positions[rows], clean[0], clean[1])
+                self._record_sink_writes(layer_index, metadata, slot_mapping, all_positions, key, value, pages)
             return
         valid = slot_mapping >= 0
         if not bool(valid.any()):
@@ -300,6 +319,18 @@ class SeqKVAttentionImpl(AttentionImpl):
                           value)
         blocks, offsets = slots // pages.shape[2], slots % pages.shape[2]
         self.engine.sinks.record(layer_index, blocks, offsets, positions, key, value)
+
+    def _record_sink_writes(self, layer_index: int, metadata: SeqKVMetadata, slot_mapping: torch.Tensor,
+                            positions: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            pages: torch.Tensor) -> None:
+        """The written tokens at a block offset below the sink tokens, exact (NaN/inf as 0), into
+        the sink table."""
+        rows = metadata.sink_writes(slot_mapping, pages.shape[2], self.engine.codec.sink_tokens)
+        if rows is not None:
+            slots = slot_mapping[rows].long()
+            clean = [torch.nan_to_num(t[rows].float(), nan=0.0, posinf=0.0, neginf=0.0) for t in (key, value)]
+            self.engine.sinks.record(layer_index, slots // pages.shape[2], slots % pages.shape[2],
+                                     positions[rows], clean[0], clean[1])
 
     def index_of(self, layer) -> int:
         """The layer's index in the model (parsed from its name once: every step asks)."""
@@ -340,7 +371,8 @@ class SeqKVAttentionImpl(AttentionImpl):
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: SeqKVMetadata, output: torch.Tensor,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
-        """query ``[T, Hq, D]``, key/value ``[T, H, D]``, output ``[T, Hq, D]``."""
+        """query ``[T, Hq, D]``, key/value ``[T, H, D]`` (the step's new tokens, written first),
+        output ``[T, Hq, D]``."""
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("seqkv: fused output quantization is not supported")
         if attn_metadata is None:
@@ -352,9 +384,16 @@ class SeqKVAttentionImpl(AttentionImpl):
         self.engine.chain.register(layer_index, pages)
         starts = attn_metadata.query_starts
         block_size = pages.shape[2]
+        attn_metadata.per_batch.setdefault("block_size", block_size)
+        step = self.engine.decode_step_ops(layer_index, pages) if self.sliding_window is None else None
+        if step is not None:
+            decodes = attn_metadata.fused_decodes(self.engine.config.shared_prefix_min_saved_positions)
+            if decodes is not None and not decodes.shared and len(decodes.seqs) == len(starts) - 1:
+                self._decode_step(step, layer_index, attn_metadata, decodes.alone, query, key, value, output)
+                return output
+        self._write_new_tokens(layer_index, attn_metadata, key, value, pages)
         fused = (self.engine.fused_decode_params(layer_index, pages.device)
                  if self.sliding_window is None else None)  # the fused kernel reads from position 0
-        attn_metadata.per_batch.setdefault("block_size", block_size)
         sharing = (self.engine.config.shared_prefix_min_saved_positions
                    if fused is not None and self.engine.reads_shared_prefixes(fused, pages.device) else None)
         decodes = attn_metadata.fused_decodes(sharing) if fused is not None else None
@@ -473,12 +512,6 @@ def finite_or_zero(key: torch.Tensor, value: torch.Tensor, layer_index: int):
                    key.shape[0])
     return (torch.nan_to_num(key, nan=0.0, posinf=0.0, neginf=0.0),
             torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0))
-
-
-def layer_metadata(layer):
-    """This layer's attention metadata from vLLM's forward context."""
-    metadata = get_forward_context().attn_metadata
-    return metadata[layer.layer_name] if isinstance(metadata, dict) else metadata
 
 
 def token_positions(query_starts: list[int], seq_lens: list[int], num_tokens: int) -> torch.Tensor:

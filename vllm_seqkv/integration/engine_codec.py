@@ -283,6 +283,7 @@ class EngineCodec:
         self.rope_theta = rope_theta
         self._announced: set[int] = set()
         self._kernel_params: dict[tuple[int, torch.device], object] = {}
+        self._step_ops: dict[tuple, object] = {}  # decode_step_ops, one per layer
         self._kernel_error: dict[tuple[int, str], float] = {}
         self._layer_rope: dict[int, LayerRope] = {}
         self._default_rope: LayerRope | None = None
@@ -388,8 +389,7 @@ class EngineCodec:
         if nonfinite is None:
             return False
         if nonfinite.item():
-            logger.warning("seqkv: layer %d: K/V of %d of %d new tokens contain NaN or inf (the model's "
-                           "output); stored with those values as 0", layer, nonfinite.item(), key.shape[0])
+            self.warn_nonfinite(layer, nonfinite.item(), key.shape[0])
         if CHECK_KERNELS:
             valid = slot_mapping >= 0
             slots = slot_mapping[valid].long()
@@ -473,6 +473,37 @@ class EngineCodec:
             return None
         return params
 
+    def decode_step_ops(self, layer: int, pages: torch.Tensor):
+        """The layer's :class:`~vllm_seqkv.kernels.cpu_ops.DecodeStepOps` on ``pages`` (built once
+        per layer, pages and kernel choice), or None where a decode step goes through
+        :meth:`write_tokens` and :meth:`decode_attention` instead: the C++ CPU ops do not run
+        this layer (another implementation or device, a cross-layer or token-table layer),
+        ``SEQKV_KERNELS_CHECK`` compares every call with the reference, or the layer's RoPE
+        carries a magnitude (YaRN's mscale, folded into the query by :meth:`decode_attention`)."""
+        from vllm_seqkv import kernels
+
+        choice = kernels.implementation(pages.device)
+        key = (layer, pages.data_ptr(), choice)
+        found = self._step_ops.get(key, _MISSING)
+        if found is not _MISSING:
+            return found
+        ops = None
+        params = self.fused_decode_params(layer, pages.device)
+        if (choice == "cpp" and params is not None and not CHECK_KERNELS
+                and (not self.fused_decode_rotates_keys or layer in self._layer_rope)):
+            layer_rope = self._layer_rope.get(layer) if self.fused_decode_rotates_keys else None
+            if layer_rope is None or layer_rope.magnitude == 1.0:
+                rope = (layer_rope.table_on(pages.device), layer_rope.rotation_on(pages.device)) if layer_rope else (
+                    None, None)
+                ops = kernels.cpu_ops.DecodeStepOps(params, pages, *rope)
+        self._step_ops = {k: v for k, v in self._step_ops.items() if k[0] != layer}  # one per layer
+        self._step_ops[key] = ops
+        return ops
+
+    def warn_nonfinite(self, layer: int, count: int, tokens: int) -> None:
+        logger.warning("seqkv: layer %d: K/V of %d of %d new tokens contain NaN or inf (the model's "
+                       "output); stored with those values as 0", layer, count, tokens)
+
     @property
     def fused_decode_rotates_keys(self) -> bool:
         """Whether the fused decode gets a RoPE table (pre-RoPE keys; cross-layer presets never
@@ -520,7 +551,7 @@ class EngineCodec:
         if sinks:
             if first_blocks is None:
                 first_blocks = block_table[:, 0].tolist()
-            sink_rows = self._sink_rows(layer, pages, first_blocks)  # [B, S0, H, D] each
+            sink_rows = self.sink_rows(layer, pages, first_blocks)  # [B, S0, H, D] each
             if rope is not None and layer_rope.magnitude != 1.0:  # the query above carries the magnitude
                 sink_rows = (sink_rows[0] / layer_rope.magnitude, sink_rows[1])
         out, lse = kernels.paged_decode_attention(query, own_k, own_v, pages, block_table, lengths,
@@ -557,7 +588,7 @@ class EngineCodec:
         sinks = self.codec.sink_tokens
         sink_rows = None
         if sinks:
-            sink_rows = self._sink_rows(layer, pages, [first_block])
+            sink_rows = self.sink_rows(layer, pages, [first_block])
             if rope is not None and layer_rope.magnitude != 1.0:
                 sink_rows = (sink_rows[0] / layer_rope.magnitude, sink_rows[1])
         lengths = torch.tensor([length + 1], dtype=torch.int32, device=pages.device)
@@ -570,7 +601,7 @@ class EngineCodec:
         out, lse = unstack_sharers(out, lse, query.shape[0], self.num_kv_heads)
         return out.float(), lse
 
-    def _sink_rows(self, layer: int, pages: torch.Tensor, first_blocks: list[int]):
+    def sink_rows(self, layer: int, pages: torch.Tensor, first_blocks: list[int]):
         """K (post-RoPE) and V ``[B, S0, H, D]`` of positions ``0 .. S0 - 1`` (``S0`` = sink
         tokens) of sequences starting at ``first_blocks``: exact from the sink table, else
         decoded from the pages."""

@@ -256,10 +256,10 @@ def paged_decode_attention(query: torch.Tensor, own_k: torch.Tensor, own_v: torc
     head = (query, own_k, own_v, pages, block_table, seq_lens)
     if isinstance(params, TransformLayerParams):
         _needs_previous(params, previous)
-        if sinks is not None and _kernel_for("transform", "decode", params, pages.device) is _function(
-                KERNELS[("transform", "decode", "cpp")]):
-            return _run("transform", "decode", params, pages.device, head, (scale,), rope=rope,
-                        previous=previous, skip_first=skip_first, return_lse=return_lse, sinks=sinks)
+        kernel = _kernel_for("transform", "decode", params, pages.device)
+        if sinks is not None and kernel is _function(KERNELS[("transform", "decode", "cpp")]):
+            return kernel(*head, params, scale, rope=rope, previous=previous, skip_first=skip_first,
+                          return_lse=return_lse, sinks=sinks)
         result = _run("transform", "decode", params, pages.device, head, (scale,), rope=rope,
                       previous=previous, skip_first=skip_first, return_lse=return_lse or sinks is not None)
         if sinks is None:

@@ -297,6 +297,48 @@ def write_transform_tokens_cpp(key, value, slot_mapping, positions, pages, param
         raise
 
 
+class DecodeStepOps:
+    """One layer's two calls of a decode step on CPU, the write of the step's new tokens and the
+    fused decode, with what does not change between steps bound once: the pages, the stream
+    tables and formats, the key pair blocks, the layer tables and both RoPE tables (``write_rope``:
+    the model's table, ``rope``: its pure rotations; None for post-RoPE presets). The ops are
+    called straight, without the checks and dispatch of :func:`write_transform_tokens_cpp` and
+    :func:`transform_decode_attention_cpp`: the ops check every argument themselves, and a call
+    they refuse is rerun through those wrappers to name the argument. Results are the
+    wrappers' (same op, same arguments)."""
+
+    def __init__(self, params: TransformLayerParams, pages: torch.Tensor, write_rope: torch.Tensor | None,
+                 rope: torch.Tensor | None):
+        _require_ops()
+        args = _checked_args(params, "decode step")
+        self.params, self.pages, self.write_rope, self.rope = params, pages, write_rope, rope
+        self._tables = (args.k_tables, args.v_tables, args.k_format, args.v_format)
+        self._pairs = args.pairs
+        self._layer_tables = args.layer_tables(pages, rope)
+
+    def write_tokens(self, key, value, slot_mapping, positions) -> torch.Tensor:
+        """:func:`write_transform_tokens_cpp` on the bound pages and RoPE table."""
+        try:
+            return torch.ops.seqkv.cpu_write_transform_tokens(key, value, slot_mapping, positions, self.pages,
+                                                              self.write_rope, *self._tables, self._layer_tables)
+        except RuntimeError:
+            write_transform_tokens_cpp(key, value, slot_mapping, positions, self.pages, self.params, self.write_rope)
+            raise
+
+    def decode(self, query, own_k, own_v, block_table, seq_lens, scale: float, skip_first: int = 0, sinks=None):
+        """:func:`transform_decode_attention_cpp` with ``return_lse`` on the bound pages and
+        rotations -> ``(out [B, Hq, D] in the query's dtype, lse [B, Hq])``."""
+        sink_k, sink_v = sinks if sinks is not None else (None, None)
+        try:
+            return torch.ops.seqkv.cpu_transform_decode_attention(
+                query, own_k, own_v, self.pages, block_table, seq_lens, self.rope, *self._tables, self._pairs,
+                float(scale), 0, int(skip_first), sink_k, sink_v, self._layer_tables)
+        except RuntimeError:
+            transform_decode_attention_cpp(query, own_k, own_v, self.pages, block_table, seq_lens, self.params,
+                                           scale, rope=self.rope, skip_first=skip_first, sinks=sinks)
+            raise
+
+
 def reconstruct_transform_blocks_cpp(pages, block_ids, params: TransformLayerParams, previous=None,
                                      rope=None, block_positions=None):
     """``block_ids`` int ``[M]`` (-1: zero rows) -> K, V float32 ``[M * bs, H, D]`` in slot order;
@@ -317,6 +359,6 @@ def reconstruct_transform_blocks_cpp(pages, block_ids, params: TransformLayerPar
         args.k_format, args.v_format, args.pairs, args.any_tables(pages))
 
 
-__all__ = ["KernelArgumentError", "active_isa", "key_pairs", "load_cpu_ops", "load_error", "pair_blocks",
-           "reconstruct_transform_blocks_cpp", "transform_decode_attention_cpp", "write_transform_slots_cpp",
-           "write_transform_tokens_cpp"]
+__all__ = ["DecodeStepOps", "KernelArgumentError", "active_isa", "key_pairs", "load_cpu_ops", "load_error",
+           "pair_blocks", "reconstruct_transform_blocks_cpp", "transform_decode_attention_cpp",
+           "write_transform_slots_cpp", "write_transform_tokens_cpp"]
