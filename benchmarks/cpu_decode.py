@@ -127,16 +127,35 @@ def timed(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
+def interleaved(fns: dict, repeats: int, warmup: int = 2, before=None) -> dict:
+    """Medians and minima (ms) of ``repeats`` timed calls of each function, calls interleaved;
+    ``before`` (untimed) runs ahead of every timed call."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             times[name].append(timed(fn))
     return ({name: statistics.median(t) for name, t in times.items()},
             {name: min(t) for name, t in times.items()})
+
+
+def cache_evictor(nbytes: int):
+    """A function that reads ``nbytes`` of its own (clean lines, as the model's weights are) so
+    that the next call meets its cache, tables and code out of the CPU's caches. Between two
+    calls of one layer in a decode step the other layers' weights and caches stream through
+    (SmolLM2: ~270 MB of bf16 weights per step), but measured through the engine both ops run
+    much nearer their warm times than after this read (BENCHMARKS.md, "Warm and cold"): an
+    upper bound of what cache misses cost, not the engine's regime."""
+    buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+
+    def evict():
+        buffer.sum()
+
+    return evict
 
 
 def vllm_case(q_heads, kv_heads, dim, ctx, batch, table):
@@ -202,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="contexts at which the general (non pair-diagonal) key path is also timed (batch 1)")
     parser.add_argument("--layer", type=int, default=15, help="SmolLM2 layer whose seqkv-f4 calibration is used")
     parser.add_argument("--skip", default="", help="shape:context:batch cells not run (comma-separated)")
+    parser.add_argument("--cold", type=int, default=0, metavar="MIB",
+                        help="read this many MiB (untimed) before every timed call, so that both ops meet their "
+                             "caches and tables out of the CPU's caches (0: warm, the default)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "cpu_decode.json"))
     args = parser.parse_args(argv)
 
@@ -214,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     skipped = []
     skip = set(filter(None, args.skip.split(",")))
     thread_counts = sorted({int(t) for t in args.threads.split(",")})
+    before = cache_evictor(args.cold << 20) if args.cold else None
     general_ctx = {int(c) for c in args.general_key_contexts.split(",") if c}
     for shape in args.shapes.split(","):
         q_heads, kv_heads, dim = SHAPES[shape]
@@ -242,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                     torch.set_num_threads(threads)
                     fns["vllm"] = make_vllm_run()
                     load_before = os.getloadavg()
-                    med, best = interleaved(fns, repeats)
+                    med, best = interleaved(fns, repeats, before=before)
                     load_after = os.getloadavg()
                     for key in keys:
                         row = {"shape": shape, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": dim,
@@ -251,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                                "speedup_vs_vllm": round(med["vllm"] / med[key], 3),
                                "vllm_min_ms": round(best["vllm"], 4), "seqkv_min_ms": round(best[key], 4),
                                "speedup_of_min": round(best["vllm"] / best[key], 3), "vllm_cache_bytes": vllm_bytes,
-                               "seqkv_cache_bytes": seqkv_bytes, "repeats": repeats,
+                               "seqkv_cache_bytes": seqkv_bytes, "repeats": repeats, "cold_mib": args.cold,
                                "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)]}
                         rows.append(row)
                         print(f"{shape:8s} ctx={ctx:6d} batch={batch:3d} threads={threads} key={key:7s} "
@@ -269,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         "vllm_op": "torch.ops._C.cpu_attention_with_kv_cache (bf16 cache, isa %s)" % vllm_isa,
         "seqkv_op": f"torch.ops.seqkv.cpu_transform_decode_attention ({active_isa()})",
         "block_size": BLOCK,
+        "caches": (f"cold: {args.cold} MiB read before every timed call" if args.cold
+                   else "warm: calls back to back, a cache that fits the CPU's caches stays there"),
         "format": (f"seqkv-f4 (default preset): SmolLM2 layer {args.layer}'s cached calibration; Llama-8B-like: "
                    "random valid transform with the SmolLM2 layer's f4 component widths (each twice, head h from "
                    "head h % 3), K 3.5 / V 4.5 bits per element, pre-RoPE keys in a RoPE-pair basis"),

@@ -54,7 +54,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Ablations of the fused RoPE-pair decode, for benchmarks/cpu_decode_ablation.py only (it builds
 // with -DSEQKV_ABLATE_<PART>): the part is skipped, the results are garbage and only the time of
-// what is left is read. None is defined in a normal build. TRANSPOSE: the 16 x 16 word transposes.
+// what is left is read. None is defined in a normal build.
 #ifdef SEQKV_ABLATE_SCORES
 constexpr bool kAblateScores = true;  // the key reads, rebuild and scores of pass 1
 #else
@@ -69,6 +69,11 @@ constexpr bool kAblateValues = false;
 constexpr bool kAblatePageReads = true;  // pass 1's slot addressing, word loads and transposes (tiles left stale)
 #else
 constexpr bool kAblatePageReads = false;
+#endif
+#ifdef SEQKV_ABLATE_TRANSPOSE
+constexpr bool kAblateTranspose = true;  // the 16 x 16 word transposes of pass 1
+#else
+constexpr bool kAblateTranspose = false;
 #endif
 #ifdef SEQKV_ABLATE_HEAD_FMAS
 constexpr bool kAblateHeadFmas = true;  // the value pass' multiply-adds of every query head but one
@@ -228,9 +233,7 @@ inline void load_word_range(const uint8_t* const* slots, int first_word, int num
     const int word = first_word + w0;
     __m512 r[16];
     for (int t = 0; t < W; ++t) r[t] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, slots[t] + 4 * word));
-#ifndef SEQKV_ABLATE_TRANSPOSE
-    transpose16(r);
-#endif
+    if (!kAblateTranspose) transpose16(r);
     for (int i = 0; i < nw; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(words + (word + i) * W), r[i]);
   }
 }

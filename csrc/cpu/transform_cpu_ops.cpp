@@ -284,8 +284,9 @@ LayerView layer_view(const std::optional<at::Tensor>& layer_tables, at::TensorLi
   const transform::StreamTables vt = transform::stream_tables(v_tables, v_format, pages, heads, dim);
   TORCH_CHECK(!kt.has_pred && !vt.has_pred, "seqkv CPU ops read streams without cross-layer prediction (has_pred "
               "must be 0); cross-layer presets use the torch path");
-  TORCH_CHECK(std::max(kt.offset + kt.nbytes, vt.offset + vt.nbytes) == pages.size(3), "pages: slots of ",
-              pages.size(3), " bytes, but the K and V streams take ", std::max(kt.offset + kt.nbytes, vt.offset + vt.nbytes));
+  const int64_t slot_bytes = std::max(kt.offset + kt.nbytes, vt.offset + vt.nbytes);
+  TORCH_CHECK(slot_bytes == pages.size(3), "pages: slots of ", pages.size(3), " bytes, but the K and V streams take ",
+              slot_bytes);
   LayerView view{};
   view.pairs = pair_blocks(key_pairs, heads, dim, pages);
   const bool has_rope = with_tile && given(rope);
