@@ -492,10 +492,11 @@ class EngineCodec:
         if (choice == "cpp" and params is not None and not CHECK_KERNELS
                 and (not self.fused_decode_rotates_keys or layer in self._layer_rope)):
             layer_rope = self._layer_rope.get(layer) if self.fused_decode_rotates_keys else None
-            if layer_rope is None or layer_rope.magnitude == 1.0:
-                rope = (layer_rope.table_on(pages.device), layer_rope.rotation_on(pages.device)) if layer_rope else (
-                    None, None)
-                ops = kernels.cpu_ops.DecodeStepOps(params, pages, *rope)
+            if layer_rope is None:
+                ops = kernels.cpu_ops.DecodeStepOps(params, pages, None, None)
+            elif layer_rope.magnitude == 1.0:
+                ops = kernels.cpu_ops.DecodeStepOps(params, pages, layer_rope.table_on(pages.device),
+                                                    layer_rope.rotation_on(pages.device))
         self._step_ops = {k: v for k, v in self._step_ops.items() if k[0] != layer}  # one per layer
         self._step_ops[key] = ops
         return ops
