@@ -43,9 +43,8 @@ def install_key_probe(worker):
     original = backend.SeqKVAttentionImpl._write_new_tokens
 
     def probe(self, index, metadata, key, value, pages):  # key: in code order, rotated as the model does
-        num = min(metadata.slot_mapping.shape[0], key.shape[0])
-        positions = backend._padded(metadata.positions, num)
-        frame = self.engine.to_code_frame(key[:num].float(), positions, index)
+        _, positions = backend._new_token_slots(metadata, key)
+        frame = self.engine.to_code_frame(key[:positions.shape[0]].float(), positions, index)
         store.setdefault(index, []).append((positions.cpu(), frame.cpu()))
         return original(self, index, metadata, key, value, pages)
 

@@ -281,9 +281,8 @@ class SeqKVAttentionImpl(AttentionImpl):
         through the layer's :class:`~vllm_seqkv.kernels.cpu_ops.DecodeStepOps` (what
         :meth:`_write_new_tokens` and :meth:`_fused_decode` do for such a step, with fewer
         Python calls: a decode step calls this once per layer)."""
-        slot_mapping = metadata.slot_mapping[:key.shape[0]]
+        slot_mapping, positions = _new_token_slots(metadata, key)
         num = slot_mapping.shape[0]
-        positions = _padded(metadata.positions, num)
         nonfinite = step.write_tokens(key[:num], value[:num], slot_mapping, positions)
         if nonfinite.item():
             self.engine.warn_nonfinite(layer_index, nonfinite.item(), num)
@@ -301,9 +300,8 @@ class SeqKVAttentionImpl(AttentionImpl):
                           value: torch.Tensor, pages: torch.Tensor) -> None:
         """Code the step's new tokens' K (in code order) / V ``[T, H, D]`` into their slots
         (``metadata.slot_mapping``; -1 = padding)."""
-        slot_mapping = metadata.slot_mapping[:key.shape[0]]
+        slot_mapping, all_positions = _new_token_slots(metadata, key)
         num = slot_mapping.shape[0]
-        all_positions = _padded(metadata.positions, num)
         if self.engine.write_tokens(layer_index, pages, slot_mapping, all_positions, key[:num], value[:num]):
             if self.engine.codec.sink_tokens:
                 self._record_sink_writes(layer_index, metadata, slot_mapping, all_positions, key, value, pages)
@@ -640,6 +638,13 @@ def _attend_padded(query, cached_k, cached_v, own_k, own_v, starts, ends, scale)
     scores.masked_fill_(~valid[None, :, None, :], float("-inf"))
     out = scores.softmax(-1) @ v  # [H, B, G, D]
     return out.transpose(0, 1).reshape(batch, num_heads, dim)
+
+
+def _new_token_slots(metadata: SeqKVMetadata, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slot ``[n]`` (-1: padding) and position ``[n]`` of each of the step's new tokens that
+    has a slot (``n = min(len(slot_mapping), len(key))``): what a write codes."""
+    slot_mapping = metadata.slot_mapping[:key.shape[0]]
+    return slot_mapping, _padded(metadata.positions, slot_mapping.shape[0])
 
 
 def _padded(positions: torch.Tensor, num: int) -> torch.Tensor:
