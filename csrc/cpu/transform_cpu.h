@@ -12,6 +12,15 @@ namespace cpu {
 
 constexpr int kTile = 16;     // context positions per step of the decode kernel
 
+// One component's field in the slot's 32-bit words (Stream::field): its word times kTile (the
+// word's row in a tile's transposed words), the shift inside the word, 1 when the field continues
+// in the next word, its width. Two int32 in the layer tables.
+struct FieldDesc {
+  int32_t row;
+  uint8_t shift, span, bits, unused;
+};
+static_assert(sizeof(FieldDesc) == 8, "FieldDesc is two int32 of the layer tables");
+
 // One stream (K or V) of one layer. Per (head, component) extraction tables are derived by the
 // op layer from start/nbits: the byte of the code's low bits inside the SLOT (stream offset
 // included), 1 when the code spans a second byte (else 0, the same byte is read twice), the
@@ -29,11 +38,9 @@ struct Stream {
   const int32_t* extra;  // [H, D] derived: 1 if the code spans two bytes
   const int32_t* shift;  // [H, D] derived: start % 8
   const int32_t* mask;   // [H, D] derived: 2**nbits - 1
-  // the same fields as 32-bit words of the slot (SIMD path): word index (bit 8 * offset + start
-  // over 32), shift inside the word, 1 when the field continues in the next word
-  const int32_t* word;    // [H, D]
-  const int32_t* wshift;  // [H, D]
-  const int32_t* wspan;   // [H, D]
+  // the same fields as 32-bit words of the slot (SIMD path), one FieldDesc per component so
+  // that the hot loops keep one pointer live and read each field with one byte load
+  const FieldDesc* field;  // [H, D]
   int first_word, num_words;  // words of the slot that hold the stream
   int offset;                 // byte offset of the stream in the slot
   int nbytes;                 // its size

@@ -35,6 +35,7 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <utility>
 #include <vector>
 
 #include "../transform_format.cuh"
@@ -51,6 +52,15 @@ constexpr int W = kTile;
 static_assert(W % VS == 0, "tile must be a whole number of vectors");
 constexpr int NV = W / VS;  // vectors per tile row
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// f.template operator()<i>() for i = 0 .. N-1, unrolled at compile time. Register arrays of the
+// hot loops (sums per query head) are indexed only through it: GCC 12 keeps an array in
+// registers when every index is a constant, and otherwise stores it to the stack in every
+// iteration (measured: six 64-byte stores per key pair in score_pairs).
+template <int N, class F>
+__attribute__((always_inline)) inline void unrolled(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) { (f.template operator()<I>(), ...); }(std::make_integer_sequence<int, N>{});
+}
 
 // Ablations of the fused RoPE-pair decode, for benchmarks/cpu_decode_ablation.py only (it builds
 // with -DSEQKV_ABLATE_<PART>): the part is skipped, the results are garbage and only the time of
@@ -243,30 +253,30 @@ inline void load_words(const uint8_t* const* slots, const Stream& s, int32_t* wo
 }
 
 // Levels of one component for the W slots whose words load_words gave.
+// Hot loops keep field and lut live; mask, first and lv are read on the >4-bit paths only.
 struct ComponentReader {
-  const int32_t *widx, *wshift, *wspan, *mask, *nbits, *first;
+  const FieldDesc* field;
+  const int32_t *mask, *first;
   const float *lv, *lut;
   const int32_t* words;
   ComponentReader(const Stream& s, int h, int dim, const int32_t* w) : words(w) {
     const int64_t hd = static_cast<int64_t>(h) * dim;
-    widx = s.word + hd;
-    wshift = s.wshift + hd;
-    wspan = s.wspan + hd;
+    field = s.field + hd;
     mask = s.mask + hd;
-    nbits = s.nbits + hd;
     first = s.level_start + hd;
     lv = s.levels;
     lut = s.lut16 + hd * 16;
   }
   inline __m512 operator()(int c) const { return at(c, words); }
   __attribute__((always_inline)) inline __m512 at(int c, const int32_t* tile_words) const {
-    const int32_t* src = tile_words + widx[c] * W;
-    const int sh = wshift[c];
+    const FieldDesc& f = field[c];
+    const int32_t* src = tile_words + f.row;
+    const int sh = f.shift;
     __m512i code = _mm512_srl_epi32(_mm512_loadu_si512(src), _mm_cvtsi32_si128(sh));
-    if (wspan[c]) code = _mm512_or_si512(code, _mm512_sll_epi32(_mm512_loadu_si512(src + W), _mm_cvtsi32_si128(32 - sh)));
+    if (f.span) code = _mm512_or_si512(code, _mm512_sll_epi32(_mm512_loadu_si512(src + W), _mm_cvtsi32_si128(32 - sh)));
     // NOTE: no mask below 7 bits: permutexvar reads 4 index bits (the lut16 table repeats the
     // levels of a narrower code), permutex2var 5, and bit 5 is tested for 6-bit codes
-    const int bits = nbits[c];
+    const int bits = f.bits;
     if (bits <= 4) return _mm512_permutexvar_ps(code, _mm512_loadu_ps(lut + c * 16));
     const float* table = lv + first[c];
     if (bits == 5) return _mm512_permutex2var_ps(_mm512_loadu_ps(table), code, _mm512_loadu_ps(table + 16));
@@ -322,27 +332,26 @@ inline void load_words_avx2(const uint8_t* const* slots, const Stream& s, int32_
 // load_words_avx2 gave, 8 lanes at a time (a 3-bit register permute of lut16 for codes up to 3
 // bits, two and a blend on bit 3 for 4 bits, a gather above).
 struct ComponentReader8 {
-  const int32_t *widx, *wshift, *wspan, *mask, *nbits, *first;
+  const FieldDesc* field;
+  const int32_t *mask, *first;
   const float *lv, *lut;
   ComponentReader8(const Stream& s, int h, int dim) {
     const int64_t hd = static_cast<int64_t>(h) * dim;
-    widx = s.word + hd;
-    wshift = s.wshift + hd;
-    wspan = s.wspan + hd;
+    field = s.field + hd;
     mask = s.mask + hd;
-    nbits = s.nbits + hd;
     first = s.level_start + hd;
     lv = s.levels;
     lut = s.lut16 + hd * 16;
   }
   inline void read(int c, const int32_t* words, float* out) const {
-    const int32_t* src = words + widx[c] * W;
-    const __m256i sh = _mm256_set1_epi32(wshift[c]);
-    const int bits = nbits[c];
+    const FieldDesc& f = field[c];
+    const int32_t* src = words + f.row;
+    const __m256i sh = _mm256_set1_epi32(f.shift);
+    const int bits = f.bits;
     const float* table = lut + c * 16;
     for (int t0 = 0; t0 < W; t0 += 8) {
       __m256i code = _mm256_srlv_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + t0)), sh);
-      if (wspan[c])
+      if (f.span)
         code = _mm256_or_si256(code, _mm256_sllv_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + W + t0)),
                                                        _mm256_sub_epi32(_mm256_set1_epi32(32), sh)));
       __m256 v;
@@ -499,51 +508,54 @@ inline void accumulate_values(const float* p, const float* zv, float* ag, int di
 // registers (4 components x NG heads), added lane-wise into acc[g][c][t] (stride dim * W per
 // head); words of tile i at words + i * stride, probabilities of head g at p + g * span.
 template <int NG>
-inline void value_sums(const ComponentReader& read, const int32_t* words, int64_t stride, int ntiles, const float* p,
+__attribute__((noinline)) void value_sums(const ComponentReader& read, const int32_t* words, int64_t stride, int ntiles, const float* p,
                        int64_t span, int dim, float* acc) {
   for (int c0 = 0; c0 < dim; c0 += 4) {
     __m512 r[4][NG];
-    for (int cc = 0; cc < 4; ++cc)
-      for (int g = 0; g < NG; ++g) r[cc][g] = _mm512_setzero_ps();
+    unrolled<4>([&]<int cc>() { unrolled<NG>([&]<int g>() { r[cc][g] = _mm512_setzero_ps(); }); });
     for (int i = 0; i < ntiles; ++i) {
       const int32_t* tile_words = words + i * stride;
       __m512 pv[NG];
-      for (int g = 0; g < NG; ++g) pv[g] = _mm512_loadu_ps(p + g * span + i * W);
-      for (int cc = 0; cc < 4; ++cc) {
+      unrolled<NG>([&]<int g>() { pv[g] = _mm512_loadu_ps(p + g * span + i * W); });
+      unrolled<4>([&]<int cc>() {
         const __m512 z = read.at(c0 + cc, tile_words);
-        for (int g = 0; g < (kAblateHeadFmas ? 1 : NG); ++g) r[cc][g] = _mm512_fmadd_ps(pv[g], z, r[cc][g]);
-      }
+        unrolled<kAblateHeadFmas ? 1 : NG>([&]<int g>() { r[cc][g] = _mm512_fmadd_ps(pv[g], z, r[cc][g]); });
+      });
     }
-    for (int cc = 0; cc < 4; ++cc) {
-      for (int g = 0; g < NG; ++g) {
+    unrolled<4>([&]<int cc>() {
+      unrolled<NG>([&]<int g>() {
         float* dst = acc + (static_cast<int64_t>(g) * dim + c0 + cc) * W;
         _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), r[cc][g]));
-      }
-    }
+      });
+    });
   }
 }
 // Scores of NG query heads (rows of q, stride D; already rotated by R(p0)^T) against the W keys
 // whose words are at tile_words, rebuilt pair by pair in registers from the precomposed blocks
 // m [half][6][W] (R(t) B_j and R(t) mean): no key row is stored.
 template <int NG>
-inline void score_pairs(const ComponentReader& read, const int32_t* tile_words, const float* m, const float* q,
+__attribute__((noinline)) void score_pairs(const ComponentReader& read, const int32_t* tile_words, const float* m, const float* q,
                         int dim, float scale, float* dst, int64_t span) {
   const int half = dim / 2;
-  __m512 acc[NG];
-  for (int g = 0; g < NG; ++g) acc[g] = _mm512_setzero_ps();
+  // two sums per head (the pair's lo and hi halves): one multiply-add per sum and pair, so the
+  // loop is not bound by the multiply-add latency of a single chain
+  __m512 acc_lo[NG], acc_hi[NG];
+  unrolled<NG>([&]<int g>() { acc_lo[g] = acc_hi[g] = _mm512_setzero_ps(); });
   for (int j = 0; j < half; ++j) {
     const float* mj = m + j * 6 * W;
     const __m512 lo = read.at(j, tile_words), hi = read.at(j + half, tile_words);
     const __m512 k_lo = _mm512_fmadd_ps(lo, _mm512_loadu_ps(mj), _mm512_fmadd_ps(hi, _mm512_loadu_ps(mj + W), _mm512_loadu_ps(mj + 4 * W)));
     const __m512 k_hi =
         _mm512_fmadd_ps(lo, _mm512_loadu_ps(mj + 2 * W), _mm512_fmadd_ps(hi, _mm512_loadu_ps(mj + 3 * W), _mm512_loadu_ps(mj + 5 * W)));
-    for (int g = 0; g < NG; ++g) {
-      acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * dim + j]), k_lo, acc[g]);
-      acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * dim + j + half]), k_hi, acc[g]);
-    }
+    unrolled<NG>([&]<int g>() {
+      acc_lo[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * dim + j]), k_lo, acc_lo[g]);
+      acc_hi[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * dim + j + half]), k_hi, acc_hi[g]);
+    });
   }
   const __m512 vs = _mm512_set1_ps(scale);
-  for (int g = 0; g < NG; ++g) _mm512_storeu_ps(dst + g * span, _mm512_mul_ps(acc[g], vs));
+  unrolled<NG>([&]<int g>() {
+    _mm512_storeu_ps(dst + g * span, _mm512_mul_ps(_mm512_add_ps(acc_lo[g], acc_hi[g]), vs));
+  });
 }
 
 // The W keys of a tile (rotated, as score_pairs builds them) written out as key [D][W].
@@ -571,9 +583,8 @@ inline void score_all_heads(const float* q, const float* key, int dim, int G, fl
 template <int NG>
 inline void level_sums(const float* zv, int ntiles, const float* p, int64_t span, int dim, float* acc) {
   for (int c0 = 0; c0 < dim; c0 += 4) {
-    __m512 r[4][NG];
-    for (int cc = 0; cc < 4; ++cc)
-      for (int g = 0; g < NG; ++g) r[cc][g] = _mm512_setzero_ps();
+    __m512 r[4][NG] = {};  // NOTE: "= {}", not a loop of stores: GCC 12 then keeps the sums in
+                           // registers (after a loop it stores them to the stack every iteration)
     for (int i = 0; i < ntiles; ++i) {
       __m512 pv[NG];
       for (int g = 0; g < NG; ++g) pv[g] = _mm512_loadu_ps(p + g * span + i * W);

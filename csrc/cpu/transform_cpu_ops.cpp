@@ -141,11 +141,11 @@ void check_rope(const std::optional<at::Tensor>& rope, int64_t dim, int64_t rows
 //     v offset, v nbytes, v level entries, has_rope, has_pairs, rope rows used, total size; from
 //     int32 kSourcesAt on, the data pointers (int64) of the tensors it was built from (k tables
 //     0..7, v tables 0..7, key_pairs, rope), compared at every use;
-//   per stream (K, then V): byte, extra, shift, mask, word, wshift, wspan [n] each, lut16 [16 n];
+//   per stream (K, then V): byte, extra, shift, mask [n] each, field [2 n] (FieldDesc), lut16 [16 n];
 //   with rope: tile cos, tile sin [D/2 * kTile] each; with rope and pairs: tile pairs
 //   [H * D/2 * 6 * kTile] (DecodeArgs).
 constexpr int32_t kLayerMagic = 0x564b5153;  // "SQKV"
-constexpr int32_t kLayerVersion = 1;
+constexpr int32_t kLayerVersion = 2;
 constexpr int64_t kHeader = 64;
 constexpr int64_t kSourcesAt = 16;
 constexpr int kSources = 18;
@@ -157,7 +157,7 @@ struct LayerSizes {
 LayerSizes layer_sizes(int64_t heads, int64_t dim, bool rope, bool pairs) {
   const int64_t n = heads * dim, half = dim / 2;
   LayerSizes z{};
-  z.stream = 7 * n + 16 * n;
+  z.stream = 6 * n + 16 * n;
   z.tile_rope = rope ? half * kTile : 0;
   z.tile_pairs = rope && pairs ? heads * half * 6 * kTile : 0;
   z.total = kHeader + 2 * z.stream + 2 * z.tile_rope + z.tile_pairs;
@@ -177,8 +177,8 @@ void sources(at::TensorList k_tables, at::TensorList v_tables, const std::option
 // One stream's extraction tables (see Stream) from its start/nbits/level_start/levels.
 void fill_stream(const transform::StreamTables& t, int64_t entries, int64_t n, int32_t* dst) {
   int32_t *byte = dst, *extra = dst + n, *shift = dst + 2 * n, *mask = dst + 3 * n;
-  int32_t *word = dst + 4 * n, *wshift = dst + 5 * n, *wspan = dst + 6 * n;
-  float* lut16 = reinterpret_cast<float*>(dst + 7 * n);
+  FieldDesc* field = reinterpret_cast<FieldDesc*>(dst + 4 * n);
+  float* lut16 = reinterpret_cast<float*>(dst + 6 * n);
   for (int64_t i = 0; i < n; ++i) {
     const int start = t.start[i], bits = t.nbits[i];
     TORCH_CHECK(bits >= 0 && bits <= 8 && start >= 0 && (bits == 0 || start + bits <= 8 * t.nbytes),
@@ -191,9 +191,8 @@ void fill_stream(const transform::StreamTables& t, int64_t entries, int64_t n, i
     shift[i] = start & 7;
     mask[i] = (1 << bits) - 1;
     const int bit = 8 * t.offset + (bits > 0 ? start : 0);
-    word[i] = bit >> 5;
-    wshift[i] = bit & 31;
-    wspan[i] = (bit & 31) + bits > 32 ? 1 : 0;
+    field[i] = FieldDesc{(bit >> 5) * kTile, static_cast<uint8_t>(bit & 31),
+                         static_cast<uint8_t>((bit & 31) + bits > 32 ? 1 : 0), static_cast<uint8_t>(bits), 0};
     for (int k = 0; k < 16; ++k) lut16[i * 16 + k] = t.levels[t.level_start[i] + (bits <= 4 ? (k & mask[i]) : k)];
   }
 }
@@ -201,8 +200,8 @@ void fill_stream(const transform::StreamTables& t, int64_t entries, int64_t n, i
 Stream view_stream(const transform::StreamTables& t, const int32_t* src, int64_t n) {
   const int first_word = t.offset / 4, last_word = (8 * (t.offset + t.nbytes) - 1) >> 5;
   return Stream{t.levels, t.cuts, t.inverse, t.basis, t.mean, t.start, t.nbits, t.level_start, src, src + n, src + 2 * n,
-                src + 3 * n, src + 4 * n, src + 5 * n, src + 6 * n, first_word, last_word - first_word + 1, t.offset,
-                t.nbytes, reinterpret_cast<const float*>(src + 7 * n)};
+                src + 3 * n, reinterpret_cast<const FieldDesc*>(src + 4 * n), first_word, last_word - first_word + 1,
+                t.offset, t.nbytes, reinterpret_cast<const float*>(src + 6 * n)};
 }
 
 // Rotations of the in-tile offsets (and the pair blocks composed with them), see DecodeArgs.

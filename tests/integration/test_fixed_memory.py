@@ -83,7 +83,7 @@ def test_per_layer_preset_has_no_token_table_and_a_sink_entry_per_block(tiny_mod
     placeholders = layers * 2 * (4 + 4)
     if kernels.implementation(torch.device("cpu")) == "cpp":
         half, tile = dim // 2, 16
-        table_entries = 64 + 2 * 23 * heads * dim + 2 * half * tile + heads * half * 6 * tile
+        table_entries = 64 + 2 * 22 * heads * dim + 2 * half * tile + heads * half * 6 * tile
         pair_blocks = 4 * heads * half
         assert fixed.kernel_params == placeholders + layers * 4 * (table_entries + pair_blocks)
     else:
