@@ -471,18 +471,16 @@ struct TileRope {
 // (stride span), scaled; register accumulators.
 template <int NG>
 inline void score_heads(const float* q, const float* key, int dim, float scale, float* dst, int64_t span) {
-  Vec acc[NG][NV];
-  for (int i = 0; i < NG; ++i)
-    for (int u = 0; u < NV; ++u) acc[i][u] = Vec(0.f);
+  Vec acc[NG][NV];  // indexed through unrolled<> only (see there)
+  unrolled<NG>([&]<int i>() { unrolled<NV>([&]<int u>() { acc[i][u] = Vec(0.f); }); });
   for (int d = 0; d < dim; ++d) {
-    for (int u = 0; u < NV; ++u) {
+    unrolled<NV>([&]<int u>() {
       const Vec k = Vec::loadu(key + d * W + u * VS);
-      for (int i = 0; i < NG; ++i) acc[i][u] = at::vec::fmadd(Vec(q[i * dim + d]), k, acc[i][u]);
-    }
+      unrolled<NG>([&]<int i>() { acc[i][u] = at::vec::fmadd(Vec(q[i * dim + d]), k, acc[i][u]); });
+    });
   }
   const Vec vs(scale);
-  for (int i = 0; i < NG; ++i)
-    for (int u = 0; u < NV; ++u) (acc[i][u] * vs).store(dst + i * span + u * VS);
+  unrolled<NG>([&]<int i>() { unrolled<NV>([&]<int u>() { (acc[i][u] * vs).store(dst + i * span + u * VS); }); });
 }
 
 // ag[c][t] += sum over NT tiles i of p[i * W + t] * zv[i][c][t] (ag: one query head's [D][W]).
@@ -583,22 +581,22 @@ inline void score_all_heads(const float* q, const float* key, int dim, int G, fl
 template <int NG>
 inline void level_sums(const float* zv, int ntiles, const float* p, int64_t span, int dim, float* acc) {
   for (int c0 = 0; c0 < dim; c0 += 4) {
-    __m512 r[4][NG] = {};  // NOTE: "= {}", not a loop of stores: GCC 12 then keeps the sums in
-                           // registers (after a loop it stores them to the stack every iteration)
+    __m512 r[4][NG];  // indexed through unrolled<> only (see there)
+    unrolled<4>([&]<int cc>() { unrolled<NG>([&]<int g>() { r[cc][g] = _mm512_setzero_ps(); }); });
     for (int i = 0; i < ntiles; ++i) {
       __m512 pv[NG];
-      for (int g = 0; g < NG; ++g) pv[g] = _mm512_loadu_ps(p + g * span + i * W);
-      for (int cc = 0; cc < 4; ++cc) {
+      unrolled<NG>([&]<int g>() { pv[g] = _mm512_loadu_ps(p + g * span + i * W); });
+      unrolled<4>([&]<int cc>() {
         const __m512 z = _mm512_loadu_ps(zv + (static_cast<int64_t>(i) * dim + c0 + cc) * W);
-        for (int g = 0; g < NG; ++g) r[cc][g] = _mm512_fmadd_ps(pv[g], z, r[cc][g]);
-      }
+        unrolled<NG>([&]<int g>() { r[cc][g] = _mm512_fmadd_ps(pv[g], z, r[cc][g]); });
+      });
     }
-    for (int cc = 0; cc < 4; ++cc) {
-      for (int g = 0; g < NG; ++g) {
+    unrolled<4>([&]<int cc>() {
+      unrolled<NG>([&]<int g>() {
         float* dst = acc + (static_cast<int64_t>(g) * dim + c0 + cc) * W;
         _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), r[cc][g]));
-      }
-    }
+      });
+    });
   }
 }
 
