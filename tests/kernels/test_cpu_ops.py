@@ -63,6 +63,7 @@ DECODE_CASES = [
     (1, 128, 3, 16, [250], 0, False, True, torch.float32, 4),
     (2, 32, 4, 32, [1, 1, 2], 1, True, True, torch.float32, None),  # nothing cached / sink only
     (2, 64, 2, 16, [47, 3, 160, 1], 2, True, True, torch.float32, 3),
+    (1, 64, 1, 16, [70, 33, 49], 1, True, True, torch.float32, 2),  # one query head: tiles scored in pairs, odd counts
 ]
 
 
