@@ -52,6 +52,8 @@ constexpr int W = kTile;
 static_assert(W % VS == 0, "tile must be a whole number of vectors");
 constexpr int NV = W / VS;  // vectors per tile row
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kParallelPositionHeads = 1024;  // decode: below, one thread (see decode_attention)
+constexpr int64_t kMergeRowsPerThread = 32;       // decode: query rows merged per thread at least
 
 // f.template operator()<i>() for i = 0 .. N-1, unrolled at compile time. Register arrays of the
 // hot loops (sums per query head) are indexed only through it: GCC 12 keeps an array in
@@ -120,6 +122,54 @@ inline void rebuild_rows(float* rows, int n, const float* inverse, const float* 
       for (int d = 0; d < dim; d += VS) at::vec::fmadd(zc, Vec::loadu(inv + d), Vec::loadu(tmp + d)).store(tmp + d);
     }
     std::memcpy(z, tmp, sizeof(float) * dim);
+  }
+}
+
+// out = init + x @ matrix (x [D], matrix [D][D] row-major, init [D] or nullptr for zeros): one
+// multiply-add per row of the matrix in order, with the D / VS sums in registers (a loop that
+// keeps them in memory pays a load and a store per multiply-add). out may be x.
+template <int NVD>
+inline void row_times_matrix(const float* x, const float* matrix, const float* init, float* out) {
+  constexpr int D = NVD * VS;
+#if defined(CPU_CAPABILITY_AVX512)
+  // raw vectors: GCC 12 keeps an array of at::vec::Vectorized in memory even with constant indices
+  __m512 acc[NVD];  // indexed through unrolled<> only (see there)
+  unrolled<NVD>([&]<int u>() { acc[u] = init == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(init + u * VS); });
+  for (int c = 0; c < D; ++c) {
+    const __m512 xc = _mm512_set1_ps(x[c]);
+    const float* row = matrix + static_cast<int64_t>(c) * D;
+    unrolled<NVD>([&]<int u>() { acc[u] = _mm512_fmadd_ps(xc, _mm512_loadu_ps(row + u * VS), acc[u]); });
+  }
+  unrolled<NVD>([&]<int u>() { _mm512_storeu_ps(out + u * VS, acc[u]); });
+#else
+  Vec acc[NVD];
+  unrolled<NVD>([&]<int u>() { acc[u] = init == nullptr ? Vec(0.f) : Vec::loadu(init + u * VS); });
+  for (int c = 0; c < D; ++c) {
+    const Vec xc(x[c]);
+    const float* row = matrix + static_cast<int64_t>(c) * D;
+    unrolled<NVD>([&]<int u>() { acc[u] = at::vec::fmadd(xc, Vec::loadu(row + u * VS), acc[u]); });
+  }
+  unrolled<NVD>([&]<int u>() { acc[u].store(out + u * VS); });
+#endif
+}
+
+// row_times_matrix for a runtime dim: false when dim / VS is not one of the compiled counts.
+inline bool row_times_matrix_fast(const float* x, const float* matrix, const float* init, float* out, int dim) {
+  switch (dim / VS) {
+    case 2: if (dim == 2 * VS) return row_times_matrix<2>(x, matrix, init, out), true; break;
+    case 4: if (dim == 4 * VS) return row_times_matrix<4>(x, matrix, init, out), true; break;
+    case 8: if (dim == 8 * VS) return row_times_matrix<8>(x, matrix, init, out), true; break;
+    case 16: if (dim == 16 * VS) return row_times_matrix<16>(x, matrix, init, out), true; break;
+    default: break;
+  }
+  return false;
+}
+
+// rows[t] = z_t @ inverse + mean for the n rows of z [n][dim], in place.
+inline void rebuild_rows_fast(float* rows, int n, const float* inverse, const float* mean, int dim, float* tmp) {
+  for (int t = 0; t < n; ++t) {
+    float* z = rows + static_cast<int64_t>(t) * dim;
+    if (!row_times_matrix_fast(z, inverse, mean, z, dim)) rebuild_rows(z, 1, inverse, mean, dim, tmp);
   }
 }
 
@@ -471,7 +521,17 @@ struct TileRope {
 // (stride span), scaled; register accumulators.
 template <int NG>
 inline void score_heads(const float* q, const float* key, int dim, float scale, float* dst, int64_t span) {
-  Vec acc[NG][NV];  // indexed through unrolled<> only (see there)
+#if defined(CPU_CAPABILITY_AVX512)  // NV == 1; raw vectors as in row_times_matrix
+  __m512 acc[NG];  // indexed through unrolled<> only (see there)
+  unrolled<NG>([&]<int i>() { acc[i] = _mm512_setzero_ps(); });
+  for (int d = 0; d < dim; ++d) {
+    const __m512 k = _mm512_loadu_ps(key + d * W);
+    unrolled<NG>([&]<int i>() { acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[i * dim + d]), k, acc[i]); });
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+  unrolled<NG>([&]<int i>() { _mm512_storeu_ps(dst + i * span, _mm512_mul_ps(acc[i], vs)); });
+#else
+  Vec acc[NG][NV];
   unrolled<NG>([&]<int i>() { unrolled<NV>([&]<int u>() { acc[i][u] = Vec(0.f); }); });
   for (int d = 0; d < dim; ++d) {
     unrolled<NV>([&]<int u>() {
@@ -481,6 +541,7 @@ inline void score_heads(const float* q, const float* key, int dim, float scale, 
   }
   const Vec vs(scale);
   unrolled<NG>([&]<int i>() { unrolled<NV>([&]<int u>() { (acc[i][u] * vs).store(dst + i * span + u * VS); }); });
+#endif
 }
 
 // ag[c][t] += sum over NT tiles i of p[i * W + t] * zv[i][c][t] (ag: one query head's [D][W]).
@@ -1022,7 +1083,10 @@ void decode_attention(const DecodeArgs& a) {
   const int slot_bytes = slot_bytes_of(a.k, a.v);
   AlignedVector<float> part(items.size() * H * G * row);
   const int64_t tasks = static_cast<int64_t>(items.size()) * H;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  // a call with little work runs on the calling thread: waking the others costs more (~5 us
+  // measured with 2 threads at 64 positions x 3 KV heads; 2 threads pay from ~768 position-heads)
+  const int64_t grain = total * H < kParallelPositionHeads ? std::max<int64_t>(tasks, 1) : 1;
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     DecodeScratch& scratch = thread_scratch(G, span, D, slot_bytes);
     for (int64_t task = begin; task < end; ++task) {
       float* out = part.data() + task * G * row;
@@ -1036,8 +1100,8 @@ void decode_attention(const DecodeArgs& a) {
     }
   });
 
-  at::parallel_for(0, static_cast<int64_t>(B) * Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> maxes, sums, accz(D), cached(D);
+  at::parallel_for(0, static_cast<int64_t>(B) * Hq, kMergeRowsPerThread, [&](int64_t begin, int64_t end) {
+    std::vector<float> maxes, sums, accz(D), cached(D), mean(D);
     for (int64_t r = begin; r < end; ++r) {
       const int b = static_cast<int>(r / Hq), hq = static_cast<int>(r % Hq), h = hq / G, g = hq % G;
       const float* q = a.query + r * D;
@@ -1079,12 +1143,9 @@ void decode_attention(const DecodeArgs& a) {
       float pages_mass = 0.f;  // m.mass counts the sinks too; mean_v weighs the pages' rows only
       for (int64_t i = 0; i < num_splits; ++i) pages_mass += transform::split_weight(m, maxes[i]) * sums[i];
       const Vec mass(pages_mass);
-      for (int d = 0; d < D; d += VS) (Vec::loadu(mean_v + d) * mass).store(cached.data() + d);
-      for (int c = 0; c < D; ++c) {
-        const Vec zc(accz[c]);
-        const float* inv = inv_v + static_cast<int64_t>(c) * D;
-        for (int d = 0; d < D; d += VS) at::vec::fmadd(zc, Vec::loadu(inv + d), Vec::loadu(cached.data() + d)).store(cached.data() + d);
-      }
+      for (int d = 0; d < D; d += VS) (Vec::loadu(mean_v + d) * mass).store(mean.data() + d);
+      rebuild_rows_fast(accz.data(), 1, inv_v, mean.data(), D, cached.data());  // accz @ inverse + mass mean
+      std::copy(accz.begin(), accz.end(), cached.begin());
       for (int i = 0; i < sinks; ++i) {  // the exact sink values
         const Vec w(transform::split_weight(m, maxes[num_splits + i]));
         const float* sv = a.sink_v + ((static_cast<int64_t>(b) * a.sinks + i) * H + h) * D;
@@ -1098,35 +1159,6 @@ void decode_attention(const DecodeArgs& a) {
 }
 
 namespace {
-// rows[t] = z_t @ inverse + mean for the n rows of z [n][D], NVD = D / VS accumulators in
-// registers (rebuild_rows keeps them in memory: a load and a store per multiply-add).
-template <int NVD>
-inline void rebuild_rows_in_registers(float* rows, int n, const float* inverse, const float* mean) {
-  constexpr int D = NVD * VS;
-  for (int t = 0; t < n; ++t) {
-    float* z = rows + static_cast<int64_t>(t) * D;
-    Vec acc[NVD];
-    for (int u = 0; u < NVD; ++u) acc[u] = Vec::loadu(mean + u * VS);
-    for (int c = 0; c < D; ++c) {
-      const Vec zc(z[c]);
-      const float* inv = inverse + static_cast<int64_t>(c) * D;
-      for (int u = 0; u < NVD; ++u) acc[u] = at::vec::fmadd(zc, Vec::loadu(inv + u * VS), acc[u]);
-    }
-    for (int u = 0; u < NVD; ++u) acc[u].store(z + u * VS);
-  }
-}
-
-inline void rebuild_rows_fast(float* rows, int n, const float* inverse, const float* mean, int dim, float* tmp) {
-  switch (dim / VS) {
-    case 2: if (dim == 2 * VS) return rebuild_rows_in_registers<2>(rows, n, inverse, mean); break;
-    case 4: if (dim == 4 * VS) return rebuild_rows_in_registers<4>(rows, n, inverse, mean); break;
-    case 8: if (dim == 8 * VS) return rebuild_rows_in_registers<8>(rows, n, inverse, mean); break;
-    case 16: if (dim == 16 * VS) return rebuild_rows_in_registers<16>(rows, n, inverse, mean); break;
-    default: break;
-  }
-  rebuild_rows(rows, n, inverse, mean, dim, tmp);
-}
-
 // Levels of both streams of the block's bs slots as rows [bs][D], W slots at a time through
 // extract_tile (the decode's vectorized field reader), transposed from its [D][W] layout.
 inline void extract_block_rows(const uint8_t* block, int64_t stride_pt, int bs, const Stream& k, const Stream& v, int h,
@@ -1215,6 +1247,7 @@ inline void pack_stream(const float* z, const Stream& s, int h, int dim, uint8_t
 // order of d, lanes over the components.
 inline void project(const float* x, const float* mean, const float* basis, int dim, float* centred, float* z) {
   for (int d = 0; d < dim; ++d) centred[d] = x[d] - mean[d];
+  if (row_times_matrix_fast(centred, basis, nullptr, z, dim)) return;  // the same multiply-adds, in registers
   for (int e = 0; e < dim; e += VS) Vec(0.f).store(z + e);
   for (int d = 0; d < dim; ++d) {
     const Vec xd(centred[d]);
