@@ -119,6 +119,9 @@ struct WriteArgs {
   uint8_t* pages;
   int64_t stride_pb, stride_ph, stride_pt;
   Stream k, v;
+  // the key basis' 2x2 RoPE-pair blocks [H][4][D/2] (see the layer tables) when it has no other
+  // nonzero entry, else nullptr: keys are then projected pair by pair
+  const float* k_basis_pairs;
   int64_t tokens;
   int heads, dim, block_size;
 };

@@ -1226,6 +1226,25 @@ void reconstruct(const ReconstructArgs& a) {
 }
 
 namespace {
+// transform::quantize (the number of the component's 2**bits - 1 ascending cuts strictly below
+// z; NaN: 0) by vector compares for codes up to 6 bits: its loads do not depend on each other,
+// so a write meeting cold tables waits for them together instead of one per binary-search step.
+inline int quantize_fast(const float* cuts, int bits, float z) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (bits <= 6) {
+    const int n = (1 << bits) - 1;
+    const __m512 zv = _mm512_set1_ps(z);
+    int code = 0;
+    for (int i = 0; i < n; i += 16) {
+      const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+      code += __builtin_popcount(_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, cuts + i), zv, _CMP_LT_OQ));
+    }
+    return code;
+  }
+#endif
+  return transform::quantize(cuts, bits, z);
+}
+
 // Codes of one token-head's stream packed into its slot bytes.
 inline void pack_stream(const float* z, const Stream& s, int h, int dim, uint8_t* slot, uint8_t* buf) {
   const int64_t hd = static_cast<int64_t>(h) * dim;
@@ -1233,7 +1252,7 @@ inline void pack_stream(const float* z, const Stream& s, int h, int dim, uint8_t
   for (int c = 0; c < dim; ++c) {
     const int bits = s.nbits[hd + c];
     if (bits <= 0) continue;
-    const int code = transform::quantize(s.cuts + s.level_start[hd + c], bits, z[c]);
+    const int code = quantize_fast(s.cuts + s.level_start[hd + c], bits, z[c]);
     const int start = s.start[hd + c];
     const uint32_t v = static_cast<uint32_t>(code) << (start & 7);
     buf[start >> 3] |= static_cast<uint8_t>(v & 0xFFu);
@@ -1256,6 +1275,28 @@ inline void project(const float* x, const float* mean, const float* basis, int d
   }
 }
 
+// project for a key basis that only mixes RoPE pairs (blocks [4][D/2] of one head, see
+// WriteArgs): z_j = c_j' b[j'][j] + (c_j b[j][j]), z_j' = c_j' b[j'][j'] + (c_j b[j][j']), the
+// product in parentheses rounded first: the full product's multiply-adds in order of d, whose
+// other terms add exact zeros, so the same components (up to the sign of a zero).
+inline void project_pairs(const float* x, const float* mean, const float* blocks, int dim, float* z) {
+  const int half = dim / 2;
+  const float *b_ll = blocks, *b_lh = blocks + half, *b_hl = blocks + 2 * half, *b_hh = blocks + 3 * half;
+  int j = 0;
+  for (; j + VS <= half; j += VS) {
+    const Vec lo = Vec::loadu(x + j) - Vec::loadu(mean + j);
+    const Vec hi = Vec::loadu(x + half + j) - Vec::loadu(mean + half + j);
+    at::vec::fmadd(hi, Vec::loadu(b_hl + j), lo * Vec::loadu(b_ll + j)).store(z + j);
+    at::vec::fmadd(hi, Vec::loadu(b_hh + j), lo * Vec::loadu(b_lh + j)).store(z + half + j);
+  }
+  for (; j < half; ++j) {
+    const float lo = x[j] - mean[j], hi = x[half + j] - mean[half + j];
+    const float p_l = lo * b_ll[j], p_h = lo * b_lh[j];
+    z[j] = std::fma(hi, b_hl[j], p_l);
+    z[half + j] = std::fma(hi, b_hh[j], p_h);
+  }
+}
+
 void write_slots(const WriteArgs& a) {
   const int H = a.heads, D = a.dim;
   const bool project_here = a.zk == nullptr;
@@ -1271,7 +1312,10 @@ void write_slots(const WriteArgs& a) {
         const int64_t row = (t * H + h) * D;
         if (project_here) {
           const int64_t hd = static_cast<int64_t>(h) * D;
-          project(a.xk + row, a.k.mean + hd, a.k.basis + hd * D, D, centred.data(), zk.data());
+          if (a.k_basis_pairs != nullptr)
+            project_pairs(a.xk + row, a.k.mean + hd, a.k_basis_pairs + hd * 2, D, zk.data());
+          else
+            project(a.xk + row, a.k.mean + hd, a.k.basis + hd * D, D, centred.data(), zk.data());
           project(a.xv + row, a.v.mean + hd, a.v.basis + hd * D, D, centred.data(), zv.data());
           pack_stream(zk.data(), a.k, h, D, dst, buf.data());
           pack_stream(zv.data(), a.v, h, D, dst, buf.data());

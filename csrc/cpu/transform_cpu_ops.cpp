@@ -143,25 +143,54 @@ void check_rope(const std::optional<at::Tensor>& rope, int64_t dim, int64_t rows
 //     0..7, v tables 0..7, key_pairs, rope), compared at every use;
 //   per stream (K, then V): byte, extra, shift, mask [n] each, field [2 n] (FieldDesc), lut16 [16 n];
 //   with rope: tile cos, tile sin [D/2 * kTile] each; with rope and pairs: tile pairs
-//   [H * D/2 * 6 * kTile] (DecodeArgs).
+//   [H * D/2 * 6 * kTile] (DecodeArgs); when the key basis is 2x2-block-diagonal on RoPE pairs
+//   (header int32 15 = 1): its blocks [H][4][D/2] (WriteArgs::k_basis_pairs).
 constexpr int32_t kLayerMagic = 0x564b5153;  // "SQKV"
-constexpr int32_t kLayerVersion = 2;
+constexpr int32_t kLayerVersion = 3;
 constexpr int64_t kHeader = 64;
 constexpr int64_t kSourcesAt = 16;
 constexpr int kSources = 18;
 
 struct LayerSizes {
-  int64_t stream, tile_rope, tile_pairs, total;
+  int64_t stream, tile_rope, tile_pairs, basis_pairs, total;
 };
 
-LayerSizes layer_sizes(int64_t heads, int64_t dim, bool rope, bool pairs) {
+LayerSizes layer_sizes(int64_t heads, int64_t dim, bool rope, bool pairs, bool basis_pairs) {
   const int64_t n = heads * dim, half = dim / 2;
   LayerSizes z{};
   z.stream = 6 * n + 16 * n;
   z.tile_rope = rope ? half * kTile : 0;
   z.tile_pairs = rope && pairs ? heads * half * 6 * kTile : 0;
-  z.total = kHeader + 2 * z.stream + 2 * z.tile_rope + z.tile_pairs;
+  z.basis_pairs = basis_pairs ? heads * 4 * half : 0;
+  z.total = kHeader + 2 * z.stream + 2 * z.tile_rope + z.tile_pairs + z.basis_pairs;
   return z;
+}
+
+// Whether the key basis [H, D, D] (z = x @ basis) only mixes RoPE pairs {j, j + D/2}: every other
+// entry exactly zero. Then the write projects keys pair by pair (the same products and sums as
+// the full product: the zero terms add exact zeros) and reads 4 D/2 floats per head, not D * D.
+bool basis_is_pair_diagonal(const float* basis, int64_t heads, int64_t dim) {
+  const int64_t half = dim / 2;
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t d = 0; d < dim; ++d)
+      for (int64_t e = 0; e < dim; ++e)
+        if (e != d && e != (d + half) % dim && basis[(h * dim + d) * dim + e] != 0.f) return false;
+  return true;
+}
+
+// Its blocks [H][4][D/2]: basis[j][j], basis[j][j'], basis[j'][j], basis[j'][j'] (j' = j + D/2).
+void fill_basis_pairs(const float* basis, int64_t heads, int64_t dim, float* out) {
+  const int64_t half = dim / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* b = basis + h * dim * dim;
+    float* o = out + h * 4 * half;
+    for (int64_t j = 0; j < half; ++j) {
+      o[j] = b[j * dim + j];
+      o[half + j] = b[j * dim + j + half];
+      o[2 * half + j] = b[(j + half) * dim + j];
+      o[3 * half + j] = b[(j + half) * dim + j + half];
+    }
+  }
 }
 
 void sources(at::TensorList k_tables, at::TensorList v_tables, const std::optional<at::Tensor>& key_pairs,
@@ -243,6 +272,7 @@ struct LayerView {
   Stream k, v;
   PairBlocks pairs;
   const float *tile_cos, *tile_sin, *tile_pairs;
+  const float* k_basis_pairs;
   at::Tensor owner;
 };
 
@@ -250,7 +280,8 @@ at::Tensor build_layer_tables(const transform::StreamTables& kt, const transform
                               at::TensorList v_tables, const PairBlocks& pairs, const std::optional<at::Tensor>& key_pairs,
                               const std::optional<at::Tensor>& rope, const at::Tensor& pages, int64_t heads, int64_t dim) {
   const bool has_rope = given(rope), has_pairs = pairs.a != nullptr;
-  const LayerSizes z = layer_sizes(heads, dim, has_rope, has_pairs);
+  const bool basis_pairs = dim % 2 == 0 && basis_is_pair_diagonal(kt.basis, heads, dim);
+  const LayerSizes z = layer_sizes(heads, dim, has_rope, has_pairs, basis_pairs);
   const int64_t n = heads * dim, half = dim / 2;
   auto blob = at::empty({z.total}, pages.options().dtype(at::kInt));
   int32_t* p = blob.data_ptr<int32_t>();
@@ -260,6 +291,7 @@ at::Tensor build_layer_tables(const transform::StreamTables& kt, const transform
                             vt.offset, vt.nbytes, v_tables[3].numel(), has_rope, has_pairs,
                             std::min<int64_t>(rope_rows, kTile), z.total};
   for (size_t i = 0; i < sizeof(header) / sizeof(header[0]); ++i) p[i] = static_cast<int32_t>(header[i]);
+  p[15] = basis_pairs;
   sources(k_tables, v_tables, key_pairs, rope, reinterpret_cast<int64_t*>(p + kSourcesAt));
   fill_stream(kt, k_tables[3].numel(), n, p + kHeader);
   fill_stream(vt, v_tables[3].numel(), n, p + kHeader + z.stream);
@@ -268,6 +300,8 @@ at::Tensor build_layer_tables(const transform::StreamTables& kt, const transform
     fill_tile(rope->data_ptr<float>(), rope_rows, pairs, kt.mean, heads, dim, cos, cos + half * kTile,
               has_pairs ? cos + 2 * half * kTile : nullptr);
   }
+  if (basis_pairs)
+    fill_basis_pairs(kt.basis, heads, dim, reinterpret_cast<float*>(p + z.total - z.basis_pairs));
   return blob;
 }
 
@@ -296,7 +330,7 @@ LayerView layer_view(const std::optional<at::Tensor>& layer_tables, at::TensorLi
                     t.numel() >= kHeader, "layer_tables must be the int32 tensor cpu_transform_layer_tables returns");
     const int32_t* p = t.data_ptr<int32_t>();
     TORCH_CHECK(p[0] == kLayerMagic && p[1] == kLayerVersion && p[14] == t.numel() &&
-                    layer_sizes(heads, dim, p[11] != 0, p[12] != 0).total == t.numel(),
+                    layer_sizes(heads, dim, p[11] != 0, p[12] != 0, p[15] != 0).total == t.numel(),
                 "layer_tables: not (or no longer) a cpu_transform_layer_tables result (magic, version or size differ)");
     const int64_t expected[] = {heads, dim, pages.size(3), kt.offset, kt.nbytes, k_tables[3].numel(), vt.offset,
                                 vt.nbytes, v_tables[3].numel()};
@@ -320,7 +354,7 @@ LayerView layer_view(const std::optional<at::Tensor>& layer_tables, at::TensorLi
                                     pages, heads, dim);
   }
   const int32_t* p = view.owner.data_ptr<int32_t>();
-  const LayerSizes z = layer_sizes(heads, dim, p[11] != 0, p[12] != 0);
+  const LayerSizes z = layer_sizes(heads, dim, p[11] != 0, p[12] != 0, p[15] != 0);
   const int64_t n = heads * dim, half = dim / 2;
   view.k = view_stream(kt, p + kHeader, n);
   view.v = view_stream(vt, p + kHeader + z.stream, n);
@@ -328,6 +362,7 @@ LayerView layer_view(const std::optional<at::Tensor>& layer_tables, at::TensorLi
   view.tile_cos = has_rope ? cos : nullptr;
   view.tile_sin = has_rope ? cos + half * kTile : nullptr;
   view.tile_pairs = has_rope && view.pairs.a != nullptr ? cos + 2 * half * kTile : nullptr;
+  view.k_basis_pairs = p[15] ? reinterpret_cast<const float*>(p + z.total - z.basis_pairs) : nullptr;
   return view;
 }
 
@@ -530,7 +565,7 @@ void write_slots(const at::Tensor& zk_in, const at::Tensor& zv_in, const at::Ten
   for (int64_t t = 0; t < tokens; ++t)
     TORCH_CHECK(slots[t] < pages.size(0) * block_size, "slot_mapping[", t, "] = ", slots[t], " is beyond the pages");
   WriteArgs args{zk.data_ptr<float>(), zv.data_ptr<float>(), nullptr, nullptr, slots, pages.data_ptr<uint8_t>(), pages.stride(0),
-                 pages.stride(1), pages.stride(2), lv.k, lv.v, tokens, static_cast<int>(heads),
+                 pages.stride(1), pages.stride(2), lv.k, lv.v, lv.k_basis_pairs, tokens, static_cast<int>(heads),
                  static_cast<int>(dim), static_cast<int>(block_size)};
   SEQKV_CPU_DISPATCH(write_slots, args);
 }
@@ -627,8 +662,8 @@ at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, co
   // NOTE: the components z = (x - mean) @ basis are computed by the kernel (see WriteArgs): a
   // BLAS product costs more than the rest of a decode step's one-token write
   WriteArgs args{nullptr, nullptr, key.data_ptr<float>(), value.data_ptr<float>(), valid_slots.data_ptr<int64_t>(),
-                 pages.data_ptr<uint8_t>(), pages.stride(0), pages.stride(1), pages.stride(2), lv.k, lv.v, n,
-                 static_cast<int>(heads), static_cast<int>(dim), static_cast<int>(block_size)};
+                 pages.data_ptr<uint8_t>(), pages.stride(0), pages.stride(1), pages.stride(2), lv.k, lv.v,
+                 lv.k_basis_pairs, n, static_cast<int>(heads), static_cast<int>(dim), static_cast<int>(block_size)};
   SEQKV_CPU_DISPATCH(write_slots, args);
   return nonfinite;
 }

@@ -78,12 +78,12 @@ def test_per_layer_preset_has_no_token_table_and_a_sink_entry_per_block(tiny_mod
     # the fused kernels' params view the codec's tables: only each stream's two placeholder
     # predictor scalars (no cross-layer predictor) are their own; the C++ CPU ops keep the key
     # pair blocks and their layer tables per layer (csrc/cpu/transform_cpu_ops.cpp's layout:
-    # header, 7 int32 and 16 float entries per component and stream, RoPE tile rotations of
-    # the 16 in-tile offsets, pair blocks composed with them)
+    # header, 6 int32 and 16 float entries per component and stream, RoPE tile rotations of
+    # the 16 in-tile offsets, pair blocks composed with them, the key basis' pair blocks)
     placeholders = layers * 2 * (4 + 4)
     if kernels.implementation(torch.device("cpu")) == "cpp":
         half, tile = dim // 2, 16
-        table_entries = 64 + 2 * 22 * heads * dim + 2 * half * tile + heads * half * 6 * tile
+        table_entries = 64 + 2 * 22 * heads * dim + 2 * half * tile + heads * half * 6 * tile + heads * 4 * half
         pair_blocks = 4 * heads * half
         assert fixed.kernel_params == placeholders + layers * 4 * (table_entries + pair_blocks)
     else:
