@@ -43,8 +43,9 @@ PARTS = {"base": "", "scores": "-DSEQKV_ABLATE_SCORES", "values": "-DSEQKV_ABLAT
 TREE = ("setup.py", "pyproject.toml", "csrc", "vllm_seqkv", "benchmarks", "seqkv_fixtures", "tests")
 
 
-def build_variant(part: str, into: Path) -> Path:
-    """A copy of the tree with the CPU extension built for ``part``; returns its root."""
+def build_variant(part: str, into: Path, flags: str | None = None) -> Path:
+    """A copy of the tree with the CPU extension built for ``part`` (with ``flags`` instead of
+    ``PARTS[part]`` when given); returns its root."""
     root = into / part
     root.mkdir(parents=True)
     for name in TREE:
@@ -53,7 +54,7 @@ def build_variant(part: str, into: Path) -> Path:
             shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.so", "build"))
         elif src.exists():
             shutil.copy2(src, root / name)
-    env = dict(os.environ, SEQKV_CPU_CXXFLAGS=PARTS[part], SEQKV_NO_CUDA="1")
+    env = dict(os.environ, SEQKV_CPU_CXXFLAGS=PARTS[part] if flags is None else flags, SEQKV_NO_CUDA="1")
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root, env=env,
                            capture_output=True, text=True)
     if build.returncode != 0 or not list((root / "vllm_seqkv").glob("_cpu*.so")):

@@ -42,6 +42,41 @@
 #include "../transform_args.h"
 #include "transform_cpu.h"
 
+// -DSEQKV_TIME_OP_PARTS (benchmarks/op_parts_in_engine.py; never in a normal build): the decode
+// op and the engine-write op's calls of up to 8 tokens add up their time before the kernel
+// (argument checks, layer tables, conversions), in it and after it, and print the means per call
+// at exit.
+#ifdef SEQKV_TIME_OP_PARTS
+#include <chrono>
+#include <cstdio>
+namespace seqkv_op_parts {
+struct Parts {
+  const char* name;
+  double seconds[3] = {0, 0, 0};
+  long calls = 0;
+  explicit Parts(const char* n) : name(n) {}
+  ~Parts() {
+    if (calls == 0) return;
+    std::fprintf(stderr, "SEQKV_OP_PARTS {\"op\": \"%s\", \"calls\": %ld, \"entry_us\": %.3f, \"kernel_us\": %.3f, \"exit_us\": %.3f}\n",
+                 name, calls, seconds[0] / calls * 1e6, seconds[1] / calls * 1e6, seconds[2] / calls * 1e6);
+  }
+  void add(double t0, double t1, double t2, double t3) {
+    seconds[0] += t1 - t0;
+    seconds[1] += t2 - t1;
+    seconds[2] += t3 - t2;
+    ++calls;
+  }
+};
+inline Parts decode("decode_attention"), write("write_tokens");
+inline double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+}  // namespace seqkv_op_parts
+#define SEQKV_PART_CLOCK(t) const double t = seqkv_op_parts::now()
+#define SEQKV_PARTS_ADD(parts, t0, t1, t2, t3) seqkv_op_parts::parts.add(t0, t1, t2, t3)
+#else
+#define SEQKV_PART_CLOCK(t)
+#define SEQKV_PARTS_ADD(parts, t0, t1, t2, t3)
+#endif
+
 namespace seqkv {
 namespace cpu {
 namespace {
@@ -399,6 +434,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
     int64_t skip_first,
     const std::optional<at::Tensor>& sink_k_in, const std::optional<at::Tensor>& sink_v_in,
     const std::optional<at::Tensor>& layer_tables) {
+  SEQKV_PART_CLOCK(t0);
   check_cpu(pages, "pages");
   transform::check_pages(pages);
   const int64_t heads = pages.size(1), block_size = pages.size(2);
@@ -489,8 +525,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(
                   out_f.data_ptr<float>(), lse.data_ptr<float>(),
                   has_sinks ? sink_k.data_ptr<float>() : nullptr, has_sinks ? sink_v.data_ptr<float>() : nullptr,
                   has_sinks ? static_cast<int>(sink_k.size(1)) : 0};
+  SEQKV_PART_CLOCK(t1);
   SEQKV_CPU_DISPATCH(decode_attention, args);
+  SEQKV_PART_CLOCK(t2);
   if (!out_f.is_same(out)) out.copy_(out_f);
+  SEQKV_PART_CLOCK(t3);
+  SEQKV_PARTS_ADD(decode, t0, t1, t2, t3);
   return {out, lse};
 }
 
@@ -610,6 +650,7 @@ at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, co
                         const at::Tensor& positions_in, const at::Tensor& pages, const std::optional<at::Tensor>& rope,
                         at::TensorList k_tables, at::TensorList v_tables, at::IntArrayRef k_format,
                         at::IntArrayRef v_format, const std::optional<at::Tensor>& layer_tables) {
+  SEQKV_PART_CLOCK(t0);
   check_cpu(pages, "pages");
   transform::check_pages(pages);
   const int64_t heads = pages.size(1), block_size = pages.size(2);
@@ -664,7 +705,10 @@ at::Tensor write_tokens(const at::Tensor& key_in, const at::Tensor& value_in, co
   WriteArgs args{nullptr, nullptr, key.data_ptr<float>(), value.data_ptr<float>(), valid_slots.data_ptr<int64_t>(),
                  pages.data_ptr<uint8_t>(), pages.stride(0), pages.stride(1), pages.stride(2), lv.k, lv.v,
                  lv.k_basis_pairs, n, static_cast<int>(heads), static_cast<int>(dim), static_cast<int>(block_size)};
+  SEQKV_PART_CLOCK(t1);
   SEQKV_CPU_DISPATCH(write_slots, args);
+  SEQKV_PART_CLOCK(t2);
+  if (tokens <= 8) SEQKV_PARTS_ADD(write, t0, t1, t2, t2);  // decode steps only (a prefill's write is long)
   return nonfinite;
 }
 
