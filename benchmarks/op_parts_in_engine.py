@@ -29,31 +29,26 @@ from benchmarks.cpu_decode_ablation import build_variant
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r'''
-import os, statistics, sys, time
+import os, statistics, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 context, new = int(sys.argv[1]), int(sys.argv[2])
-from benchmarks.decode_step_parts import _prompt_ids
+from benchmarks.decode_step_parts import _prompt_ids, _time_attention_layers
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
-from vllm.model_executor.layers.attention import attention as A
 import seqkv_fixtures as fixtures
 import vllm_seqkv
 assert os.environ["SEQKV_VARIANT_ROOT"] in vllm_seqkv.__file__, vllm_seqkv.__file__
-calls = []
-forward = A.Attention.forward
-def timed(self, *args, **kwargs):
-    start = time.perf_counter(); out = forward(self, *args, **kwargs); calls.append(time.perf_counter() - start)
-    return out
-A.Attention.forward = timed
+timed = {}
+_time_attention_layers(timed)
 llm = LLM(model=str(fixtures.smollm2_dir()), max_model_len=context + new + 64, kv_cache_memory_bytes=256 << 20,
           additional_config={"kv_cache_backend": "seqkv", "seqkv": {"preset": "seqkv-f4"}}, seed=0, enforce_eager=True)
 prompt = TokensPrompt(prompt_token_ids=_prompt_ids(context))
 params = SamplingParams(max_tokens=1 + new, min_tokens=1 + new, temperature=0, ignore_eos=True)
 medians = []
 for _ in range(3):
-    calls.clear()
+    timed.clear()
     llm.generate([prompt], params, use_tqdm=False)
-    medians.append(statistics.median(calls[30 * 2:]))  # after the prefill's and first step's layers
+    medians.append(statistics.median(timed["attention layer"][30 * 2:]))  # after the prefill's and first step's layers
 print("ATTENTION_LAYER_US", statistics.median(medians) * 1e6, flush=True)
 '''
 

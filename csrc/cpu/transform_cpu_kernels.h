@@ -1144,8 +1144,11 @@ void decode_attention(const DecodeArgs& a) {
       for (int64_t i = 0; i < num_splits; ++i) pages_mass += transform::split_weight(m, maxes[i]) * sums[i];
       const Vec mass(pages_mass);
       for (int d = 0; d < D; d += VS) (Vec::loadu(mean_v + d) * mass).store(mean.data() + d);
-      rebuild_rows_fast(accz.data(), 1, inv_v, mean.data(), D, cached.data());  // accz @ inverse + mass mean
-      std::copy(accz.begin(), accz.end(), cached.begin());
+      // cached = accz @ inverse + mass mean (accz: scratch of the fallback)
+      if (!row_times_matrix_fast(accz.data(), inv_v, mean.data(), cached.data(), D)) {
+        std::copy(accz.begin(), accz.end(), cached.begin());
+        rebuild_rows(cached.data(), 1, inv_v, mean.data(), D, accz.data());
+      }
       for (int i = 0; i < sinks; ++i) {  // the exact sink values
         const Vec w(transform::split_weight(m, maxes[num_splits + i]));
         const float* sv = a.sink_v + ((static_cast<int64_t>(b) * a.sinks + i) * H + h) * D;
